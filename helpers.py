@@ -1,0 +1,711 @@
+"""The wire protocol shared by the observer, the dispatcher and the runners.
+
+This module is the only place where bytes become messages and messages become
+bytes. A message is one header line -- a verb, its positional fields, then
+``key=value`` options -- optionally followed by binary sections whose byte
+lengths the header declares (``log=1234``). Every verb is described once, in
+``REQUESTS`` and ``REPLIES``; ``decode`` checks a header against that table and
+turns each field into a typed value, or raises ``ProtocolError``, which the
+server turns into an ``ERR <reason>`` reply and a log line. docs/protocol.md is
+the human description of the same table; keep the two in step.
+
+Besides the codec, this module holds what all three daemons share around it:
+``communicate()`` (one request, one reply, bounded in time and size),
+``ProtocolServer`` (a threaded socketserver that never lets a bad peer kill a
+thread), atomic file writes, logging set-up and signal handling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+from urllib.parse import quote, unquote
+
+# --- Limits and timings (one place, with units) --------------------------------------
+
+#: Longest header line accepted, newline included. Headers carry ids and small
+#: numbers; anything longer is garbage or an attack.
+MAX_LINE_BYTES = 8 * 1024
+#: Test output the dispatcher keeps per result; the rest is cut off with a marker
+#: so that a chatty test suite still gets its verdict recorded.
+MAX_LOG_BYTES = 8 * 1024 * 1024
+#: JUnit XML kept per result; a larger file is dropped (a cut XML file is useless).
+MAX_JUNIT_BYTES = 8 * 1024 * 1024
+#: JSON document in an ``OK`` reply (operator queries).
+MAX_JSON_BYTES = 16 * 1024 * 1024
+#: A declared section larger than this is refused outright: reading and
+#: discarding it would tie up a thread for too long.
+MAX_SECTION_ON_WIRE_BYTES = 256 * 1024 * 1024
+
+#: How long connect() may take before the peer is considered unreachable.
+CONNECT_TIMEOUT_S = 3.0
+#: Longest wait for any single read or write to make progress.
+IO_TIMEOUT_S = 10.0
+#: A whole message (header and sections) must arrive within this time.
+MESSAGE_DEADLINE_S = 120.0
+#: A server closes a connection on which no new request starts within this time.
+IDLE_TIMEOUT_S = 15.0
+
+COMMIT_PATTERN = re.compile(r"[0-9a-f]{7,64}\Z")
+HOST_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,253}\Z")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._:@\-]{1,128}\Z")
+
+#: Statuses a runner may report for an attempt. ``passed`` and ``failed`` are the
+#: commit's verdict; ``error`` is an infrastructure fault on the runner (retried
+#: elsewhere); ``aborted`` means the runner handed the job back (shutting down).
+RUNNER_STATUSES = ("passed", "failed", "error", "aborted")
+
+log = logging.getLogger("ci.protocol")
+
+
+class ProtocolError(Exception):
+    """Input that does not follow the protocol. The text is sent back after ``ERR``."""
+
+
+# --- Field types ---------------------------------------------------------------------
+# Each parser takes the wire text (already percent-decoded) and returns the typed
+# value, or raises ProtocolError with a reason fit for the peer to read.
+
+
+def parse_commit(text: str) -> str:
+    """A commit id: 7 to 64 hex digits, returned in lower case.
+
+    Commit ids become file names and git arguments, so nothing else gets through.
+    """
+    value = text.lower()
+    if not COMMIT_PATTERN.match(value):
+        raise ProtocolError("invalid commit id (want 7 to 64 hex digits)")
+    return value
+
+
+def parse_host(text: str) -> str:
+    if not HOST_PATTERN.match(text):
+        raise ProtocolError("invalid host")
+    return text
+
+
+def parse_port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ProtocolError("invalid port (want 1 to 65535)")
+    return int(text)
+
+
+def parse_count(text: str) -> int:
+    if not text.isdigit() or len(text) > 12:
+        raise ProtocolError("invalid count (want a non-negative integer)")
+    return int(text)
+
+
+def parse_attempt(text: str) -> int:
+    value = parse_count(text)
+    if value < 1:
+        raise ProtocolError("invalid attempt id (want a positive integer)")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ProtocolError("invalid duration (want seconds)") from None
+    if not 0 <= value < 1e9:
+        raise ProtocolError("invalid duration (want seconds)")
+    return value
+
+
+def parse_name(text: str) -> str:
+    if not NAME_PATTERN.match(text):
+        raise ProtocolError("invalid name")
+    return text
+
+
+def parse_text(text: str) -> str:
+    """Free text (reasons, messages): printable, at most 1000 characters."""
+    if len(text) > 1000 or any(ord(c) < 32 and c != "\t" for c in text):
+        raise ProtocolError("invalid text field")
+    return text
+
+
+def parse_status(text: str) -> str:
+    if text not in RUNNER_STATUSES:
+        raise ProtocolError("invalid status (want one of %s)" % ", ".join(RUNNER_STATUSES))
+    return text
+
+
+def parse_runner_state(text: str) -> str:
+    if text not in ("idle", "busy"):
+        raise ProtocolError("invalid state (want idle or busy)")
+    return text
+
+
+JOB_STATES = ("queued", "running", "passed", "failed", "error")
+
+
+def parse_job_state(text: str) -> str:
+    if text not in JOB_STATES:
+        raise ProtocolError("invalid job state (want one of %s)" % ", ".join(JOB_STATES))
+    return text
+
+
+@dataclass(frozen=True)
+class Section:
+    """A binary part after the header; the header option of the same name gives its length.
+
+    ``keep`` bytes are kept; with ``truncate`` the rest is discarded and a marker
+    appended, otherwise a longer section is dropped entirely and replaced by
+    ``b""`` (the message's ``truncated`` set names it either way).
+    """
+
+    name: str
+    keep: int
+    truncate: bool
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One verb of the protocol: its positional fields, options and sections, in order."""
+
+    name: str
+    positional: tuple[tuple[str, Callable[[str], object]], ...] = ()
+    options: tuple[tuple[str, Callable[[str], object]], ...] = ()
+    sections: tuple[Section, ...] = ()
+    #: The last positional field takes the rest of the line, spaces included.
+    rest_of_line: bool = False
+
+
+LOG_SECTION = Section("log", MAX_LOG_BYTES, truncate=True)
+JUNIT_SECTION = Section("junit", MAX_JUNIT_BYTES, truncate=False)
+JSON_SECTION = Section("json", MAX_JSON_BYTES, truncate=False)
+
+#: What a peer may send to a server (dispatcher or runner).
+REQUESTS: dict[str, Verb] = {
+    verb.name: verb
+    for verb in (
+        # to the dispatcher
+        Verb("status"),
+        Verb("dispatch", positional=(("commit", parse_commit),)),
+        Verb(
+            "register",
+            positional=(("host", parse_host), ("port", parse_port)),
+            options=(("name", parse_name), ("commit", parse_commit), ("attempt", parse_attempt)),
+        ),
+        Verb(
+            "results",
+            positional=(("commit", parse_commit), ("attempt", parse_attempt), ("status", parse_status)),
+            options=(
+                ("passed", parse_count),
+                ("failed", parse_count),
+                ("errors", parse_count),
+                ("skipped", parse_count),
+                ("duration", parse_seconds),
+                ("reason", parse_text),
+            ),
+            sections=(LOG_SECTION, JUNIT_SECTION),
+        ),
+        # to a runner
+        Verb("ping"),
+        Verb("runtest", positional=(("commit", parse_commit), ("attempt", parse_attempt))),
+    )
+}
+
+#: What a server may answer.
+REPLIES: dict[str, Verb] = {
+    verb.name: verb
+    for verb in (
+        Verb(
+            "OK",
+            options=(
+                ("state", parse_runner_state),
+                ("commit", parse_commit),
+                ("attempt", parse_attempt),
+                ("job", parse_job_state),
+                ("new", parse_count),
+                ("queued", parse_count),
+                ("running", parse_count),
+                ("runners", parse_count),
+                ("idle", parse_count),
+                ("runner", parse_name),
+                ("heartbeat", parse_seconds),
+                ("recorded", parse_count),
+            ),
+            sections=(JSON_SECTION,),
+        ),
+        Verb("BUSY"),
+        Verb("ERR", positional=(("reason", parse_text),), rest_of_line=True),
+    )
+}
+
+
+@dataclass
+class Message:
+    """A decoded message: verb, typed fields and sections.
+
+    ``fields`` holds positional fields and options alike, by name; an option the
+    sender left out is absent. ``truncated`` names sections that did not fit.
+    """
+
+    verb: str
+    fields: dict[str, object] = field(default_factory=dict)
+    sections: dict[str, bytes] = field(default_factory=dict)
+    truncated: set[str] = field(default_factory=set)
+
+    def get(self, name: str, default: object = None) -> object:
+        return self.fields.get(name, default)
+
+    def __str__(self) -> str:  # for log lines: the header without sections
+        return encode_header(self, REQUESTS if self.verb in REQUESTS else REPLIES)
+
+
+def request(verb: str, **fields: object) -> Message:
+    """Build a request; ``bytes`` values become sections, ``None`` values are left out."""
+    return _build(verb, fields)
+
+
+def reply(verb: str, **fields: object) -> Message:
+    """Build a reply (``OK``, ``BUSY`` or ``ERR``)."""
+    return _build(verb, fields)
+
+
+def error(reason: str) -> Message:
+    """An ``ERR`` reply; control characters are replaced so the reply stays one line."""
+    clean = "".join(c if c >= " " else " " for c in reason)[:1000] or "error"
+    return Message("ERR", {"reason": clean})
+
+
+def _build(verb: str, fields: Mapping[str, object]) -> Message:
+    message = Message(verb)
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, (bytes, bytearray)):
+            message.sections[name] = bytes(value)
+        else:
+            message.fields[name] = value
+    return message
+
+
+# --- Encoding ------------------------------------------------------------------------
+
+# Characters that never need escaping in a field; everything else is %XX (UTF-8).
+_SAFE = "-_.:@/+,"
+
+
+def _wire_text(value: object) -> str:
+    if isinstance(value, float):
+        text = repr(round(value, 6))
+    else:
+        text = str(value)
+    return quote(text, safe=_SAFE)
+
+
+def encode_header(message: Message, table: Mapping[str, Verb]) -> str:
+    verb = table.get(message.verb)
+    if verb is None:
+        raise ValueError("unknown verb %r" % message.verb)
+    parts = [verb.name]
+    for index, (name, _parser) in enumerate(verb.positional):
+        value = message.fields[name]
+        if verb.rest_of_line and index == len(verb.positional) - 1:
+            parts.append(str(value))
+        else:
+            parts.append(_wire_text(value))
+    for name, _parser in verb.options:
+        if name in message.fields:
+            parts.append("%s=%s" % (name, _wire_text(message.fields[name])))
+    for section in verb.sections:
+        if section.name in message.sections:
+            parts.append("%s=%d" % (section.name, len(message.sections[section.name])))
+    return " ".join(parts)
+
+
+def encode(message: Message, table: Mapping[str, Verb]) -> bytes:
+    """The bytes of ``message``: its header line, then its sections in table order."""
+    header = encode_header(message, table).encode("utf-8") + b"\n"
+    if len(header) > MAX_LINE_BYTES:
+        raise ValueError("header of %s exceeds %d bytes" % (message.verb, MAX_LINE_BYTES))
+    verb = table[message.verb]
+    return header + b"".join(message.sections[s.name] for s in verb.sections if s.name in message.sections)
+
+
+# --- Decoding ------------------------------------------------------------------------
+
+
+def decode_header(line: bytes, table: Mapping[str, Verb]) -> tuple[Message, list[tuple[Section, int]]]:
+    """Parse one header line (without its newline).
+
+    Returns the message with its fields and the sections still to read, with
+    their declared lengths. Raises ProtocolError for anything the table does not
+    allow: unknown verbs, missing or extra fields, bad values, duplicates.
+    """
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("header is not UTF-8") from None
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ProtocolError("control character in header")
+    if not text.strip():
+        raise ProtocolError("empty line")
+    head, _, rest = text.partition(" ")
+    verb = table.get(head)
+    if verb is None:
+        shown = head[:40] + ("..." if len(head) > 40 else "")
+        raise ProtocolError("unknown verb %r" % shown)
+    message = Message(verb.name)
+    if verb.rest_of_line:
+        # Only ERR: its single field is the free text after the verb.
+        name, parser = verb.positional[0]
+        message.fields[name] = parser(rest)
+        return message, []
+    tokens = rest.split(" ") if rest else []
+    if any(token == "" for token in tokens):
+        raise ProtocolError("fields must be separated by single spaces")
+    if len(tokens) < len(verb.positional):
+        wanted = " ".join("<%s>" % name for name, _ in verb.positional)
+        raise ProtocolError("%s needs %s" % (verb.name, wanted))
+    for (name, parser), token in zip(verb.positional, tokens):
+        message.fields[name] = parser(unquote(token, errors="strict"))
+    options = dict(verb.options)
+    sections = {s.name: s for s in verb.sections}
+    pending: list[tuple[Section, int]] = []
+    seen: set[str] = set()
+    for token in tokens[len(verb.positional):]:
+        key, sep, raw = token.partition("=")
+        if not sep:
+            raise ProtocolError("unexpected field %r" % token[:40])
+        if key in seen:
+            raise ProtocolError("duplicate option %r" % key[:40])
+        seen.add(key)
+        if key in options:
+            try:
+                value = unquote(raw, errors="strict")
+            except UnicodeDecodeError:
+                raise ProtocolError("option %r is not UTF-8" % key) from None
+            message.fields[key] = options[key](value)
+        elif key in sections:
+            length = parse_count(raw)
+            if length > MAX_SECTION_ON_WIRE_BYTES:
+                raise ProtocolError("section %r too large (%d bytes)" % (key, length))
+            pending.append((sections[key], length))
+        else:
+            raise ProtocolError("unknown option %r for %s" % (key[:40], verb.name))
+    # Sections travel in table order, whatever order the header listed them in.
+    order = [s.name for s in verb.sections]
+    pending.sort(key=lambda item: order.index(item[0].name))
+    return message, pending
+
+
+class MessageStream:
+    """Reads and writes framed messages on one socket, every operation under a deadline.
+
+    A hand-rolled buffer rather than ``socket.makefile``: each ``recv`` gets the
+    time left until the message's deadline, so a peer that trickles one byte at
+    a time cannot hold a thread for longer than ``MESSAGE_DEADLINE_S``.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._buffer = bytearray()
+
+    def _recv(self, deadline: float) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("message deadline passed")
+        self.sock.settimeout(min(remaining, IO_TIMEOUT_S))
+        return self.sock.recv(65536)
+
+    def read_line(self, first_byte_timeout: float) -> bytes | None:
+        """One header line without its newline; None if the peer closed cleanly first."""
+        deadline = time.monotonic() + first_byte_timeout
+        started = bool(self._buffer)
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                if newline + 1 > MAX_LINE_BYTES:
+                    raise ProtocolError("line too long (limit %d bytes)" % MAX_LINE_BYTES)
+                line = bytes(self._buffer[:newline])
+                del self._buffer[: newline + 1]
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self._buffer) > MAX_LINE_BYTES:
+                raise ProtocolError("line too long (limit %d bytes)" % MAX_LINE_BYTES)
+            chunk = self._recv(deadline)
+            if not chunk:
+                if self._buffer:
+                    raise ProtocolError("connection closed in the middle of a line")
+                return None
+            if not started:
+                started = True
+                deadline = time.monotonic() + MESSAGE_DEADLINE_S
+            self._buffer += chunk
+
+    def read_bytes(self, length: int, keep: int, deadline: float) -> bytes:
+        """Read ``length`` bytes, keeping the first ``keep`` and discarding the rest."""
+        kept = bytearray()
+        remaining = length
+        while remaining:
+            if self._buffer:
+                chunk = bytes(self._buffer[:remaining])
+                del self._buffer[: len(chunk)]
+            else:
+                chunk = self._recv(deadline)
+                if not chunk:
+                    raise ProtocolError("connection closed in the middle of a section")
+                if len(chunk) > remaining:
+                    self._buffer += chunk[remaining:]
+                    chunk = chunk[:remaining]
+            remaining -= len(chunk)
+            room = keep - len(kept)
+            if room > 0:
+                kept += chunk[:room]
+        return bytes(kept)
+
+    def read_message(self, table: Mapping[str, Verb], first_byte_timeout: float) -> Message | None:
+        """The next message, or None when the peer closed before starting one."""
+        line = self.read_line(first_byte_timeout)
+        if line is None:
+            return None
+        message, pending = decode_header(line, table)
+        deadline = time.monotonic() + MESSAGE_DEADLINE_S
+        for section, length in pending:
+            data = self.read_bytes(length, section.keep, deadline)
+            if length > section.keep:
+                message.truncated.add(section.name)
+                if section.truncate:
+                    data += b"\n[... %d more bytes cut off: output limit is %d bytes ...]\n" % (
+                        length - section.keep,
+                        section.keep,
+                    )
+                else:
+                    data = b""
+            message.sections[section.name] = data
+        return message
+
+    def write_message(self, message: Message, table: Mapping[str, Verb]) -> None:
+        self.sock.settimeout(IO_TIMEOUT_S)
+        self.sock.sendall(encode(message, table))
+
+
+# --- Client side ---------------------------------------------------------------------
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` as given on a command line, checked."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("want HOST:PORT, got %r" % text)
+    try:
+        return parse_host(host), parse_port(port)
+    except ProtocolError as exc:
+        raise ValueError("%s in %r" % (exc, text)) from None
+
+
+def format_address(address: tuple[str, int]) -> str:
+    return "%s:%d" % address
+
+
+class Connection:
+    """A client connection that can carry several requests, one after another."""
+
+    def __init__(self, address: tuple[str, int], connect_timeout: float = CONNECT_TIMEOUT_S):
+        self.address = address
+        self.sock = socket.create_connection(address, timeout=connect_timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.stream = MessageStream(self.sock)
+
+    def request(self, message: Message, timeout: float = IO_TIMEOUT_S) -> Message:
+        """Send ``message`` and wait at most ``timeout`` seconds for the start of its reply."""
+        self.stream.write_message(message, REQUESTS)
+        answer = self.stream.read_message(REPLIES, first_byte_timeout=timeout)
+        if answer is None:
+            raise ConnectionError("%s closed the connection without a reply" % format_address(self.address))
+        return answer
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def communicate(
+    address: tuple[str, int],
+    message: Message,
+    timeout: float = IO_TIMEOUT_S,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
+) -> Message:
+    """Send one request to ``address`` and return its reply.
+
+    Raises OSError (unreachable, timed out, reset) or ProtocolError (the peer
+    answered something that is not a reply); never blocks longer than the
+    timeouts allow.
+    """
+    with Connection(address, connect_timeout=connect_timeout) as connection:
+        return connection.request(message, timeout=timeout)
+
+
+# --- Server side ---------------------------------------------------------------------
+
+
+class ProtocolServer(socketserver.ThreadingTCPServer):
+    """A threaded TCP server speaking this protocol; one thread per connection.
+
+    ``handle_message(message, peer)`` is called for each decoded request and
+    returns the reply. Malformed input gets ``ERR <reason>``, a log line and a
+    closed connection (after a framing error the stream cannot be trusted);
+    an exception in the handler gets ``ERR internal error`` and a traceback in
+    the log. No thread dies and nothing else is affected.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    # Threads are tracked only to be joined at shutdown; daemon threads are not.
+    block_on_close = False
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handle_message: Callable[[Message, str], Message],
+        logger: logging.Logger,
+    ):
+        self.handle_message = handle_message
+        self.logger = logger
+        super().__init__(address, _ProtocolHandler)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.server_address[:2]
+        return host, port
+
+    def handle_error(self, request, client_address) -> None:  # noqa: D401 - socketserver hook
+        # socketserver prints tracebacks to stderr; send them to the log instead.
+        self.logger.exception("unexpected error serving %s", client_address)
+
+
+class _ProtocolHandler(socketserver.BaseRequestHandler):
+    server: ProtocolServer
+
+    def handle(self) -> None:
+        peer = "%s:%s" % self.client_address[:2]
+        stream = MessageStream(self.request)
+        try:
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        while True:
+            try:
+                message = stream.read_message(REQUESTS, first_byte_timeout=IDLE_TIMEOUT_S)
+            except ProtocolError as exc:
+                self.server.logger.warning("bad request from %s: %s", peer, exc)
+                self._send(stream, error(str(exc)), peer)
+                return
+            except (OSError, TimeoutError) as exc:
+                self.server.logger.debug("connection from %s ended: %s", peer, exc)
+                return
+            if message is None:
+                return
+            try:
+                answer = self.server.handle_message(message, peer)
+            except Exception:  # a bug must cost one reply, not the thread
+                self.server.logger.exception("error handling %s from %s", message.verb, peer)
+                answer = error("internal error")
+            if not self._send(stream, answer, peer):
+                return
+
+    def _send(self, stream: MessageStream, answer: Message, peer: str) -> bool:
+        try:
+            stream.write_message(answer, REPLIES)
+            return True
+        except OSError as exc:
+            self.server.logger.info("could not reply to %s: %s", peer, exc)
+            return False
+
+
+def serve_in_thread(server: ProtocolServer, name: str) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+# --- Files, logging, signals ---------------------------------------------------------
+
+
+def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never part.
+
+    The data goes to a temporary file in the same folder, is flushed (and, with
+    ``durable``, fsync'ed), then renamed over ``path``.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
+    """One line per event: time, daemon, level, message; to stderr or to ``log_file``."""
+    handler: logging.Handler
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # GitPython logs every git call at DEBUG; that drowns the daemon's own lines.
+    logging.getLogger("git").setLevel(logging.INFO)
+
+
+def install_stop_signals(stop: threading.Event, logger: logging.Logger) -> None:
+    """SIGTERM and SIGINT set ``stop``; a second one exits at once.
+
+    The handler only records: the main thread notices ``stop`` and shuts down in
+    order. Must be called from the main thread.
+    """
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            logger.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        logger.info("%s received: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def script_path(name: str) -> str:
+    """Where one of the project's shell scripts is: beside this module in a source
+    checkout, on PATH after ``pip install`` (setup.py installs them as scripts)."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    if os.path.exists(beside):
+        return beside
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError("%s is neither beside %s nor on PATH" % (name, __file__))
+    return found

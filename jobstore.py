@@ -1,0 +1,356 @@
+"""The dispatcher's durable job queue: one SQLite file, one object, one state machine.
+
+Every job is a commit. It is ``queued`` until the scheduler assigns it to a runner,
+``running`` while an attempt is out, and ends ``passed``, ``failed`` (the commit's
+verdict) or ``error`` (the infrastructure failed it too often). Each assignment is
+a row in ``attempts`` whose id travels with ``runtest`` and comes back with
+``results``, so a late answer from an old attempt is recognised as such.
+
+Durability: the database runs in WAL mode with ``synchronous=NORMAL``. A
+transaction is on disk (in the WAL) when ``commit`` returns, so killing the
+dispatcher at any moment loses nothing it has acknowledged; a power failure or OS
+crash can lose the last transactions before the next checkpoint (SQLite's
+documented trade-off for this mode). docs/reliability.md says more.
+
+Only the dispatcher process opens the file, and it serialises every call under its
+own lock; the store keeps one connection and adds a lock of its own only so that
+it stays correct if used alone (tests, tools).
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- queue order: first dispatched, first run
+    commit_id       TEXT NOT NULL UNIQUE,
+    state           TEXT NOT NULL,
+    queued_at       REAL NOT NULL,
+    started_at      REAL,               -- when the latest attempt was assigned
+    finished_at     REAL,
+    current_attempt INTEGER,            -- latest attempt id, NULL before the first
+    runner          TEXT,               -- runner of the latest attempt
+    reason          TEXT,               -- why a final state is what it is, when not obvious
+    summary         TEXT                -- the final result as JSON (what <sha>.json holds)
+);
+-- Only queued jobs are ever looked up by position, so index only them: the index
+-- stays as small as the queue, however long the history grows.
+CREATE INDEX IF NOT EXISTS queued_jobs ON jobs (seq) WHERE state = 'queued';
+CREATE TABLE IF NOT EXISTS attempts (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    commit_id   TEXT NOT NULL,
+    runner      TEXT NOT NULL,
+    assigned_at REAL NOT NULL,
+    ended_at    REAL,
+    outcome     TEXT                    -- NULL while out; see Outcome
+);
+CREATE INDEX IF NOT EXISTS attempts_by_commit ON attempts (commit_id);
+"""
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.PASSED, JobState.FAILED, JobState.ERROR})
+
+#: Every move a job may make. Anything else is a bug and raises.
+TRANSITIONS = frozenset(
+    {
+        (JobState.QUEUED, JobState.RUNNING),  # assigned, or re-adopted from a runner after a restart
+        (JobState.RUNNING, JobState.QUEUED),  # attempt lost, refused, handed back, infra fault
+        (JobState.RUNNING, JobState.PASSED),
+        (JobState.RUNNING, JobState.FAILED),
+        (JobState.RUNNING, JobState.ERROR),  # infra fault on the last allowed attempt
+        # A verdict from an earlier attempt that arrives after its job was requeued
+        # (runner presumed dead, dispatcher restarted) still settles the job.
+        (JobState.QUEUED, JobState.PASSED),
+        (JobState.QUEUED, JobState.FAILED),
+        (JobState.QUEUED, JobState.ERROR),  # only by recovering a result file on start-up
+    }
+)
+
+
+class Outcome(str, enum.Enum):
+    """How an attempt ended."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"  # the runner reported an infrastructure fault (checkout failed...)
+    LOST = "lost"  # the runner stopped answering or forgot the job
+    REFUSED = "refused"  # the runner answered BUSY or could not be reached: never started
+    RETURNED = "returned"  # the runner handed the job back while shutting down
+    INTERRUPTED = "interrupted"  # the dispatcher restarted while it was out
+    SUPERSEDED = "superseded"  # another attempt settled the job first
+
+    @property
+    def infra_failure(self) -> bool:
+        """Counts towards the attempt limit: the job was tried and the infrastructure failed."""
+        return self in (Outcome.ERROR, Outcome.LOST)
+
+    @property
+    def started(self) -> bool:
+        """The attempt really reached a runner (counts in the result's ``attempts``)."""
+        return self is not Outcome.REFUSED
+
+
+@dataclass(frozen=True)
+class Job:
+    commit: str
+    state: JobState
+    queued_at: float
+    started_at: float | None
+    finished_at: float | None
+    current_attempt: int | None
+    runner: str | None
+    reason: str | None
+    summary: str | None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    id: int
+    commit: str
+    runner: str
+    assigned_at: float
+    ended_at: float | None
+    outcome: Outcome | None
+
+
+class InvalidTransition(Exception):
+    pass
+
+
+class JobStore:
+    """All reads and writes of the job database. Methods are atomic transactions."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.RLock()
+        # isolation_level=None: no implicit transactions; every write below sits in an
+        # explicit BEGIN IMMEDIATE so it takes the write lock up front.
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        # executescript commits on its own; the statements are idempotent.
+        self._db.executescript(SCHEMA)
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) != SCHEMA_VERSION:
+                raise RuntimeError(
+                    "%s has schema version %s; this dispatcher knows version %d" % (path, row["value"], SCHEMA_VERSION)
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    # --- reads -----------------------------------------------------------------------
+
+    def job(self, commit: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE commit_id = ?", (commit,)).fetchone()
+        return _job(row) if row else None
+
+    def attempt(self, attempt_id: int) -> Attempt | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM attempts WHERE id = ?", (attempt_id,)).fetchone()
+        return _attempt(row) if row else None
+
+    def queued(self, limit: int) -> list[str]:
+        """Up to ``limit`` queued commits, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT commit_id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [row["commit_id"] for row in rows]
+
+    def running(self) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY seq").fetchall()
+        return [_job(row) for row in rows]
+
+    def count(self, state: JobState) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state.value,)).fetchone()[0]
+
+    def attempt_counts(self, commit: str) -> tuple[int, int]:
+        """(attempts that reached a runner, attempts that the infrastructure failed)."""
+        started = [o.value for o in Outcome if o.started]
+        failures = [o.value for o in Outcome if o.infra_failure]
+        with self._lock:
+            row = self._db.execute(
+                "SELECT"
+                " SUM(outcome IS NULL OR outcome IN (%s)),"
+                " SUM(outcome IN (%s))"
+                " FROM attempts WHERE commit_id = ?"
+                % (",".join("?" * len(started)), ",".join("?" * len(failures))),
+                (*started, *failures, commit),
+            ).fetchone()
+        return int(row[0] or 0), int(row[1] or 0)
+
+    # --- writes ----------------------------------------------------------------------
+
+    def enqueue(self, commit: str, now: float) -> tuple[bool, JobState]:
+        """Queue ``commit`` unless it is known. Returns (newly queued, its state)."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO jobs (commit_id, state, queued_at) VALUES (?, 'queued', ?)",
+                (commit, now),
+            )
+            if cursor.rowcount:
+                return True, JobState.QUEUED
+            state = db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["state"]
+            return False, JobState(state)
+
+    def assign(self, commit: str, runner: str, now: float) -> int:
+        """Move a queued job to running on ``runner``; returns the new attempt id."""
+        with self.transaction() as db:
+            self._move(db, commit, JobState.RUNNING)
+            attempt_id = db.execute(
+                "INSERT INTO attempts (commit_id, runner, assigned_at) VALUES (?, ?, ?)", (commit, runner, now)
+            ).lastrowid
+            db.execute(
+                "UPDATE jobs SET current_attempt = ?, runner = ?, started_at = ? WHERE commit_id = ?",
+                (attempt_id, runner, now, commit),
+            )
+            return attempt_id
+
+    def adopt(self, commit: str, attempt_id: int, runner: str) -> bool:
+        """A runner reports it is still running ``attempt_id``, which was requeued (for
+        instance by a dispatcher restart). If nothing else has happened to the job
+        since, put it back to running on that attempt instead of running it twice."""
+        with self.transaction() as db:
+            row = db.execute("SELECT state, current_attempt FROM jobs WHERE commit_id = ?", (commit,)).fetchone()
+            if row is None or row["state"] != JobState.QUEUED.value or row["current_attempt"] != attempt_id:
+                return False
+            self._move(db, commit, JobState.RUNNING)
+            db.execute("UPDATE jobs SET runner = ? WHERE commit_id = ?", (runner, commit))
+            db.execute("UPDATE attempts SET ended_at = NULL, outcome = NULL WHERE id = ?", (attempt_id,))
+            return True
+
+    def requeue(self, commit: str, attempt_id: int, outcome: Outcome, now: float) -> None:
+        """End a running attempt without a verdict and put its job back in the queue."""
+        with self.transaction() as db:
+            self._end_attempt(db, attempt_id, outcome, now)
+            self._move(db, commit, JobState.QUEUED)
+
+    def end_attempt(self, attempt_id: int, outcome: Outcome, now: float) -> None:
+        """Record how an attempt ended when its job does not move (late answers)."""
+        with self.transaction() as db:
+            self._end_attempt(db, attempt_id, outcome, now)
+
+    def finish(
+        self,
+        commit: str,
+        attempt_id: int | None,
+        state: JobState,
+        outcome: Outcome,
+        reason: str | None,
+        summary: str,
+        now: float,
+    ) -> None:
+        """Settle a job for good. The attempt that settled it ends with ``outcome``; any
+        other attempt still out is marked superseded."""
+        assert state.final
+        with self.transaction() as db:
+            self._move(db, commit, state)
+            if attempt_id is not None:
+                self._end_attempt(db, attempt_id, outcome, now)
+            db.execute(
+                "UPDATE attempts SET ended_at = ?, outcome = ? WHERE commit_id = ? AND outcome IS NULL",
+                (now, Outcome.SUPERSEDED.value, commit),
+            )
+            db.execute(
+                "UPDATE jobs SET finished_at = ?, reason = ?, summary = ? WHERE commit_id = ?",
+                (now, reason, summary, commit),
+            )
+
+    def recover(self, now: float) -> int:
+        """After a restart: every running job goes back to the queue. Returns how many."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE attempts SET ended_at = ?, outcome = ? WHERE outcome IS NULL",
+                (now, Outcome.INTERRUPTED.value),
+            )
+            return db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+
+    # --- helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _move(db: sqlite3.Connection, commit: str, target: JobState) -> None:
+        row = db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()
+        if row is None:
+            raise InvalidTransition("no job for commit %s" % commit)
+        current = JobState(row["state"])
+        if (current, target) not in TRANSITIONS:
+            raise InvalidTransition("job %s cannot go from %s to %s" % (commit, current.value, target.value))
+        db.execute("UPDATE jobs SET state = ? WHERE commit_id = ?", (target.value, commit))
+
+    @staticmethod
+    def _end_attempt(db: sqlite3.Connection, attempt_id: int, outcome: Outcome, now: float) -> None:
+        db.execute(
+            "UPDATE attempts SET ended_at = ?, outcome = ? WHERE id = ? AND outcome IS NULL",
+            (now, outcome.value, attempt_id),
+        )
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        commit=row["commit_id"],
+        state=JobState(row["state"]),
+        queued_at=row["queued_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        current_attempt=row["current_attempt"],
+        runner=row["runner"],
+        reason=row["reason"],
+        summary=row["summary"],
+    )
+
+
+def _attempt(row: sqlite3.Row) -> Attempt:
+    return Attempt(
+        id=row["id"],
+        commit=row["commit_id"],
+        runner=row["runner"],
+        assigned_at=row["assigned_at"],
+        ended_at=row["ended_at"],
+        outcome=Outcome(row["outcome"]) if row["outcome"] else None,
+    )

@@ -1,0 +1,115 @@
+"""Result files: what the dispatcher writes to the results folder for each commit.
+
+For a commit ``<sha>``:
+
+* ``<sha>``       the report a person reads: a header (commit, verdict, counts,
+                  duration, runner, attempts, reason, times), then the test output;
+* ``<sha>.json``  the same facts for programs (see ``SUMMARY_FIELDS``).
+
+Each file is written atomically; ``<sha>.json`` is written last and is the mark that
+a commit's result is complete: on start-up the dispatcher trusts it over its own
+database (it may have died between writing the files and recording the job).
+Nothing here knows about sockets or threads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+from helpers import COMMIT_PATTERN, atomic_write
+
+#: Keys of ``<sha>.json``, in the order they are written.
+SUMMARY_FIELDS = (
+    "commit",
+    "status",
+    "passed",
+    "failed",
+    "errors",
+    "skipped",
+    "duration_s",
+    "runner",
+    "attempts",
+    "queued_at",
+    "started_at",
+    "finished_at",
+    "reason",
+)
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    """UTC ISO 8601 with milliseconds, or None."""
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def result_path(results_dir: str, commit: str, suffix: str = "") -> str:
+    """The path of one of ``commit``'s files; refuses anything but a commit id."""
+    if not COMMIT_PATTERN.match(commit):
+        raise ValueError("not a commit id: %r" % commit)
+    return os.path.join(results_dir, commit + suffix)
+
+
+def make_summary(**values: object) -> dict:
+    """The JSON summary with every field present, in a stable order."""
+    unknown = set(values) - set(SUMMARY_FIELDS)
+    if unknown:
+        raise ValueError("unknown summary fields: %s" % ", ".join(sorted(unknown)))
+    return {name: values.get(name) for name in SUMMARY_FIELDS}
+
+
+def render_report(summary: dict, output: str) -> str:
+    def show(value: object) -> str:
+        return "-" if value is None else str(value)
+
+    counts = "-"
+    if summary["passed"] is not None:
+        counts = "%s passed, %s failed, %s errors, %s skipped" % (
+            summary["passed"],
+            summary["failed"],
+            summary["errors"],
+            summary["skipped"],
+        )
+    duration = "-" if summary["duration_s"] is None else "%.2f s" % summary["duration_s"]
+    lines = [
+        "commit:    %s" % summary["commit"],
+        "verdict:   %s" % summary["status"],
+        "tests:     %s" % counts,
+        "duration:  %s" % duration,
+        "runner:    %s" % show(summary["runner"]),
+        "attempts:  %s" % show(summary["attempts"]),
+        "reason:    %s" % show(summary["reason"]),
+        "queued:    %s" % show(summary["queued_at"]),
+        "started:   %s" % show(summary["started_at"]),
+        "finished:  %s" % show(summary["finished_at"]),
+        "",
+        "---- test output " + "-" * 50,
+        output.rstrip("\n"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_result(results_dir: str, summary: dict, output: str) -> None:
+    """Write the report, then the JSON summary (the completion mark)."""
+    commit = summary["commit"]
+    atomic_write(result_path(results_dir, commit), render_report(summary, output).encode("utf-8"))
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(result_path(results_dir, commit, ".json"), text.encode("utf-8"))
+
+
+def read_summary(results_dir: str, commit: str) -> dict | None:
+    """The JSON summary of ``commit`` if its result is complete, else None."""
+    try:
+        with open(result_path(results_dir, commit, ".json"), encoding="utf-8") as handle:
+            summary = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") not in ("passed", "failed", "error"):
+        return None
+    return summary

@@ -1,0 +1,573 @@
+"""Test runner: tests one commit at a time in its own clone and reports the verdict.
+
+A runner listens for the dispatcher's ``ping`` (answered at once, even mid-job, with
+what it is doing) and ``runtest`` (answered ``OK`` or ``BUSY`` at once; the job runs
+on a worker thread). For each job it makes its clone an exact, clean checkout of
+the commit (test_runner_script.sh), runs the test command -- pytest with JUnit XML
+by default -- in a process group of its own under a time limit, and sends the
+verdict, counts and output back with ``results``. A result that cannot be delivered
+is kept on disk (in the clone's .git folder) and delivered when the dispatcher is
+back, even after a restart of the runner. The runner registers on start, registers
+again whenever pings stop coming (the dispatcher restarted or dropped it), and
+exits once the dispatcher has been unreachable for ``--dispatcher-timeout``
+seconds, to free its machine. On SIGTERM or Ctrl-C it stops the tests in progress
+and hands the job back to the dispatcher, which gives it to another runner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import asdict, dataclass
+
+import git
+
+from helpers import (
+    MAX_JUNIT_BYTES,
+    MAX_LOG_BYTES,
+    Message,
+    ProtocolError,
+    ProtocolServer,
+    atomic_write,
+    communicate,
+    error,
+    format_address,
+    install_stop_signals,
+    parse_address,
+    reply,
+    request,
+    script_path,
+    serve_in_thread,
+    setup_logging,
+)
+
+log = logging.getLogger("runner")
+
+DEFAULT_DISPATCHER = "localhost:8888"
+#: Longest a test run may take before its process group is killed (verdict: failed, timeout).
+DEFAULT_TEST_TIMEOUT_S = 30 * 60
+#: Exit after the dispatcher has been unreachable this long (0: never).
+DEFAULT_DISPATCHER_TIMEOUT_S = 120.0
+#: Longest the checkout (fetch, reset, clean) may take.
+CHECKOUT_TIMEOUT_S = 10 * 60
+#: After SIGTERM, how long tests get to exit before SIGKILL.
+KILL_GRACE_S = 5.0
+#: Pause between attempts to register while the dispatcher is unreachable.
+REGISTER_RETRY_S = 1.0
+#: No ping for this many of the dispatcher's heartbeat intervals: it restarted or
+#: dropped this runner (it drops after 3 missed pings), so register again.
+CONTACT_HEARTBEATS = 5
+#: Pause between delivery rounds of results kept on disk.
+DELIVERY_RETRY_S = 2.0
+#: Wait for the dispatcher's answer to ``results`` (it writes files before answering).
+RESULTS_TIMEOUT_S = 30.0
+#: Output sent with a result: the head and the tail (where pytest puts its summary)
+#: of a long log, with a marker in between.
+LOG_TAIL_BYTES = 256 * 1024
+EXIT_DISPATCHER_GONE = 3
+
+#: pytest's exit codes other than 0 and 1, as reasons for a failed verdict.
+PYTEST_EXIT_REASONS = {
+    2: "tests interrupted or could not be collected",
+    3: "pytest internal error",
+    4: "pytest usage error",
+    5: "no tests collected",
+}
+
+
+@dataclass
+class JobResult:
+    """The outcome of one attempt, as sent with ``results`` and as kept on disk."""
+
+    commit: str
+    attempt: int
+    status: str  # passed | failed | error (infrastructure) | aborted (handed back)
+    passed: int | None = None
+    failed: int | None = None
+    errors: int | None = None
+    skipped: int | None = None
+    duration: float | None = None
+    reason: str | None = None
+    log: bytes = b""
+    junit: bytes | None = None
+
+    def to_message(self) -> Message:
+        return request(
+            "results",
+            commit=self.commit,
+            attempt=self.attempt,
+            status=self.status,
+            passed=self.passed,
+            failed=self.failed,
+            errors=self.errors,
+            skipped=self.skipped,
+            duration=self.duration,
+            reason=self.reason,
+            log=self.log,
+            junit=self.junit,
+        )
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["log"] = base64.b64encode(self.log).decode("ascii")
+        data["junit"] = None if self.junit is None else base64.b64encode(self.junit).decode("ascii")
+        return json.dumps(data).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, text: bytes) -> "JobResult":
+        data = json.loads(text)
+        data["log"] = base64.b64decode(data["log"])
+        data["junit"] = None if data["junit"] is None else base64.b64decode(data["junit"])
+        return cls(**data)
+
+
+def read_junit_counts(path: str) -> dict | None:
+    """passed/failed/errors/skipped from a JUnit XML file, or None if there is none usable."""
+    try:
+        if os.path.getsize(path) > MAX_JUNIT_BYTES:
+            return None
+        root = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError):
+        return None
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    try:
+        for suite in suites:
+            for key in totals:
+                totals[key] += int(suite.get(key, "0"))
+    except ValueError:
+        return None
+    return {
+        "passed": max(0, totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]),
+        "failed": totals["failures"],
+        "errors": totals["errors"],
+        "skipped": totals["skipped"],
+    }
+
+
+def read_log(path: str) -> bytes:
+    """The output to send: all of it, or head and tail of a long one with a marker."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            if size <= MAX_LOG_BYTES:
+                return handle.read()
+            head = handle.read(MAX_LOG_BYTES - LOG_TAIL_BYTES)
+            handle.seek(size - LOG_TAIL_BYTES)
+            tail = handle.read()
+    except OSError as exc:
+        return ("[runner could not read the test output: %s]\n" % exc).encode()
+    marker = b"\n[... %d bytes of output cut here: limit %d bytes ...]\n" % (size - len(head) - len(tail), MAX_LOG_BYTES)
+    return head + marker + tail
+
+
+def run_process_group(command, cwd: str, env: dict, output_path: str, timeout: float, stop: threading.Event) -> tuple[int, str | None]:
+    """Run ``command`` in a new process group, output to ``output_path``.
+
+    Returns (exit status, None) when it ends by itself, or (status, "timeout") /
+    (status, "stopped") when it was killed: SIGTERM to the whole group, SIGKILL
+    after KILL_GRACE_S. Whatever is left of the group afterwards (daemons a test
+    started) is killed too. The exit is noticed by a blocking wait, not by polling,
+    so a result is reported the moment the tests end.
+    """
+    with open(output_path, "wb") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            shell=isinstance(command, str),
+            start_new_session=True,
+        )
+    finished = threading.Event()
+    why: list[str] = []
+
+    def watchdog() -> None:
+        deadline = time.monotonic() + timeout
+        while not finished.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                why.append("timeout")
+                break
+            if stop.is_set():
+                why.append("stopped")
+                break
+            finished.wait(min(remaining, 0.5))
+        else:
+            return
+        _signal_group(process.pid, signal.SIGTERM)
+        if not finished.wait(KILL_GRACE_S):
+            _signal_group(process.pid, signal.SIGKILL)
+
+    guard = threading.Thread(target=watchdog, name="test-watchdog", daemon=True)
+    guard.start()
+    try:
+        status = process.wait()
+    finally:
+        finished.set()
+        guard.join()
+        _signal_group(process.pid, signal.SIGKILL)
+    return status, (why[0] if why else None)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class TestRunner:
+    """One runner: its server, its worker, and its link to the dispatcher."""
+
+    __test__ = False  # not a pytest test class, whatever its name says
+
+    def __init__(
+        self,
+        clone: str,
+        dispatcher: tuple[str, int],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        name: str | None = None,
+        test_command: str | None = None,
+        timeout: float = DEFAULT_TEST_TIMEOUT_S,
+        dispatcher_timeout: float = DEFAULT_DISPATCHER_TIMEOUT_S,
+        state_dir: str | None = None,
+    ):
+        repo = git.Repo(clone)  # fails early, with git's message, if it is not a clone
+        self.clone = repo.working_tree_dir
+        self.dispatcher = dispatcher
+        self.test_command = test_command
+        self.timeout = timeout
+        self.dispatcher_timeout = dispatcher_timeout
+        self.state_dir = state_dir or os.path.join(repo.git_dir, "ci_runner")
+        self.pending_dir = os.path.join(self.state_dir, "pending")
+        os.makedirs(self.pending_dir, exist_ok=True)
+        self.server = ProtocolServer((host, port), self.handle, log)
+        bound_host, bound_port = self.server.address
+        self.advertise_host = advertise_host or (socket.getfqdn() if host in ("0.0.0.0", "::", "") else host)
+        self.name = name or "%s:%d" % (self.advertise_host, bound_port)
+        self.stop_event = threading.Event()
+        self.exit_code = 0
+        self._cond = threading.Condition()
+        self._job: tuple[str, int] | None = None  # accepted and not yet reported
+        self._last_contact = time.monotonic()
+        self._contact_timeout = CONTACT_HEARTBEATS * 1.0
+        self._delivery_wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # --- requests ------------------------------------------------------------------
+
+    def handle(self, message: Message, peer: str) -> Message:
+        if message.verb == "ping":
+            with self._cond:
+                self._last_contact = time.monotonic()
+                if self._job is None:
+                    return reply("OK", state="idle")
+                commit, attempt = self._job
+                return reply("OK", state="busy", commit=commit, attempt=attempt)
+        if message.verb == "runtest":
+            commit, attempt = message.fields["commit"], message.fields["attempt"]
+            with self._cond:
+                self._last_contact = time.monotonic()
+                if self._job is not None or self.stop_event.is_set():
+                    log.info("commit %s attempt %d offered by %s: busy", commit, attempt, peer)
+                    return reply("BUSY")
+                self._job = (commit, attempt)
+                self._cond.notify_all()
+            log.info("commit %s attempt %d accepted from %s", commit, attempt, peer)
+            return reply("OK")
+        log.warning("%s sent %s, which is for the dispatcher", peer, message.verb)
+        return error("%s is not a runner request" % message.verb)
+
+    # --- life cycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._threads.append(serve_in_thread(self.server, "server"))
+        for name, target in (("worker", self._work_loop), ("contact", self._contact_loop), ("delivery", self._delivery_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def shutdown(self) -> None:
+        """Stop: hand back the job in progress, stop serving, join the threads."""
+        self.stop_event.set()
+        self._delivery_wake.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            if thread.name == "worker":
+                thread.join(timeout=KILL_GRACE_S + RESULTS_TIMEOUT_S)
+        self.server.shutdown()
+        self.server.server_close()
+
+    # --- the job -------------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self.stop_event.is_set():
+                    self._cond.wait()
+                if self.stop_event.is_set():
+                    return
+                commit, attempt = self._job
+            result = self._run_job(commit, attempt)
+            self._report(result)
+            with self._cond:
+                self._job = None
+
+    def _run_job(self, commit: str, attempt: int) -> JobResult:
+        started = time.monotonic()
+        checkout = subprocess.run(
+            [script_path("test_runner_script.sh"), self.clone, commit],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=CHECKOUT_TIMEOUT_S,
+        )
+        if checkout.returncode != 0:
+            lines = checkout.stdout.decode("utf-8", "replace").strip().splitlines() or ["no output"]
+            reason = "checkout failed: %s" % lines[-1][:300]
+            log.error("commit %s attempt %d: %s", commit, attempt, reason)
+            return JobResult(commit, attempt, "error", reason=reason, log=checkout.stdout[-MAX_LOG_BYTES:],
+                             duration=time.monotonic() - started)
+        output_path = os.path.join(self.state_dir, "output.log")
+        junit_path = os.path.join(self.state_dir, "junit.xml")
+        for path in (output_path, junit_path):
+            if os.path.exists(path):
+                os.unlink(path)
+        if self.test_command:
+            command: object = self.test_command
+        else:
+            command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--junitxml", junit_path]
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
+        env.update(CI_COMMIT=commit, CI_ATTEMPT=str(attempt), CI_JUNIT_XML=junit_path, PYTHONDONTWRITEBYTECODE="1")
+        log.info("commit %s attempt %d: testing", commit, attempt)
+        test_started = time.monotonic()
+        status, killed = run_process_group(command, self.clone, env, output_path, self.timeout, self.stop_event)
+        duration = time.monotonic() - test_started
+        counts = read_junit_counts(junit_path) or {}
+        junit = None
+        if counts:
+            with open(junit_path, "rb") as handle:
+                junit = handle.read()
+        result = JobResult(commit, attempt, "passed", duration=round(duration, 3), log=read_log(output_path), junit=junit, **counts)
+        if killed == "stopped":
+            result.status, result.reason = "aborted", "runner shutting down"
+        elif killed == "timeout":
+            result.status, result.reason = "failed", "timeout"
+            result.log += b"\n[runner: tests killed after the %g s time limit]\n" % self.timeout
+        elif status != 0:
+            result.status = "failed"
+            if self.test_command:
+                result.reason = None if status > 0 else "killed by signal %d" % -status
+            elif status < 0:
+                result.reason = "killed by signal %d" % -status
+            else:
+                result.reason = PYTEST_EXIT_REASONS.get(status, None if status == 1 else "exit status %d" % status)
+        log.info("commit %s attempt %d: %s in %.2f s%s", commit, attempt, result.status, duration,
+                 " (%s)" % result.reason if result.reason else "")
+        return result
+
+    # --- results -------------------------------------------------------------------
+
+    def _report(self, result: JobResult) -> None:
+        """Deliver a result now, or keep it on disk for the delivery thread."""
+        if result.status == "aborted":
+            # Worthless later: if the dispatcher does not hear it now, the job's lease
+            # runs out and it is requeued anyway.
+            self._deliver(result)
+            return
+        path = os.path.join(self.pending_dir, "%012d-%s.json" % (result.attempt, result.commit))
+        atomic_write(path, result.to_json())
+        if self._deliver(result):
+            os.unlink(path)
+        else:
+            log.warning("commit %s attempt %d: result kept in %s until the dispatcher is back", result.commit, result.attempt, path)
+            self._delivery_wake.set()
+
+    def _deliver(self, result: JobResult) -> bool:
+        """Send one result. True when the dispatcher has it (or will never want it)."""
+        try:
+            answer = communicate(self.dispatcher, result.to_message(), timeout=RESULTS_TIMEOUT_S)
+        except (OSError, ProtocolError) as exc:
+            log.info("commit %s attempt %d: could not deliver result: %s", result.commit, result.attempt, exc)
+            return False
+        if answer.verb == "OK":
+            log.info("commit %s attempt %d: result delivered", result.commit, result.attempt)
+            return True
+        # The dispatcher does not know this attempt (its database was replaced): the
+        # result can never be recorded, so keeping it would only retry forever.
+        log.error("commit %s attempt %d: dispatcher refused the result: %s; discarded",
+                  result.commit, result.attempt, answer.get("reason"))
+        return True
+
+    def _delivery_loop(self) -> None:
+        while not self.stop_event.is_set():
+            self._delivery_wake.wait(DELIVERY_RETRY_S)
+            self._delivery_wake.clear()
+            for name in sorted(os.listdir(self.pending_dir)):
+                if self.stop_event.is_set() or not name.endswith(".json"):
+                    break
+                path = os.path.join(self.pending_dir, name)
+                with self._cond:
+                    current = self._job
+                try:
+                    with open(path, "rb") as handle:
+                        result = JobResult.from_json(handle.read())
+                except (OSError, ValueError, TypeError, KeyError) as exc:
+                    log.error("unreadable kept result %s (%s): removed", path, exc)
+                    os.unlink(path)
+                    continue
+                if current == (result.commit, result.attempt):
+                    continue  # the worker is delivering this one itself
+                if not self._deliver(result):
+                    break  # dispatcher still away; try again later
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    # --- the link to the dispatcher -------------------------------------------------
+
+    def _register(self) -> bool:
+        with self._cond:
+            job = self._job
+        message = request(
+            "register",
+            host=self.advertise_host,
+            port=self.server.address[1],
+            name=self.name,
+            commit=job[0] if job else None,
+            attempt=job[1] if job else None,
+        )
+        try:
+            answer = communicate(self.dispatcher, message)
+        except (OSError, ProtocolError) as exc:
+            log.debug("register with %s failed: %s", format_address(self.dispatcher), exc)
+            return False
+        if answer.verb != "OK":
+            log.error("dispatcher refused registration: %s", answer.get("reason"))
+            return False
+        heartbeat = answer.get("heartbeat") or 1.0
+        with self._cond:
+            self._contact_timeout = max(CONTACT_HEARTBEATS * heartbeat, 2.0)
+            self._last_contact = time.monotonic()
+        log.info("registered with dispatcher %s as %s", format_address(self.dispatcher), self.name)
+        self._delivery_wake.set()
+        return True
+
+    def _contact_loop(self) -> None:
+        registered = False
+        unreachable_since: float | None = None
+        while not self.stop_event.is_set():
+            with self._cond:
+                silent_for = time.monotonic() - self._last_contact
+                contact_timeout = self._contact_timeout
+                busy = self._job is not None
+            if not registered or silent_for > contact_timeout:
+                if registered:
+                    log.warning("no ping from the dispatcher for %.1f s: registering again", silent_for)
+                registered = self._register()
+                if registered:
+                    unreachable_since = None
+                else:
+                    now = time.monotonic()
+                    if unreachable_since is None:
+                        unreachable_since = now
+                        log.warning("dispatcher %s unreachable; retrying", format_address(self.dispatcher))
+                    gone_for = now - unreachable_since
+                    if self.dispatcher_timeout and gone_for > self.dispatcher_timeout and not busy:
+                        log.error("dispatcher unreachable for %.0f s: exiting", gone_for)
+                        self.exit_code = EXIT_DISPATCHER_GONE
+                        self.stop_event.set()
+                        return
+            self.stop_event.wait(REGISTER_RETRY_S)
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ci-runner",
+        description="Run a CI test runner: register with the dispatcher, then test each commit "
+        "it is given in REPO (a clone of the watched repository used only by this runner) "
+        "and report the verdict.",
+    )
+    parser.add_argument("repo", metavar="REPO", help="path to this runner's own clone of the repository")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
+    parser.add_argument("--advertise-host", help="address the dispatcher should use to reach this runner (default: --host)")
+    parser.add_argument("--dispatcher-server", default=DEFAULT_DISPATCHER, metavar="HOST:PORT",
+                        help="where the dispatcher listens (default: %(default)s)")
+    parser.add_argument("--name", help="runner name in logs and results (default: HOST:PORT)")
+    parser.add_argument("--test-command", metavar="COMMAND",
+                        help="shell command that runs the tests in the clone; exit status 0 means passed. "
+                        "It may write JUnit XML to $CI_JUNIT_XML for counts. "
+                        "(default: %s -m pytest --junitxml $CI_JUNIT_XML)" % shlex.quote(sys.executable))
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TEST_TIMEOUT_S,
+                        help="seconds the tests may take before they are killed and the commit fails "
+                        "with reason 'timeout' (default: %(default)s)")
+    parser.add_argument("--dispatcher-timeout", type=float, default=DEFAULT_DISPATCHER_TIMEOUT_S,
+                        help="exit after the dispatcher has been unreachable this many seconds; 0 waits "
+                        "forever (default: %(default)s)")
+    parser.add_argument("--state-dir", help="where to keep undelivered results and work files "
+                        "(default: REPO/.git/ci_runner)")
+    parser.add_argument("--log-file", help="write the log here instead of to stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.log_file)
+    try:
+        dispatcher = parse_address(args.dispatcher_server)
+    except ValueError as exc:
+        log.error("--dispatcher-server: %s", exc)
+        return 2
+    try:
+        runner = TestRunner(
+            args.repo,
+            dispatcher,
+            host=args.host,
+            port=args.port,
+            advertise_host=args.advertise_host,
+            name=args.name,
+            test_command=args.test_command,
+            timeout=args.timeout,
+            dispatcher_timeout=args.dispatcher_timeout,
+            state_dir=args.state_dir,
+        )
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
+        log.error("%s is not a git clone: %s", args.repo, exc)
+        return 2
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+        return 1
+    install_stop_signals(runner.stop_event, log)
+    runner.start()
+    log.info("listening on %s as %s (clone %s)", format_address(runner.server.address), runner.name, runner.clone)
+    runner.stop_event.wait()
+    runner.shutdown()
+    log.info("stopped")
+    return runner.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Fixtures: real daemons as child processes, real git repositories, loopback only.
+
+Every process a test starts goes through ``Processes``, which stops it by pid at the
+end of the test (SIGTERM, a bounded wait, then SIGKILL for it and anything it left
+behind) and prints the tail of its log when the test failed. Every wait is bounded
+and checks a condition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LOOPBACK = "127.0.0.1"
+#: Generous bounds: they only matter when something is broken.
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    """A port that was free a moment ago, for a daemon that must start after its clients."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, interval: float = 0.05, message: str = "condition"):
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, message))
+        time.sleep(interval)
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as handle:
+                stat = handle.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        # The command name is in parentheses and may contain spaces.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Process:
+    """A daemon started by a test, with its log file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path, env: dict | None = None):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.cwd = cwd
+        self.env = env
+        self.popen: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, pattern: str, timeout: float = START_TIMEOUT_S, after: int = 0) -> re.Match:
+        """Wait for a regex in the log (from character offset ``after``); fail early if the process died."""
+
+        def found():
+            match = re.search(pattern, self.log()[after:])
+            if match is None and self.popen.poll() is not None:
+                raise AssertionError("%s exited (%s) before logging %r:\n%s" % (self.name, self.popen.returncode, pattern, self.log()[-3000:]))
+            return match
+
+        return wait_until(found, timeout, message="%r in the log of %s" % (pattern, self.name))
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self, with_children: bool = True) -> None:
+        """SIGKILL, as a crash would; with its children, as a machine crash would."""
+        doomed = descendants(self.pid) if with_children else []
+        for pid in [self.pid] + doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.popen.wait(timeout=STOP_TIMEOUT_S)
+
+    def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM and wait; returns the exit status, or None if it had to be killed."""
+        if self.popen.poll() is not None:
+            return self.popen.returncode
+        leftovers = descendants(self.pid)
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+        finally:
+            for pid in leftovers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def restart(self) -> None:
+        assert not self.running()
+        self.start()
+
+
+class Processes:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.started: list[Process] = []
+
+    def start(self, name: str, argv: list[str], cwd: Path | None = None, env: dict | None = None) -> Process:
+        process = Process(name, argv, self.folder / ("%s.log" % name), cwd or self.folder, env)
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            process.terminate()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "report_" + report.when, report)
+
+
+@pytest.fixture
+def processes(request, tmp_path):
+    """Start daemons; all of them are stopped by pid when the test ends, pass or fail."""
+    manager = Processes(tmp_path)
+    yield manager
+    manager.stop_all()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for process in manager.started:
+            sys.stderr.write("\n----- last lines of %s (%s) -----\n" % (process.name, process.log_path))
+            sys.stderr.write("\n".join(process.log().splitlines()[-40:]) + "\n")
+
+
+# --- git repositories ------------------------------------------------------------------
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "CI Test",
+    "GIT_AUTHOR_EMAIL": "ci@example.invalid",
+    "GIT_COMMITTER_NAME": "CI Test",
+    "GIT_COMMITTER_EMAIL": "ci@example.invalid",
+}
+
+
+def git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV}, capture_output=True, text=True, timeout=60
+    )
+    if done.returncode != 0:
+        raise AssertionError("git %s failed: %s" % (" ".join(args), done.stderr))
+    return done.stdout.strip()
+
+
+PASSING_TEST = "def test_passes():\n    assert 1 + 1 == 2\n"
+FAILING_TEST = "def test_fails():\n    assert 1 + 1 == 3\n"
+SYNTAX_ERROR_TEST = "def test_broken(:\n    pass\n"
+HANGING_TEST = "import time\n\ndef test_hangs():\n    time.sleep(600)\n"
+
+
+class Upstream:
+    """The repository under test: a work tree whose commits the observer fetches."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.mkdir()
+        git(path, "init", "--quiet", "--initial-branch=main")
+        self.commit({"test_base.py": PASSING_TEST}, "initial commit")
+
+    def commit(self, files: dict[str, str | None], message: str) -> str:
+        """Write (or, for None, delete) files, commit, return the full sha."""
+        for name, content in files.items():
+            target = self.path / name
+            if content is None:
+                target.unlink()
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(content)
+        git(self.path, "add", "--all")
+        git(self.path, "commit", "--quiet", "--allow-empty", "-m", message)
+        return self.head()
+
+    def head(self) -> str:
+        return git(self.path, "rev-parse", "HEAD")
+
+    def clone(self, destination: Path) -> Path:
+        git(destination.parent, "clone", "--quiet", str(self.path), str(destination))
+        return destination
+
+
+@pytest.fixture
+def upstream(tmp_path) -> Upstream:
+    return Upstream(tmp_path / "upstream")
+
+
+# --- the CI system ---------------------------------------------------------------------
+
+#: Runners in tests skip pytest's plugin auto-loading (hypothesis, benchmark...):
+#: the repositories under test need none, and it saves a second per job.
+RUNNER_ENV = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+
+
+class CISystem:
+    """Starts the three daemons of one CI installation and reads its results."""
+
+    def __init__(self, processes: Processes, upstream: Upstream, folder: Path):
+        self.processes = processes
+        self.upstream = upstream
+        self.folder = folder
+        self.results_dir = folder / "test_results"
+        self.dispatcher: Process | None = None
+        self.port: int | None = None
+        self.runners: list[Process] = []
+        self.observer: Process | None = None
+
+    @property
+    def address(self) -> str:
+        return "%s:%d" % (LOOPBACK, self.port)
+
+    def _dispatcher_argv(self, port: int, extra: tuple[str, ...]) -> list[str]:
+        return [sys.executable, str(ROOT / "dispatcher.py"), "--host", LOOPBACK, "--port", str(port),
+                "--results-dir", str(self.results_dir), *extra]
+
+    def start_dispatcher(self, *extra: str, port: int = 0) -> Process:
+        """Start the dispatcher, on a free port unless ``port`` is given."""
+        self.dispatcher = self.processes.start("dispatcher", self._dispatcher_argv(port, extra))
+        self.port = int(self.dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        return self.dispatcher
+
+    def restart_dispatcher(self, *extra: str) -> Process:
+        """Start the dispatcher again on the same port, after it was killed or stopped."""
+        offset = len(self.dispatcher.log())
+        self.dispatcher.argv = self._dispatcher_argv(self.port, extra)
+        self.dispatcher.restart()
+        self.dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:%d" % self.port, after=offset)
+        return self.dispatcher
+
+    def start_runner(self, *extra: str) -> Process:
+        index = len(self.runners) + 1
+        clone = self.upstream.clone(self.folder / ("runner%d-clone" % index))
+        argv = [sys.executable, str(ROOT / "test_runner.py"), "--host", LOOPBACK,
+                "--dispatcher-server", self.address, str(clone), *extra]
+        runner = self.processes.start("runner%d" % index, argv, env=RUNNER_ENV)
+        runner.wait_for_log(r"registered with dispatcher")
+        self.runners.append(runner)
+        return runner
+
+    def start_observer(self, *extra: str) -> Process:
+        clone = self.upstream.clone(self.folder / "observer-clone")
+        argv = [sys.executable, str(ROOT / "repo_observer.py"), "--dispatcher-server", self.address,
+                "--interval", "0.2", str(clone), *extra]
+        self.observer = self.processes.start("observer", argv)
+        self.observer.wait_for_log(r"watching origin/main")
+        return self.observer
+
+    def result(self, commit: str) -> dict | None:
+        path = self.results_dir / (commit + ".json")
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def report(self, commit: str) -> str:
+        return (self.results_dir / commit).read_text()
+
+    def wait_result(self, commit: str, timeout: float = 60.0) -> dict:
+        return wait_until(lambda: self.result(commit), timeout, interval=0.1, message="result of %s" % commit[:12])
+
+    def wait_results(self, commits: list[str], timeout: float = 120.0) -> dict[str, dict]:
+        def all_there():
+            found = {commit: self.result(commit) for commit in commits}
+            return found if all(found.values()) else None
+
+        return wait_until(all_there, timeout, interval=0.2, message="results of %d commits" % len(commits))
+
+    def result_files(self) -> list[str]:
+        return sorted(path.name for path in self.results_dir.iterdir())
+
+
+@pytest.fixture
+def ci(processes, upstream, tmp_path) -> CISystem:
+    return CISystem(processes, upstream, tmp_path)

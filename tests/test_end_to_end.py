@@ -1,0 +1,203 @@
+"""The whole system: observer, dispatcher and runners as real processes on loopback."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import (
+    FAILING_TEST,
+    HANGING_TEST,
+    PASSING_TEST,
+    SYNTAX_ERROR_TEST,
+    free_port,
+    git,
+    wait_until,
+)
+
+SLOW_PASSING_TEST = "import time\n\ndef test_slow():\n    time.sleep(%s)\n"
+
+
+def test_each_kind_of_commit_gets_its_verdict(ci, upstream):
+    ci.start_dispatcher()
+    ci.start_runner("--timeout", "4")
+    ci.start_runner("--timeout", "4")
+    ci.start_observer()
+    initial = upstream.head()
+    passing = upstream.commit({"test_more.py": PASSING_TEST}, "add a passing test")
+    failing = upstream.commit({"test_bad.py": FAILING_TEST}, "add a failing test")
+    broken = upstream.commit({"test_bad.py": None, "test_syntax.py": SYNTAX_ERROR_TEST}, "syntax error")
+    hanging = upstream.commit({"test_syntax.py": None, "test_hang.py": HANGING_TEST}, "a test that hangs")
+
+    results = ci.wait_results([initial, passing, failing, broken, hanging], timeout=90)
+
+    assert results[initial]["status"] == "passed"
+    assert results[passing]["status"] == "passed"
+    assert (results[passing]["passed"], results[passing]["failed"]) == (2, 0)
+    assert results[passing]["reason"] is None
+    assert results[failing]["status"] == "failed"
+    assert (results[failing]["passed"], results[failing]["failed"]) == (2, 1)
+    assert results[broken]["status"] == "failed"
+    assert results[broken]["errors"] >= 1
+    assert results[hanging]["status"] == "failed"
+    assert results[hanging]["reason"] == "timeout"
+    for commit, result in results.items():
+        assert result["commit"] == commit
+        assert result["attempts"] == 1
+        assert result["runner"].startswith("127.0.0.1:")
+        for key in ("duration_s", "queued_at", "started_at", "finished_at"):
+            assert result[key] is not None, key
+        report = ci.report(commit)
+        assert report.startswith("commit:    %s\nverdict:   %s\n" % (commit, result["status"]))
+    assert "test_fails" in ci.report(failing) and "assert (1 + 1) == 3" in ci.report(failing)
+    assert "SyntaxError" in ci.report(broken) or "invalid syntax" in ci.report(broken)
+    assert "time limit" in ci.report(hanging)
+    # Only result files: a report and a JSON per commit, nothing half-written.
+    assert ci.result_files() == sorted(name for commit in results for name in (commit, commit + ".json"))
+
+
+def push_at_once(upstream, count: int, make_files) -> list[tuple[str, str]]:
+    """Make ``count`` commits on a side branch, then move main to them in one step,
+    so the observer sees them all in one fetch. Returns [(sha, expected verdict)]."""
+    git(upstream.path, "checkout", "--quiet", "-b", "batch")
+    made = []
+    for index in range(count):
+        files, verdict = make_files(index)
+        made.append((upstream.commit(files, "commit %d" % index), verdict))
+    git(upstream.path, "checkout", "--quiet", "main")
+    git(upstream.path, "merge", "--quiet", "--ff-only", "batch")
+    git(upstream.path, "branch", "--quiet", "-d", "batch")
+    return made
+
+
+def mixed_commit(index: int, sleep: float = 0.0):
+    """Every third commit breaks a test; the next one repairs it."""
+    files = {"test_step.py": (SLOW_PASSING_TEST % sleep).replace("test_slow", "test_step_%d" % index)}
+    if index % 3 == 0:
+        files["test_broken.py"] = FAILING_TEST
+        return files, "failed"
+    files["test_broken.py"] = PASSING_TEST.replace("test_passes", "test_repaired")
+    return files, "passed"
+
+
+def test_twenty_commits_two_runners_all_tested_in_order(ci, upstream):
+    ci.start_dispatcher()
+    ci.start_runner()
+    ci.start_runner()
+    ci.start_observer()
+    initial = upstream.head()
+    ci.wait_result(initial)
+
+    commits = push_at_once(upstream, 20, mixed_commit)
+    results = ci.wait_results([sha for sha, _ in commits], timeout=180)
+
+    for sha, verdict in commits:
+        assert results[sha]["status"] == verdict, sha
+        assert results[sha]["attempts"] == 1
+    assert len({result["runner"] for result in results.values()}) == 2, "both runners took jobs"
+    assert len(ci.result_files()) == 2 * 21
+    # Reported oldest first: the observer's log lists them in commit order.
+    reported = re.findall(r"commit ([0-9a-f]{40}) reported", ci.observer.log())
+    assert reported == [initial] + [sha for sha, _ in commits]
+
+
+def test_runner_killed_mid_job_its_job_finishes_elsewhere(ci, upstream):
+    ci.start_dispatcher("--heartbeat-interval", "0.5")
+    victim = ci.start_runner()
+    ci.start_runner()
+    ci.start_observer()
+    ci.wait_result(upstream.head())
+
+    commits = push_at_once(upstream, 20, lambda index: mixed_commit(index, sleep=0.5))
+    # Kill the first runner while it is in the middle of a job of this batch.
+    in_flight = victim.wait_for_log(r"commit ([0-9a-f]{40}) attempt \d+: testing", after=len(victim.log()))
+    victim_log_offset = len(victim.log())
+    killed_job = in_flight.group(1)
+    victim.kill()
+    assert killed_job in {sha for sha, _ in commits}
+
+    results = ci.wait_results([sha for sha, _ in commits], timeout=180)
+
+    for sha, verdict in commits:
+        assert results[sha]["status"] == verdict, sha
+    assert results[killed_job]["attempts"] == 2
+    assert results[killed_job]["runner"] != victim_name(victim)
+    assert re.search(r"commit %s attempt \d+ \(runner [^)]*\): runner \S+ lost" % killed_job, ci.dispatcher.log())
+    assert len(ci.result_files()) == 2 * 21, "exactly one result per commit"
+    assert len(victim.log()) == victim_log_offset
+
+
+def victim_name(runner) -> str:
+    return re.search(r"listening on \S+ as (\S+)", runner.log()).group(1)
+
+
+def test_observer_started_first_and_dispatcher_away_lose_nothing(ci, upstream):
+    port = free_port()
+    ci.port = port
+    ci.start_observer()
+    ci.observer.wait_for_log(r"dispatcher 127\.0\.0\.1:%d unreachable" % port)
+    early = [upstream.head(), upstream.commit({"test_early.py": PASSING_TEST}, "while nothing listens")]
+
+    ci.start_dispatcher(port=port)
+    ci.start_runner()
+    ci.wait_results(early, timeout=60)
+
+    # The dispatcher goes away for a while; commits keep coming.
+    ci.dispatcher.terminate()
+    offset = len(ci.observer.log())
+    away = [upstream.commit({"test_away_%d.py" % i: FAILING_TEST if i == 1 else PASSING_TEST}, "away %d" % i) for i in range(3)]
+    ci.observer.wait_for_log(r"unreachable", after=offset)
+    ci.restart_dispatcher()
+
+    results = ci.wait_results(away, timeout=60)
+    assert [results[sha]["status"] for sha in away] == ["passed", "failed", "failed"]
+    reported = re.findall(r"commit ([0-9a-f]{40}) reported", ci.observer.log())
+    assert reported == early + away, "each commit reported once, in order"
+
+
+def test_result_kept_by_runner_while_dispatcher_is_down(ci, upstream):
+    ci.start_dispatcher()
+    runner = ci.start_runner()
+    ci.start_observer()
+    ci.wait_result(upstream.head())
+    slow = upstream.commit({"test_slow.py": SLOW_PASSING_TEST % 2}, "slow test")
+    runner.wait_for_log(r"commit %s attempt \d+: testing" % slow)
+    ci.dispatcher.kill()
+
+    runner.wait_for_log(r"commit %s attempt \d+: result kept" % slow)
+    ci.restart_dispatcher()
+
+    result = ci.wait_result(slow, timeout=30)
+    assert result["status"] == "passed"
+    assert result["attempts"] == 1, "the kept result was used, not a second run"
+
+
+def test_runner_gives_up_when_dispatcher_stays_away(processes, upstream, tmp_path):
+    import sys
+
+    from conftest import ROOT
+
+    clone = upstream.clone(tmp_path / "clone")
+    runner = processes.start(
+        "runner",
+        [sys.executable, str(ROOT / "test_runner.py"), "--dispatcher-server", "127.0.0.1:%d" % free_port(),
+         "--dispatcher-timeout", "1", str(clone)],
+    )
+    wait_until(lambda: not runner.running(), timeout=20, message="runner to exit")
+    assert runner.popen.returncode == 3
+    assert "dispatcher unreachable for" in runner.log()
+
+
+def test_same_commit_twice_is_one_job(ci, upstream):
+    from helpers import communicate, parse_address, request
+
+    ci.start_dispatcher()
+    sha = upstream.head()
+    first = communicate(parse_address(ci.address), request("dispatch", commit=sha))
+    second = communicate(parse_address(ci.address), request("dispatch", commit=sha))
+    assert (first.verb, first.get("new")) == ("OK", 1)
+    assert (second.verb, second.get("new"), second.get("job")) == ("OK", 0, "queued")
+    ci.start_runner()
+    ci.wait_result(sha)
+    third = communicate(parse_address(ci.address), request("dispatch", commit=sha))
+    assert third.get("job") == "passed"
+    assert len(ci.result_files()) == 2
