@@ -25,6 +25,7 @@ import signal
 import socket
 import socketserver
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -701,11 +702,15 @@ def install_stop_signals(stop: threading.Event, logger: logging.Logger) -> None:
 
 def script_path(name: str) -> str:
     """Where one of the project's shell scripts is: beside this module in a source
-    checkout, on PATH after ``pip install`` (setup.py installs them as scripts)."""
+    checkout; after ``pip install``, in the environment's scripts folder (setup.py
+    installs them there) or elsewhere on PATH."""
     beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
     if os.path.exists(beside):
         return beside
+    installed = os.path.join(sysconfig.get_path("scripts"), name)
+    if os.path.exists(installed):
+        return installed
     found = shutil.which(name)
     if found is None:
-        raise FileNotFoundError("%s is neither beside %s nor on PATH" % (name, __file__))
+        raise FileNotFoundError("%s is neither beside %s, in %s, nor on PATH" % (name, __file__, sysconfig.get_path("scripts")))
     return found

@@ -1,0 +1,224 @@
+"""Run the whole CI system on this machine for one repository, in one command.
+
+``ci-local REPOSITORY`` clones the repository (a path or a URL) once for the
+observer and once for each runner under ``--work-dir``, starts a dispatcher on
+127.0.0.1, ``--runners`` test runners and an observer as child processes, each
+logging to its own file in WORK_DIR/logs, and shows what they do as it happens.
+Results land in ``--results-dir`` (./test_results by default). Ctrl-C stops
+everything in order: the observer, then the runners (which hand back jobs in
+progress), then the dispatcher, each with a bounded wait and SIGKILL as the last
+resort. Starting it again resumes where it stopped: the clones, the queue and the
+observer's memory are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import git
+
+from helpers import ProtocolError, communicate, install_stop_signals, request
+
+log = logging.getLogger("ci-local")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: Longest wait for the dispatcher to answer after it is started.
+DISPATCHER_START_TIMEOUT_S = 20.0
+#: Longest wait for each daemon to stop after SIGTERM before it is killed.
+STOP_TIMEOUT_S = 15.0
+#: How often the logs are read for display.
+DISPLAY_INTERVAL_S = 0.25
+
+
+class Daemon:
+    """One child process with its log file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: str):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self._offset = 0
+        self._partial = b""
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log_file:
+            self._offset = log_file.tell()
+            # A session of its own: Ctrl-C reaches only this launcher, which then
+            # stops the daemons in order instead of all at once.
+            self.process = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def new_lines(self) -> list[str]:
+        """Complete log lines written since the last call."""
+        try:
+            with open(self.log_path, "rb") as log_file:
+                log_file.seek(self._offset)
+                data = log_file.read()
+        except OSError:
+            return []
+        self._offset += len(data)
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        return [line.decode("utf-8", "replace") for line in lines if line.strip()]
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", self.name, STOP_TIMEOUT_S)
+            self.process.kill()
+            self.process.wait(timeout=STOP_TIMEOUT_S)
+
+
+def prepare_clone(source: str, path: str) -> None:
+    """Clone ``source`` into ``path``, or check that ``path`` is already a clone of it."""
+    if not os.path.exists(path):
+        git.Repo.clone_from(source, path)
+        return
+    repo = git.Repo(path)
+    url = repo.remotes.origin.url if repo.remotes else None
+    if url != source:
+        raise ValueError("%s is a clone of %s, not of %s: use another --work-dir" % (path, url, source))
+
+
+def show(daemon: Daemon, line: str) -> None:
+    # Log lines start "YYYY-MM-DD HH:MM:SS,mmm logger LEVEL message": keep the time.
+    parts = line.split(" ", 3)
+    if len(parts) == 4 and len(parts[0]) == 10 and parts[2]:
+        line = "%s %s" % (parts[1][:8], parts[3])
+    print("%-11s %s" % (daemon.name, line), flush=True)
+
+
+def wait_for_dispatcher(address: tuple[str, int], dispatcher: Daemon) -> bool:
+    deadline = time.monotonic() + DISPATCHER_START_TIMEOUT_S
+    while time.monotonic() < deadline and dispatcher.exited() is None:
+        try:
+            if communicate(address, request("status"), timeout=2).verb == "OK":
+                return True
+        except (OSError, ProtocolError):
+            time.sleep(0.1)
+    return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ci-local",
+        description="Run the CI system locally on REPOSITORY: a dispatcher, test runners and an "
+        "observer, with their clones and logs under --work-dir. Ctrl-C stops everything.",
+    )
+    parser.add_argument("repository", metavar="REPOSITORY", help="path or URL of the git repository to test")
+    parser.add_argument("--runners", type=int, default=2, help="number of test runners (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8888, help="dispatcher port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--work-dir", default=".ci-local", help="clones and logs (default: %(default)s)")
+    parser.add_argument("--results-dir", default="test_results", help="result files (default: %(default)s)")
+    parser.add_argument("--branch", help="branch to watch (default: the repository's current branch)")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between fetches (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, help="seconds a test run may take (default: the runner's)")
+    parser.add_argument("--test-command", metavar="COMMAND", help="test command for the runners (default: pytest)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="ci-local: %(message)s", stream=sys.stdout)
+    if args.runners < 1:
+        log.error("--runners must be at least 1")
+        return 2
+    source = os.path.abspath(args.repository) if os.path.exists(args.repository) else args.repository
+    work_dir = os.path.abspath(args.work_dir)
+    logs = os.path.join(work_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    names = ["observer"] + ["runner-%d" % index for index in range(1, args.runners + 1)]
+    try:
+        for name in names:
+            prepare_clone(source, os.path.join(work_dir, name))
+    except (git.GitCommandError, git.InvalidGitRepositoryError, ValueError) as exc:
+        log.error("cannot prepare clones: %s", exc)
+        return 2
+
+    python = sys.executable
+    address = ("127.0.0.1", args.port)
+    dispatcher_address = "127.0.0.1:%d" % args.port
+    dispatcher = Daemon(
+        "dispatcher",
+        [python, os.path.join(HERE, "dispatcher.py"), "--host", "127.0.0.1", "--port", str(args.port),
+         "--results-dir", os.path.abspath(args.results_dir)],
+        os.path.join(logs, "dispatcher.log"),
+    )
+    runner_options = []
+    if args.timeout is not None:
+        runner_options += ["--timeout", str(args.timeout)]
+    if args.test_command:
+        runner_options += ["--test-command", args.test_command]
+    runners = [
+        Daemon(
+            name,
+            [python, os.path.join(HERE, "test_runner.py"), "--dispatcher-server", dispatcher_address, "--name", name,
+             *runner_options, os.path.join(work_dir, name)],
+            os.path.join(logs, name + ".log"),
+        )
+        for name in names[1:]
+    ]
+    observer_options = ["--branch", args.branch] if args.branch else []
+    observer = Daemon(
+        "observer",
+        [python, os.path.join(HERE, "repo_observer.py"), "--dispatcher-server", dispatcher_address,
+         "--interval", str(args.interval), *observer_options, os.path.join(work_dir, "observer")],
+        os.path.join(logs, "observer.log"),
+    )
+    daemons = [dispatcher, *runners, observer]
+
+    stop = threading.Event()
+    install_stop_signals(stop, log)
+    log.info("testing %s with %d runner(s); results in %s; logs in %s; Ctrl-C stops",
+             source, args.runners, os.path.abspath(args.results_dir), logs)
+    status = 0
+    try:
+        dispatcher.start()
+        if not wait_for_dispatcher(address, dispatcher):
+            for line in dispatcher.new_lines():
+                show(dispatcher, line)
+            log.error("the dispatcher did not start; see %s", dispatcher.log_path)
+            return 1
+        for daemon in daemons[1:]:
+            daemon.start()
+        while not stop.wait(DISPLAY_INTERVAL_S):
+            for daemon in daemons:
+                for line in daemon.new_lines():
+                    show(daemon, line)
+            for daemon in daemons:
+                code = daemon.exited()
+                if code is not None and daemon.process is not None:
+                    log.warning("%s exited with status %s; see %s", daemon.name, code, daemon.log_path)
+                    daemon.process = None
+                    if daemon is dispatcher:
+                        status = 1
+                        stop.set()
+    finally:
+        log.info("stopping")
+        for daemon in reversed(daemons):
+            daemon.stop()
+            for line in daemon.new_lines():
+                show(daemon, line)
+        log.info("stopped")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The one-command launcher (ci_local.py) and the installed console commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+from conftest import PASSING_TEST, ROOT, descendants, free_port, wait_until
+
+
+def test_launcher_runs_everything_and_stops_cleanly_on_ctrl_c(processes, upstream, tmp_path):
+    results = tmp_path / "results"
+    launcher = processes.start(
+        "ci-local",
+        [sys.executable, str(ROOT / "ci_local.py"), "--port", str(free_port()), "--runners", "2",
+         "--work-dir", str(tmp_path / "work"), "--results-dir", str(results), "--interval", "0.2",
+         str(upstream.path)],
+        env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+    )
+    first = upstream.head()
+    wait_until(lambda: (results / (first + ".json")).exists(), timeout=60, message="first result")
+    second = upstream.commit({"test_two.py": PASSING_TEST.replace("passes", "also_passes")}, "second")
+    wait_until(lambda: (results / (second + ".json")).exists(), timeout=60, message="second result")
+    assert json.loads((results / (second + ".json")).read_text())["status"] == "passed"
+
+    daemons = descendants(launcher.pid)
+    assert len(daemons) >= 4, "dispatcher, two runners and an observer"
+    output = launcher.log()
+    for name in ("dispatcher", "runner-1", "runner-2", "observer"):
+        assert (tmp_path / "work" / "logs" / (name + ".log")).stat().st_size > 0
+        assert name in output, "the launcher shows what %s does" % name
+    assert "commit %s queued" % second in output
+
+    launcher.popen.send_signal(signal.SIGINT)
+    assert launcher.popen.wait(timeout=60) == 0
+    assert "ci-local: stopped" in launcher.log()
+    for pid in daemons:
+        assert not os.path.exists("/proc/%d" % pid) or _is_zombie(pid), "daemon %d left running" % pid
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_launcher_refuses_a_work_dir_cloned_from_elsewhere(upstream, tmp_path):
+    work = tmp_path / "work"
+    other = tmp_path / "other"
+    subprocess.run(["git", "init", "--quiet", str(other)], check=True)
+    subprocess.run(["git", "clone", "--quiet", str(other), str(work / "observer")], check=True, capture_output=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "ci_local.py"), "--port", str(free_port()), "--work-dir", str(work), str(upstream.path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "use another --work-dir" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("command", ["ci-dispatcher", "ci-runner", "ci-observer", "ci-local"])
+def test_console_commands_are_installed(command):
+    scripts = sysconfig.get_path("scripts")
+    path = os.path.join(scripts, command)
+    if not os.path.exists(path):
+        if os.environ.get("CI_REQUIRE_INSTALLED"):
+            pytest.fail("%s is not installed in %s" % (command, scripts))
+        pytest.skip("project not installed in this interpreter (./run_tests.sh installs it)")
+    done = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert "usage: %s" % command in done.stdout
+    # The installed copy finds its shell scripts.
+    probe = subprocess.run(
+        [os.path.join(scripts, "python"), "-c", "import helpers; print(helpers.script_path('test_runner_script.sh'))"],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )
+    assert probe.returncode == 0 and os.path.exists(probe.stdout.strip())
+    assert shutil.which("bash")
