@@ -141,6 +141,13 @@ class Dispatcher:
         if requeued:
             log.info("recovered %d running job(s) from before the restart: back in the queue", requeued)
         self._recover_written_results()
+        with self._cond:
+            for name, host, port in self.store.runners():
+                record = RunnerRecord(name, (host, port), since=time.time())
+                self._runners[name] = record
+                self._pool.submit(self._verify, record)
+            if self._runners:
+                log.info("pinging %d runner(s) known from before the restart", len(self._runners))
         for name, target in (("scheduler", self._schedule_loop), ("heartbeat", self._heartbeat_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -220,6 +227,7 @@ class Dispatcher:
             if running is not None:
                 record.reported = (message.get("commit"), running)
             self._runners[name] = record
+            self.store.save_runner(name, address[0], address[1], time.time())
         log.info("runner %s registered from %s (address %s)", name, peer, format_address(address))
         # Not available until it answers a ping: that proves the address works.
         self._pool.submit(self._verify, record)
@@ -339,6 +347,7 @@ class Dispatcher:
     def _drop(self, record: RunnerRecord, why: str) -> None:
         if self._runners.get(record.name) is record:
             del self._runners[record.name]
+            self.store.forget_runner(record.name)
         log.warning("runner %s dropped: %s", record.name, why)
         if record.assignment is not None:
             self._lose(record.assignment, "runner %s lost (%s)" % (record.name, why), Outcome.LOST)

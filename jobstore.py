@@ -57,6 +57,14 @@ CREATE TABLE IF NOT EXISTS attempts (
     outcome     TEXT                    -- NULL while out; see Outcome
 );
 CREATE INDEX IF NOT EXISTS attempts_by_commit ON attempts (commit_id);
+-- Runners registered and not dropped: after a restart the dispatcher pings them at
+-- once instead of waiting for each to notice the silence and register again.
+CREATE TABLE IF NOT EXISTS runners (
+    name          TEXT PRIMARY KEY,
+    host          TEXT NOT NULL,
+    port          INTEGER NOT NULL,
+    registered_at REAL NOT NULL
+);
 """
 
 
@@ -310,6 +318,23 @@ class JobStore:
                 (now, Outcome.INTERRUPTED.value),
             )
             return db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+
+    def save_runner(self, name: str, host: str, port: int, now: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO runners (name, host, port, registered_at) VALUES (?, ?, ?, ?)",
+                (name, host, port, now),
+            )
+
+    def forget_runner(self, name: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM runners WHERE name = ?", (name,))
+
+    def runners(self) -> list[tuple[str, str, int]]:
+        """(name, host, port) of every runner registered and not dropped."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, host, port FROM runners ORDER BY registered_at").fetchall()
+        return [(row["name"], row["host"], row["port"]) for row in rows]
 
     # --- helpers ---------------------------------------------------------------------
 

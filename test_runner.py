@@ -67,7 +67,7 @@ KILL_GRACE_S = 5.0
 REGISTER_RETRY_S = 1.0
 #: No ping for this many of the dispatcher's heartbeat intervals: it restarted or
 #: dropped this runner (it drops after 3 missed pings), so register again.
-CONTACT_HEARTBEATS = 5
+CONTACT_HEARTBEATS = 3
 #: Pause between delivery rounds of results kept on disk.
 DELIVERY_RETRY_S = 2.0
 #: Wait for the dispatcher's answer to ``results`` (it writes files before answering).
@@ -265,9 +265,14 @@ class TestRunner:
         self.exit_code = 0
         self._cond = threading.Condition()
         self._job: tuple[str, int] | None = None  # accepted and not yet reported
+        #: (commit, attempt) of results kept on disk, oldest first; a copy of what
+        #: pending_dir holds, refreshed whenever a file there is added or removed.
+        self._kept: list[tuple[str, int]] = []
+        self._refresh_kept()
         self._last_contact = time.monotonic()
         self._contact_timeout = CONTACT_HEARTBEATS * 1.0
         self._delivery_wake = threading.Event()
+        self._delivery_lock = threading.Lock()  # one delivery round at a time
         self._threads: list[threading.Thread] = []
 
     # --- requests ------------------------------------------------------------------
@@ -276,10 +281,14 @@ class TestRunner:
         if message.verb == "ping":
             with self._cond:
                 self._last_contact = time.monotonic()
-                if self._job is None:
-                    return reply("OK", state="idle")
-                commit, attempt = self._job
-                return reply("OK", state="busy", commit=commit, attempt=attempt)
+                job = self._job or (self._kept[0] if self._kept else None)
+            if job is None:
+                return reply("OK", state="idle")
+            if job is not self._job:
+                # A kept result still owns its job: saying so keeps the dispatcher from
+                # running it again (or giving this runner another) before it arrives.
+                self._delivery_wake.set()
+            return reply("OK", state="busy", commit=job[0], attempt=job[1])
         if message.verb == "runtest":
             commit, attempt = message.fields["commit"], message.fields["attempt"]
             with self._cond:
@@ -386,7 +395,7 @@ class TestRunner:
     # --- results -------------------------------------------------------------------
 
     def _report(self, result: JobResult) -> None:
-        """Deliver a result now, or keep it on disk for the delivery thread."""
+        """Keep a result on disk, then deliver it with any others still kept."""
         if result.status == "aborted":
             # Worthless later: if the dispatcher does not hear it now, the job's lease
             # runs out and it is requeued anyway.
@@ -394,11 +403,10 @@ class TestRunner:
             return
         path = os.path.join(self.pending_dir, "%012d-%s.json" % (result.attempt, result.commit))
         atomic_write(path, result.to_json())
-        if self._deliver(result):
-            os.unlink(path)
-        else:
-            log.warning("commit %s attempt %d: result kept in %s until the dispatcher is back", result.commit, result.attempt, path)
-            self._delivery_wake.set()
+        self._refresh_kept()
+        if not self._deliver_kept():
+            log.warning("commit %s attempt %d: result kept in %s until the dispatcher is back",
+                        result.commit, result.attempt, path)
 
     def _deliver(self, result: JobResult) -> bool:
         """Send one result. True when the dispatcher has it (or will never want it)."""
@@ -416,31 +424,42 @@ class TestRunner:
                   result.commit, result.attempt, answer.get("reason"))
         return True
 
-    def _delivery_loop(self) -> None:
-        while not self.stop_event.is_set():
-            self._delivery_wake.wait(DELIVERY_RETRY_S)
-            self._delivery_wake.clear()
+    def _deliver_kept(self) -> bool:
+        """Deliver every kept result, oldest first. False if the dispatcher is unreachable."""
+        with self._delivery_lock:
             for name in sorted(os.listdir(self.pending_dir)):
-                if self.stop_event.is_set() or not name.endswith(".json"):
-                    break
+                if not name.endswith(".json"):
+                    continue
                 path = os.path.join(self.pending_dir, name)
-                with self._cond:
-                    current = self._job
                 try:
                     with open(path, "rb") as handle:
                         result = JobResult.from_json(handle.read())
                 except (OSError, ValueError, TypeError, KeyError) as exc:
                     log.error("unreadable kept result %s (%s): removed", path, exc)
                     os.unlink(path)
+                    self._refresh_kept()
                     continue
-                if current == (result.commit, result.attempt):
-                    continue  # the worker is delivering this one itself
                 if not self._deliver(result):
-                    break  # dispatcher still away; try again later
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+                    return False
+                os.unlink(path)
+                self._refresh_kept()
+        return True
+
+    def _refresh_kept(self) -> None:
+        kept = []
+        for name in sorted(os.listdir(self.pending_dir)):
+            attempt, _, rest = name.partition("-")
+            if name.endswith(".json") and attempt.isdigit():
+                kept.append((rest[: -len(".json")], int(attempt)))
+        with self._cond:
+            self._kept = kept
+
+    def _delivery_loop(self) -> None:
+        while not self.stop_event.is_set():
+            self._delivery_wake.wait(DELIVERY_RETRY_S)
+            self._delivery_wake.clear()
+            if os.listdir(self.pending_dir):
+                self._deliver_kept()
 
     # --- the link to the dispatcher -------------------------------------------------
 
@@ -468,7 +487,6 @@ class TestRunner:
             self._contact_timeout = max(CONTACT_HEARTBEATS * heartbeat, 2.0)
             self._last_contact = time.monotonic()
         log.info("registered with dispatcher %s as %s", format_address(self.dispatcher), self.name)
-        self._delivery_wake.set()
         return True
 
     def _contact_loop(self) -> None:
@@ -482,7 +500,9 @@ class TestRunner:
             if not registered or silent_for > contact_timeout:
                 if registered:
                     log.warning("no ping from the dispatcher for %.1f s: registering again", silent_for)
-                registered = self._register()
+                # Results kept from before go first: a job settled by them is not handed
+                # out again, to this runner or another, once the runner is registered.
+                registered = self._deliver_kept() and self._register()
                 if registered:
                     unreachable_since = None
                 else:
