@@ -96,14 +96,18 @@ def parse_host(text: str) -> str:
     return text
 
 
+_DIGITS = re.compile(r"[0-9]{1,12}\Z")
+
+
 def parse_port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not _DIGITS.match(text) or not 1 <= int(text) <= 65535:
         raise ProtocolError("invalid port (want 1 to 65535)")
     return int(text)
 
 
 def parse_count(text: str) -> int:
-    if not text.isdigit() or len(text) > 12:
+    # ASCII digits only: str.isdigit() would let through '²', which int() refuses.
+    if not _DIGITS.match(text):
         raise ProtocolError("invalid count (want a non-negative integer)")
     return int(text)
 
@@ -133,7 +137,7 @@ def parse_name(text: str) -> str:
 
 def parse_text(text: str) -> str:
     """Free text (reasons, messages): printable, at most 1000 characters."""
-    if len(text) > 1000 or any(ord(c) < 32 and c != "\t" for c in text):
+    if len(text) > 1000 or any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
         raise ProtocolError("invalid text field")
     return text
 
@@ -355,6 +359,8 @@ def decode_header(line: bytes, table: Mapping[str, Verb]) -> tuple[Message, list
         raise ProtocolError("header is not UTF-8") from None
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise ProtocolError("control character in header")
+    # Trailing spaces are tolerated (people type requests by hand with nc).
+    text = text.rstrip(" ")
     if not text.strip():
         raise ProtocolError("empty line")
     head, _, rest = text.partition(" ")
@@ -375,7 +381,7 @@ def decode_header(line: bytes, table: Mapping[str, Verb]) -> tuple[Message, list
         wanted = " ".join("<%s>" % name for name, _ in verb.positional)
         raise ProtocolError("%s needs %s" % (verb.name, wanted))
     for (name, parser), token in zip(verb.positional, tokens):
-        message.fields[name] = parser(unquote(token, errors="strict"))
+        message.fields[name] = parser(_unquote(token, name))
     options = dict(verb.options)
     sections = {s.name: s for s in verb.sections}
     pending: list[tuple[Section, int]] = []
@@ -388,11 +394,7 @@ def decode_header(line: bytes, table: Mapping[str, Verb]) -> tuple[Message, list
             raise ProtocolError("duplicate option %r" % key[:40])
         seen.add(key)
         if key in options:
-            try:
-                value = unquote(raw, errors="strict")
-            except UnicodeDecodeError:
-                raise ProtocolError("option %r is not UTF-8" % key) from None
-            message.fields[key] = options[key](value)
+            message.fields[key] = options[key](_unquote(raw, key))
         elif key in sections:
             length = parse_count(raw)
             if length > MAX_SECTION_ON_WIRE_BYTES:
@@ -406,6 +408,13 @@ def decode_header(line: bytes, table: Mapping[str, Verb]) -> tuple[Message, list
     return message, pending
 
 
+def _unquote(token: str, name: str) -> str:
+    try:
+        return unquote(token, errors="strict")
+    except UnicodeDecodeError:
+        raise ProtocolError("field %r is not UTF-8 once decoded" % name[:40]) from None
+
+
 class MessageStream:
     """Reads and writes framed messages on one socket, every operation under a deadline.
 
@@ -417,6 +426,8 @@ class MessageStream:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self._buffer = bytearray()
+        #: When the message being read must be complete: set by its first byte.
+        self._message_deadline = 0.0
 
     def _recv(self, deadline: float) -> bytes:
         remaining = deadline - time.monotonic()
@@ -429,6 +440,8 @@ class MessageStream:
         """One header line without its newline; None if the peer closed cleanly first."""
         deadline = time.monotonic() + first_byte_timeout
         started = bool(self._buffer)
+        if started:
+            deadline = self._message_deadline = time.monotonic() + MESSAGE_DEADLINE_S
         while True:
             newline = self._buffer.find(b"\n")
             if newline >= 0:
@@ -446,7 +459,7 @@ class MessageStream:
                 return None
             if not started:
                 started = True
-                deadline = time.monotonic() + MESSAGE_DEADLINE_S
+                deadline = self._message_deadline = time.monotonic() + MESSAGE_DEADLINE_S
             self._buffer += chunk
 
     def read_bytes(self, length: int, keep: int, deadline: float) -> bytes:
@@ -476,9 +489,8 @@ class MessageStream:
         if line is None:
             return None
         message, pending = decode_header(line, table)
-        deadline = time.monotonic() + MESSAGE_DEADLINE_S
         for section, length in pending:
-            data = self.read_bytes(length, section.keep, deadline)
+            data = self.read_bytes(length, section.keep, self._message_deadline)
             if length > section.keep:
                 message.truncated.add(section.name)
                 if section.truncate:

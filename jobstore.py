@@ -159,19 +159,26 @@ class JobStore:
         # explicit BEGIN IMMEDIATE so it takes the write lock up front.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
         self._db.row_factory = sqlite3.Row
+        try:
+            self._prepare()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _prepare(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
+        with self.transaction() as db:
+            has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+            row = has_meta and db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row and int(row["value"]) != SCHEMA_VERSION:
+                raise RuntimeError(
+                    "%s has schema version %s; this dispatcher knows version %d" % (self.path, row["value"], SCHEMA_VERSION)
+                )
         # executescript commits on its own; the statements are idempotent.
         self._db.executescript(SCHEMA)
-        with self.transaction() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) != SCHEMA_VERSION:
-                raise RuntimeError(
-                    "%s has schema version %s; this dispatcher knows version %d" % (path, row["value"], SCHEMA_VERSION)
-                )
+        self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         with self._lock:

@@ -138,6 +138,13 @@ class RepoObserver:
         revisions = [tip] + ["^" + sha for sha in known]
         return [commit.hexsha for commit in self.repo.iter_commits(revisions, reverse=True, topo_order=True)]
 
+    def _covered(self, known: str, sha: str) -> bool:
+        """Whether ``known`` is an ancestor of ``sha`` (or gone: then it marks nothing)."""
+        try:
+            return self.repo.is_ancestor(known, sha)
+        except git.GitCommandError:
+            return True
+
     def poll_once(self) -> bool:
         """Fetch and report. True if everything new was acknowledged."""
         tip = self.fetch()
@@ -156,7 +163,10 @@ class RepoObserver:
                     if answer.verb != "OK":
                         log.warning("dispatcher refused commit %s: %s; will retry", sha, answer.get("reason"))
                         return False
-                    self.remember([sha])
+                    # Side lines not yet reported (a merge's other parent listed
+                    # after this commit) must stay outside the boundary.
+                    boundary = [known for known in self.boundary() or [] if not self._covered(known, sha)]
+                    self.remember(boundary + [sha])
                     summary = self.repo.commit(sha).summary
                     log.info("commit %s reported (%s)%s", sha, summary[:60], "" if answer.get("new") else " - already known")
         except (OSError, ProtocolError) as exc:

@@ -75,6 +75,9 @@ RESULTS_TIMEOUT_S = 30.0
 #: Output sent with a result: the head and the tail (where pytest puts its summary)
 #: of a long log, with a marker in between.
 LOG_TAIL_BYTES = 256 * 1024
+#: Output sent per result: what the dispatcher keeps, less room for the notes the
+#: runner appends (a timeout message), so nothing it sends is cut off there.
+LOG_LIMIT_BYTES = MAX_LOG_BYTES - 1024
 EXIT_DISPATCHER_GONE = 3
 
 #: pytest's exit codes other than 0 and 1, as reasons for a failed verdict.
@@ -140,14 +143,16 @@ def read_junit_counts(path: str) -> dict | None:
         root = ElementTree.parse(path).getroot()
     except (OSError, ElementTree.ParseError):
         return None
+    if root.tag not in ("testsuite", "testsuites"):
+        return None
     suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
     totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    try:
-        for suite in suites:
-            for key in totals:
-                totals[key] += int(suite.get(key, "0"))
-    except ValueError:
-        return None
+    for suite in suites:
+        for key in totals:
+            text = suite.get(key, "0")
+            if not text.isascii() or not text.isdigit():
+                return None  # a count the protocol would refuse: better no counts than no result
+            totals[key] += int(text)
     return {
         "passed": max(0, totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]),
         "failed": totals["failures"],
@@ -156,20 +161,25 @@ def read_junit_counts(path: str) -> dict | None:
     }
 
 
-def read_log(path: str) -> bytes:
-    """The output to send: all of it, or head and tail of a long one with a marker."""
+def read_log(path: str, limit: int | None = None) -> bytes:
+    """The output to send, at most ``limit`` bytes: all of it, or the head and the tail
+    (where pytest writes its summary) of a long one, with a marker between them."""
+    limit = LOG_LIMIT_BYTES if limit is None else limit
+    marker = b"\n[... %d bytes of output cut here: limit %d bytes ...]\n"
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as handle:
-            if size <= MAX_LOG_BYTES:
+            if size <= limit:
                 return handle.read()
-            head = handle.read(MAX_LOG_BYTES - LOG_TAIL_BYTES)
-            handle.seek(size - LOG_TAIL_BYTES)
-            tail = handle.read()
+            tail_size = min(LOG_TAIL_BYTES, limit // 4)
+            # The marker's own length, with the largest number it can show.
+            head_size = max(0, limit - tail_size - len(marker % (size, limit)))
+            head = handle.read(head_size)
+            handle.seek(size - tail_size)
+            tail = handle.read(tail_size)
     except OSError as exc:
         return ("[runner could not read the test output: %s]\n" % exc).encode()
-    marker = b"\n[... %d bytes of output cut here: limit %d bytes ...]\n" % (size - len(head) - len(tail), MAX_LOG_BYTES)
-    return head + marker + tail
+    return head + marker % (size - len(head) - len(tail), limit) + tail
 
 
 def run_process_group(command, cwd: str, env: dict, output_path: str, timeout: float, stop: threading.Event) -> tuple[int, str | None]:
@@ -581,8 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
         return 1
     install_stop_signals(runner.stop_event, log)
-    runner.start()
     log.info("listening on %s as %s (clone %s)", format_address(runner.server.address), runner.name, runner.clone)
+    runner.start()
     runner.stop_event.wait()
     runner.shutdown()
     log.info("stopped")

@@ -1,0 +1,370 @@
+"""jobstore.JobStore on a real SQLite file: queue order, the state machine, attempts, recovery."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+
+import pytest
+
+from jobstore import (
+    FINAL_STATES,
+    SCHEMA_VERSION,
+    TRANSITIONS,
+    InvalidTransition,
+    JobState,
+    JobStore,
+    Outcome,
+)
+
+A = "a" * 40
+B = "b" * 40
+C = "c" * 40
+D = "d" * 40
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return str(tmp_path / "queue.sqlite3")
+
+
+@pytest.fixture
+def store(db_path):
+    opened = JobStore(db_path)
+    yield opened
+    opened.close()
+
+
+def attempt_outcome(store: JobStore, attempt_id: int):
+    return store.attempt(attempt_id).outcome
+
+
+def put_in_state(store: JobStore, commit: str, state: JobState) -> int | None:
+    """Enqueue ``commit`` and move it to ``state`` through allowed moves; returns its attempt."""
+    store.enqueue(commit, 1.0)
+    if state is JobState.QUEUED:
+        return None
+    attempt = store.assign(commit, "r1", 2.0)
+    if state is JobState.RUNNING:
+        return attempt
+    store.finish(commit, attempt, state, Outcome(state.value), None, "{}", 3.0)
+    return attempt
+
+
+# --- enqueue and queue order -------------------------------------------------------------
+
+
+def test_enqueue_is_idempotent(store):
+    assert store.enqueue(A, 10.0) == (True, JobState.QUEUED)
+    assert store.enqueue(A, 11.0) == (False, JobState.QUEUED)
+    assert store.count(JobState.QUEUED) == 1
+    assert store.job(A).queued_at == 10.0, "a second dispatch does not touch the job"
+    attempt = store.assign(A, "r1", 12.0)
+    assert store.enqueue(A, 13.0) == (False, JobState.RUNNING)
+    store.finish(A, attempt, JobState.PASSED, Outcome.PASSED, None, "{}", 14.0)
+    assert store.enqueue(A, 15.0) == (False, JobState.PASSED)
+    assert store.queued(10) == [] and store.count(JobState.PASSED) == 1
+
+
+def test_queue_is_first_in_first_out(store):
+    for index, commit in enumerate([C, A, D, B]):
+        store.enqueue(commit, 100.0 - index)  # queue order is arrival order, not timestamps
+    assert store.queued(10) == [C, A, D, B]
+    assert store.queued(2) == [C, A]
+    store.assign(C, "r1", 1.0)
+    assert store.queued(10) == [A, D, B]
+
+
+def test_requeued_job_keeps_its_place(store):
+    for commit in (A, B, C):
+        store.enqueue(commit, 1.0)
+    first = store.assign(A, "r1", 2.0)
+    store.assign(B, "r2", 2.0)
+    assert store.queued(10) == [C]
+    store.requeue(B, store.job(B).current_attempt, Outcome.LOST, 3.0)
+    store.requeue(A, first, Outcome.ERROR, 3.0)
+    assert store.queued(10) == [A, B, C], "back in the queue in dispatch order, ahead of later jobs"
+    store.enqueue(D, 4.0)
+    assert store.queued(10) == [A, B, C, D]
+
+
+# --- attempts ------------------------------------------------------------------------------
+
+
+def test_assign_creates_increasing_attempt_ids(store):
+    store.enqueue(A, 1.0)
+    store.enqueue(B, 1.0)
+    ids = []
+    for round_ in range(3):
+        for commit, runner in ((A, "r1"), (B, "r2")):
+            attempt_id = store.assign(commit, runner, 10.0 + round_)
+            ids.append(attempt_id)
+            job = store.job(commit)
+            assert (job.state, job.current_attempt, job.runner, job.started_at) == (
+                JobState.RUNNING, attempt_id, runner, 10.0 + round_,
+            )
+            attempt = store.attempt(attempt_id)
+            assert (attempt.commit, attempt.runner, attempt.outcome, attempt.ended_at) == (commit, runner, None, None)
+            store.requeue(commit, attempt_id, Outcome.REFUSED, 20.0)
+            assert store.attempt(attempt_id).outcome is Outcome.REFUSED
+            assert store.attempt(attempt_id).ended_at == 20.0
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert store.attempt(max(ids) + 1) is None
+
+
+def test_attempt_ids_keep_increasing_after_reopening(db_path):
+    store = JobStore(db_path)
+    store.enqueue(A, 1.0)
+    first = store.assign(A, "r1", 2.0)
+    store.close()
+    store = JobStore(db_path)
+    try:
+        store.recover(3.0)
+        assert store.assign(A, "r1", 4.0) > first
+    finally:
+        store.close()
+
+
+def test_attempt_counts(store):
+    store.enqueue(A, 1.0)
+    assert store.attempt_counts(A) == (0, 0)
+    outcomes = [Outcome.REFUSED, Outcome.LOST, Outcome.REFUSED, Outcome.ERROR, Outcome.RETURNED, Outcome.INTERRUPTED]
+    for outcome in outcomes:
+        attempt = store.assign(A, "r1", 2.0)
+        if outcome is Outcome.INTERRUPTED:
+            store.recover(3.0)
+        else:
+            store.requeue(A, attempt, outcome, 3.0)
+    # lost, error, returned, interrupted reached a runner; the refused ones never did.
+    assert store.attempt_counts(A) == (4, 2)
+    out = store.assign(A, "r2", 4.0)
+    assert store.attempt_counts(A) == (5, 2), "an attempt still out counts as started"
+    store.finish(A, out, JobState.PASSED, Outcome.PASSED, None, "{}", 5.0)
+    assert store.attempt_counts(A) == (5, 2)
+    assert store.attempt_counts(B) == (0, 0), "counts are per commit"
+
+
+def test_attempt_counts_only_lost_and_error_are_failures(store):
+    for outcome in Outcome:
+        assert outcome.infra_failure == (outcome in (Outcome.ERROR, Outcome.LOST)), outcome
+        assert outcome.started == (outcome is not Outcome.REFUSED), outcome
+
+
+def test_finish_supersedes_other_attempts_still_out(store):
+    store.enqueue(A, 1.0)
+    old = store.assign(A, "r1", 2.0)
+    store.recover(3.0)  # dispatcher restarted: old attempt interrupted, job queued
+    assert store.adopt(A, old, "r1")  # the runner says it is still on it
+    # ... and a verdict arrives for it.
+    store.finish(A, old, JobState.FAILED, Outcome.FAILED, "1 failed", '{"status": "failed"}', 4.0)
+    job = store.job(A)
+    assert (job.state, job.finished_at, job.reason, job.summary) == (JobState.FAILED, 4.0, "1 failed", '{"status": "failed"}')
+    assert attempt_outcome(store, old) is Outcome.FAILED
+
+
+def test_finish_from_queued_marks_the_attempt_out_as_superseded(store):
+    store.enqueue(A, 1.0)
+    first = store.assign(A, "r1", 2.0)
+    store.requeue(A, first, Outcome.LOST, 3.0)
+    second = store.assign(A, "r2", 4.0)
+    # A late verdict for the first attempt settles the job; the second is then superseded.
+    store.finish(A, first, JobState.PASSED, Outcome.PASSED, None, "{}", 5.0)
+    assert attempt_outcome(store, first) is Outcome.LOST, "an ended attempt keeps how it ended"
+    assert attempt_outcome(store, second) is Outcome.SUPERSEDED
+    assert store.attempt(second).ended_at == 5.0
+
+
+def test_end_attempt_records_late_answers_once(store):
+    store.enqueue(A, 1.0)
+    attempt = store.assign(A, "r1", 2.0)
+    store.end_attempt(attempt, Outcome.RETURNED, 3.0)
+    store.end_attempt(attempt, Outcome.ERROR, 4.0)
+    assert (attempt_outcome(store, attempt), store.attempt(attempt).ended_at) == (Outcome.RETURNED, 3.0)
+    assert store.job(A).state is JobState.RUNNING, "end_attempt does not move the job"
+
+
+# --- the state machine ---------------------------------------------------------------------
+
+
+def test_every_allowed_transition_from_queued_and_running_works(store):
+    commits = iter("%040x" % n for n in itertools.count(1))
+    for source, target in sorted(TRANSITIONS):
+        commit = next(commits)
+        put_in_state(store, commit, source)
+        if target is JobState.RUNNING:
+            store.assign(commit, "r1", 5.0)
+        elif target is JobState.QUEUED:
+            store.requeue(commit, store.job(commit).current_attempt, Outcome.LOST, 5.0)
+        else:
+            store.finish(commit, None, target, Outcome(target.value), None, "{}", 5.0)
+        assert store.job(commit).state is target, (source, target)
+
+
+def test_every_transition_not_in_the_table_raises(store):
+    commits = iter("%040x" % n for n in itertools.count(1))
+    forbidden = [(s, t) for s in JobState for t in JobState if (s, t) not in TRANSITIONS]
+    assert (JobState.PASSED, JobState.PASSED) in forbidden and (JobState.QUEUED, JobState.QUEUED) in forbidden
+    for source, target in forbidden:
+        commit = next(commits)
+        put_in_state(store, commit, source)
+        before = store.job(commit)
+        with pytest.raises(InvalidTransition, match="cannot go from %s to %s" % (source.value, target.value)):
+            if target is JobState.RUNNING:
+                store.assign(commit, "r9", 9.0)
+            elif target is JobState.QUEUED:
+                store.requeue(commit, before.current_attempt or 0, Outcome.LOST, 9.0)
+            else:
+                store.finish(commit, before.current_attempt, target, Outcome(target.value), "again", "{}", 9.0)
+        assert store.job(commit) == before, "a refused move changes nothing (%s -> %s)" % (source, target)
+
+
+def test_finishing_a_finished_job_raises_and_changes_nothing(store):
+    attempt = put_in_state(store, A, JobState.PASSED)
+    before = store.job(A)
+    attempts_before = store.attempt(attempt)
+    with pytest.raises(InvalidTransition):
+        store.finish(A, attempt, JobState.FAILED, Outcome.FAILED, "late", '{"status": "failed"}', 9.0)
+    with pytest.raises(InvalidTransition):
+        store.finish(A, attempt, JobState.PASSED, Outcome.PASSED, None, "{}", 9.0)
+    assert store.job(A) == before and store.attempt(attempt) == attempts_before
+
+
+def test_a_refused_requeue_rolls_back_its_attempt_update(store):
+    store.enqueue(A, 1.0)
+    attempt = store.assign(A, "r1", 2.0)
+    store.finish(A, attempt, JobState.PASSED, Outcome.PASSED, None, "{}", 3.0)
+    store.enqueue(B, 1.0)
+    other = store.assign(B, "r1", 2.0)
+    store.requeue(B, other, Outcome.LOST, 3.0)
+    with pytest.raises(InvalidTransition):
+        store.requeue(B, other, Outcome.ERROR, 4.0)  # B is queued: cannot be requeued
+    assert attempt_outcome(store, other) is Outcome.LOST
+
+
+def test_unknown_commit_cannot_move(store):
+    with pytest.raises(InvalidTransition, match="no job"):
+        store.assign(A, "r1", 1.0)
+    with pytest.raises(InvalidTransition, match="no job"):
+        store.finish(A, None, JobState.PASSED, Outcome.PASSED, None, "{}", 1.0)
+    assert store.job(A) is None
+    assert store.attempt_counts(A) == (0, 0)
+    assert store.attempt(1) is None, "the failed assign left no attempt behind"
+
+
+def test_final_states_are_final():
+    assert FINAL_STATES == {JobState.PASSED, JobState.FAILED, JobState.ERROR}
+    for source, _target in TRANSITIONS:
+        assert not source.final, "no move out of a final state"
+    assert not JobState.QUEUED.final and not JobState.RUNNING.final
+
+
+# --- restart: recover and adopt ------------------------------------------------------------
+
+
+def test_recover_requeues_running_jobs_and_interrupts_their_attempts(store):
+    store.enqueue(A, 1.0)
+    store.enqueue(B, 1.0)
+    store.enqueue(C, 1.0)
+    done = store.assign(C, "r3", 2.0)
+    store.finish(C, done, JobState.PASSED, Outcome.PASSED, None, "{}", 3.0)
+    a = store.assign(A, "r1", 2.0)
+    b = store.assign(B, "r2", 2.0)
+    assert store.count(JobState.RUNNING) == 2
+
+    assert store.recover(10.0) == 2
+
+    assert store.running() == []
+    assert store.queued(10) == [A, B], "back in their original order"
+    for attempt in (a, b):
+        assert attempt_outcome(store, attempt) is Outcome.INTERRUPTED
+        assert store.attempt(attempt).ended_at == 10.0
+    assert attempt_outcome(store, done) is Outcome.PASSED
+    assert store.job(C).state is JobState.PASSED
+    assert store.job(A).current_attempt == a, "the interrupted attempt is still known"
+    assert store.recover(11.0) == 0
+
+
+def test_adopt_only_the_current_attempt_of_a_queued_job(store):
+    store.enqueue(A, 1.0)
+    first = store.assign(A, "r1", 2.0)
+    assert not store.adopt(A, first, "r1"), "a running job is not adopted"
+    store.recover(3.0)
+    assert not store.adopt(A, first + 100, "r1"), "not an attempt of this job"
+    assert not store.adopt(B, first, "r1"), "unknown commit"
+
+    assert store.adopt(A, first, "r1-renamed")
+
+    job = store.job(A)
+    assert (job.state, job.current_attempt, job.runner) == (JobState.RUNNING, first, "r1-renamed")
+    assert store.attempt(first).outcome is None and store.attempt(first).ended_at is None
+    assert not store.adopt(A, first, "r1"), "already running"
+
+
+def test_adopt_refuses_a_superseded_attempt(store):
+    store.enqueue(A, 1.0)
+    first = store.assign(A, "r1", 2.0)
+    store.requeue(A, first, Outcome.LOST, 3.0)
+    second = store.assign(A, "r2", 4.0)
+    store.recover(5.0)
+    assert not store.adopt(A, first, "r1"), "a later attempt was assigned since"
+    assert store.adopt(A, second, "r2")
+
+
+def test_adopt_refuses_a_finished_job(store):
+    attempt = put_in_state(store, A, JobState.FAILED)
+    assert not store.adopt(A, attempt, "r1")
+    assert store.job(A).state is JobState.FAILED
+
+
+# --- durability and schema ---------------------------------------------------------------
+
+
+def test_data_survives_closing_and_reopening(db_path):
+    store = JobStore(db_path)
+    store.enqueue(A, 1.0)
+    store.enqueue(B, 2.0)
+    store.enqueue(C, 3.0)
+    a = store.assign(A, "r1", 4.0)
+    store.finish(A, a, JobState.FAILED, Outcome.FAILED, "2 failed", '{"status": "failed"}', 5.0)
+    b = store.assign(B, "r2", 6.0)
+    store.close()
+
+    store = JobStore(db_path)
+    try:
+        job = store.job(A)
+        assert (job.state, job.queued_at, job.started_at, job.finished_at, job.runner, job.reason, job.summary) == (
+            JobState.FAILED, 1.0, 4.0, 5.0, "r1", "2 failed", '{"status": "failed"}',
+        )
+        assert store.job(B).state is JobState.RUNNING and store.job(B).current_attempt == b
+        assert store.queued(10) == [C]
+        assert store.attempt(a).outcome is Outcome.FAILED and store.attempt(b).outcome is None
+        assert store.attempt_counts(A) == (1, 0)
+    finally:
+        store.close()
+
+
+def test_a_second_store_sees_committed_writes(db_path):
+    writer = JobStore(db_path)
+    reader = JobStore(db_path)
+    try:
+        writer.enqueue(A, 1.0)
+        assert reader.job(A).state is JobState.QUEUED
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_another_schema_version_is_refused(db_path):
+    JobStore(db_path).close()
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(RuntimeError, match="schema version %d" % (SCHEMA_VERSION + 1)):
+        JobStore(db_path)
+
+
+def test_a_new_file_gets_the_current_schema_version(db_path):
+    JobStore(db_path).close()
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    JobStore(db_path).close()  # reopening the same version is fine
