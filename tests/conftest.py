@@ -278,12 +278,13 @@ class CISystem:
         """Start the dispatcher, on a free port unless ``port`` is given."""
         self.dispatcher = self.processes.start("dispatcher", self._dispatcher_argv(port, extra))
         self.port = int(self.dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        # A restart, however it is done, comes back on the same port.
+        self.dispatcher.argv = self._dispatcher_argv(self.port, extra)
         return self.dispatcher
 
-    def restart_dispatcher(self, *extra: str) -> Process:
-        """Start the dispatcher again on the same port, after it was killed or stopped."""
+    def restart_dispatcher(self) -> Process:
+        """Start the dispatcher again, same port and options, after it was killed or stopped."""
         offset = len(self.dispatcher.log())
-        self.dispatcher.argv = self._dispatcher_argv(self.port, extra)
         self.dispatcher.restart()
         self.dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:%d" % self.port, after=offset)
         return self.dispatcher

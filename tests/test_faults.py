@@ -1,0 +1,169 @@
+"""Fault injection: daemons killed with SIGKILL, stopped, restarted; nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+
+from conftest import FAILING_TEST, PASSING_TEST, wait_until
+from helpers import communicate, parse_address, request
+from test_end_to_end import SLOW_PASSING_TEST, mixed_commit, push_at_once
+
+
+def reported_commits(observer) -> list[str]:
+    return re.findall(r"commit ([0-9a-f]{40}) reported", observer.log())
+
+
+def test_dispatcher_killed_with_a_queue_of_twenty_finishes_all_after_restart(ci, upstream):
+    ci.start_dispatcher()
+    ci.start_observer()
+    commits = push_at_once(upstream, 20, mixed_commit)
+    wait_until(lambda: len(reported_commits(ci.observer)) == 21, timeout=60, message="21 commits reported")
+    status = communicate(parse_address(ci.address), request("status"))
+    assert status.get("queued") == 21
+
+    ci.dispatcher.kill()
+    ci.restart_dispatcher()
+    ci.start_runner()
+    ci.start_runner()
+
+    results = ci.wait_results([sha for sha, _ in commits], timeout=180)
+    for sha, verdict in commits:
+        assert results[sha]["status"] == verdict
+        assert results[sha]["attempts"] == 1
+    assert len(ci.result_files()) == 2 * 21
+
+
+def test_dispatcher_killed_mid_job_runner_result_is_adopted(ci, upstream):
+    """Killed while a job runs: after the restart the runner's job is adopted, not run twice."""
+    ci.start_dispatcher()
+    runner = ci.start_runner()
+    ci.start_observer()
+    ci.wait_result(upstream.head())
+    slow = upstream.commit({"test_slow.py": SLOW_PASSING_TEST % 3}, "slow")
+    runner.wait_for_log(r"commit %s attempt \d+: testing" % slow)
+    ci.dispatcher.kill()
+    ci.restart_dispatcher()
+
+    result = ci.wait_result(slow, timeout=60)
+    assert result["status"] == "passed"
+    assert result["attempts"] == 1
+    assert re.search(r"commit %s attempt \d+: runner \S+ is still running it; adopted" % slow, ci.dispatcher.log())
+    assert len(re.findall(r"commit %s attempt \d+: testing" % slow, runner.log())) == 1
+
+
+def test_observer_killed_while_ten_commits_are_pushed_reports_each_once(ci, upstream):
+    ci.start_dispatcher()
+    ci.start_runner()
+    ci.start_runner()
+    ci.start_observer()
+    initial = upstream.head()
+    ci.wait_result(initial)
+    ci.observer.kill()
+
+    pushed = [upstream.commit({"test_n.py": PASSING_TEST.replace("passes", "passes_%d" % i)}, "n%d" % i) for i in range(10)]
+    offset = len(ci.observer.log())
+    ci.observer.restart()
+    ci.wait_results(pushed, timeout=120)
+
+    assert re.findall(r"commit ([0-9a-f]{40}) reported", ci.observer.log()[offset:]) == pushed
+    assert reported_commits(ci.observer) == [initial] + pushed
+    assert "already known" not in ci.observer.log()
+    assert "dispatched again" not in ci.dispatcher.log()
+
+
+def test_runner_killed_and_restarted_delivers_its_kept_result(ci, upstream):
+    """A result kept on disk survives the runner's death and is delivered when it is back."""
+    ci.start_dispatcher()
+    runner = ci.start_runner()
+    ci.start_observer()
+    ci.wait_result(upstream.head())
+    slow = upstream.commit({"test_slow.py": SLOW_PASSING_TEST % 2}, "slow")
+    runner.wait_for_log(r"commit %s attempt \d+: testing" % slow)
+    ci.dispatcher.kill()
+    runner.wait_for_log(r"commit %s attempt \d+: result kept" % slow)
+    runner.kill()
+
+    ci.restart_dispatcher()
+    offset = len(runner.log())
+    runner.restart()
+    runner.wait_for_log(r"commit %s attempt \d+: result delivered" % slow, after=offset)
+
+    result = ci.wait_result(slow, timeout=30)
+    assert result["status"] == "passed"
+    assert result["attempts"] == 1
+
+
+WAITS_FOR_FLAG_TEST = """import os, time
+
+def test_waits_for_flag():
+    deadline = time.monotonic() + 120
+    while not os.path.exists(%r) and time.monotonic() < deadline:
+        time.sleep(0.05)
+"""
+
+
+def test_runner_stopped_mid_job_hands_it_back(ci, upstream, tmp_path):
+    flag = tmp_path / "release-the-test"
+    ci.start_dispatcher()
+    leaving = ci.start_runner()
+    ci.start_observer()
+    ci.wait_result(upstream.head())
+    waiting = upstream.commit({"test_wait.py": WAITS_FOR_FLAG_TEST % str(flag)}, "waits")
+    leaving.wait_for_log(r"commit %s attempt \d+: testing" % waiting)
+    ci.start_runner()
+
+    assert leaving.terminate() == 0, "a clean exit while the test still waits"
+    assert re.search(r"commit %s attempt \d+: aborted" % waiting, leaving.log())
+    flag.touch()
+
+    result = ci.wait_result(waiting, timeout=90)
+    assert result["status"] == "passed"
+    assert result["attempts"] == 2
+    assert result["runner"] != re.search(r"as (\S+) \(clone", leaving.log()).group(1)
+    assert re.search(r"commit %s attempt \d+ \(runner \S+\): runner shutting down; back in the queue" % waiting,
+                     ci.dispatcher.log())
+
+
+def test_late_and_duplicate_results_never_overwrite(ci, upstream):
+    ci.start_dispatcher()
+    ci.start_runner()
+    sha = upstream.head()
+    address = parse_address(ci.address)
+    communicate(address, request("dispatch", commit=sha))
+    first = ci.wait_result(sha)
+    before = (ci.results_dir / (sha + ".json")).read_bytes(), ci.report(sha)
+
+    attempt = sqlite3.connect(str(ci.results_dir) + ".queue.sqlite3").execute(
+        "SELECT current_attempt FROM jobs WHERE commit_id = ?", (sha,)).fetchone()[0]
+    for status in ("failed", "passed", "error", "aborted"):
+        answer = communicate(address, request("results", commit=sha, attempt=attempt, status=status,
+                                              log=b"forged output\n"))
+        assert (answer.verb, answer.get("recorded")) == ("OK", 0)
+    assert ((ci.results_dir / (sha + ".json")).read_bytes(), ci.report(sha)) == before
+    assert json.loads(before[0]) == first
+    assert len(re.findall(r"late \w+ result ignored, already passed", ci.dispatcher.log())) == 4
+
+    answer = communicate(address, request("results", commit=sha, attempt=attempt + 100, status="passed"))
+    assert answer.verb == "ERR"
+
+
+def test_unreachable_checkout_is_retried_then_an_error(ci, upstream):
+    """An infrastructure fault is retried on another runner, and gives up after the limit."""
+    ci.start_dispatcher("--max-attempts", "2")
+    ci.start_runner()
+    ci.start_runner()
+    missing = "0123456789abcdef0123456789abcdef01234567"
+    communicate(parse_address(ci.address), request("dispatch", commit=missing))
+
+    result = ci.wait_result(missing, timeout=60)
+    assert result["status"] == "error"
+    assert result["attempts"] == 2
+    assert result["reason"].startswith("checkout failed: commit %s is not in the upstream repository" % missing)
+    runners = set(re.findall(r"commit %s attempt \d+: running on runner (\S+)" % missing, ci.dispatcher.log()))
+    assert len(runners) == 2, "the retry went to the other runner"
+    # A failing test, by contrast, is the commit's verdict: not retried.
+    failing = upstream.commit({"test_bad.py": FAILING_TEST}, "failing")
+    communicate(parse_address(ci.address), request("dispatch", commit=failing))
+    assert ci.wait_result(failing)["attempts"] == 1
