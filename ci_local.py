@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import time
 
 import git
 
-from helpers import ProtocolError, communicate, install_stop_signals, request
+from helpers import Authenticator, ProtocolError, Security, communicate, install_stop_signals, request
 
 log = logging.getLogger("ci-local")
 
@@ -105,11 +106,25 @@ def show(daemon: Daemon, line: str) -> None:
     print("%-11s %s" % (daemon.name, line), flush=True)
 
 
-def wait_for_dispatcher(address: tuple[str, int], dispatcher: Daemon) -> bool:
+def local_secret(work_dir: str) -> bytes:
+    """The secret the local daemons share: made once, readable by this user only.
+
+    Even on loopback, other users of the machine could otherwise post results or
+    make the runners run tests."""
+    path = os.path.join(work_dir, "secret")
+    if not os.path.exists(path):
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32) + "\n")
+    with open(path, "rb") as handle:
+        return handle.read().strip()
+
+
+def wait_for_dispatcher(address: tuple[str, int], dispatcher: Daemon, security: Security) -> bool:
     deadline = time.monotonic() + DISPATCHER_START_TIMEOUT_S
     while time.monotonic() < deadline and dispatcher.exited() is None:
         try:
-            if communicate(address, request("status"), timeout=2).verb == "OK":
+            if communicate(address, request("status"), timeout=2, security=security).verb == "OK":
                 return True
         except (OSError, ProtocolError):
             time.sleep(0.1)
@@ -152,13 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot prepare clones: %s", exc)
         return 2
 
+    security = Security(auth=Authenticator(local_secret(work_dir)))
+    secret_option = ["--secret-file", os.path.join(work_dir, "secret")]
     python = sys.executable
     address = ("127.0.0.1", args.port)
     dispatcher_address = "127.0.0.1:%d" % args.port
     dispatcher = Daemon(
         "dispatcher",
         [python, os.path.join(HERE, "dispatcher.py"), "--host", "127.0.0.1", "--port", str(args.port),
-         "--results-dir", os.path.abspath(args.results_dir)],
+         "--results-dir", os.path.abspath(args.results_dir), *secret_option],
         os.path.join(logs, "dispatcher.log"),
     )
     runner_options = []
@@ -170,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         Daemon(
             name,
             [python, os.path.join(HERE, "test_runner.py"), "--dispatcher-server", dispatcher_address, "--name", name,
-             *runner_options, os.path.join(work_dir, name)],
+             *runner_options, *secret_option, os.path.join(work_dir, name)],
             os.path.join(logs, name + ".log"),
         )
         for name in names[1:]
@@ -179,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     observer = Daemon(
         "observer",
         [python, os.path.join(HERE, "repo_observer.py"), "--dispatcher-server", dispatcher_address,
-         "--interval", str(args.interval), *observer_options, os.path.join(work_dir, "observer")],
+         "--interval", str(args.interval), *observer_options, *secret_option, os.path.join(work_dir, "observer")],
         os.path.join(logs, "observer.log"),
     )
     daemons = [dispatcher, *runners, observer]
@@ -191,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         dispatcher.start()
-        if not wait_for_dispatcher(address, dispatcher):
+        if not wait_for_dispatcher(address, dispatcher, security):
             for line in dispatcher.new_lines():
                 show(dispatcher, line)
             log.error("the dispatcher did not start; see %s", dispatcher.log_path)

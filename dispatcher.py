@@ -32,12 +32,16 @@ from helpers import (
     Message,
     ProtocolError,
     ProtocolServer,
+    Security,
+    add_security_arguments,
+    check_bind,
     communicate,
     error,
     format_address,
     install_stop_signals,
     reply,
     request,
+    security_from_arguments,
     serve_in_thread,
     setup_logging,
 )
@@ -119,8 +123,10 @@ class Dispatcher:
         results_dir: str,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
+        security: Security | None = None,
     ):
         self.store = store
+        self.security = security or Security()
         self.results_dir = results_dir
         self.max_attempts = max_attempts
         self.heartbeat_interval = heartbeat_interval
@@ -451,6 +457,7 @@ class Dispatcher:
                 record.address,
                 request("runtest", commit=assignment.commit, attempt=assignment.attempt_id),
                 timeout=RUNTEST_TIMEOUT_S,
+                security=self.security,
             )
         except (OSError, ProtocolError) as exc:
             answer = error(str(exc) or exc.__class__.__name__)
@@ -475,7 +482,8 @@ class Dispatcher:
 
     def _ping(self, record: RunnerRecord) -> Message | None:
         try:
-            return communicate(record.address, request("ping"), timeout=PING_TIMEOUT_S, connect_timeout=PING_TIMEOUT_S)
+            return communicate(record.address, request("ping"), timeout=PING_TIMEOUT_S,
+                               connect_timeout=PING_TIMEOUT_S, security=self.security)
         except (OSError, ProtocolError) as exc:
             log.debug("runner %s: ping failed: %s", record.name, exc)
             return None
@@ -522,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between pings to each runner; a runner missing %d in a row is dropped (default: %%(default)s)" % MISSED_PINGS_LIMIT)
     parser.add_argument("--log-file", help="write the log here instead of to stderr")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    add_security_arguments(parser, serves=True)
     return parser
 
 
@@ -531,14 +540,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_attempts < 1 or args.heartbeat_interval <= 0:
         log.error("--max-attempts must be at least 1 and --heartbeat-interval positive")
         return 2
+    try:
+        security = security_from_arguments(args, serves=True)
+        check_bind(args.host, security, args.insecure)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     os.makedirs(args.results_dir, exist_ok=True)
     db_path = args.db or default_db_path(args.results_dir)
     stop = threading.Event()
     install_stop_signals(stop, log)
     store = JobStore(db_path)
-    dispatcher = Dispatcher(store, os.path.abspath(args.results_dir), args.max_attempts, args.heartbeat_interval)
+    dispatcher = Dispatcher(store, os.path.abspath(args.results_dir), args.max_attempts, args.heartbeat_interval, security)
     try:
-        server = ProtocolServer((args.host, args.port), dispatcher.handle, log)
+        server = ProtocolServer((args.host, args.port), dispatcher.handle, log, security)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
         store.close()
@@ -546,8 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     dispatcher.start()
     serve_in_thread(server, "server")
     log.info(
-        "listening on %s (results in %s, queue in %s)",
+        "listening on %s (results in %s, queue in %s; %s, %s)",
         format_address(server.address), os.path.abspath(args.results_dir), db_path,
+        "messages authenticated" if security.auth else "no authentication",
+        "TLS" if security.server_tls else "no TLS",
     )
     stop.wait()
     log.info("stopping: no new connections")

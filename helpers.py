@@ -17,13 +17,18 @@ thread), atomic file writes, logging set-up and signal handling.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import sysconfig
 import tempfile
@@ -264,6 +269,8 @@ class Message:
     fields: dict[str, object] = field(default_factory=dict)
     sections: dict[str, bytes] = field(default_factory=dict)
     truncated: set[str] = field(default_factory=set)
+    #: The nonce of the ``auth`` line it came with, when authenticated.
+    nonce: str | None = None
 
     def get(self, name: str, default: object = None) -> object:
         return self.fields.get(name, default)
@@ -420,11 +427,13 @@ class MessageStream:
 
     A hand-rolled buffer rather than ``socket.makefile``: each ``recv`` gets the
     time left until the message's deadline, so a peer that trickles one byte at
-    a time cannot hold a thread for longer than ``MESSAGE_DEADLINE_S``.
+    a time cannot hold a thread for longer than ``MESSAGE_DEADLINE_S``. With an
+    ``Authenticator``, each message travels behind an ``auth`` line (see there).
     """
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, auth: "Authenticator | None" = None):
         self.sock = sock
+        self.auth = auth
         self._buffer = bytearray()
         #: When the message being read must be complete: set by its first byte.
         self._message_deadline = 0.0
@@ -436,12 +445,19 @@ class MessageStream:
         self.sock.settimeout(min(remaining, IO_TIMEOUT_S))
         return self.sock.recv(65536)
 
-    def read_line(self, first_byte_timeout: float) -> bytes | None:
-        """One header line without its newline; None if the peer closed cleanly first."""
-        deadline = time.monotonic() + first_byte_timeout
-        started = bool(self._buffer)
-        if started:
+    def read_line(self, first_byte_timeout: float, continuing: bool = False) -> bytes | None:
+        """One line without its newline; None if the peer closed cleanly before it.
+
+        The first line of a message starts the message's deadline; a ``continuing``
+        line (the header after an ``auth`` line) is bound by that same deadline.
+        """
+        started = continuing or bool(self._buffer)
+        if continuing:
+            deadline = self._message_deadline
+        elif started:
             deadline = self._message_deadline = time.monotonic() + MESSAGE_DEADLINE_S
+        else:
+            deadline = time.monotonic() + first_byte_timeout
         while True:
             newline = self._buffer.find(b"\n")
             if newline >= 0:
@@ -454,7 +470,7 @@ class MessageStream:
                 raise ProtocolError("line too long (limit %d bytes)" % MAX_LINE_BYTES)
             chunk = self._recv(deadline)
             if not chunk:
-                if self._buffer:
+                if self._buffer or continuing:
                     raise ProtocolError("connection closed in the middle of a line")
                 return None
             if not started:
@@ -462,8 +478,9 @@ class MessageStream:
                 deadline = self._message_deadline = time.monotonic() + MESSAGE_DEADLINE_S
             self._buffer += chunk
 
-    def read_bytes(self, length: int, keep: int, deadline: float) -> bytes:
-        """Read ``length`` bytes, keeping the first ``keep`` and discarding the rest."""
+    def read_bytes(self, length: int, keep: int, deadline: float, digest: "_Verification | None" = None) -> bytes:
+        """Read ``length`` bytes, keeping the first ``keep`` and discarding the rest
+        (all of them still count for the message's tag)."""
         kept = bytearray()
         remaining = length
         while remaining:
@@ -477,20 +494,37 @@ class MessageStream:
                 if len(chunk) > remaining:
                     self._buffer += chunk[remaining:]
                     chunk = chunk[:remaining]
+            if digest is not None:
+                digest.update(chunk)
             remaining -= len(chunk)
             room = keep - len(kept)
             if room > 0:
                 kept += chunk[:room]
         return bytes(kept)
 
-    def read_message(self, table: Mapping[str, Verb], first_byte_timeout: float) -> Message | None:
-        """The next message, or None when the peer closed before starting one."""
+    def read_message(
+        self,
+        table: Mapping[str, Verb],
+        first_byte_timeout: float,
+        request_nonce: str | None = None,
+    ) -> Message | None:
+        """The next message, or None when the peer closed before starting one.
+
+        With authentication, a request is checked for freshness and replay, a
+        reply (``request_nonce`` given) for being the answer to that request.
+        """
         line = self.read_line(first_byte_timeout)
         if line is None:
             return None
+        verification = None
+        if self.auth is not None:
+            kind = "reply" if request_nonce is not None else "request"
+            verification = self.auth.begin(kind, line, request_nonce)
+            line = self.read_line(first_byte_timeout, continuing=True)
+            verification.update(line + b"\n")
         message, pending = decode_header(line, table)
         for section, length in pending:
-            data = self.read_bytes(length, section.keep, self._message_deadline)
+            data = self.read_bytes(length, section.keep, self._message_deadline, verification)
             if length > section.keep:
                 message.truncated.add(section.name)
                 if section.truncate:
@@ -501,11 +535,200 @@ class MessageStream:
                 else:
                     data = b""
             message.sections[section.name] = data
+        if verification is not None:
+            message.nonce = verification.finish()
         return message
 
-    def write_message(self, message: Message, table: Mapping[str, Verb]) -> None:
+    def write_message(
+        self, message: Message, table: Mapping[str, Verb], request_nonce: str | None = None, signed: bool = True
+    ) -> str | None:
+        """Send ``message`` (behind an ``auth`` line when authenticating and ``signed``).
+
+        Returns the nonce of that line, which the reply must name, or None.
+        """
+        data = encode(message, table)
+        nonce = None
+        if self.auth is not None and signed:
+            kind = "reply" if request_nonce is not None else "request"
+            auth_line, nonce = self.auth.sign(kind, data, request_nonce)
+            data = auth_line + data
         self.sock.settimeout(IO_TIMEOUT_S)
-        self.sock.sendall(encode(message, table))
+        self.sock.sendall(data)
+        return nonce
+
+
+# --- Authentication ------------------------------------------------------------------
+
+#: A message stamped further than this from the receiver's clock is refused, and
+#: nonces are remembered for twice as long, so a replay is refused either way.
+MAX_CLOCK_SKEW_S = 60.0
+#: Shorter secrets are refused: they could be guessed offline from one tagged message.
+MIN_SECRET_BYTES = 16
+SECRET_ENV = "CI_SECRET"
+_AUTH_LINE = re.compile(rb"auth ([0-9]{1,16}) ([0-9a-f]{32}) ([0-9a-f]{64})\Z")
+
+
+class Authenticator:
+    """HMAC-SHA256 over every message, in both directions, with a shared secret.
+
+    A sender puts ``auth <unix time in ms> <nonce> <tag>`` on the line before the
+    message; the tag covers a label (``request`` or ``reply``), the time, the
+    nonce, for a reply the nonce of its request, and every byte of the message,
+    sections included. The secret itself never crosses the wire. A receiver
+    refuses a missing or wrong tag, a time more than ``MAX_CLOCK_SKEW_S`` away from
+    its own clock, and a request nonce it has already seen (a replay); a reply
+    must name the nonce of the request it answers, so an old reply cannot be
+    passed off as a new one.
+    """
+
+    def __init__(self, secret: bytes, max_skew: float = MAX_CLOCK_SKEW_S, clock: Callable[[], float] = time.time):
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ValueError("the shared secret must be at least %d bytes" % MIN_SECRET_BYTES)
+        self._key = secret
+        self.max_skew = max_skew
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: Request nonces seen, with when each may be forgotten, oldest first.
+        self._seen: dict[str, float] = {}
+
+    def _mac(self, kind: str, stamp: str, nonce: str, request_nonce: str | None) -> "hmac.HMAC":
+        prefix = "ci-auth-1|%s|%s|%s|%s|" % (kind, stamp, nonce, request_nonce or "-")
+        return hmac.new(self._key, prefix.encode("ascii"), hashlib.sha256)
+
+    def sign(self, kind: str, data: bytes, request_nonce: str | None = None) -> tuple[bytes, str]:
+        stamp = str(int(self._clock() * 1000))
+        nonce = secrets.token_hex(16)
+        mac = self._mac(kind, stamp, nonce, request_nonce)
+        mac.update(data)
+        return ("auth %s %s %s\n" % (stamp, nonce, mac.hexdigest())).encode("ascii"), nonce
+
+    def begin(self, kind: str, line: bytes, request_nonce: str | None) -> "_Verification":
+        match = _AUTH_LINE.match(line)
+        if match is None:
+            if kind == "reply" and line.startswith(b"ERR "):
+                # The peer refused the request before it could sign anything.
+                raise ProtocolError("refused: %s" % line[4:200].decode("utf-8", "replace"))
+            raise ProtocolError("authentication required" if not line.startswith(b"auth ") else "malformed auth line")
+        stamp, nonce, tag = (part.decode("ascii") for part in match.groups())
+        return _Verification(self, kind, stamp, nonce, tag, self._mac(kind, stamp, nonce, request_nonce))
+
+    def _accept(self, kind: str, stamp: str, nonce: str) -> None:
+        now = self._clock()
+        if abs(now - int(stamp) / 1000) > self.max_skew:
+            raise ProtocolError("stale or future timestamp (clocks more than %g s apart?)" % self.max_skew)
+        if kind != "request":
+            return
+        with self._lock:
+            # Forget nonces too old to pass the timestamp check anyway.
+            while self._seen:
+                oldest = next(iter(self._seen))
+                if self._seen[oldest] > now:
+                    break
+                del self._seen[oldest]
+            if nonce in self._seen:
+                raise ProtocolError("replayed message")
+            self._seen[nonce] = now + 2 * self.max_skew
+
+
+class _Verification:
+    """The tag of one incoming message, computed as its bytes arrive."""
+
+    def __init__(self, auth: Authenticator, kind: str, stamp: str, nonce: str, tag: str, mac: "hmac.HMAC"):
+        self._auth, self._kind, self._stamp, self.nonce, self._tag, self._mac = auth, kind, stamp, nonce, tag, mac
+
+    def update(self, data: bytes) -> None:
+        self._mac.update(data)
+
+    def finish(self) -> str:
+        if not hmac.compare_digest(self._mac.hexdigest(), self._tag):
+            raise ProtocolError("authentication failed")
+        self._auth._accept(self._kind, self._stamp, self.nonce)
+        return self.nonce
+
+
+# --- TLS and the security settings of a daemon -----------------------------------------
+
+
+@dataclass
+class Security:
+    """How a daemon talks: the shared secret's authenticator and TLS contexts, each optional."""
+
+    auth: Authenticator | None = None
+    #: Serve with TLS (this daemon's certificate and key).
+    server_tls: ssl.SSLContext | None = None
+    #: Connect with TLS, trusting the peers' certificates through this CA file.
+    client_tls: ssl.SSLContext | None = None
+
+
+def server_tls_context(certificate: str, key: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certificate, key)
+    return context
+
+
+def client_tls_context(ca_file: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def add_security_arguments(parser, serves: bool) -> None:
+    """The options every daemon shares for the secret, TLS and (for servers) binding."""
+    group = parser.add_argument_group("security")
+    group.add_argument("--secret-file", metavar="FILE",
+                       help="file holding the shared secret (at least %d bytes) that authenticates every "
+                       "message; or set it in the environment variable %s. Never on the command line, "
+                       "where ps shows it" % (MIN_SECRET_BYTES, SECRET_ENV))
+    group.add_argument("--tls-ca", metavar="FILE",
+                       help="connect to peers with TLS, trusting certificates signed by this CA file")
+    if serves:
+        group.add_argument("--tls-cert", metavar="FILE", help="serve with TLS: this daemon's certificate (PEM)")
+        group.add_argument("--tls-key", metavar="FILE", help="serve with TLS: the certificate's private key (PEM)")
+        group.add_argument("--insecure", action="store_true",
+                           help="allow listening on a non-loopback address without a shared secret")
+
+
+def security_from_arguments(args, serves: bool) -> Security:
+    """Read the secret and TLS files named by ``add_security_arguments``; ValueError if wrong."""
+    secret = None
+    if args.secret_file:
+        try:
+            with open(args.secret_file, "rb") as handle:
+                secret = handle.read().strip()
+        except OSError as exc:
+            raise ValueError("cannot read the secret file: %s" % exc) from None
+    elif os.environ.get(SECRET_ENV):
+        secret = os.environ[SECRET_ENV].strip().encode("utf-8")
+    security = Security(auth=Authenticator(secret) if secret is not None else None)
+    try:
+        if args.tls_ca:
+            security.client_tls = client_tls_context(args.tls_ca)
+        if serves and (args.tls_cert or args.tls_key):
+            if not (args.tls_cert and args.tls_key):
+                raise ValueError("--tls-cert and --tls-key go together")
+            security.server_tls = server_tls_context(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError("cannot load TLS files: %s" % exc) from None
+    return security
+
+
+def check_bind(host: str, security: Security, insecure: bool) -> None:
+    """Refuse to listen beyond this machine without a secret, unless told to."""
+    if security.auth is None and not insecure and not is_loopback(host):
+        raise ValueError(
+            "refusing to listen on %s without a shared secret: anyone who reaches it could "
+            "post results or run code; set --secret-file (or %s), or pass --insecure" % (host, SECRET_ENV)
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` stands for is a loopback address."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
 # --- Client side ---------------------------------------------------------------------
@@ -529,16 +752,33 @@ def format_address(address: tuple[str, int]) -> str:
 class Connection:
     """A client connection that can carry several requests, one after another."""
 
-    def __init__(self, address: tuple[str, int], connect_timeout: float = CONNECT_TIMEOUT_S):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        security: Security | None = None,
+    ):
         self.address = address
-        self.sock = socket.create_connection(address, timeout=connect_timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.stream = MessageStream(self.sock)
+        security = security or Security()
+        sock = socket.create_connection(address, timeout=connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if security.client_tls is not None:
+                # The handshake runs under the connect timeout set above.
+                sock = security.client_tls.wrap_socket(sock, server_hostname=address[0])
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.stream = MessageStream(sock, security.auth)
 
     def request(self, message: Message, timeout: float = IO_TIMEOUT_S) -> Message:
         """Send ``message`` and wait at most ``timeout`` seconds for the start of its reply."""
-        self.stream.write_message(message, REQUESTS)
-        answer = self.stream.read_message(REPLIES, first_byte_timeout=timeout)
+        nonce = self.stream.write_message(message, REQUESTS)
+        try:
+            answer = self.stream.read_message(REPLIES, first_byte_timeout=timeout, request_nonce=nonce)
+        except ProtocolError as exc:
+            raise ProtocolError("%s: %s" % (format_address(self.address), exc)) from None
         if answer is None:
             raise ConnectionError("%s closed the connection without a reply" % format_address(self.address))
         return answer
@@ -561,28 +801,33 @@ def communicate(
     message: Message,
     timeout: float = IO_TIMEOUT_S,
     connect_timeout: float = CONNECT_TIMEOUT_S,
+    security: Security | None = None,
 ) -> Message:
     """Send one request to ``address`` and return its reply.
 
-    Raises OSError (unreachable, timed out, reset) or ProtocolError (the peer
-    answered something that is not a reply); never blocks longer than the
-    timeouts allow.
+    Raises OSError (unreachable, timed out, reset, TLS failure) or ProtocolError
+    (the peer answered something that is not a reply, or not an authentic one);
+    never blocks longer than the timeouts allow.
     """
-    with Connection(address, connect_timeout=connect_timeout) as connection:
+    with Connection(address, connect_timeout=connect_timeout, security=security) as connection:
         return connection.request(message, timeout=timeout)
 
 
 # --- Server side ---------------------------------------------------------------------
+
+#: Connections a server keeps open at once. Past this, the connection idle the
+#: longest is closed to make room, so idle or slow clients cannot starve real ones.
+MAX_CONNECTIONS = 256
 
 
 class ProtocolServer(socketserver.ThreadingTCPServer):
     """A threaded TCP server speaking this protocol; one thread per connection.
 
     ``handle_message(message, peer)`` is called for each decoded request and
-    returns the reply. Malformed input gets ``ERR <reason>``, a log line and a
-    closed connection (after a framing error the stream cannot be trusted);
-    an exception in the handler gets ``ERR internal error`` and a traceback in
-    the log. No thread dies and nothing else is affected.
+    returns the reply. Malformed or unauthentic input gets ``ERR <reason>``, a log
+    line and a closed connection (after a framing error the stream cannot be
+    trusted); an exception in the handler gets ``ERR internal error`` and a
+    traceback in the log. No thread dies and nothing else is affected.
     """
 
     daemon_threads = True
@@ -596,9 +841,16 @@ class ProtocolServer(socketserver.ThreadingTCPServer):
         address: tuple[str, int],
         handle_message: Callable[[Message, str], Message],
         logger: logging.Logger,
+        security: Security | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ):
         self.handle_message = handle_message
         self.logger = logger
+        self.security = security or Security()
+        self.max_connections = max_connections
+        self._connections_lock = threading.Lock()
+        #: Open connections -> since when each has waited for a request (None: serving one).
+        self._waiting_since: dict[socket.socket, float | None] = {}
         super().__init__(address, _ProtocolHandler)
 
     @property
@@ -606,9 +858,47 @@ class ProtocolServer(socketserver.ThreadingTCPServer):
         host, port = self.server_address[:2]
         return host, port
 
+    def process_request(self, request, client_address) -> None:
+        # Runs in the accepting thread: decide here, before a thread is spent on it.
+        with self._connections_lock:
+            if len(self._waiting_since) >= self.max_connections:
+                idle = [(since, sock) for sock, since in self._waiting_since.items() if since is not None]
+                if not idle:
+                    self.logger.warning("connection from %s refused: %d connections busy", client_address[0], len(self._waiting_since))
+                    _refuse(request, "too many connections")
+                    self.shutdown_request(request)
+                    return
+                _, oldest = min(idle, key=lambda item: item[0])
+                self._waiting_since[oldest] = None  # evicted once only
+                self.logger.info("at %d connections: closing the one idle longest", self.max_connections)
+                try:
+                    oldest.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._waiting_since[request] = time.monotonic()
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._connections_lock:
+            self._waiting_since.pop(request, None)
+        super().shutdown_request(request)
+
+    def _set_waiting(self, sock: socket.socket, waiting: bool) -> None:
+        with self._connections_lock:
+            if sock in self._waiting_since:
+                self._waiting_since[sock] = time.monotonic() if waiting else None
+
     def handle_error(self, request, client_address) -> None:  # noqa: D401 - socketserver hook
         # socketserver prints tracebacks to stderr; send them to the log instead.
         self.logger.exception("unexpected error serving %s", client_address)
+
+
+def _refuse(sock: socket.socket, reason: str) -> None:
+    try:
+        sock.settimeout(0.2)
+        sock.sendall(encode(error(reason), REPLIES))
+    except OSError:
+        pass
 
 
 class _ProtocolHandler(socketserver.BaseRequestHandler):
@@ -616,34 +906,47 @@ class _ProtocolHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         peer = "%s:%s" % self.client_address[:2]
-        stream = MessageStream(self.request)
+        raw = self.request
         try:
-            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        sock = raw
+        if self.server.security.server_tls is not None:
+            try:
+                sock = self.server.security.server_tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+                sock.settimeout(IO_TIMEOUT_S)
+                sock.do_handshake()
+            except (OSError, ssl.SSLError) as exc:
+                self.server.logger.warning("TLS handshake with %s failed: %s", peer, exc)
+                return
+        stream = MessageStream(sock, self.server.security.auth)
         while True:
+            self.server._set_waiting(raw, True)
             try:
                 message = stream.read_message(REQUESTS, first_byte_timeout=IDLE_TIMEOUT_S)
             except ProtocolError as exc:
                 self.server.logger.warning("bad request from %s: %s", peer, exc)
-                self._send(stream, error(str(exc)), peer)
+                # An unauthentic request gets an unsigned answer: there is nothing to bind it to.
+                self._send(stream, error(str(exc)), peer, None)
                 return
             except (OSError, TimeoutError) as exc:
                 self.server.logger.debug("connection from %s ended: %s", peer, exc)
                 return
             if message is None:
                 return
+            self.server._set_waiting(raw, False)
             try:
                 answer = self.server.handle_message(message, peer)
             except Exception:  # a bug must cost one reply, not the thread
                 self.server.logger.exception("error handling %s from %s", message.verb, peer)
                 answer = error("internal error")
-            if not self._send(stream, answer, peer):
+            if not self._send(stream, answer, peer, message.nonce):
                 return
 
-    def _send(self, stream: MessageStream, answer: Message, peer: str) -> bool:
+    def _send(self, stream: MessageStream, answer: Message, peer: str, request_nonce: str | None) -> bool:
         try:
-            stream.write_message(answer, REPLIES)
+            stream.write_message(answer, REPLIES, request_nonce=request_nonce, signed=request_nonce is not None)
             return True
         except OSError as exc:
             self.server.logger.info("could not reply to %s: %s", peer, exc)

@@ -26,6 +26,8 @@ import git
 from helpers import (
     Connection,
     ProtocolError,
+    Security,
+    add_security_arguments,
     atomic_write,
     format_address,
     install_stop_signals,
@@ -33,6 +35,7 @@ from helpers import (
     parse_commit,
     request,
     script_path,
+    security_from_arguments,
     setup_logging,
 )
 
@@ -58,7 +61,9 @@ class RepoObserver:
         remote: str = "origin",
         latest_only: bool = False,
         state_file: str | None = None,
+        security: Security | None = None,
     ):
+        self.security = security or Security()
         self.repo = git.Repo(clone)
         self.clone = self.repo.working_tree_dir or clone
         self.dispatcher = dispatcher
@@ -157,7 +162,7 @@ class RepoObserver:
             log.info("%d new commits on %s; reporting only the newest (--latest-only)", len(commits), self._key)
             commits = commits[-1:]
         try:
-            with Connection(self.dispatcher) as connection:
+            with Connection(self.dispatcher, security=self.security) as connection:
                 for sha in commits:
                     answer = connection.request(request("dispatch", commit=sha))
                     if answer.verb != "OK":
@@ -206,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: REPO/.git/ci_observer_state.json)")
     parser.add_argument("--log-file", help="write the log here instead of to stderr")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    add_security_arguments(parser, serves=False)
     return parser
 
 
@@ -217,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         dispatcher = parse_address(args.dispatcher_server)
-        observer = RepoObserver(args.repo, dispatcher, args.branch, args.remote, args.latest_only, args.state_file)
+        security = security_from_arguments(args, serves=False)
+        observer = RepoObserver(args.repo, dispatcher, args.branch, args.remote, args.latest_only, args.state_file, security)
         observer.boundary()  # a damaged state file should stop us now, not at the first round
     except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
         log.error("%s is not a git clone: %s", args.repo, exc)

@@ -39,7 +39,10 @@ from helpers import (
     Message,
     ProtocolError,
     ProtocolServer,
+    Security,
+    add_security_arguments,
     atomic_write,
+    check_bind,
     communicate,
     error,
     format_address,
@@ -48,6 +51,7 @@ from helpers import (
     reply,
     request,
     script_path,
+    security_from_arguments,
     serve_in_thread,
     setup_logging,
 )
@@ -257,7 +261,9 @@ class TestRunner:
         timeout: float = DEFAULT_TEST_TIMEOUT_S,
         dispatcher_timeout: float = DEFAULT_DISPATCHER_TIMEOUT_S,
         state_dir: str | None = None,
+        security: Security | None = None,
     ):
+        self.security = security or Security()
         repo = git.Repo(clone)  # fails early, with git's message, if it is not a clone
         self.clone = repo.working_tree_dir
         self.dispatcher = dispatcher
@@ -267,7 +273,7 @@ class TestRunner:
         self.state_dir = state_dir or os.path.join(repo.git_dir, "ci_runner")
         self.pending_dir = os.path.join(self.state_dir, "pending")
         os.makedirs(self.pending_dir, exist_ok=True)
-        self.server = ProtocolServer((host, port), self.handle, log)
+        self.server = ProtocolServer((host, port), self.handle, log, self.security)
         bound_host, bound_port = self.server.address
         self.advertise_host = advertise_host or (socket.getfqdn() if host in ("0.0.0.0", "::", "") else host)
         self.name = name or "%s:%d" % (self.advertise_host, bound_port)
@@ -421,7 +427,7 @@ class TestRunner:
     def _deliver(self, result: JobResult) -> bool:
         """Send one result. True when the dispatcher has it (or will never want it)."""
         try:
-            answer = communicate(self.dispatcher, result.to_message(), timeout=RESULTS_TIMEOUT_S)
+            answer = communicate(self.dispatcher, result.to_message(), timeout=RESULTS_TIMEOUT_S, security=self.security)
         except (OSError, ProtocolError) as exc:
             log.info("commit %s attempt %d: could not deliver result: %s", result.commit, result.attempt, exc)
             return False
@@ -485,7 +491,7 @@ class TestRunner:
             attempt=job[1] if job else None,
         )
         try:
-            answer = communicate(self.dispatcher, message)
+            answer = communicate(self.dispatcher, message, security=self.security)
         except (OSError, ProtocolError) as exc:
             log.debug("register with %s failed: %s", format_address(self.dispatcher), exc)
             return False
@@ -560,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: REPO/.git/ci_runner)")
     parser.add_argument("--log-file", help="write the log here instead of to stderr")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    add_security_arguments(parser, serves=True)
     return parser
 
 
@@ -570,6 +577,12 @@ def main(argv: list[str] | None = None) -> int:
         dispatcher = parse_address(args.dispatcher_server)
     except ValueError as exc:
         log.error("--dispatcher-server: %s", exc)
+        return 2
+    try:
+        security = security_from_arguments(args, serves=True)
+        check_bind(args.host, security, args.insecure)
+    except ValueError as exc:
+        log.error("%s", exc)
         return 2
     try:
         runner = TestRunner(
@@ -583,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             dispatcher_timeout=args.dispatcher_timeout,
             state_dir=args.state_dir,
+            security=security,
         )
     except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
         log.error("%s is not a git clone: %s", args.repo, exc)

@@ -86,12 +86,17 @@ def network():
     built.destroy()
 
 
+#: Across hosts the daemons must authenticate (they refuse to listen beyond loopback
+#: without a secret); the secret reaches them through the environment.
+SECRET_ENV = {**os.environ, "CI_SECRET": "partition-test-secret-0123456789"}
+
+
 @pytest.mark.slow
 def test_runner_cut_off_mid_job_is_replaced_and_its_late_result_ignored(network, ci: CISystem, upstream):
     # `network` comes first so that its namespaces outlive the processes in them.
     dispatcher = ci.processes.start("dispatcher", network.run_in("dispatcher", [
         sys.executable, str(ROOT / "dispatcher.py"), "--host", DISPATCHER_IP, "--port", "8888",
-        "--results-dir", str(ci.results_dir), "--heartbeat-interval", "0.5"]))
+        "--results-dir", str(ci.results_dir), "--heartbeat-interval", "0.5"]), env=SECRET_ENV)
     dispatcher.wait_for_log(r"listening on %s:8888" % DISPATCHER_IP)
     ci.dispatcher = dispatcher
 
@@ -99,7 +104,7 @@ def test_runner_cut_off_mid_job_is_replaced_and_its_late_result_ignored(network,
         clone = upstream.clone(ci.folder / (role + "-clone"))
         runner = ci.processes.start(role, network.run_in(role, [
             sys.executable, str(ROOT / "test_runner.py"), "--host", RUNNER_IPS[role], "--port", "8900",
-            "--name", role, "--dispatcher-server", "%s:8888" % DISPATCHER_IP, str(clone)]))
+            "--name", role, "--dispatcher-server", "%s:8888" % DISPATCHER_IP, str(clone)]), env=SECRET_ENV)
         runner.wait_for_log(r"registered with dispatcher")
         return runner
 
@@ -107,7 +112,7 @@ def test_runner_cut_off_mid_job_is_replaced_and_its_late_result_ignored(network,
     observer_clone = upstream.clone(ci.folder / "observer-clone")
     observer = ci.processes.start("observer", network.run_in("dispatcher", [
         sys.executable, str(ROOT / "repo_observer.py"), "--dispatcher-server", "%s:8888" % DISPATCHER_IP,
-        "--interval", "0.2", str(observer_clone)]))
+        "--interval", "0.2", str(observer_clone)]), env=SECRET_ENV)
     ci.wait_result(upstream.head())
 
     slow = upstream.commit({"test_slow.py": SLOW_PASSING_TEST % 3}, "slow test")
