@@ -25,6 +25,7 @@ import time
 
 import git
 
+import ci_ctl
 from helpers import Authenticator, ProtocolError, Security, communicate, install_stop_signals, request
 
 log = logging.getLogger("ci-local")
@@ -104,6 +105,91 @@ def show(daemon: Daemon, line: str) -> None:
     if len(parts) == 4 and len(parts[0]) == 10 and parts[2]:
         line = "%s %s" % (parts[1][:8], parts[3])
     print("%-11s %s" % (daemon.name, line), flush=True)
+
+
+def worth_showing(line: str) -> bool:
+    """Daemon log lines the live view passes on: problems, not routine."""
+    return " WARNING " in line or " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
+
+
+class LiveView:
+    """What the system is doing, from the dispatcher's own answers.
+
+    On a terminal, a small block redrawn in place: queue, each runner, the last
+    verdicts. Otherwise (a pipe, a file) one line per change: a commit queued,
+    started on a runner, settled with its verdict.
+    """
+
+    def __init__(self, client: ci_ctl.Client, interactive: bool):
+        self.client = client
+        self.interactive = interactive
+        self._seen_queued: set[str] = set()
+        self._seen_running: set[tuple[str, int]] = set()
+        self._seen_results: set[str] | None = None  # None: not read yet (older results are not news)
+        self._settled: dict[str, int] = {}
+        self._block_height = 0
+
+    def refresh(self, notes: list[str]) -> None:
+        try:
+            status = self.client.ask("status")
+            queue = self.client.ask_json("queue", limit=50)
+            runners = self.client.ask_json("runners")["runners"]
+            recent = self.client.ask_json("recent", limit=10)["results"]
+        except ci_ctl.Failure as exc:
+            notes = notes + ["ci-local: %s" % exc]
+            status = queue = runners = recent = None
+        if self.interactive:
+            self._redraw(notes, status, queue, runners, recent)
+            return
+        for note in notes:
+            print(note, flush=True)
+        if status is not None:
+            for line in self._changes(queue, recent):
+                print(line, flush=True)
+
+    def _changes(self, queue: dict, recent: list[dict]) -> list[str]:
+        lines = []
+        for job in queue["queued"]:
+            if job["commit"] not in self._seen_queued:
+                self._seen_queued.add(job["commit"])
+                lines.append("queued   %s" % ci_ctl.short(job["commit"]))
+        for job in queue["running"]:
+            key = (job["commit"], job["attempt"])
+            if key not in self._seen_running:
+                self._seen_running.add(key)
+                lines.append("running  %s on %s (attempt %s)" % (ci_ctl.short(job["commit"]), job["runner"], job["attempt"]))
+        fresh = [summary for summary in reversed(recent) if summary["commit"] not in (self._seen_results or set())]
+        if self._seen_results is None:
+            self._seen_results, fresh = set(), []
+        for summary in fresh:
+            self._seen_results.add(summary["commit"])
+            self._settled[summary["status"]] = self._settled.get(summary["status"], 0) + 1
+            lines.append("done     %s" % ci_ctl.result_line(summary))
+        return lines
+
+    def _redraw(self, notes, status, queue, runners, recent) -> None:
+        if recent is not None:
+            self._changes(queue, recent)  # keeps the session's counts
+        block = ["ci-local  dispatcher %s  (Ctrl-C stops)" % ci_ctl.format_address(self.client.address)]
+        if status is None:
+            block.append("  dispatcher not answering")
+        else:
+            done = ", ".join("%d %s" % (count, verdict) for verdict, count in sorted(self._settled.items())) or "none yet"
+            block.append("queued %d   running %d   done this session: %s" % (status.get("queued"), status.get("running"), done))
+            block += ci_ctl.runner_lines(runners)
+            block.append("last:")
+            block += ["  " + _coloured(summary) for summary in recent[:5]] or ["  (no results yet)"]
+        # Up over the previous block, clear it, print any notes (they scroll away), then the block.
+        out = "\x1b[%dA\x1b[J" % self._block_height if self._block_height else ""
+        out += "".join(note + "\n" for note in notes) + "\n".join(block) + "\n"
+        sys.stdout.write(out)
+        sys.stdout.flush()
+        self._block_height = len(block)
+
+
+def _coloured(summary: dict) -> str:
+    colour = {"passed": "32", "failed": "31"}.get(summary["status"], "33")
+    return "\x1b[%sm%s\x1b[0m" % (colour, ci_ctl.result_line(summary))
 
 
 def local_secret(work_dir: str) -> bytes:
@@ -215,10 +301,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         for daemon in daemons[1:]:
             daemon.start()
+        view = LiveView(ci_ctl.Client(address, security), interactive=sys.stdout.isatty())
         while not stop.wait(DISPLAY_INTERVAL_S):
-            for daemon in daemons:
-                for line in daemon.new_lines():
-                    show(daemon, line)
+            notes = ["%-11s %s" % (daemon.name, line) for daemon in daemons for line in daemon.new_lines()
+                     if worth_showing(line)]
+            view.refresh(notes)
             for daemon in daemons:
                 code = daemon.exited()
                 if code is not None and daemon.process is not None:
@@ -232,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         for daemon in reversed(daemons):
             daemon.stop()
             for line in daemon.new_lines():
-                show(daemon, line)
+                if worth_showing(line):
+                    show(daemon, line)
         log.info("stopped")
     return status
 

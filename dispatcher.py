@@ -69,6 +69,10 @@ RUNTEST_TIMEOUT_S = 5.0
 SCHEDULER_RECHECK_S = 1.0
 #: Threads that talk to runners (pings, runtest); pings to many runners overlap.
 IO_THREADS = 32
+#: Entries in a ``queue`` or ``recent`` answer unless the request asks for another
+#: number, and the most it may ask for (an answer stays well under the JSON cap).
+DEFAULT_LIST_LIMIT = 20
+MAX_LIST_LIMIT = 1000
 
 
 @dataclass(eq=False)
@@ -186,6 +190,10 @@ class Dispatcher:
             "dispatch": self._on_dispatch,
             "register": self._on_register,
             "results": self._on_results,
+            "queue": self._on_queue,
+            "runners": self._on_runners,
+            "recent": self._on_recent,
+            "result": self._on_result,
         }.get(message.verb)
         if handler is None:
             log.warning("%s sent %s, which is for runners", peer, message.verb)
@@ -202,6 +210,63 @@ class Dispatcher:
                 runners=len(runners),
                 idle=sum(1 for runner in runners if runner.available),
             )
+
+    # --- read-only queries (JSON answers) ---------------------------------------------
+
+    def _on_queue(self, message: Message, peer: str) -> Message:
+        limit = min(message.get("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT)
+        with self._cond:
+            queued = self.store.queued_jobs(limit)
+            running = self.store.running()
+            total = self.store.count(JobState.QUEUED)
+        return _json_reply({
+            "queued_total": total,
+            "queued": [{"commit": job.commit, "queued_at": reports.iso_time(job.queued_at)} for job in queued],
+            "running": [
+                {"commit": job.commit, "attempt": job.current_attempt, "runner": job.runner,
+                 "started_at": reports.iso_time(job.started_at)}
+                for job in running
+            ],
+        })
+
+    def _on_runners(self, message: Message, peer: str) -> Message:
+        with self._cond:
+            described = [self._describe_runner(record) for record in self._runners.values()]
+        return _json_reply({"runners": described})
+
+    def _describe_runner(self, record: RunnerRecord) -> dict:
+        if not record.verified:
+            state, commit, attempt = "unverified", None, None
+        elif record.assignment is not None:
+            state, commit, attempt = "busy", record.assignment.commit, record.assignment.attempt_id
+        elif record.reported is not None:
+            state, (commit, attempt) = "busy", record.reported
+        else:
+            state, commit, attempt = "idle", None, None
+        return {"name": record.name, "address": format_address(record.address), "state": state,
+                "commit": commit, "attempt": attempt, "since": reports.iso_time(record.since)}
+
+    def _on_recent(self, message: Message, peer: str) -> Message:
+        limit = min(message.get("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT)
+        with self._cond:
+            jobs = self.store.recent_final(limit)
+        return _json_reply({"results": [json.loads(job.summary) for job in jobs if job.summary]})
+
+    def _on_result(self, message: Message, peer: str) -> Message:
+        commit = message.fields["commit"]
+        with self._cond:
+            job = self.store.job(commit)
+        if job is None:
+            return error("unknown commit %s" % commit)
+        answer = {"commit": commit, "state": job.state.value, "runner": job.runner, "attempt": job.current_attempt,
+                  "queued_at": reports.iso_time(job.queued_at), "summary": None, "files": {}}
+        if job.state.final and job.summary:
+            answer["summary"] = json.loads(job.summary)
+            answer["files"] = {"report": reports.result_path(self.results_dir, commit),
+                               "json": reports.result_path(self.results_dir, commit, ".json")}
+        return _json_reply(answer)
+
+    # --- requests that change things --------------------------------------------------
 
     def _on_dispatch(self, message: Message, peer: str) -> Message:
         commit = message.fields["commit"]
@@ -504,6 +569,10 @@ class Dispatcher:
                     answer = future.result() if future.done() and not future.cancelled() else None
                     self._apply_ping(record, answer)
                 self._reap_leases()
+
+
+def _json_reply(document: dict) -> Message:
+    return reply("OK", json=json.dumps(document).encode("utf-8"))
 
 
 # --- command line ----------------------------------------------------------------------

@@ -205,6 +205,11 @@ REQUESTS: dict[str, Verb] = {
         # to the dispatcher
         Verb("status"),
         Verb("dispatch", positional=(("commit", parse_commit),)),
+        # read-only, for operators (ci-ctl) and the local launcher; answered with JSON
+        Verb("queue", options=(("limit", parse_count),)),
+        Verb("runners"),
+        Verb("recent", options=(("limit", parse_count),)),
+        Verb("result", positional=(("commit", parse_commit),)),
         Verb(
             "register",
             positional=(("host", parse_host), ("port", parse_port)),

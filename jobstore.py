@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- Only queued jobs are ever looked up by position, so index only them: the index
 -- stays as small as the queue, however long the history grows.
 CREATE INDEX IF NOT EXISTS queued_jobs ON jobs (seq) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS running_jobs ON jobs (seq) WHERE state = 'running';
+-- The newest results, for pages and operators, without scanning the history.
+CREATE INDEX IF NOT EXISTS finished_jobs ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS attempts (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     commit_id   TEXT NOT NULL,
@@ -210,11 +213,21 @@ class JobStore:
 
     def queued(self, limit: int) -> list[str]:
         """Up to ``limit`` queued commits, oldest first."""
+        return [job.commit for job in self.queued_jobs(limit)]
+
+    def queued_jobs(self, limit: int) -> list[Job]:
+        """Up to ``limit`` queued jobs, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT ?", (limit,)).fetchall()
+        return [_job(row) for row in rows]
+
+    def recent_final(self, limit: int) -> list[Job]:
+        """Up to ``limit`` settled jobs, the most recently settled first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT commit_id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT ?", (limit,)
+                "SELECT * FROM jobs WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?", (limit,)
             ).fetchall()
-        return [row["commit_id"] for row in rows]
+        return [_job(row) for row in rows]
 
     def running(self) -> list[Job]:
         with self._lock:

@@ -60,6 +60,7 @@ SAMPLE_VALUES: dict[str, object] = {
     "runner": "127.0.0.1:4242",
     "heartbeat": 0.5,
     "recorded": 1,
+    "limit": 50,
 }
 ERR_REASON = "unknown commit or attempt: 100% sure = yes"
 SAMPLE_SECTIONS = {

@@ -1,0 +1,239 @@
+"""ci-ctl: ask the dispatcher what the CI system is doing, or give it a commit.
+
+Subcommands talk to a running dispatcher over the protocol (docs/protocol.md):
+``status`` (is it up, queue, what each runner does, last verdicts), ``queue``,
+``runners``, ``results SHA`` (a commit's verdict and where its report is) and
+``dispatch SHA`` (test a commit now). Output is for people by default; ``--json``
+prints the dispatcher's JSON answers for scripts. Exit status: 0 on success, 1 when
+the dispatcher is unreachable or refuses, 2 for wrong usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+from helpers import (
+    ProtocolError,
+    Security,
+    add_security_arguments,
+    communicate,
+    format_address,
+    parse_address,
+    parse_commit,
+    request,
+    security_from_arguments,
+)
+
+DEFAULT_DISPATCHER = "localhost:8888"
+#: Results shown by ``status``.
+STATUS_RECENT = 5
+#: Seconds to wait for the dispatcher's answer: it answers queries without waiting on anything.
+QUERY_TIMEOUT_S = 5.0
+
+
+class Failure(Exception):
+    """Something to tell the user before exiting with status 1."""
+
+
+class Client:
+    def __init__(self, address: tuple[str, int], security: Security):
+        self.address = address
+        self.security = security
+
+    def ask(self, verb: str, **fields: object):
+        """The reply to one request; Failure with a sentence if there is none or it is ERR."""
+        where = format_address(self.address)
+        try:
+            answer = communicate(self.address, request(verb, **fields), timeout=QUERY_TIMEOUT_S, security=self.security)
+        except ProtocolError as exc:
+            raise Failure("the dispatcher at %s answered something unexpected: %s" % (where, exc)) from None
+        except OSError as exc:
+            raise Failure("cannot reach the dispatcher at %s: %s (is it running? --dispatcher-server)"
+                          % (where, exc.strerror or exc)) from None
+        if answer.verb != "OK":
+            raise Failure("the dispatcher at %s refused %s: %s" % (where, verb, answer.get("reason") or answer.verb))
+        return answer
+
+    def ask_json(self, verb: str, **fields: object) -> dict:
+        answer = self.ask(verb, **fields)
+        try:
+            return json.loads(answer.sections.get("json", b"{}"))
+        except ValueError:
+            raise Failure("the dispatcher sent unreadable JSON for %s" % verb) from None
+
+
+# --- human-readable output ---------------------------------------------------------------
+
+
+def short(commit: str | None) -> str:
+    return (commit or "-")[:12]
+
+
+def age(iso: str | None, now: datetime.datetime | None = None) -> str:
+    """'12 s ago' style age of an ISO time from the dispatcher."""
+    if not iso:
+        return "-"
+    moment = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    seconds = ((now or datetime.datetime.now(datetime.timezone.utc)) - moment).total_seconds()
+    if seconds < 90:
+        return "%d s ago" % max(0, seconds)
+    if seconds < 90 * 60:
+        return "%d min ago" % (seconds / 60)
+    return "%.1f h ago" % (seconds / 3600)
+
+
+def counts(summary: dict) -> str:
+    if summary.get("passed") is None:
+        return "no counts"
+    return "%d passed, %d failed, %d errors, %d skipped" % (
+        summary["passed"], summary["failed"], summary["errors"], summary["skipped"])
+
+
+def result_line(summary: dict) -> str:
+    duration = "-" if summary.get("duration_s") is None else "%.2f s" % summary["duration_s"]
+    reason = " (%s)" % summary["reason"] if summary.get("reason") else ""
+    return "%s  %-6s  %s  %s  %s%s" % (short(summary["commit"]), summary["status"], counts(summary), duration,
+                                       summary.get("runner") or "-", reason)
+
+
+def runner_lines(runners: list[dict]) -> list[str]:
+    if not runners:
+        return ["  (none registered)"]
+    lines = []
+    for runner in runners:
+        doing = "%s with %s" % (runner["state"], short(runner["commit"])) if runner["commit"] else runner["state"]
+        lines.append("  %-20s %-28s since %s  (%s)" % (runner["name"], doing, age(runner["since"]), runner["address"]))
+    return lines
+
+
+# --- subcommands -------------------------------------------------------------------------
+
+
+def show_status(client: Client, as_json: bool) -> None:
+    status = client.ask("status")
+    runners = client.ask_json("runners")["runners"]
+    recent = client.ask_json("recent", limit=STATUS_RECENT)["results"]
+    if as_json:
+        document = {key: status.get(key) for key in ("queued", "running", "runners", "idle")}
+        document.update(dispatcher=format_address(client.address), up=True, runner_list=runners, recent=recent)
+        print(json.dumps(document, indent=2))
+        return
+    print("dispatcher %s: up" % format_address(client.address))
+    print("queue: %d queued, %d running" % (status.get("queued"), status.get("running")))
+    print("runners: %d registered, %d idle" % (status.get("runners"), status.get("idle")))
+    print("\n".join(runner_lines(runners)))
+    print("last results:")
+    print("\n".join("  " + result_line(summary) for summary in recent) or "  (none yet)")
+
+
+def show_queue(client: Client, as_json: bool, limit: int) -> None:
+    queue = client.ask_json("queue", limit=limit)
+    if as_json:
+        print(json.dumps(queue, indent=2))
+        return
+    print("running (%d):" % len(queue["running"]))
+    for job in queue["running"]:
+        print("  %s  attempt %s on %s, started %s" % (short(job["commit"]), job["attempt"], job["runner"], age(job["started_at"])))
+    shown = len(queue["queued"])
+    print("queued (%d%s), oldest first:" % (queue["queued_total"], ", first %d shown" % shown if shown < queue["queued_total"] else ""))
+    for job in queue["queued"]:
+        print("  %s  queued %s" % (short(job["commit"]), age(job["queued_at"])))
+
+
+def show_runners(client: Client, as_json: bool) -> None:
+    runners = client.ask_json("runners")
+    if as_json:
+        print(json.dumps(runners, indent=2))
+        return
+    print("\n".join(runner_lines(runners["runners"])))
+
+
+def show_result(client: Client, as_json: bool, commit: str) -> None:
+    result = client.ask_json("result", commit=commit)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    summary = result["summary"]
+    if summary is None:
+        where = " on %s (attempt %s)" % (result["runner"], result["attempt"]) if result["state"] == "running" else ""
+        print("%s: %s%s, queued %s" % (result["commit"], result["state"], where, age(result["queued_at"])))
+        return
+    print("%s: %s" % (result["commit"], summary["status"]))
+    print("  tests:    %s" % counts(summary))
+    print("  duration: %s" % ("-" if summary["duration_s"] is None else "%.2f s" % summary["duration_s"]))
+    print("  runner:   %s, %s attempt(s)" % (summary["runner"], summary["attempts"]))
+    if summary["reason"]:
+        print("  reason:   %s" % summary["reason"])
+    print("  report:   %s" % result["files"]["report"])
+    print("  json:     %s" % result["files"]["json"])
+
+
+def do_dispatch(client: Client, as_json: bool, commit: str) -> None:
+    answer = client.ask("dispatch", commit=commit)
+    if as_json:
+        print(json.dumps({"commit": commit, "new": bool(answer.get("new")), "state": answer.get("job")}))
+    elif answer.get("new"):
+        print("%s: queued" % commit)
+    else:
+        print("%s: already known, %s" % (commit, answer.get("job")))
+
+
+def commit_argument(text: str) -> str:
+    try:
+        return parse_commit(text)
+    except ProtocolError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ci-ctl",
+        description="Ask the CI dispatcher what it is doing, or give it a commit to test.",
+    )
+    parser.add_argument("--dispatcher-server", default=DEFAULT_DISPATCHER, metavar="HOST:PORT",
+                        help="where the dispatcher listens (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
+    add_security_arguments(parser, serves=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("status", help="is the dispatcher up; queue length; what each runner does; last verdicts")
+    queue = commands.add_parser("queue", help="jobs running and queued")
+    queue.add_argument("--limit", type=int, default=20, help="queued jobs to list (default: %(default)s)")
+    commands.add_parser("runners", help="registered runners: idle or busy with which commit, since when")
+    results = commands.add_parser("results", help="a commit's verdict and where its report is")
+    results.add_argument("commit", metavar="SHA", type=commit_argument)
+    dispatch = commands.add_parser("dispatch", help="queue a commit for testing now")
+    dispatch.add_argument("commit", metavar="SHA", type=commit_argument)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        address = parse_address(args.dispatcher_server)
+        security = security_from_arguments(args, serves=False)
+    except ValueError as exc:
+        parser.error(str(exc))
+    client = Client(address, security)
+    try:
+        if args.command == "status":
+            show_status(client, args.json)
+        elif args.command == "queue":
+            show_queue(client, args.json, max(1, args.limit))
+        elif args.command == "runners":
+            show_runners(client, args.json)
+        elif args.command == "results":
+            show_result(client, args.json, args.commit)
+        else:
+            do_dispatch(client, args.json, args.commit)
+    except Failure as exc:
+        print("ci-ctl: %s" % exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

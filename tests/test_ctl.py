@@ -1,0 +1,92 @@
+"""ci-ctl, the operator's command, against a live dispatcher and runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from conftest import PASSING_TEST, ROOT, free_port, wait_until
+
+WAITS_FOR_FLAG_TEST = """import os, time
+
+def test_waits_for_flag():
+    deadline = time.monotonic() + 60
+    while not os.path.exists(%r) and time.monotonic() < deadline:
+        time.sleep(0.05)
+"""
+
+
+def ctl(address: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "ci_ctl.py"), "--dispatcher-server", address, *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_ctl_reports_what_the_dispatcher_reports(ci, upstream, tmp_path):
+    flag = tmp_path / "release"
+    ci.start_dispatcher()
+    ci.start_runner("--name", "builder")
+    sha = upstream.commit({"test_wait.py": WAITS_FOR_FLAG_TEST % str(flag)}, "a test that waits")
+    queued_behind = upstream.commit({"test_more.py": PASSING_TEST.replace("passes", "more")}, "queued behind it")
+
+    assert ctl(ci.address, "dispatch", sha).stdout.strip() == "%s: queued" % sha
+    assert ctl(ci.address, "dispatch", queued_behind).returncode == 0
+    assert ctl(ci.address, "dispatch", sha).stdout.startswith("%s: already known" % sha)
+    ci.runners[0].wait_for_log(r"commit %s attempt \d+: testing" % sha)
+
+    status = ctl(ci.address, "status")
+    assert status.returncode == 0
+    assert "dispatcher %s: up" % ci.address in status.stdout
+    assert "queue: 1 queued, 1 running" in status.stdout
+    assert re.search(r"builder +busy with %s +since" % sha[:12], status.stdout)
+
+    queue = json.loads(ctl(ci.address, "--json", "queue").stdout)
+    assert [job["commit"] for job in queue["running"]] == [sha]
+    assert queue["running"][0]["runner"] == "builder"
+    assert [job["commit"] for job in queue["queued"]] == [queued_behind]
+    runners = json.loads(ctl(ci.address, "--json", "runners").stdout)["runners"]
+    assert [(r["name"], r["state"], r["commit"]) for r in runners] == [("builder", "busy", sha)]
+    assert ctl(ci.address, "results", sha).stdout.startswith("%s: running on builder" % sha)
+
+    flag.touch()
+    ci.wait_results([sha, queued_behind])
+    shown = ctl(ci.address, "results", sha)
+    assert shown.returncode == 0
+    assert shown.stdout.startswith("%s: passed\n" % sha)
+    assert "report:   %s" % (ci.results_dir / sha) in shown.stdout
+    as_json = json.loads(ctl(ci.address, "--json", "results", sha).stdout)
+    assert as_json["summary"] == ci.result(sha), "the CLI says what the result file says"
+    recent = json.loads(ctl(ci.address, "--json", "status").stdout)
+    assert [summary["commit"] for summary in recent["recent"]] == [queued_behind, sha]
+    assert recent["queued"] == 0 and recent["up"] is True
+
+
+def test_ctl_errors_are_clear(ci, upstream):
+    nowhere = "127.0.0.1:%d" % free_port()
+    down = ctl(nowhere, "status")
+    assert down.returncode == 1
+    assert "ci-ctl: cannot reach the dispatcher at %s" % nowhere in down.stderr
+
+    ci.start_dispatcher()
+    unknown = ctl(ci.address, "results", "abcdef12")
+    assert unknown.returncode == 1
+    assert "refused result: unknown commit abcdef12" in unknown.stderr
+    bad = ctl(ci.address, "results", "../../etc")
+    assert bad.returncode == 2
+    assert "invalid commit id" in bad.stderr
+
+
+def test_ctl_with_a_secret(processes, upstream, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("ctl-test-secret-0123456789abcdef\n")
+    dispatcher = processes.start("dispatcher", [sys.executable, str(ROOT / "dispatcher.py"), "--port", "0",
+                                                "--results-dir", str(tmp_path / "results"), "--secret-file", str(secret)])
+    address = "127.0.0.1:%s" % dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+    refused = ctl(address, "status", env={k: v for k, v in os.environ.items() if k != "CI_SECRET"})
+    assert refused.returncode == 1 and "authentication required" in refused.stderr
+    assert ctl(address, "--secret-file", str(secret), "status").returncode == 0
+    by_env = ctl(address, "status", env={**os.environ, "CI_SECRET": secret.read_text().strip()})
+    assert by_env.returncode == 0
+    wait_until(lambda: "bad request" in dispatcher.log(), timeout=10, message="the refusal logged")
