@@ -108,6 +108,7 @@ class Result:
     duration: float | None = None
     reason: str | None = None
     output: str = ""
+    junit: bytes | None = None  # checked by reports.clean_junit
 
 
 class Dispatcher:
@@ -246,6 +247,14 @@ class Dispatcher:
         )
         if "log" in message.truncated:
             log.warning("commit %s attempt %d: output cut to the size limit", result.commit, result.attempt_id)
+        if "junit" in message.truncated:
+            log.warning("commit %s attempt %d: JUnit XML over the size limit: not kept", result.commit, result.attempt_id)
+        elif message.sections.get("junit"):
+            # Parsed here, before the lock: a large file takes a while to check.
+            try:
+                result.junit = reports.clean_junit(message.sections["junit"])
+            except ValueError as exc:
+                log.warning("commit %s attempt %d: JUnit XML not kept: %s", result.commit, result.attempt_id, exc)
         with self._cond:
             job = self.store.job(result.commit)
             attempt = self.store.attempt(result.attempt_id)
@@ -308,7 +317,7 @@ class Dispatcher:
             finished_at=reports.iso_time(now),
             reason=result.reason,
         )
-        reports.write_result(self.results_dir, summary, result.output)
+        reports.write_result(self.results_dir, summary, result.output, result.junit)
         outcome = Outcome(state.value) if state is not JobState.ERROR else Outcome.ERROR
         self.store.finish(commit, attempt_id, state, outcome, result.reason, json.dumps(summary), now)
         self._avoid.pop(commit, None)
