@@ -14,14 +14,19 @@ documented trade-off for this mode). docs/reliability.md says more.
 
 Only the dispatcher process opens the file, and it serialises every call under its
 own lock; the store keeps one connection and adds a lock of its own only so that
-it stays correct if used alone (tests, tools).
+it stays correct if used alone (tests, tools). A thread that only reads and must
+not wait for that lock (the results page) opens a second, read-only store on the
+same file: in WAL mode readers and the writer do not block each other.
 """
 
 from __future__ import annotations
 
 import enum
+import json
+import os
 import sqlite3
 import threading
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -48,6 +53,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- Only queued jobs are ever looked up by position, so index only them: the index
 -- stays as small as the queue, however long the history grows.
 CREATE INDEX IF NOT EXISTS queued_jobs ON jobs (seq) WHERE state = 'queued';
+-- The results page reads the newest final results: an index over finished jobs
+-- only, so it reads just the rows it shows, however long the history grows.
+-- (Added after schema version 1 was released; IF NOT EXISTS adds it to older files.)
+CREATE INDEX IF NOT EXISTS finished_jobs ON jobs (finished_at) WHERE summary IS NOT NULL;
 CREATE TABLE IF NOT EXISTS attempts (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     commit_id   TEXT NOT NULL,
@@ -152,9 +161,20 @@ class InvalidTransition(Exception):
 class JobStore:
     """All reads and writes of the job database. Methods are atomic transactions."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, read_only: bool = False):
+        """Open (and, unless ``read_only``, create or check) the database at ``path``.
+
+        A read-only store never writes: it expects the file to exist already, made
+        by a writing store, and any write method on it raises sqlite3.OperationalError.
+        """
         self.path = path
         self._lock = threading.RLock()
+        if read_only:
+            uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path))
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10.0)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout=10000")
+            return
         # isolation_level=None: no implicit transactions; every write below sits in an
         # explicit BEGIN IMMEDIATE so it takes the write lock up front.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
@@ -213,6 +233,27 @@ class JobStore:
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY seq").fetchall()
         return [_job(row) for row in rows]
+
+    def recent_summaries(self, limit: int) -> list[dict]:
+        """The JSON summaries of the ``limit`` most recently finished jobs, newest first.
+
+        Reads through the ``finished_jobs`` index: the cost depends on ``limit``,
+        not on the length of the history. A summary that is not a JSON object is
+        left out (none should be).
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT summary FROM jobs WHERE summary IS NOT NULL ORDER BY finished_at DESC LIMIT ?", (limit,)
+            ).fetchall()
+        summaries = []
+        for row in rows:
+            try:
+                summary = json.loads(row["summary"])
+            except ValueError:
+                continue
+            if isinstance(summary, dict):
+                summaries.append(summary)
+        return summaries
 
     def count(self, state: JobState) -> int:
         with self._lock:
