@@ -333,7 +333,7 @@ Page written {{ generated }}.
 <td><code class="sha" title="{{ row.commit }}">{{ row.short }}</code>
 {% if row.subject is not none %}<span class="subject">{{ row.subject }}</span> <span class="author">{{ row.author }}</span>{% else %}<span class="unknown">subject unknown</span>{% endif %}
 {% if row.files.failures %}
-<details><summary>{{ row.files.failures_total }} failing test{{ "" if row.files.failures_total == 1 else "s" }}</summary>
+<details{{ " open" if row.commit == newest_failure else "" }}><summary>{{ row.files.failures_total }} failing test{{ "" if row.files.failures_total == 1 else "s" }}</summary>
 <ul class="failures">
 {% for test in row.files.failures %}
 <li><code>{{ test.name }}</code> ({{ test.kind }}){% if test.lines %}<pre>{{ test.lines|join("\\n") }}</pre>{% endif %}</li>
@@ -367,8 +367,11 @@ _template = _environment.from_string(PAGE_TEMPLATE)
 def render_page(rows: list[Row], durations: dict[str, float | None], generated: str) -> str:
     """The whole page. Every value is escaped by the template: none is trusted."""
     counts = {verdict: sum(1 for row in rows if row.status == verdict) for verdict in VERDICTS}
+    # The newest failure's tests are shown unfolded: it is the one people come to look at.
+    newest_failure = next((row.commit for row in rows if row.files.failures), None)
     return _template.render(
         rows=rows,
+        newest_failure=newest_failure,
         chart=build_chart(rows, durations),
         counts=counts,
         verdicts=VERDICTS,

@@ -48,14 +48,14 @@ def test_page_lists_commits_newest_first_with_subjects_verdicts_and_failing_test
     assert "add another passing test" in page and "CI Test" in page
     # The failing commit's tests, from its <sha>.xml, with the start of the message.
     failing_row = _row_html(page, failing)
-    assert "<details>" in failing_row and "1 failing test</summary>" in failing_row
+    assert "<details open>" in failing_row and "1 failing test</summary>" in failing_row
     assert "test_bad::test_fails" in failing_row and "assert (1 + 1) == 3" in failing_row
     assert "2 passed, 1 failed" in failing_row
     # Links to the commit's files, relative, and the files are there.
     for name in (failing, failing + ".log", failing + ".xml"):
         assert 'href="%s"' % name in failing_row
         assert (ci.results_dir / name).exists()
-    assert "<details>" not in _row_html(page, fixed)
+    assert "<details" not in _row_html(page, fixed)
     # The chart: one bar per commit, linked to its row, coloured by verdict.
     bars = re.findall(r'<a href="#c-([0-9a-f]{40})"><rect class="bar-(\w+)', page)
     assert bars == [(initial, "passed"), (passing, "passed"), (failing, "failed"), (fixed, "passed")]
