@@ -1,4 +1,4 @@
-"""Install the CI system: three daemons, the local launcher, and their shell scripts."""
+"""Install the CI system: three daemons, the local launcher, the push trigger, and their shell scripts."""
 
 import os
 
@@ -11,7 +11,8 @@ setup(
     long_description=open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    py_modules=["helpers", "jobstore", "reports", "pages", "dispatcher", "test_runner", "repo_observer", "ci_local"],
+    py_modules=["helpers", "jobstore", "reports", "pages", "dispatcher", "test_runner", "repo_observer", "ci_local",
+                "push_trigger"],
     # The git steps stay shell scripts that users can read and adapt; installed on
     # PATH, where helpers.script_path() finds them.
     scripts=["update_repo.sh", "test_runner_script.sh", "run_or_fail.sh"],
@@ -26,6 +27,7 @@ setup(
             "ci-runner=test_runner:main",
             "ci-observer=repo_observer:main",
             "ci-local=ci_local:main",
+            "ci-trigger=push_trigger:main",
         ]
     },
 )

@@ -66,7 +66,7 @@ def test_launcher_refuses_a_work_dir_cloned_from_elsewhere(upstream, tmp_path):
     assert "use another --work-dir" in done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("command", ["ci-dispatcher", "ci-runner", "ci-observer", "ci-local"])
+@pytest.mark.parametrize("command", ["ci-dispatcher", "ci-runner", "ci-observer", "ci-local", "ci-trigger"])
 def test_console_commands_are_installed(command):
     scripts = sysconfig.get_path("scripts")
     path = os.path.join(scripts, command)
