@@ -538,9 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S,
                         help="seconds between pings to each runner; a runner missing %d in a row is dropped (default: %%(default)s)" % MISSED_PINGS_LIMIT)
     parser.add_argument("--repo", metavar="PATH",
-                        help="a clone of the watched repository, used only to read commit subjects and authors "
-                        "for the results page (index.html); it is fetched when a commit is not in it yet. "
-                        "Without it the page shows commit ids only")
+                        help="a clone of the watched repository for the dispatcher alone (not the observer's or "
+                        "a runner's), used only to read commit subjects and authors for the results page "
+                        "(index.html); it is fetched into when a commit is not in it yet. Without it the page "
+                        "shows commit ids only")
     parser.add_argument("--log-file", help="write the log here instead of to stderr")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     return parser
@@ -570,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         server = ProtocolServer((args.host, args.port), dispatcher.handle, log)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
-        page.store.close()
+        page.stop()
         store.close()
         return 1
     dispatcher.start()
@@ -588,7 +589,6 @@ def main(argv: list[str] | None = None) -> int:
     server.server_close()
     dispatcher.stop()
     page.stop()
-    page.store.close()
     store.close()
     log.info("stopped")
     return 0

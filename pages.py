@@ -480,7 +480,8 @@ class ResultsPage:
     """Keeps ``results_dir/index.html`` up to date on a thread of its own; see the module docstring.
 
     ``store`` should be a read-only JobStore on the dispatcher's database (its own
-    connection); ``repo`` the path of the clone for commit subjects, or None.
+    connection), which the page then owns and closes in ``stop()``; ``repo`` the
+    path of the clone for commit subjects, or None.
     """
 
     def __init__(self, results_dir: str, store: JobStore, repo: str | None = None, limit: int = PAGE_RESULTS):
@@ -506,10 +507,17 @@ class ResultsPage:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread (a build in progress is finished), then close the store and the clone."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(STOP_TIMEOUT_S)
+            if self._thread.is_alive():
+                # Stuck in a fetch, at most FETCH_TIMEOUT_S; a daemon thread, it ends with
+                # the process. Closing what it uses under it would only add a traceback.
+                log.warning("results page thread still busy after %.0f s; not waiting for it", STOP_TIMEOUT_S)
+                return
+        self.store.close()
         if self.metadata is not None:
             self.metadata.close()
 

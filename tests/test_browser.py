@@ -243,9 +243,6 @@ def test_results_page_renders_in_chromium_from_the_file_system(ci, upstream, chr
     assert background < 0.95 * width * height, "the screenshot is almost one colour"
     assert sum(n for colour, n in counts.items() if near(colour, PASSED_GREEN)) > 200, "no green verdicts drawn"
     assert sum(n for colour, n in counts.items() if near(colour, FAILED_RED)) > 200, "no red verdict drawn"
-    keep = os.environ.get("CI_KEEP_SCREENSHOT")
-    if keep:  # how docs/results-page.png can be remade from a test run
-        Path(keep).write_bytes(screenshot.read_bytes())
 
 
 def test_console_check_sees_errors(chromium, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import push_trigger
-from conftest import FAILING_TEST, GIT_ENV, PASSING_TEST, ROOT, CISystem, free_port, git, wait_until
+from conftest import FAILING_TEST, GIT_ENV, PASSING_TEST, ROOT, CISystem, free_port, git
 
 #: A push with a hook that cannot reach the dispatcher: connect fails at once on
 #: loopback; this bound only matters if the hook hangs.

@@ -13,7 +13,7 @@ import pytest
 import jobstore
 import pages
 import reports
-from conftest import FAILING_TEST, PASSING_TEST, git, page_rows, wait_until
+from conftest import FAILING_TEST, PASSING_TEST, git, wait_until
 from test_result_files import PYTEST_JUNIT
 
 XSS_SUBJECT = '<script>alert("subject")</script> & friends'
@@ -245,6 +245,9 @@ class _BlockingStore:
         self.release = threading.Event()
         self.reads = 0
         self.reading = threading.Event()
+
+    def close(self):
+        pass
 
     def recent_summaries(self, limit):
         self.reads += 1
