@@ -1,7 +1,8 @@
 """Run the whole CI system on this machine for one repository, in one command.
 
 ``ci-local REPOSITORY`` clones the repository (a path or a URL) once for the
-observer and once for each runner under ``--work-dir``, starts a dispatcher on
+observer, once for each runner and once for the dispatcher's results page under
+``--work-dir``, starts a dispatcher on
 127.0.0.1, ``--runners`` test runners and an observer as child processes, each
 logging to its own file in WORK_DIR/logs, and shows what they do as it happens.
 Results land in ``--results-dir`` (./test_results by default). Ctrl-C stops
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(logs, exist_ok=True)
     names = ["observer"] + ["runner-%d" % index for index in range(1, args.runners + 1)]
     try:
-        for name in names:
+        # The dispatcher's own clone only gives the results page commit subjects and authors.
+        for name in names + ["dispatcher"]:
             prepare_clone(source, os.path.join(work_dir, name))
     except (git.GitCommandError, git.InvalidGitRepositoryError, ValueError) as exc:
         log.error("cannot prepare clones: %s", exc)
@@ -261,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     dispatcher = Daemon(
         "dispatcher",
         [python, os.path.join(HERE, "dispatcher.py"), "--host", "127.0.0.1", "--port", str(args.port),
-         "--results-dir", os.path.abspath(args.results_dir), *secret_option],
+         "--results-dir", os.path.abspath(args.results_dir), "--repo", os.path.join(work_dir, "dispatcher"),
+         *secret_option],
         os.path.join(logs, "dispatcher.log"),
     )
     runner_options = []

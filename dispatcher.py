@@ -8,7 +8,8 @@ by a timer), and a heartbeat that pings every runner about once a second, drops
 runners that stop answering and puts their jobs back in the queue. A test failure
 is the commit's verdict and is final; an infrastructure fault (checkout failed,
 runner lost) is retried on another runner, up to ``--max-attempts`` times. Final
-results go to the results folder (reports.py), written once and atomically.
+results go to the results folder (reports.py), written once and atomically, and
+the results page there (pages.py) is rebuilt on a thread of its own after each.
 
 Threads and state: one ``Dispatcher`` object owns the runner registry, the
 assignments out and the store, all under one condition. Handlers and the two loops
@@ -26,7 +27,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
+import pages
 import reports
 from helpers import (
     Message,
@@ -116,6 +119,7 @@ class Result:
     duration: float | None = None
     reason: str | None = None
     output: str = ""
+    junit: bytes | None = None  # checked by reports.clean_junit
 
 
 class Dispatcher:
@@ -128,12 +132,16 @@ class Dispatcher:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
         security: Security | None = None,
+        on_final_result: Callable[[], None] | None = None,
     ):
         self.store = store
         self.security = security or Security()
         self.results_dir = results_dir
         self.max_attempts = max_attempts
         self.heartbeat_interval = heartbeat_interval
+        #: Called, with the lock held, after each final result is recorded: it must
+        #: not block (the results page only sets an event).
+        self.on_final_result = on_final_result or (lambda: None)
         self._cond = threading.Condition()
         self._runners: dict[str, RunnerRecord] = {}
         self._assignments: dict[int, Assignment] = {}
@@ -249,8 +257,8 @@ class Dispatcher:
     def _on_recent(self, message: Message, peer: str) -> Message:
         limit = min(message.get("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT)
         with self._cond:
-            jobs = self.store.recent_final(limit)
-        return _json_reply({"results": [json.loads(job.summary) for job in jobs if job.summary]})
+            summaries = self.store.recent_summaries(limit)
+        return _json_reply({"results": summaries})
 
     def _on_result(self, message: Message, peer: str) -> Message:
         commit = message.fields["commit"]
@@ -317,6 +325,14 @@ class Dispatcher:
         )
         if "log" in message.truncated:
             log.warning("commit %s attempt %d: output cut to the size limit", result.commit, result.attempt_id)
+        if "junit" in message.truncated:
+            log.warning("commit %s attempt %d: JUnit XML over the size limit: not kept", result.commit, result.attempt_id)
+        elif message.sections.get("junit"):
+            # Parsed here, before the lock: a large file takes a while to check.
+            try:
+                result.junit = reports.clean_junit(message.sections["junit"])
+            except ValueError as exc:
+                log.warning("commit %s attempt %d: JUnit XML not kept: %s", result.commit, result.attempt_id, exc)
         with self._cond:
             job = self.store.job(result.commit)
             attempt = self.store.attempt(result.attempt_id)
@@ -379,9 +395,10 @@ class Dispatcher:
             finished_at=reports.iso_time(now),
             reason=result.reason,
         )
-        reports.write_result(self.results_dir, summary, result.output)
+        reports.write_result(self.results_dir, summary, result.output, result.junit)
         outcome = Outcome(state.value) if state is not JobState.ERROR else Outcome.ERROR
         self.store.finish(commit, attempt_id, state, outcome, result.reason, json.dumps(summary), now)
+        self.on_final_result()
         self._avoid.pop(commit, None)
         for other in self._assignments.values():
             if other.commit == commit:
@@ -597,6 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="infrastructure failures (runner lost, checkout failed) before a commit's verdict is 'error' (default: %(default)s)")
     parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S,
                         help="seconds between pings to each runner; a runner missing %d in a row is dropped (default: %%(default)s)" % MISSED_PINGS_LIMIT)
+    parser.add_argument("--repo", metavar="PATH",
+                        help="a clone of the watched repository for the dispatcher alone (not the observer's or "
+                        "a runner's), used only to read commit subjects and authors for the results page "
+                        "(index.html); it is fetched into when a commit is not in it yet. Without it the page "
+                        "shows commit ids only")
     parser.add_argument("--log-file", help="write the log here instead of to stderr")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     add_security_arguments(parser, serves=True)
@@ -620,14 +642,27 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     install_stop_signals(stop, log)
     store = JobStore(db_path)
-    dispatcher = Dispatcher(store, os.path.abspath(args.results_dir), args.max_attempts, args.heartbeat_interval, security)
+    results_dir = os.path.abspath(args.results_dir)
+    try:
+        # A connection of its own: building the page never waits for the dispatcher's lock.
+        page = pages.ResultsPage(results_dir, JobStore(db_path, read_only=True), repo=args.repo)
+    except ValueError as exc:
+        log.error("--repo: %s", exc)
+        store.close()
+        return 2
+    dispatcher = Dispatcher(store, results_dir, args.max_attempts, args.heartbeat_interval, security,
+                            on_final_result=page.notify)
     try:
         server = ProtocolServer((args.host, args.port), dispatcher.handle, log, security)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+        page.stop()
         store.close()
         return 1
     dispatcher.start()
+    # After the recovery in start(): the first page includes what it recorded.
+    page.start()
+    log.info("results page: %s (commit subjects from %s)", page.path, args.repo or "nowhere: no --repo")
     serve_in_thread(server, "server")
     log.info(
         "listening on %s (results in %s, queue in %s; %s, %s)",
@@ -640,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     server.shutdown()
     server.server_close()
     dispatcher.stop()
+    page.stop()
     store.close()
     log.info("stopped")
     return 0

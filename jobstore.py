@@ -14,14 +14,19 @@ documented trade-off for this mode). docs/reliability.md says more.
 
 Only the dispatcher process opens the file, and it serialises every call under its
 own lock; the store keeps one connection and adds a lock of its own only so that
-it stays correct if used alone (tests, tools).
+it stays correct if used alone (tests, tools). A thread that only reads and must
+not wait for that lock (the results page) opens a second, read-only store on the
+same file: in WAL mode readers and the writer do not block each other.
 """
 
 from __future__ import annotations
 
 import enum
+import json
+import os
 import sqlite3
 import threading
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -49,8 +54,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- stays as small as the queue, however long the history grows.
 CREATE INDEX IF NOT EXISTS queued_jobs ON jobs (seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS running_jobs ON jobs (seq) WHERE state = 'running';
--- The newest results, for pages and operators, without scanning the history.
-CREATE INDEX IF NOT EXISTS finished_jobs ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+-- The results page and operators read the newest final results: an index over
+-- finished jobs only, so they read just the rows they show, however long the
+-- history grows. (IF NOT EXISTS adds it to files made before it existed.)
+CREATE INDEX IF NOT EXISTS finished_jobs ON jobs (finished_at) WHERE summary IS NOT NULL;
 CREATE TABLE IF NOT EXISTS attempts (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     commit_id   TEXT NOT NULL,
@@ -155,9 +162,20 @@ class InvalidTransition(Exception):
 class JobStore:
     """All reads and writes of the job database. Methods are atomic transactions."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, read_only: bool = False):
+        """Open (and, unless ``read_only``, create or check) the database at ``path``.
+
+        A read-only store never writes: it expects the file to exist already, made
+        by a writing store, and any write method on it raises sqlite3.OperationalError.
+        """
         self.path = path
         self._lock = threading.RLock()
+        if read_only:
+            uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path))
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10.0)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout=10000")
+            return
         # isolation_level=None: no implicit transactions; every write below sits in an
         # explicit BEGIN IMMEDIATE so it takes the write lock up front.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
@@ -221,18 +239,31 @@ class JobStore:
             rows = self._db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT ?", (limit,)).fetchall()
         return [_job(row) for row in rows]
 
-    def recent_final(self, limit: int) -> list[Job]:
-        """Up to ``limit`` settled jobs, the most recently settled first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM jobs WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?", (limit,)
-            ).fetchall()
-        return [_job(row) for row in rows]
-
     def running(self) -> list[Job]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs WHERE state = 'running' ORDER BY seq").fetchall()
         return [_job(row) for row in rows]
+
+    def recent_summaries(self, limit: int) -> list[dict]:
+        """The JSON summaries of the ``limit`` most recently finished jobs, newest first.
+
+        Reads through the ``finished_jobs`` index: the cost depends on ``limit``,
+        not on the length of the history. A summary that is not a JSON object is
+        left out (none should be).
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT summary FROM jobs WHERE summary IS NOT NULL ORDER BY finished_at DESC LIMIT ?", (limit,)
+            ).fetchall()
+        summaries = []
+        for row in rows:
+            try:
+                summary = json.loads(row["summary"])
+            except ValueError:
+                continue
+            if isinstance(summary, dict):
+                summaries.append(summary)
+        return summaries
 
     def count(self, state: JobState) -> int:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Install the CI system: three daemons, the local launcher, and their shell scripts."""
+"""Install the CI system: three daemons, the local launcher, the push trigger, and their shell scripts."""
 
 import os
 
@@ -11,12 +11,15 @@ setup(
     long_description=open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    py_modules=["helpers", "jobstore", "reports", "dispatcher", "test_runner", "repo_observer", "ci_local", "ci_ctl"],
+    py_modules=["helpers", "jobstore", "reports", "pages", "dispatcher", "test_runner", "repo_observer", "ci_local",
+                "ci_ctl", "push_trigger"],
     # The git steps stay shell scripts that users can read and adapt; installed on
     # PATH, where helpers.script_path() finds them.
     scripts=["update_repo.sh", "test_runner_script.sh", "run_or_fail.sh"],
     # pytest runs the tests of the repository under test (the runner's default command).
-    install_requires=["GitPython>=3.1.30", "pytest>=7"],
+    # Jinja2 renders the results page: its autoescaping keeps commit messages and test
+    # output, which are untrusted, from becoming markup.
+    install_requires=["GitPython>=3.1.30", "pytest>=7", "Jinja2>=3"],
     extras_require={"test": ["hypothesis>=6"]},
     entry_points={
         "console_scripts": [
@@ -25,6 +28,7 @@ setup(
             "ci-observer=repo_observer:main",
             "ci-local=ci_local:main",
             "ci-ctl=ci_ctl:main",
+            "ci-trigger=push_trigger:main",
         ]
     },
 )

@@ -379,7 +379,7 @@ class TestRunner:
             command: object = self.test_command
         else:
             command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--junitxml", junit_path]
-        env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
+        env = dict(os.environ)  # the operator's environment, as documented: part of the runner's setup
         env.update(CI_COMMIT=commit, CI_ATTEMPT=str(attempt), CI_JUNIT_XML=junit_path, PYTHONDONTWRITEBYTECODE="1")
         log.info("commit %s attempt %d: testing", commit, attempt)
         test_started = time.monotonic()

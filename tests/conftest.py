@@ -8,6 +8,7 @@ and checks a condition.
 
 from __future__ import annotations
 
+import html.parser
 import json
 import os
 import re
@@ -220,8 +221,9 @@ class Upstream:
         git(path, "init", "--quiet", "--initial-branch=main")
         self.commit({"test_base.py": PASSING_TEST}, "initial commit")
 
-    def commit(self, files: dict[str, str | None], message: str) -> str:
-        """Write (or, for None, delete) files, commit, return the full sha."""
+    def commit(self, files: dict[str, str | None], message: str, author: str | None = None) -> str:
+        """Write (or, for None, delete) files, commit (as ``author``, "Name <email>",
+        if given), return the full sha."""
         for name, content in files.items():
             target = self.path / name
             if content is None:
@@ -230,7 +232,7 @@ class Upstream:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(content)
         git(self.path, "add", "--all")
-        git(self.path, "commit", "--quiet", "--allow-empty", "-m", message)
+        git(self.path, "commit", "--quiet", "--allow-empty", "-m", message, *(["--author", author] if author else []))
         return self.head()
 
     def head(self) -> str:
@@ -327,8 +329,58 @@ class CISystem:
 
         return wait_until(all_there, timeout, interval=0.2, message="results of %d commits" % len(commits))
 
+    @staticmethod
+    def expected_files(commits, without_xml=()) -> list[str]:
+        """The results folder's listing when each commit has exactly one result: report,
+        JSON, log and (when its tests wrote one) JUnit XML, plus the page."""
+        names = ["index.html"]
+        for sha in commits:
+            names += [sha, sha + ".json", sha + ".log"] + ([] if sha in without_xml else [sha + ".xml"])
+        return sorted(names)
+
     def result_files(self) -> list[str]:
-        return sorted(path.name for path in self.results_dir.iterdir())
+        """The files in the results folder, but for the page's temporary file: the
+        page may be rewritten at any moment (a test that needs the folder quiet
+        stops the dispatcher and lists it itself)."""
+        return sorted(path.name for path in self.results_dir.iterdir() if not path.name.startswith(".tmp-"))
+
+    @property
+    def page_path(self) -> Path:
+        return self.results_dir / "index.html"
+
+    def page(self) -> str:
+        try:
+            return self.page_path.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def wait_page(self, commits: list[str], timeout: float = 30.0) -> list[tuple[str, str]]:
+        """Wait until the results page lists all of ``commits``; returns its rows."""
+
+        def listed():
+            rows = page_rows(self.page())
+            return rows if set(commits) <= {commit for commit, _ in rows} else None
+
+        return wait_until(listed, timeout, interval=0.1, message="results page listing %d commits" % len(commits))
+
+
+class _PageRowParser(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        if tag == "tr" and "data-commit" in attributes:
+            self.rows.append((attributes["data-commit"], attributes["data-verdict"]))
+
+
+def page_rows(text: str) -> list[tuple[str, str]]:
+    """(commit, verdict) of each result row of a results page (or of a browser's DOM dump), in order."""
+    parser = _PageRowParser()
+    parser.feed(text)
+    parser.close()
+    return parser.rows
 
 
 @pytest.fixture

@@ -109,10 +109,10 @@ def test_chaos_every_commit_gets_exactly_one_correct_result(ci, upstream, tmp_pa
     assert not mismatches, {sha: (expected[sha], results[sha]) for sha in mismatches}
 
     # Exactly one final result each: settled once in the dispatcher's log (across all
-    # its lives), one report and one JSON file, no temporary file left over.
+    # its lives), one set of result files, no temporary file left over.
     settled = re.findall(r"commit ([0-9a-f]{40}): (?:passed|failed|error) \(attempt", ci.dispatcher.log())
     assert sorted(settled) == sorted(expected)
-    assert ci.result_files() == sorted(name for sha in expected for name in (sha, sha + ".json"))
+    assert ci.result_files() == ci.expected_files(expected)
 
     ci.processes.stop_all()
     assert processes_mentioning(str(tmp_path)) == [], "no process left behind"

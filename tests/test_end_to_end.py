@@ -51,8 +51,14 @@ def test_each_kind_of_commit_gets_its_verdict(ci, upstream):
     assert "test_fails" in ci.report(failing) and "assert (1 + 1) == 3" in ci.report(failing)
     assert "SyntaxError" in ci.report(broken) or "invalid syntax" in ci.report(broken)
     assert "time limit" in ci.report(hanging)
-    # Only result files: a report and a JSON per commit, nothing half-written.
-    assert ci.result_files() == sorted(name for commit in results for name in (commit, commit + ".json"))
+    # Only result files: a report, a log and a JSON per commit, JUnit XML where the
+    # tests wrote one (not for the run killed at its time limit), nothing half-written.
+    expected = [name for commit in results for name in (commit, commit + ".log", commit + ".json")]
+    expected += [commit + ".xml" for commit in results if commit != hanging] + ["index.html"]
+    assert ci.result_files() == sorted(expected)
+    # Once the dispatcher has stopped, not even the page is being rewritten.
+    assert ci.dispatcher.terminate() == 0
+    assert sorted(path.name for path in ci.results_dir.iterdir()) == sorted(expected)
 
 
 def push_at_once(upstream, count: int, make_files) -> list[tuple[str, str]]:
@@ -94,7 +100,7 @@ def test_twenty_commits_two_runners_all_tested_in_order(ci, upstream):
         assert results[sha]["status"] == verdict, sha
         assert results[sha]["attempts"] == 1
     assert len({result["runner"] for result in results.values()}) == 2, "both runners took jobs"
-    assert len(ci.result_files()) == 2 * 21
+    assert len(ci.result_files()) == 4 * 21 + 1  # and index.html
     # Reported oldest first: the observer's log lists them in commit order.
     reported = re.findall(r"commit ([0-9a-f]{40}) reported", ci.observer.log())
     assert reported == [initial] + [sha for sha, _ in commits]
@@ -122,7 +128,7 @@ def test_runner_killed_mid_job_its_job_finishes_elsewhere(ci, upstream):
     assert results[killed_job]["attempts"] == 2
     assert results[killed_job]["runner"] != victim_name(victim)
     assert re.search(r"commit %s attempt \d+ \(runner [^)]*\): runner \S+ lost" % killed_job, ci.dispatcher.log())
-    assert len(ci.result_files()) == 2 * 21, "exactly one result per commit"
+    assert len(ci.result_files()) == 4 * 21 + 1, "exactly one result per commit (and index.html)"
     assert len(victim.log()) == victim_log_offset
 
 
@@ -200,4 +206,4 @@ def test_same_commit_twice_is_one_job(ci, upstream):
     ci.wait_result(sha)
     third = communicate(parse_address(ci.address), request("dispatch", commit=sha))
     assert third.get("job") == "passed"
-    assert len(ci.result_files()) == 2
+    assert ci.result_files() == sorted([sha, sha + ".json", sha + ".log", sha + ".xml", "index.html"])

@@ -70,7 +70,7 @@ def test_launcher_refuses_a_work_dir_cloned_from_elsewhere(upstream, tmp_path):
     assert "use another --work-dir" in done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("command", ["ci-dispatcher", "ci-runner", "ci-observer", "ci-local", "ci-ctl"])
+@pytest.mark.parametrize("command", ["ci-dispatcher", "ci-runner", "ci-observer", "ci-local", "ci-ctl", "ci-trigger"])
 def test_console_commands_are_installed(command):
     scripts = sysconfig.get_path("scripts")
     path = os.path.join(scripts, command)

@@ -135,8 +135,7 @@ def test_runner_cut_off_mid_job_is_replaced_and_its_late_result_ignored(network,
 
     assert ((ci.results_dir / (slow + ".json")).read_bytes(), ci.report(slow)) == settled
     assert json.loads(settled[0])["runner"] == "r2"
-    assert sorted(p.name for p in ci.results_dir.iterdir()) == sorted(
-        name for sha in (upstream.head(), observer_head(observer)) for name in (sha, sha + ".json"))
+    assert ci.result_files() == ci.expected_files([upstream.head(), observer_head(observer)])
     # Healed, r1 takes work again.
     after = upstream.commit({"test_after.py": "def test_after():\n    pass\n"}, "after the partition")
     wait_until(lambda: ci.result(after), timeout=60, message="a result after healing")

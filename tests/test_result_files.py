@@ -1,0 +1,120 @@
+"""The per-commit result files: report, log, JUnit XML and JSON summary."""
+
+from __future__ import annotations
+
+import sys
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+
+import reports
+from conftest import FAILING_TEST, PASSING_TEST
+
+PYTEST_JUNIT = b"""<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest" \
+errors="0" failures="1" skipped="0" tests="2" time="0.031"><testcase classname="test_bad" name="test_fails" time="0.001">\
+<failure message="assert (1 + 1) == 3">def test_fails():
+&gt;       assert 1 + 1 == 3
+E       assert (1 + 1) == 3
+
+test_bad.py:2: AssertionError</failure></testcase><testcase classname="test_base" name="test_passes" time="0.000" />\
+</testsuite></testsuites>"""
+
+
+def test_failing_commit_gets_its_log_and_junit_xml_beside_the_report(ci, upstream):
+    ci.start_dispatcher()
+    ci.start_runner()
+    ci.start_observer()
+    failing = upstream.commit({"test_bad.py": FAILING_TEST}, "add a failing test")
+
+    summary = ci.wait_result(failing)
+
+    # <sha>.json is written last: once it is there, so are the others.
+    results = ci.results_dir
+    assert (results / (failing + ".log")).exists() and (results / (failing + ".xml")).exists()
+    assert summary["status"] == "failed"
+    junit = ElementTree.parse(results / (failing + ".xml")).getroot()
+    cases = {case.get("name"): case for case in junit.iter("testcase")}
+    assert set(cases) == {"test_passes", "test_fails"}
+    failure = cases["test_fails"].find("failure")
+    assert failure is not None and "assert (1 + 1) == 3" in failure.get("message")
+    assert cases["test_passes"].find("failure") is None
+    suite = junit.find("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("2", "1")
+    log = (results / (failing + ".log")).read_text()
+    assert "1 failed, 1 passed" in log and "assert (1 + 1) == 3" in log
+    # The log is exactly the output part of the report.
+    assert ci.report(failing).endswith(log.rstrip("\n") + "\n")
+
+
+def test_junit_xml_that_a_browser_would_run_scripts_from_is_not_kept(ci, upstream):
+    # The tests of a commit control the file at $CI_JUNIT_XML; here they write JUnit
+    # with an SVG script inside, which a browser would run if someone opened <sha>.xml.
+    writer = (
+        "import os, sys\n"
+        "page = '<testsuites><testsuite tests=\"1\" failures=\"1\"><svg xmlns=\"http://www.w3.org/2000/svg\">'\n"
+        "page += '<script>alert(1)</script></svg></testsuite></testsuites>'\n"
+        "open(os.environ['CI_JUNIT_XML'], 'w').write(page)\n"
+        "sys.exit(1)\n"
+    )
+    ci.start_dispatcher()
+    ci.start_runner("--test-command", "%s write_junit.py" % sys.executable)
+    ci.start_observer()
+    sha = upstream.commit({"write_junit.py": writer}, "tests that write a hostile JUnit file")
+
+    summary = ci.wait_result(sha)
+
+    assert summary["status"] == "failed"
+    assert not (ci.results_dir / (sha + ".xml")).exists()
+    assert (ci.results_dir / (sha + ".log")).exists()
+    ci.dispatcher.wait_for_log(r"commit %s attempt \d+: JUnit XML not kept: .*namespaces" % sha)
+
+
+def test_clean_junit_keeps_pytest_output_as_it_is():
+    cleaned = reports.clean_junit(PYTEST_JUNIT)
+    assert cleaned.startswith(b"<?xml version='1.0' encoding='utf-8'?>")
+    original, kept = ElementTree.fromstring(PYTEST_JUNIT), ElementTree.fromstring(cleaned)
+    assert ElementTree.tostring(original) == ElementTree.tostring(kept)
+
+
+def test_clean_junit_drops_comments_and_processing_instructions():
+    hostile = PYTEST_JUNIT.replace(
+        b"<testsuites", b'<?xml-stylesheet type="text/xsl" href="evil.xsl"?><!-- hidden --><testsuites', 1
+    )
+    cleaned = reports.clean_junit(hostile)
+    assert b"xml-stylesheet" not in cleaned and b"hidden" not in cleaned
+    assert b"test_fails" in cleaned
+
+
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (b'<!DOCTYPE x [<!ENTITY a "aaaa">]><testsuites>&a;</testsuites>', "DOCTYPE"),
+        (b"<testsuites><testsuite><testcase", "not well-formed"),
+        (b"<html><body>hi</body></html>", "root element"),
+        (b'<testsuites><svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg></testsuites>', "namespaces"),
+        (b'<testsuite xmlns:h="http://www.w3.org/1999/xhtml"><h:script>alert(1)</h:script></testsuite>', "namespaces"),
+        (b'<testsuite xml:base="file:///etc/"><testcase name="x"/></testsuite>', "namespaces"),
+    ],
+)
+def test_clean_junit_refuses_what_is_not_plain_junit(data, why):
+    with pytest.raises(ValueError, match=why):
+        reports.clean_junit(data)
+
+
+def test_write_result_writes_every_file_atomically_json_last(tmp_path, monkeypatch):
+    written = []
+    real_write = reports.atomic_write
+
+    def recording_write(path, data, durable=True):
+        written.append(path.rsplit("/", 1)[1])
+        real_write(path, data, durable)
+
+    monkeypatch.setattr(reports, "atomic_write", recording_write)
+    sha = "ab" * 20
+    summary = reports.make_summary(commit=sha, status="passed", passed=1, failed=0, errors=0, skipped=0)
+    reports.write_result(str(tmp_path), summary, PASSING_TEST, junit=reports.clean_junit(PYTEST_JUNIT))
+    assert written == [sha, sha + ".log", sha + ".xml", sha + ".json"]
+    assert (tmp_path / (sha + ".log")).read_text() == PASSING_TEST
+    written.clear()
+    reports.write_result(str(tmp_path), dict(summary, commit="cd" * 20), "", junit=None)
+    assert written == ["cd" * 20, "cd" * 20 + ".log", "cd" * 20 + ".json"]
