@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
@@ -57,6 +58,8 @@ IO_TIMEOUT_S = 10.0
 MESSAGE_DEADLINE_S = 120.0
 #: A server closes a connection on which no new request starts within this time.
 IDLE_TIMEOUT_S = 15.0
+#: A server thread left without a connection for this long exits.
+THREAD_IDLE_S = 30.0
 
 COMMIT_PATTERN = re.compile(r"[0-9a-f]{7,64}\Z")
 HOST_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,253}\Z")
@@ -566,6 +569,11 @@ def communicate(
 class ProtocolServer(socketserver.ThreadingTCPServer):
     """A threaded TCP server speaking this protocol; one thread per connection.
 
+    Threads are reused: one that has finished with its connection waits up to
+    THREAD_IDLE_S for the next, and a new thread starts only when none is idle.
+    Starting a thread costs more than serving a short request, and socketserver's
+    accept loop waits for each new thread to run before it accepts again.
+
     ``handle_message(message, peer)`` is called for each decoded request and
     returns the reply. Malformed input gets ``ERR <reason>``, a log line and a
     closed connection (after a framing error the stream cannot be trusted);
@@ -587,7 +595,37 @@ class ProtocolServer(socketserver.ThreadingTCPServer):
     ):
         self.handle_message = handle_message
         self.logger = logger
+        self._pool_lock = threading.Lock()
+        self._idle_threads = 0  # threads waiting for a connection, less those promised one
+        self._connections: queue.SimpleQueue = queue.SimpleQueue()
         super().__init__(address, _ProtocolHandler)
+
+    def process_request(self, request, client_address) -> None:  # socketserver hook
+        with self._pool_lock:
+            if self._idle_threads:
+                self._idle_threads -= 1
+                self._connections.put((request, client_address))
+                return
+        thread = threading.Thread(target=self._serve_connections, args=(request, client_address),
+                                  name="connection", daemon=True)
+        thread.start()
+
+    def _serve_connections(self, request, client_address) -> None:
+        while True:
+            self.process_request_thread(request, client_address)  # handles and closes it
+            with self._pool_lock:
+                self._idle_threads += 1
+            try:
+                request, client_address = self._connections.get(timeout=THREAD_IDLE_S)
+            except queue.Empty:
+                with self._pool_lock:
+                    # A connection may have been queued for this thread between the
+                    # timeout and the lock: serve it rather than leave it waiting.
+                    try:
+                        request, client_address = self._connections.get_nowait()
+                    except queue.Empty:
+                        self._idle_threads -= 1
+                        return
 
     @property
     def address(self) -> tuple[str, int]:
