@@ -40,8 +40,8 @@ TARGET_P99_MS = 20.0
 START_DELAY_S = 2.0
 
 
-def run_load(address: tuple[str, int], verb: str, mode: str, duration: float, tag: int) -> dict:
-    start_at = time.time() + START_DELAY_S
+def run_load(address: tuple[str, int], verb: str, mode: str, duration: float, tag: int, delay: float) -> dict:
+    start_at = time.time() + delay
     clients: list[subprocess.Popen] = []
     try:
         for index in range(PROCESSES):
@@ -53,7 +53,7 @@ def run_load(address: tuple[str, int], verb: str, mode: str, duration: float, ta
             ))
         outputs = []
         for client in clients:
-            out, err = client.communicate(timeout=START_DELAY_S + duration + 90)
+            out, err = client.communicate(timeout=delay + duration + 90)
             if client.returncode != 0:
                 raise BenchError("load client failed: %s" % err.decode(errors="replace")[-500:])
             outputs.append(json.loads(out))
@@ -80,7 +80,7 @@ def run(work: Path, quick: bool) -> list[Row]:
         for mode in ("persistent", "per-request"):
             for verb in ("dispatch", "status"):
                 tag += 1
-                found = run_load(address, verb, mode, duration, tag)
+                found = run_load(address, verb, mode, duration, tag, START_DELAY_S / 2 if quick else START_DELAY_S)
                 ok = found["rate"] >= TARGET_RATE and found["p99"] < TARGET_P99_MS and not found["errors"]
                 rows.append(Row(
                     "capacity",
