@@ -9,7 +9,7 @@ divided by its size is the cost per job at that point of the history. The first
 1,000 jobs are the measurement "at 1,000" (5 chunks of 200, the median); the
 history then grows untimed, 1,000 jobs at a time, to 49,000, and the last 1,000
 jobs are measured the same way, "at 50,000". After each measurement it reads the
-dispatcher's resident memory (VmRSS) and times ``status`` (median of 20). Each
+dispatcher's resident memory (VmRSS) and times ``status`` (median of 200). Each
 figure at 50,000 is compared with the same figure at 1,000 of the same run.
 """
 
@@ -33,7 +33,7 @@ from bench.common import (
 )
 
 TARGET_GROWTH = 1.20
-STATUS_SAMPLES = 20
+STATUS_SAMPLES = 200
 #: Jobs are dispatched this many at a time while the history grows.
 FILL_CHUNK = 1_000
 #: Each measurement is the median of this many chunks (of 200 jobs at full size).
