@@ -1,6 +1,6 @@
 """Run every benchmark of the CI system on this machine and print one table.
 
-    python bench/run_all.py            # full sizes (about 15 minutes on 2 cores)
+    python bench/run_all.py            # full sizes (about 8 minutes on 2 cores)
     python bench/run_all.py --quick    # tiny sizes: checks that everything runs (< 1 min)
     python bench/run_all.py --only latency --only capacity
 
