@@ -210,14 +210,17 @@ class Dispatcher:
 
     def _on_status(self, message: Message, peer: str) -> Message:
         with self._cond:
-            runners = list(self._runners.values())
-            return reply(
-                "OK",
-                queued=self.store.count(JobState.QUEUED),
-                running=self.store.count(JobState.RUNNING),
-                runners=len(runners),
-                idle=sum(1 for runner in runners if runner.available),
-            )
+            runners = len(self._runners)
+            idle = sum(1 for runner in self._runners.values() if runner.available)
+        # The counts come from the store, which has its own lock: reading them under
+        # the dispatcher's would hold up every handler and the scheduler meanwhile.
+        return reply(
+            "OK",
+            queued=self.store.count(JobState.QUEUED),
+            running=self.store.count(JobState.RUNNING),
+            runners=runners,
+            idle=idle,
+        )
 
     # --- read-only queries (JSON answers) ---------------------------------------------
 
@@ -278,10 +281,18 @@ class Dispatcher:
 
     def _on_dispatch(self, message: Message, peer: str) -> Message:
         commit = message.fields["commit"]
-        with self._cond:
-            new, state = self.store.enqueue(commit, time.time())
-            if new:
-                self._cond.notify_all()
+        # Saved outside the dispatcher's lock (the store has its own), so that many
+        # observers or a burst of commits do not queue up behind one another's SQLite
+        # writes while holding everything else up. No wake-up is lost: the scheduler
+        # reads the queue under the lock, and the notification below comes after the
+        # job is committed.
+        new, state = self.store.enqueue(commit, time.time())
+        if new:
+            with self._cond:
+                # Waking the scheduler when no runner is free would only make it
+                # contend for the lock to find nothing to do.
+                if any(runner.available for runner in self._runners.values()):
+                    self._cond.notify_all()
         if new:
             log.info("commit %s queued (from %s)", commit, peer)
         else:

@@ -22,6 +22,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -62,6 +63,8 @@ IO_TIMEOUT_S = 10.0
 MESSAGE_DEADLINE_S = 120.0
 #: A server closes a connection on which no new request starts within this time.
 IDLE_TIMEOUT_S = 15.0
+#: A server thread left without a connection for this long exits.
+THREAD_IDLE_S = 30.0
 
 COMMIT_PATTERN = re.compile(r"[0-9a-f]{7,64}\Z")
 HOST_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,253}\Z")
@@ -828,6 +831,11 @@ MAX_CONNECTIONS = 256
 class ProtocolServer(socketserver.ThreadingTCPServer):
     """A threaded TCP server speaking this protocol; one thread per connection.
 
+    Threads are reused: one that has finished with its connection waits up to
+    THREAD_IDLE_S for the next, and a new thread starts only when none is idle.
+    Starting a thread costs more than serving a short request, and socketserver's
+    accept loop waits for each new thread to run before it accepts again.
+
     ``handle_message(message, peer)`` is called for each decoded request and
     returns the reply. Malformed or unauthentic input gets ``ERR <reason>``, a log
     line and a closed connection (after a framing error the stream cannot be
@@ -856,6 +864,9 @@ class ProtocolServer(socketserver.ThreadingTCPServer):
         self._connections_lock = threading.Lock()
         #: Open connections -> since when each has waited for a request (None: serving one).
         self._waiting_since: dict[socket.socket, float | None] = {}
+        self._pool_lock = threading.Lock()
+        self._idle_threads = 0  # threads waiting for a connection, less those promised one
+        self._connections: queue.SimpleQueue = queue.SimpleQueue()
         super().__init__(address, _ProtocolHandler)
 
     @property
@@ -881,7 +892,34 @@ class ProtocolServer(socketserver.ThreadingTCPServer):
                 except OSError:
                     pass
             self._waiting_since[request] = time.monotonic()
-        super().process_request(request, client_address)
+        self._hand_to_thread(request, client_address)
+
+    def _hand_to_thread(self, request, client_address) -> None:
+        with self._pool_lock:
+            if self._idle_threads:
+                self._idle_threads -= 1
+                self._connections.put((request, client_address))
+                return
+        thread = threading.Thread(target=self._serve_connections, args=(request, client_address),
+                                  name="connection", daemon=True)
+        thread.start()
+
+    def _serve_connections(self, request, client_address) -> None:
+        while True:
+            self.process_request_thread(request, client_address)  # handles and closes it
+            with self._pool_lock:
+                self._idle_threads += 1
+            try:
+                request, client_address = self._connections.get(timeout=THREAD_IDLE_S)
+            except queue.Empty:
+                with self._pool_lock:
+                    # A connection may have been queued for this thread between the
+                    # timeout and the lock: serve it rather than leave it waiting.
+                    try:
+                        request, client_address = self._connections.get_nowait()
+                    except queue.Empty:
+                        self._idle_threads -= 1
+                        return
 
     def shutdown_request(self, request) -> None:
         with self._connections_lock:

@@ -50,8 +50,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason          TEXT,               -- why a final state is what it is, when not obvious
     summary         TEXT                -- the final result as JSON (what <sha>.json holds)
 );
--- Only queued jobs are ever looked up by position, so index only them: the index
--- stays as small as the queue, however long the history grows.
+-- Only queued and running jobs are ever looked up by state, so index only them:
+-- each index stays as small as the queue (or the runners), however long the
+-- history grows. Queries name the state literally so that SQLite uses them.
 CREATE INDEX IF NOT EXISTS queued_jobs ON jobs (seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS running_jobs ON jobs (seq) WHERE state = 'running';
 -- The results page and operators read the newest final results: an index over
@@ -170,6 +171,12 @@ class JobStore:
         """
         self.path = path
         self._lock = threading.RLock()
+        #: Jobs per state, kept in step with the table by every transaction that moves
+        #: a job (``_pending`` holds the current transaction's changes until COMMIT),
+        #: so that ``count`` costs the same with 10 jobs or 10 million. A read-only
+        #: store does not see the writer's moves and must not use ``count``.
+        self._counts = {state.value: 0 for state in JobState}
+        self._pending: dict[str, int] = {}
         if read_only:
             uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path))
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10.0)
@@ -200,6 +207,9 @@ class JobStore:
         # executescript commits on its own; the statements are idempotent.
         self._db.executescript(SCHEMA)
         self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        with self._lock:
+            for state, count in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+                self._counts[state] = count
 
     def close(self) -> None:
         with self._lock:
@@ -209,6 +219,7 @@ class JobStore:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
+            self._pending = {}
             try:
                 yield self._db
             except BaseException:
@@ -216,6 +227,10 @@ class JobStore:
                 raise
             else:
                 self._db.execute("COMMIT")
+                for state, change in self._pending.items():
+                    self._counts[state] += change
+            finally:
+                self._pending = {}
 
     # --- reads -----------------------------------------------------------------------
 
@@ -266,8 +281,9 @@ class JobStore:
         return summaries
 
     def count(self, state: JobState) -> int:
+        """Jobs in ``state``, from counters kept by the transactions: constant time."""
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state.value,)).fetchone()[0]
+            return self._counts[JobState(state).value]
 
     def attempt_counts(self, commit: str) -> tuple[int, int]:
         """(attempts that reached a runner, attempts that the infrastructure failed)."""
@@ -294,6 +310,7 @@ class JobStore:
                 (commit, now),
             )
             if cursor.rowcount:
+                self._counted(None, JobState.QUEUED)
                 return True, JobState.QUEUED
             state = db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["state"]
             return False, JobState(state)
@@ -368,7 +385,9 @@ class JobStore:
                 "UPDATE attempts SET ended_at = ?, outcome = ? WHERE outcome IS NULL",
                 (now, Outcome.INTERRUPTED.value),
             )
-            return db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+            requeued = db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+            self._counted(JobState.RUNNING, JobState.QUEUED, requeued)
+            return requeued
 
     def save_runner(self, name: str, host: str, port: int, now: float) -> None:
         with self.transaction() as db:
@@ -389,8 +408,13 @@ class JobStore:
 
     # --- helpers ---------------------------------------------------------------------
 
-    @staticmethod
-    def _move(db: sqlite3.Connection, commit: str, target: JobState) -> None:
+    def _counted(self, source: JobState | None, target: JobState, jobs: int = 1) -> None:
+        """Note, inside a transaction, that ``jobs`` jobs moved from ``source`` (None: new) to ``target``."""
+        if source is not None:
+            self._pending[source.value] = self._pending.get(source.value, 0) - jobs
+        self._pending[target.value] = self._pending.get(target.value, 0) + jobs
+
+    def _move(self, db: sqlite3.Connection, commit: str, target: JobState) -> None:
         row = db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()
         if row is None:
             raise InvalidTransition("no job for commit %s" % commit)
@@ -398,6 +422,7 @@ class JobStore:
         if (current, target) not in TRANSITIONS:
             raise InvalidTransition("job %s cannot go from %s to %s" % (commit, current.value, target.value))
         db.execute("UPDATE jobs SET state = ? WHERE commit_id = ?", (target.value, commit))
+        self._counted(current, target)
 
     @staticmethod
     def _end_attempt(db: sqlite3.Connection, attempt_id: int, outcome: Outcome, now: float) -> None:

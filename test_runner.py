@@ -281,6 +281,10 @@ class TestRunner:
         self.exit_code = 0
         self._cond = threading.Condition()
         self._job: tuple[str, int] | None = None  # accepted and not yet reported
+        #: The tests of ``_job`` are over and its result is being reported.
+        self._reporting = False
+        #: A job accepted while ``_job``'s result was on its way; started next.
+        self._next: tuple[str, int] | None = None
         #: (commit, attempt) of results kept on disk, oldest first; a copy of what
         #: pending_dir holds, refreshed whenever a file there is added or removed.
         self._kept: list[tuple[str, int]] = []
@@ -297,10 +301,10 @@ class TestRunner:
         if message.verb == "ping":
             with self._cond:
                 self._last_contact = time.monotonic()
-                job = self._job or (self._kept[0] if self._kept else None)
+                job = self._next or self._job or (self._kept[0] if self._kept else None)
             if job is None:
                 return reply("OK", state="idle")
-            if job is not self._job:
+            if job is not self._job and job is not self._next:
                 # A kept result still owns its job: saying so keeps the dispatcher from
                 # running it again (or giving this runner another) before it arrives.
                 self._delivery_wake.set()
@@ -309,10 +313,18 @@ class TestRunner:
             commit, attempt = message.fields["commit"], message.fields["attempt"]
             with self._cond:
                 self._last_contact = time.monotonic()
-                if self._job is not None or self.stop_event.is_set():
+                if self.stop_event.is_set() or self._next is not None or (self._job is not None and not self._reporting):
                     log.info("commit %s attempt %d offered by %s: busy", commit, attempt, peer)
                     return reply("BUSY")
-                self._job = (commit, attempt)
+                if self._job is None:
+                    self._job = (commit, attempt)
+                else:
+                    # The tests of the current job are over and its result is on its way.
+                    # The dispatcher frees a runner the moment a result arrives, so its next
+                    # offer can come before this runner has read the reply: take it, and start
+                    # it once the report is done, rather than answer BUSY and sit idle until
+                    # the dispatcher's next ping.
+                    self._next = (commit, attempt)
                 self._cond.notify_all()
             log.info("commit %s attempt %d accepted from %s", commit, attempt, peer)
             return reply("OK")
@@ -348,12 +360,20 @@ class TestRunner:
                 while self._job is None and not self.stop_event.is_set():
                     self._cond.wait()
                 if self.stop_event.is_set():
-                    return
+                    job = self._job
+                    self._job = self._next = None
+                    break
                 commit, attempt = self._job
             result = self._run_job(commit, attempt)
+            with self._cond:
+                self._reporting = True
             self._report(result)
             with self._cond:
-                self._job = None
+                self._job, self._next = self._next, None
+                self._reporting = False
+        if job is not None:
+            # Accepted but never started: hand it back so it runs elsewhere now.
+            self._deliver(JobResult(job[0], job[1], "aborted", reason="runner shutting down"))
 
     def _run_job(self, commit: str, attempt: int) -> JobResult:
         started = time.monotonic()
@@ -481,7 +501,7 @@ class TestRunner:
 
     def _register(self) -> bool:
         with self._cond:
-            job = self._job
+            job = self._next or self._job
         message = request(
             "register",
             host=self.advertise_host,

@@ -1,0 +1,105 @@
+"""Scaling: M = 10 x R commits on R runners, against one such commit tested by hand.
+
+Each generated commit has a test that sleeps 2 s: mostly waiting, so on 2 cores
+the runners can overlap. The baseline is one such commit checked out and tested by
+hand (reset, clean, the same test command), measured twice right before each
+level, so that both sides see the same machine. With R runners registered and
+idle, the benchmark dispatches M = 10 x R new commits at once and waits for their M
+result files; the efficiency is M x baseline / R / wall time: 1.0 would mean the
+system adds nothing and the runners never wait for work.
+
+Both sides run pytest with plugin auto-loading off (``--test-command`` for the
+runners): on this machine the installed plugins cost about 1 CPU-second per run,
+which would turn "tests that mostly wait" into tests that need more than 2 cores
+at R = 8, and measure the machine rather than the system.
+
+One dispatcher serves every level; runners are added as R grows (1, 2, 4, 8), each
+with its own clone, which already holds the commits (so, as by hand, no fetch).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from bench.common import (
+    BenchError,
+    Daemons,
+    Row,
+    clone,
+    commit,
+    median,
+    new_repo,
+    result_exists,
+    run_by_hand,
+    start_dispatcher,
+    start_runner,
+    verdict,
+    wait_runners_ready,
+    wait_until,
+)
+
+TARGET_EFFICIENCY = 0.85
+JOBS_PER_RUNNER = 10
+SLEEP_S = 2.0
+POLL_S = 0.02
+
+#: pytest without installed plugins (hypothesis, ...): the test command of both sides.
+TEST_COMMAND = ("PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 exec %s -m pytest -p no:cacheprovider -q"
+                ' --junitxml "$CI_JUNIT_XML"' % shlex.quote(sys.executable))
+
+SLEEPING_TEST = "import time\n\nCOMMIT = %d\n\ndef test_sleeps():\n    time.sleep(%s)\n"
+
+
+def run(work: Path, quick: bool) -> list[Row]:
+    levels = (1, 2, 4, 8)
+    per_runner = 1 if quick else JOBS_PER_RUNNER
+    sleep = 0.2 if quick else SLEEP_S
+    upstream = new_repo(work / "upstream", {"test_sleep.py": SLEEPING_TEST % (0, sleep)})
+    commits = [commit(upstream, {"test_sleep.py": SLEEPING_TEST % (index + 1, sleep)}, "sleepy %d" % index)
+               for index in range(per_runner * sum(levels) + 1)]
+    hand_clone = clone(upstream, work / "by-hand-clone")
+    clones = [clone(upstream, work / ("runner-%d-clone" % (index + 1))) for index in range(max(levels))]
+    # The last commit is the by-hand one; the others go through the system.
+    queue = iter(commits[:-1])
+    rows = []
+    with Daemons(work) as daemons:
+        _, address, results = start_dispatcher(daemons, work)
+        started = 0
+        for runners in levels:
+            while started < runners:
+                started += 1
+                start_runner(daemons, "runner-%d" % started, clones[started - 1], address,
+                             "--test-command", TEST_COMMAND)
+            wait_runners_ready(address, runners)
+            baseline = median([run_by_hand(hand_clone, commits[-1], work, TEST_COMMAND) for _ in range(2)])
+            batch = [next(queue) for _ in range(per_runner * runners)]
+            wall = run_batch(address, results, batch)
+            efficiency = len(batch) * baseline / runners / wall
+            rows.append(Row(
+                "scaling",
+                "R=%d runners, M=%d commits of a %g s test: efficiency" % (runners, len(batch), sleep),
+                "%.3f (wall %.1f s)" % (efficiency, wall),
+                "%.2f s per commit by hand" % baseline,
+                ">= %.2f" % TARGET_EFFICIENCY,
+                verdict(efficiency >= TARGET_EFFICIENCY),
+            ))
+    return rows
+
+
+def run_batch(address: tuple[str, int], results: Path, batch: list[str]) -> float:
+    """Dispatch every commit of ``batch`` over one connection; seconds until all have results."""
+    from helpers import Connection, request
+
+    started = time.perf_counter()
+    with Connection(address) as connection:
+        for sha in batch:
+            answer = connection.request(request("dispatch", commit=sha))
+            if answer.verb != "OK" or answer.get("new") != 1:
+                raise BenchError("dispatch of %s answered %s" % (sha[:12], answer))
+    timeout = 60 + len(batch) * 30
+    wait_until(lambda: all(result_exists(results, sha) for sha in batch), timeout, POLL_S,
+               "results of %d commits" % len(batch))
+    return time.perf_counter() - started

@@ -1,0 +1,49 @@
+"""The benchmarks still run: bench/run_all.py --quick prints every row of its table.
+
+This checks that the benchmark command works end to end at tiny sizes -- daemons
+start, the fake runner and load clients speak the protocol, every benchmark
+produces its rows -- not how fast anything is: the figures of a quick run mean
+nothing, and a timed test would fail on a busy machine.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+#: Every row the table must have, as (benchmark, start of the figure's name).
+EXPECTED_ROWS = [
+    ("latency", "dispatch -> result file"),
+    ("detection", "push -> job queued, observer"),
+    ("detection", "push -> job queued, with the push trigger"),
+    ("scaling", "R=1 runners"),
+    ("scaling", "R=2 runners"),
+    ("scaling", "R=4 runners"),
+    ("scaling", "R=8 runners"),
+    ("capacity", "dispatch, 32 clients, persistent"),
+    ("capacity", "status, 32 clients, persistent"),
+    ("capacity", "dispatch, 32 clients, per-request"),
+    ("capacity", "status, 32 clients, per-request"),
+    ("history", "cost per job"),
+    ("history", "dispatcher memory"),
+    ("history", "status request"),
+]
+VERDICTS = {"met", "missed", "not available"}
+
+
+def test_quick_benchmark_run_prints_every_row(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick", "--work-dir", str(tmp_path / "bench")],
+        cwd=str(tmp_path), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=150,
+    )
+    assert done.returncode == 0, "bench failed:\n%s\n%s" % (done.stdout[-4000:], done.stderr[-4000:])
+    table = done.stdout[done.stdout.index("| benchmark"):]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:] if line.startswith("|")]
+    assert len(rows) == len(EXPECTED_ROWS), table
+    for (benchmark, figure), row in zip(EXPECTED_ROWS, rows):
+        assert row[0] == benchmark and row[1].startswith(figure), (benchmark, figure, row)
+        assert row[5] in VERDICTS, row
+        assert row[2], row
+    assert done.stdout.startswith("machine: ")
