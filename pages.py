@@ -67,6 +67,10 @@ FETCH_TIMEOUT_S = 30.0
 #: that commit waits this long: a commit that never comes must not cost a fetch
 #: per result.
 FETCH_RETRY_S = 60.0
+#: Least time between two builds. A build takes tens of milliseconds of CPU; under a
+#: stream of results, building after each would compete with the dispatcher for the
+#: CPU (and the GIL) all the time. The page is a view: a second late is fine.
+MIN_BUILD_INTERVAL_S = 1.0
 #: Longest wait for the page thread to finish its build when the dispatcher stops.
 STOP_TIMEOUT_S = 10.0
 
@@ -533,6 +537,8 @@ class ResultsPage:
                 self.write()
             except Exception:  # a broken page must not stop the next attempt
                 log.exception("results page not written")
+            if self._stop.wait(MIN_BUILD_INTERVAL_S):
+                return
 
     def write(self) -> int:
         """Build the page from the store and write it atomically. Returns the number of results on it."""

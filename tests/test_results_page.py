@@ -59,7 +59,7 @@ def test_page_lists_commits_newest_first_with_subjects_verdicts_and_failing_test
     # The chart: one bar per commit, linked to its row, coloured by verdict.
     bars = re.findall(r'<a href="#c-([0-9a-f]{40})"><rect class="bar-(\w+)', page)
     assert bars == [(initial, "passed"), (passing, "passed"), (failing, "failed"), (fixed, "passed")]
-    assert re.search(r"1 commit\(s\) not in \S+: fetching", ci.dispatcher.log())
+    assert re.search(r"\d+ commit\(s\) not in \S+: fetching", ci.dispatcher.log())
 
 
 def test_page_is_rebuilt_after_each_result_and_shows_ids_without_a_clone(ci, upstream):
