@@ -19,24 +19,27 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import queue
 import re
-import secrets
 import shutil
 import signal
 import socket
 import socketserver
-import ssl
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
+
+if TYPE_CHECKING:
+    import ssl
+
+# ssl, tempfile and ipaddress are imported where they are used: the push trigger's
+# git hook imports this module on every push, and their ~15 ms are most of what it
+# can save (docs/performance.md, detection).
 from urllib.parse import quote, unquote
 
 # --- Limits and timings (one place, with units) --------------------------------------
@@ -605,7 +608,7 @@ class Authenticator:
 
     def sign(self, kind: str, data: bytes, request_nonce: str | None = None) -> tuple[bytes, str]:
         stamp = str(int(self._clock() * 1000))
-        nonce = secrets.token_hex(16)
+        nonce = os.urandom(16).hex()  # what secrets.token_hex does, without importing random
         mac = self._mac(kind, stamp, nonce, request_nonce)
         mac.update(data)
         return ("auth %s %s %s\n" % (stamp, nonce, mac.hexdigest())).encode("ascii"), nonce
@@ -669,6 +672,8 @@ class Security:
 
 
 def server_tls_context(certificate: str, key: str) -> ssl.SSLContext:
+    import ssl
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(certificate, key)
@@ -676,6 +681,8 @@ def server_tls_context(certificate: str, key: str) -> ssl.SSLContext:
 
 
 def client_tls_context(ca_file: str) -> ssl.SSLContext:
+    import ssl
+
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
@@ -716,7 +723,7 @@ def security_from_arguments(args, serves: bool) -> Security:
             if not (args.tls_cert and args.tls_key):
                 raise ValueError("--tls-cert and --tls-key go together")
             security.server_tls = server_tls_context(args.tls_cert, args.tls_key)
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:  # ssl.SSLError is an OSError
         raise ValueError("cannot load TLS files: %s" % exc) from None
     return security
 
@@ -736,6 +743,8 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None)
     except OSError:
         return False
+    import ipaddress
+
     return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
@@ -960,7 +969,7 @@ class _ProtocolHandler(socketserver.BaseRequestHandler):
                 sock = self.server.security.server_tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
                 sock.settimeout(IO_TIMEOUT_S)
                 sock.do_handshake()
-            except (OSError, ssl.SSLError) as exc:
+            except OSError as exc:  # ssl.SSLError included
                 self.server.logger.warning("TLS handshake with %s failed: %s", peer, exc)
                 return
         stream = MessageStream(sock, self.server.security.auth)
@@ -1012,6 +1021,8 @@ def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
     ``durable``, fsync'ed), then renamed over ``path``.
     """
     folder = os.path.dirname(os.path.abspath(path))
+    import tempfile
+
     fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -274,7 +274,7 @@ def clone(source: Path, destination: Path) -> Path:
 def by_hand_env() -> dict:
     """The environment a runner gives the tests (TestRunner._run_job): the by-hand run
     gets the same, so that pytest loads the same plugins on both sides."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
+    env = dict(os.environ)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
