@@ -19,10 +19,13 @@ SLOW_PASSING_TEST = "import time\n\ndef test_slow():\n    time.sleep(%s)\n"
 
 def test_each_kind_of_commit_gets_its_verdict(ci, upstream):
     ci.start_dispatcher()
-    ci.start_runner("--timeout", "4")
-    ci.start_runner("--timeout", "4")
+    # The time limit leaves room for a loaded machine: the passing runs take about 1 s.
+    ci.start_runner("--timeout", "6")
+    ci.start_runner("--timeout", "6")
     ci.start_observer()
     initial = upstream.head()
+    # Its first round reports the tip it finds; the commits below must come after it.
+    ci.observer.wait_for_log(r"commit %s reported" % initial)
     passing = upstream.commit({"test_more.py": PASSING_TEST}, "add a passing test")
     failing = upstream.commit({"test_bad.py": FAILING_TEST}, "add a failing test")
     broken = upstream.commit({"test_bad.py": None, "test_syntax.py": SYNTAX_ERROR_TEST}, "syntax error")

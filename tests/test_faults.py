@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sqlite3
+
+import pytest
 
 from conftest import FAILING_TEST, PASSING_TEST, wait_until
 from helpers import communicate, parse_address, request
@@ -168,3 +171,16 @@ def test_unreachable_checkout_is_retried_then_an_error(ci, upstream):
     failing = upstream.commit({"test_bad.py": FAILING_TEST}, "failing")
     communicate(parse_address(ci.address), request("dispatch", commit=failing))
     assert ci.wait_result(failing)["attempts"] == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_each_daemon_stops_cleanly_on_a_signal(ci, upstream, signum):
+    ci.start_dispatcher()
+    runner = ci.start_runner()
+    observer = ci.start_observer()
+    ci.wait_result(upstream.head())
+    for process in (observer, runner, ci.dispatcher):
+        process.popen.send_signal(signum)
+        assert process.popen.wait(timeout=30) == 0, process.name
+        assert process.log().rstrip().endswith("INFO stopped"), process.name
+        assert "Traceback" not in process.log()
