@@ -105,7 +105,7 @@ def stream_round_trip(message: Message, table) -> Message:
 # --- encode / decode round trips ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("table, name", all_verbs())
+@pytest.mark.parametrize("table, name", list(all_verbs()))
 @pytest.mark.parametrize("with_options", [False, True], ids=["bare", "options"])
 def test_every_verb_round_trips(table, name, with_options):
     verb = table[name]
