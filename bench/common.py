@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.proctools import descendants  # noqa: E402  (re-exported for the benchmarks)
+
 LOOPBACK = "127.0.0.1"
 #: Longest wait for a daemon to say it is listening or registered (several start
 #: at once on 2 cores, each importing GitPython).
@@ -59,28 +61,6 @@ def wait_until(condition: Callable[[], T], timeout: float, interval: float, what
 
 
 # --- processes ---------------------------------------------------------------------------
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry, "rb") as handle:
-                stat = handle.read().decode("ascii", "replace")
-        except OSError:
-            continue
-        # The command name is in parentheses and may itself contain spaces.
-        parent = int(stat[stat.rfind(")") + 2 :].split()[1])
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def rss_kib(pid: int) -> int:
