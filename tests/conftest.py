@@ -190,6 +190,15 @@ PASSING_TEST = "def test_passes():\n    assert 1 + 1 == 2\n"
 FAILING_TEST = "def test_fails():\n    assert 1 + 1 == 3\n"
 SYNTAX_ERROR_TEST = "def test_broken(:\n    pass\n"
 HANGING_TEST = "import time\n\ndef test_hangs():\n    time.sleep(600)\n"
+#: A test that runs until the file named by ``%r`` exists (the test creates it), so a
+#: job stays in progress exactly as long as a test needs it to; bounded at 120 s.
+WAITS_FOR_FLAG_TEST = """import os, time
+
+def test_waits_for_flag():
+    deadline = time.monotonic() + 120
+    while not os.path.exists(%r) and time.monotonic() < deadline:
+        time.sleep(0.05)
+"""
 
 
 class Upstream:

@@ -8,16 +8,7 @@ import re
 import subprocess
 import sys
 
-from conftest import PASSING_TEST, ROOT, free_port, wait_until
-
-WAITS_FOR_FLAG_TEST = """import os, time
-
-def test_waits_for_flag():
-    deadline = time.monotonic() + 60
-    while not os.path.exists(%r) and time.monotonic() < deadline:
-        time.sleep(0.05)
-"""
-
+from conftest import PASSING_TEST, ROOT, WAITS_FOR_FLAG_TEST, free_port, wait_until
 
 def ctl(address: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "ci_ctl.py"), "--dispatcher-server", address, *args],

@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from conftest import FAILING_TEST, PASSING_TEST, wait_until
+from conftest import FAILING_TEST, PASSING_TEST, WAITS_FOR_FLAG_TEST, wait_until
 from helpers import communicate, parse_address, request
 from test_end_to_end import SLOW_PASSING_TEST, mixed_commit, push_at_once
 
@@ -97,15 +97,6 @@ def test_runner_killed_and_restarted_delivers_its_kept_result(ci, upstream):
     result = ci.wait_result(slow, timeout=30)
     assert result["status"] == "passed"
     assert result["attempts"] == 1
-
-
-WAITS_FOR_FLAG_TEST = """import os, time
-
-def test_waits_for_flag():
-    deadline = time.monotonic() + 120
-    while not os.path.exists(%r) and time.monotonic() < deadline:
-        time.sleep(0.05)
-"""
 
 
 def test_runner_stopped_mid_job_hands_it_back(ci, upstream, tmp_path):
