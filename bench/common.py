@@ -175,12 +175,14 @@ def start_dispatcher(daemons: Daemons, folder: Path, *extra: str) -> tuple[Daemo
     return daemon, (LOOPBACK, port), results
 
 
-def start_runner(daemons: Daemons, name: str, clone: Path, dispatcher: tuple[str, int], *extra: str) -> Daemon:
+def start_runner(daemons: Daemons, name: str, clone: Path, dispatcher: tuple[str, int], *extra: str,
+                 env: dict | None = None) -> Daemon:
     """A real test runner on a free port (not waited for: see ``wait_registered``)."""
     return daemons.start(
         name,
         [sys.executable, str(ROOT / "test_runner.py"), "--host", LOOPBACK, "--name", name,
          "--dispatcher-server", "%s:%d" % dispatcher, str(clone), *extra],
+        env,
     )
 
 
@@ -264,11 +266,14 @@ def pytest_command(junit_path: Path) -> list[str]:
     return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--junitxml", str(junit_path)]
 
 
-def run_by_hand(clone_path: Path, commit_id: str, work: Path, command: str | None = None) -> float:
+def run_by_hand(clone_path: Path, commit_id: str, work: Path, command: str | None = None,
+                extra_env: dict | None = None) -> float:
     """Seconds to make ``clone_path`` a clean checkout of ``commit_id`` and run its tests,
     as a person would: ``git reset --hard``, ``git clean -xdf``, then the runner's
-    default pytest command, or ``command`` (a shell command, as ``--test-command``)."""
+    default pytest command, or ``command`` (a shell command, as ``--test-command``),
+    with ``extra_env`` added to the runner's environment."""
     env = by_hand_env()
+    env.update(extra_env or {})
     junit = work / "by-hand-junit.xml"
     env["CI_JUNIT_XML"] = str(junit)
     started = time.perf_counter()

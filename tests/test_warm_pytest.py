@@ -1,0 +1,239 @@
+"""The warm pytest (warm_pytest.py): a job forked from it sees what ``python -m pytest``
+would have seen, starts from the zygote's state and not the last job's, is killed
+with what it started, and a zygote that dies costs a job nothing but time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import test_runner
+from helpers import communicate, parse_address, request
+from conftest import PASSING_TEST, RUNNER_ENV, wait_until
+from proctools import descendants
+from warm_pytest import WarmPytest, WarmPytestError
+
+PYTEST_ARGS = ["-p", "no:cacheprovider"]
+
+#: A test that writes what it sees of its interpreter to the file named by $PROBE_OUT.
+PROBE_TEST = '''
+import json, os, sys
+
+def test_probe():
+    seen = {
+        "cwd": os.getcwd(),
+        "path0": sys.path[0],
+        "path": sys.path,
+        "argv0": os.path.relpath(sys.argv[0], os.path.dirname(os.path.dirname(sys.argv[0]))),
+        "argv": sys.argv[1:],
+        "mark": os.environ.get("PROBE_MARK"),
+        "own_session": os.getsid(0) == os.getpid(),
+        "dont_write_bytecode": sys.dont_write_bytecode,
+        "sigint": repr(__import__("signal").getsignal(__import__("signal").SIGINT)),
+        "sigterm": repr(__import__("signal").getsignal(__import__("signal").SIGTERM)),
+        "stdin_is_null": os.path.samefile("/proc/self/fd/0", os.devnull),
+        "imported_from_clone": os.path.dirname(os.path.abspath(__import__("helper_module").__file__)),
+    }
+    with open(os.environ["PROBE_OUT"], "w") as handle:
+        json.dump(seen, handle)
+'''
+
+
+def base_env() -> dict:
+    return dict(RUNNER_ENV, PYTHONDONTWRITEBYTECODE="1")
+
+
+@pytest.fixture
+def warm(tmp_path):
+    """A started zygote, stopped (and killed by pid if need be) after the test."""
+    zygote = WarmPytest(base_env(), str(tmp_path))
+    zygote.start()
+    pid = zygote.process.pid
+    yield zygote
+    zygote.close()
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_warm(warm: WarmPytest, cwd, output, timeout: float = 60.0, env: dict | None = None, args=PYTEST_ARGS):
+    pid = warm.spawn(str(cwd), list(args), env or base_env(), str(output))
+    try:
+        return test_runner.supervise(pid, lambda: warm.wait(pid, timeout + 30), timeout, threading.Event())
+    finally:
+        test_runner._signal_group(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open("/proc/%d/stat" % pid) as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_job_sees_what_python_m_pytest_would_have_seen(warm, tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    (clone / "test_probe.py").write_text(PROBE_TEST)
+    (clone / "helper_module.py").write_text("")
+    seen = {}
+    for how in ("fresh", "warm"):
+        env = dict(base_env(), PROBE_MARK="mark", PROBE_OUT=str(tmp_path / (how + ".json")))
+        output = tmp_path / (how + ".log")
+        if how == "fresh":
+            status, why = test_runner.run_process_group(
+                [sys.executable, "-m", "pytest", *PYTEST_ARGS], str(clone), env, str(output), 60, threading.Event())
+        else:
+            status, why = run_warm(warm, clone, output, env=env)
+        assert (status, why) == (0, None), output.read_text()
+        seen[how] = json.loads((tmp_path / (how + ".json")).read_text())
+    assert seen["warm"] == seen["fresh"]
+    assert seen["warm"]["path0"] == str(clone)
+    assert seen["warm"]["own_session"] and seen["warm"]["stdin_is_null"]
+    assert seen["warm"]["argv0"] == os.path.join("pytest", "__main__.py")
+
+
+def test_each_job_starts_from_the_zygote_not_from_the_job_before(warm, tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    (clone / "test_leaves.py").write_text(
+        "import pytest, sys, os\n\n"
+        "def test_leaves_traces():\n"
+        "    pytest.left_by_a_job = True\n"
+        "    sys.modules['left_by_a_job'] = sys\n"
+        "    os.environ['LEFT_BY_A_JOB'] = '1'\n")
+    assert run_warm(warm, clone, tmp_path / "first.log") == (0, None)
+    (clone / "test_leaves.py").unlink()
+    (clone / "test_finds.py").write_text(
+        "import pytest, sys, os\n\n"
+        "def test_finds_none():\n"
+        "    assert not hasattr(pytest, 'left_by_a_job')\n"
+        "    assert 'left_by_a_job' not in sys.modules\n"
+        "    assert 'LEFT_BY_A_JOB' not in os.environ\n")
+    status, why = run_warm(warm, clone, tmp_path / "second.log")
+    assert (status, why) == (0, None), (tmp_path / "second.log").read_text()
+
+
+def test_exit_status_output_and_atexit_are_an_interpreters(warm, tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    marker = tmp_path / "atexit-ran"
+    (clone / "test_fails.py").write_text(
+        "import atexit\n\n"
+        "atexit.register(lambda: open(%r, 'w').close())\n\n"
+        "def test_fails():\n"
+        "    print('SOME OUTPUT')\n"
+        "    assert 1 + 1 == 3\n" % str(marker))
+    output = tmp_path / "out.log"
+    assert run_warm(warm, clone, output, args=[*PYTEST_ARGS, "-s"]) == (1, None)
+    assert marker.exists()
+    text = output.read_text()
+    assert "SOME OUTPUT" in text and "1 failed" in text
+    (clone / "test_fails.py").write_text("import pytest\n")  # collects nothing: pytest's status 5
+    assert run_warm(warm, clone, output) == (5, None)
+
+
+def test_time_limit_kills_the_job_and_what_it_started(warm, tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    pid_file = tmp_path / "sleeper.pid"
+    (clone / "test_hangs.py").write_text(
+        "import subprocess, time\n\n"
+        "def test_hangs():\n"
+        "    sleeper = subprocess.Popen(['sleep', '600'])\n"
+        "    open(%r, 'w').write(str(sleeper.pid))\n"
+        "    time.sleep(600)\n" % str(pid_file))
+    status, why = run_warm(warm, clone, tmp_path / "out.log", timeout=3)
+    assert why == "timeout" and status < 0
+    sleeper = int(pid_file.read_text())
+    wait_until(lambda: not alive(sleeper), 10, message="the test's own child killed")
+    # The zygote is still there for the next job.
+    (clone / "test_hangs.py").write_text(PASSING_TEST)
+    assert run_warm(warm, clone, tmp_path / "next.log") == (0, None)
+
+
+def test_a_zygote_that_dies_mid_job_is_an_error_not_a_hang(warm, tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    (clone / "test_slow.py").write_text("import time\n\ndef test_slow():\n    time.sleep(600)\n")
+    pid = warm.spawn(str(clone), PYTEST_ARGS, base_env(), str(tmp_path / "out.log"))
+    try:
+        os.kill(warm.process.pid, signal.SIGKILL)
+        with pytest.raises(WarmPytestError, match="exited"):
+            warm.wait(pid, timeout=30)
+        assert not warm.running
+        with pytest.raises(WarmPytestError):
+            warm.spawn(str(clone), PYTEST_ARGS, base_env(), str(tmp_path / "out.log"))
+    finally:
+        test_runner._signal_group(pid, signal.SIGKILL)
+
+
+def test_the_zygote_exits_when_its_input_closes(tmp_path):
+    zygote = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(test_runner.__file__), "warm_pytest.py")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=base_env(), cwd=tmp_path)
+    try:
+        assert json.loads(zygote.stdout.readline())["ready"] is True
+        zygote.stdin.write(b"not json\n")
+        zygote.stdin.flush()
+        assert "bad request" in json.loads(zygote.stdout.readline())["error"]
+        zygote.stdin.close()
+        assert zygote.wait(timeout=10) == 0
+    finally:
+        zygote.kill()
+        zygote.wait()
+        zygote.stdout.close()
+
+
+# --- in the runner ---------------------------------------------------------------------------
+
+def dispatch(ci, commit: str) -> None:
+    answer = communicate(parse_address(ci.address), request("dispatch", commit=commit))
+    assert answer.verb == "OK", answer
+
+
+PARENT_PROBE = "import os\n\ndef test_parent():\n    open(%r, 'w').write(str(os.getppid()))\n"
+
+
+def test_the_runner_forks_its_warm_pytest_unless_told_not_to(ci, tmp_path):
+    ci.start_dispatcher()
+    warm_runner = ci.start_runner()
+    warm_runner.wait_for_log(r"warm pytest ready \(pytest [\d.]+\)")
+    probe = tmp_path / "parent.pid"
+    commit = ci.upstream.commit({"test_parent.py": PARENT_PROBE % str(probe)}, "parent probe")
+    dispatch(ci, commit)
+    assert ci.wait_result(commit)["status"] == "passed"
+    parent = int(probe.read_text())
+    assert parent != warm_runner.pid and parent in descendants(warm_runner.pid)
+
+    warm_runner.terminate()
+    cold_runner = ci.start_runner("--no-warm-pytest")
+    again = ci.upstream.commit({"test_parent.py": PARENT_PROBE % str(probe) + "\n"}, "parent probe again")
+    dispatch(ci, again)
+    assert ci.wait_result(again)["status"] == "passed"
+    assert int(probe.read_text()) == cold_runner.pid
+    assert "warm pytest" not in cold_runner.log()
+
+
+def test_a_killed_warm_pytest_is_started_again_and_loses_no_verdict(ci):
+    ci.start_dispatcher()
+    runner = ci.start_runner()
+    runner.wait_for_log(r"warm pytest ready")
+    zygotes = [pid for pid in descendants(runner.pid) if "warm_pytest" in open("/proc/%d/cmdline" % pid).read()]
+    assert len(zygotes) == 1
+    os.kill(zygotes[0], signal.SIGKILL)
+    passing = ci.upstream.commit({"test_ok.py": PASSING_TEST}, "passes")
+    dispatch(ci, passing)
+    assert ci.wait_result(passing)["status"] == "passed"
+    failing = ci.upstream.commit({"test_ok.py": "def test_no():\n    assert False\n"}, "fails")
+    dispatch(ci, failing)
+    assert ci.wait_result(failing)["status"] == "failed"
+    assert len(runner.wait_for_log(r"(?s)warm pytest ready.*warm pytest ready").group(0)) > 0

@@ -1,0 +1,285 @@
+"""A warm pytest: a process that has imported pytest once and forks a fresh child per job.
+
+Starting Python and importing pytest costs a runner about 0.3 CPU-seconds per
+commit before its own plugins and tests even load (0.35 s of a 0.37 s run of one
+trivial test on the 2-core benchmark machine). With several runners on one machine
+those starts come at the same moments and slow every runner's tests. So the runner
+starts this module once, as its own process (the *zygote*), which imports pytest
+and its built-in plugins, and then waits. For each job it forks a child that
+becomes what ``python -m pytest`` would have been in the clone: a new session
+(process group) of its own, the job's working directory, environment,
+``sys.path[0]`` and ``sys.argv``, output to the job's log file; the child runs
+pytest's command-line entry point (installed plugins load then, as usual) and
+exits like an interpreter does (atexit handlers, flushed output). The zygote itself never runs a
+test and never imports anything from a clone, so every job starts from the same
+state: what differs from a fresh interpreter is only that pytest was imported
+before the job's working directory was on ``sys.path``.
+
+Talk with the runner is one JSON object per line over the zygote's stdin and
+stdout:
+
+* zygote -> runner, once: ``{"ready": true, "pytest": VERSION}`` or
+  ``{"ready": false, "error": TEXT}`` (then it exits);
+* runner -> zygote: ``{"cwd": DIR, "args": [...], "env": {...}, "output": PATH}``;
+* zygote -> runner: ``{"pid": PID}`` as soon as the child exists (the runner kills
+  the job's process group by that pid on a timeout), then ``{"pid": PID,
+  "status": CODE}`` when it has ended (CODE as ``subprocess`` gives it: negative
+  for a signal).
+
+The zygote exits when its stdin closes (the runner stopped or died).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+#: Longest request line the zygote reads (an environment of a few hundred variables).
+MAX_REQUEST_BYTES = 1 << 20
+#: Longest reply line the runner reads from the zygote.
+MAX_REPLY_BYTES = 64 << 10
+#: How long the zygote may take to import pytest (about 0.3 s on the benchmark machine).
+READY_TIMEOUT_S = 60.0
+#: How long forking a child for a job may take.
+FORK_TIMEOUT_S = 10.0
+#: After the time limit and the kill, how long to wait for the zygote to report the
+#: child's end before giving up on the zygote.
+END_MARGIN_S = 30.0
+
+log = logging.getLogger("runner")
+
+
+class WarmPytestError(Exception):
+    """The zygote could not run a job (it is gone or confused); the runner falls back
+    to a fresh interpreter."""
+
+
+def _preload() -> dict:
+    """Import pytest and its built-in plugins, as every pytest run does first; returns
+    what to announce.
+
+    Installed plugins (entry points) are not imported here: pytest rewrites their
+    asserts when it imports them itself, which it cannot do for a module already
+    imported (and says so in a warning), so each job loads them as a fresh
+    interpreter would.
+    """
+    import importlib
+
+    import pytest
+    from _pytest.config import default_plugins, essential_plugins
+
+    for name in (*essential_plugins, *default_plugins):
+        try:
+            importlib.import_module("_pytest." + name)
+        except ImportError:
+            pass  # a plugin that needs an optional module; pytest skips it the same way
+    return {"ready": True, "pytest": pytest.__version__}
+
+
+def _become_job(job: dict, channels: tuple[int, int]) -> None:
+    """In the forked child: turn into ``python -m pytest ARGS`` run in ``job["cwd"]``. Never returns."""
+    code = 1
+    try:
+        os.setsid()
+        # As a fresh interpreter has them (SIGPIPE stays ignored, as Python sets it).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        output = os.open(job["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+        for fd in (output, null, *channels):
+            os.close(fd)
+        os.chdir(job["cwd"])
+        os.environ.clear()
+        os.environ.update(job["env"])
+        import _pytest.config
+        import pytest
+
+        sys.argv = [os.path.join(os.path.dirname(pytest.__file__), "__main__.py"), *job["args"]]
+        # What ``python -m`` puts first on the path: the working directory.
+        sys.path[0] = os.getcwd()
+        # What pytest/__main__.py calls (pytest 9.1 made the public name deprecated).
+        console_main = getattr(_pytest.config, "_console_main", None) or pytest.console_main
+        code = console_main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported in the job's output, like an interpreter would
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        # An interpreter's exit: the tests' atexit handlers, then flushed output.
+        try:
+            import atexit
+
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
+
+
+def _send(stream, message: dict) -> None:
+    stream.write(json.dumps(message) + "\n")
+    stream.flush()
+
+
+def serve(requests, replies) -> int:
+    """The zygote's loop: one job at a time until ``requests`` ends."""
+    # Ctrl-C in a terminal reaches the whole foreground group; the runner decides
+    # when the zygote stops (by closing its stdin), not the keyboard.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        announce = _preload()
+    except Exception as exc:  # noqa: BLE001 - the runner falls back to a fresh interpreter per job
+        _send(replies, {"ready": False, "error": "%s: %s" % (exc.__class__.__name__, exc)})
+        return 1
+    if threading.active_count() != 1:
+        # fork() copies one thread only; a thread started by an import would leave
+        # the children with half-held locks.
+        _send(replies, {"ready": False, "error": "importing pytest started threads"})
+        return 1
+    _send(replies, announce)
+    while True:
+        line = requests.readline(MAX_REQUEST_BYTES)
+        if not line:
+            return 0
+        try:
+            job = json.loads(line)
+            if not (isinstance(job.get("args"), list) and isinstance(job.get("env"), dict)
+                    and isinstance(job.get("cwd"), str) and isinstance(job.get("output"), str)):
+                raise ValueError("a job needs cwd, args, env and output")
+        except ValueError as exc:
+            _send(replies, {"error": "bad request: %s" % exc})
+            continue
+        child = os.fork()
+        if child == 0:
+            _become_job(job, (requests.fileno(), replies.fileno()))
+        _send(replies, {"pid": child})
+        _, status = os.waitpid(child, 0)
+        _send(replies, {"pid": child, "status": os.waitstatus_to_exitcode(status)})
+
+
+class WarmPytest:
+    """The runner's side: one zygote process, one job at a time (the runner's worker
+    thread is its only user)."""
+
+    def __init__(self, env: dict, cwd: str):
+        self.env = env
+        self.cwd = cwd
+        self.process: subprocess.Popen | None = None
+        self.description = ""
+        self._buffer = b""
+
+    def start(self) -> None:
+        """Start the zygote and wait until it has imported pytest; WarmPytestError if it cannot."""
+        self.close()
+        self._buffer = b""
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__)],
+            cwd=self.cwd,
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C in the runner's terminal is the runner's to handle
+        )
+        ready = self._read(READY_TIMEOUT_S)
+        if not ready.get("ready"):
+            self.close()
+            raise WarmPytestError("warm pytest could not start: %s" % ready.get("error"))
+        self.description = "pytest %s" % ready.get("pytest")
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def spawn(self, cwd: str, args: list[str], env: dict, output_path: str) -> int:
+        """Fork a child that runs ``python -m pytest ARGS`` in ``cwd``; returns its pid
+        (also its process group)."""
+        if not self.running:
+            raise WarmPytestError("warm pytest is not running")
+        job = {"cwd": cwd, "args": args, "env": env, "output": output_path}
+        try:
+            self.process.stdin.write(json.dumps(job).encode("utf-8") + b"\n")
+            self.process.stdin.flush()
+        except OSError as exc:
+            raise WarmPytestError("warm pytest is gone: %s" % exc) from None
+        started = self._read(FORK_TIMEOUT_S)
+        if not isinstance(started.get("pid"), int):
+            raise WarmPytestError("warm pytest refused the job: %s" % started.get("error"))
+        return started["pid"]
+
+    def wait(self, pid: int, timeout: float) -> int:
+        """The exit status of child ``pid`` (negative: killed by that signal)."""
+        ended = self._read(timeout)
+        if ended.get("pid") != pid or not isinstance(ended.get("status"), int):
+            raise WarmPytestError("warm pytest answered %r for job %d" % (ended, pid))
+        return ended["status"]
+
+    def close(self) -> None:
+        """Stop the zygote: end of its input, then a kill if it does not exit."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+    def _read(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        stream = self.process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WarmPytestError("warm pytest did not answer within %g s" % timeout)
+            readable, _, _ = select.select([stream], [], [], remaining)
+            if not readable:
+                continue
+            chunk = os.read(stream, 65536)
+            if not chunk:
+                raise WarmPytestError("warm pytest exited (status %s)" % self.process.poll())
+            self._buffer += chunk
+            if len(self._buffer) > MAX_REPLY_BYTES:
+                raise WarmPytestError("warm pytest sent a reply of more than %d bytes" % MAX_REPLY_BYTES)
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise WarmPytestError("warm pytest sent %r" % line[:200]) from None
+        if not isinstance(message, dict):
+            raise WarmPytestError("warm pytest sent %r" % line[:200])
+        return message
+
+
+def zygote_main() -> int:
+    # The protocol moves off fds 0 and 1, which become /dev/null and stderr: what a
+    # plugin prints while it is imported must not end up in a reply.
+    requests = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    return serve(requests, replies)
+
+
+if __name__ == "__main__":
+    sys.exit(zygote_main())
