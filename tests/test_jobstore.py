@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+import threading
 
 import pytest
 
@@ -368,3 +369,108 @@ def test_a_new_file_gets_the_current_schema_version(db_path):
         assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     JobStore(db_path).close()  # reopening the same version is fine
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def wal_pages(path: str) -> tuple[int, int]:
+    """(pages in the WAL, pages of it already copied into the database file), as a
+    passive checkpoint on a connection of its own reports them after doing its part."""
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        _, pages, copied = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return pages, copied
+    finally:
+        other.close()
+
+
+def rows_in_the_database_file(path: str, folder) -> int:
+    """Jobs in the database file alone, without its WAL: what checkpoints copied."""
+    import shutil
+
+    copy = str(folder / "copy.sqlite3")
+    shutil.copyfile(path, copy)
+    alone = sqlite3.connect(copy)
+    try:
+        return alone.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0  # not even the table yet
+    finally:
+        alone.close()
+
+
+def test_commits_do_not_checkpoint_the_store_does_it_on_its_own_thread(store, db_path, tmp_path):
+    from conftest import wait_until
+
+    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    assert store._checkpointer.is_alive()
+    for index in range(10):
+        store.enqueue("%040x" % index, float(index))
+    # A quiet store's last writes reach the database file within about a second,
+    # without a commit or anyone else asking.
+    wait_until(lambda: rows_in_the_database_file(db_path, tmp_path) == 10, 10,
+               message="the writes copied into the database file")
+
+
+def test_the_wal_starts_over_after_a_checkpoint_even_with_a_write_in_progress(db_path):
+    import jobstore
+
+    store = JobStore(db_path)
+    try:
+        # Stop the checkpointer and write well past the restart threshold.
+        store._closing.set()
+        store._checkpoint_wanted.set()
+        store._checkpointer.join()
+        for index in range(400):
+            store.enqueue("%040x" % index, float(index))
+        pages, _ = wal_pages(db_path)
+        assert pages > jobstore.WAL_RESTART_PAGES
+        # A write is in progress (its transaction open) while the checkpoint runs: the
+        # checkpoint's last step waits for it, so that it copies that write too.
+        in_transaction, may_commit = threading.Event(), threading.Event()
+
+        def slow_write():
+            with store.transaction() as db:
+                db.execute("INSERT INTO jobs (commit_id, state, queued_at) VALUES (?, 'queued', 0)", ("e" * 40,))
+                in_transaction.set()
+                may_commit.wait(30)
+
+        writer = threading.Thread(target=slow_write)
+        writer.start()
+        checkpointer = None
+        try:
+            assert in_transaction.wait(10)
+            connection = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+            checkpointer = threading.Thread(target=store._checkpoint, args=(connection,))
+            checkpointer.start()
+            checkpointer.join(timeout=1.0)
+            assert checkpointer.is_alive(), "the checkpoint's last step did not wait for the write in progress"
+        finally:
+            may_commit.set()
+            writer.join(timeout=30)
+            if checkpointer is not None:
+                checkpointer.join(timeout=30)
+        connection.close()
+        store.enqueue("f" * 40, 1.0)
+        # The WAL was written from its start again: it holds only that last write.
+        pages_after, _ = wal_pages(db_path)
+        assert pages_after < 10 < pages
+    finally:
+        store.close()
+
+
+def test_a_closed_store_leaves_everything_in_the_database_file(db_path):
+    import os
+
+    store = JobStore(db_path)
+    for index in range(50):
+        store.enqueue("%040x" % index, float(index))
+    store.close()
+    assert not store._checkpointer.is_alive()
+    assert not os.path.exists(db_path + "-wal") or os.path.getsize(db_path + "-wal") == 0
+    reopened = JobStore(db_path)
+    try:
+        assert reopened.count(JobState.QUEUED) == 50
+    finally:
+        reopened.close()
