@@ -163,6 +163,9 @@ def serve(requests, replies) -> int:
         except ValueError as exc:
             _send(replies, {"error": "bad request: %s" % exc})
             continue
+        # Nothing the zygote buffered may end up in a job's output.
+        sys.stdout.flush()
+        sys.stderr.flush()
         child = os.fork()
         if child == 0:
             _become_job(job, (requests.fileno(), replies.fileno()))
