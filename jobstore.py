@@ -61,7 +61,11 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS jobs (
-    seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- queue order: first dispatched, first run
+    -- Queue order: first dispatched, first run. Jobs are never deleted, so the
+    -- largest seq plus one (SQLite's rowid rule) keeps growing without AUTOINCREMENT,
+    -- which costs every dispatch one more page written (its sqlite_sequence row).
+    -- Files made with AUTOINCREMENT keep it and behave the same.
+    seq             INTEGER PRIMARY KEY,
     commit_id       TEXT NOT NULL UNIQUE,
     state           TEXT NOT NULL,
     queued_at       REAL NOT NULL,
