@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import helpers
-from conftest import PASSING_TEST, ROOT, RUNNER_ENV, Processes, Upstream, free_port, wait_until
+from conftest import PASSING_TEST, ROOT, RUNNER_ENV, Processes, Upstream, free_port, page_rows, wait_until
 from helpers import (
     REPLIES,
     REQUESTS,
@@ -258,6 +258,11 @@ class LiveSystem:
         self.job = self.upstream.head()
         communicate(self.address, request("dispatch", commit=self.job), security=self.trusted)
         wait_until(lambda: (self.results_dir / (self.job + ".json")).exists(), timeout=60, message="first result")
+        # The results page is rebuilt up to a second after a result: until it lists the
+        # job, a snapshot could catch it changing and blame the case under test.
+        page = self.results_dir / "index.html"
+        wait_until(lambda: page.exists() and self.job in dict(page_rows(page.read_text())), timeout=30,
+                   message="the results page to list the first result")
 
     def snapshot(self):
         jobs = sqlite3.connect(self.db).execute("SELECT commit_id, state, summary FROM jobs ORDER BY seq").fetchall()
