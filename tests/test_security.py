@@ -231,6 +231,25 @@ def test_tls_with_authentication_end_to_end(ci, upstream, certificates):
     assert communicate(address, request("status"), security=trusted).verb == "OK"
 
 
+def test_push_trigger_hook_reports_over_tls_with_the_secret(processes, upstream, tmp_path, certificates):
+    from test_push_trigger import install_hooks
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET + b"\n")
+    dispatcher = processes.start("dispatcher", [
+        sys.executable, str(ROOT / "dispatcher.py"), "--port", "0", "--results-dir", str(tmp_path / "results"),
+        "--secret-file", str(secret), "--tls-cert", str(certificates["cert"]), "--tls-key", str(certificates["key"])])
+    address = "127.0.0.1:%s" % dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+    installed = install_hooks(upstream.path, address, "--branch", "main", "--secret-file", str(secret),
+                              "--tls-ca", str(certificates["ca"]))
+    assert installed.returncode == 0, installed.stderr
+
+    sha = upstream.commit({}, "reported over TLS")  # the post-commit hook runs inside
+
+    dispatcher.wait_for_log(r"commit %s queued" % sha)
+    assert "bad request" not in dispatcher.log() and "TLS handshake" not in dispatcher.log()
+
+
 # --- the hostile-input battery -----------------------------------------------------------
 
 
