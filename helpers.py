@@ -1,13 +1,18 @@
 """The wire protocol shared by the observer, the dispatcher and the runners.
 
-This module is the only place where bytes become messages and messages become
-bytes. A message is one header line -- a verb, its positional fields, then
+This module, with protocol_core.py below it, is the only place where bytes become
+messages and messages become bytes. A message is one header line -- a verb, its positional fields, then
 ``key=value`` options -- optionally followed by binary sections whose byte
 lengths the header declares (``log=1234``). Every verb is described once, in
 ``REQUESTS`` and ``REPLIES``; ``decode`` checks a header against that table and
 turns each field into a typed value, or raises ``ProtocolError``, which the
 server turns into an ``ERR <reason>`` reply and a log line. docs/protocol.md is
 the human description of the same table; keep the two in step.
+
+The lowest layer -- header lines and their size cap, reading under deadlines, the
+``auth`` line, commit ids and addresses -- is protocol_core.py, which the push
+trigger's hook uses on its own because it is cheap to import; this module
+re-exports it.
 
 Besides the codec, this module holds what all three daemons share around it:
 ``communicate()`` (one request, one reply, bounded in time and size),
@@ -17,8 +22,6 @@ thread), atomic file writes, logging set-up and signal handling.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 import queue
@@ -37,16 +40,40 @@ from typing import TYPE_CHECKING, Callable, Mapping
 if TYPE_CHECKING:
     import ssl
 
-# ssl, tempfile and ipaddress are imported where they are used: the push trigger's
-# git hook imports this module on every push, and their ~15 ms are most of what it
-# can save (docs/performance.md, detection).
+# ssl, tempfile and ipaddress are imported where they are used: most processes that
+# import this module never need them, and together they cost about 15 ms to import.
 from urllib.parse import quote, unquote
 
-# --- Limits and timings (one place, with units) --------------------------------------
+# The client's side of the bytes -- header lines, reading under deadlines, the auth
+# line, commit ids and addresses -- lives in protocol_core.py, cheap to import for the
+# push trigger's hook; it is re-exported from here, where the daemons look for it.
+from protocol_core import (  # noqa: F401 - re-exported
+    CONNECT_TIMEOUT_S,
+    IO_TIMEOUT_S,
+    MAX_CLOCK_SKEW_S,
+    MAX_LINE_BYTES,
+    MESSAGE_DEADLINE_S,
+    MIN_SECRET_BYTES,
+    SECRET_ENV,
+    Authenticator,
+    ProtocolError,
+    Stream,
+    client_tls_context,
+    connect,
+    format_address,
+    header_bytes,
+    is_commit_id,
+    is_decimal,
+    parse_address,
+    parse_commit,
+    parse_host,
+    parse_port,
+    read_secret,
+    split_header,
+)
 
-#: Longest header line accepted, newline included. Headers carry ids and small
-#: numbers; anything longer is garbage or an attack.
-MAX_LINE_BYTES = 8 * 1024
+# --- Limits and timings (one place, with units; those a client needs are in protocol_core)
+
 #: Test output the dispatcher keeps per result; the rest is cut off with a marker
 #: so that a chatty test suite still gets its verdict recorded.
 MAX_LOG_BYTES = 8 * 1024 * 1024
@@ -58,19 +85,11 @@ MAX_JSON_BYTES = 16 * 1024 * 1024
 #: discarding it would tie up a thread for too long.
 MAX_SECTION_ON_WIRE_BYTES = 256 * 1024 * 1024
 
-#: How long connect() may take before the peer is considered unreachable.
-CONNECT_TIMEOUT_S = 3.0
-#: Longest wait for any single read or write to make progress.
-IO_TIMEOUT_S = 10.0
-#: A whole message (header and sections) must arrive within this time.
-MESSAGE_DEADLINE_S = 120.0
 #: A server closes a connection on which no new request starts within this time.
 IDLE_TIMEOUT_S = 15.0
 #: A server thread left without a connection for this long exits.
 THREAD_IDLE_S = 30.0
 
-COMMIT_PATTERN = re.compile(r"[0-9a-f]{7,64}\Z")
-HOST_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,253}\Z")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._:@\-]{1,128}\Z")
 
 #: Statuses a runner may report for an attempt. ``passed`` and ``failed`` are the
@@ -81,44 +100,14 @@ RUNNER_STATUSES = ("passed", "failed", "error", "aborted")
 log = logging.getLogger("ci.protocol")
 
 
-class ProtocolError(Exception):
-    """Input that does not follow the protocol. The text is sent back after ``ERR``."""
-
-
 # --- Field types ---------------------------------------------------------------------
 # Each parser takes the wire text (already percent-decoded) and returns the typed
-# value, or raises ProtocolError with a reason fit for the peer to read.
-
-
-def parse_commit(text: str) -> str:
-    """A commit id: 7 to 64 hex digits, returned in lower case.
-
-    Commit ids become file names and git arguments, so nothing else gets through.
-    """
-    value = text.lower()
-    if not COMMIT_PATTERN.match(value):
-        raise ProtocolError("invalid commit id (want 7 to 64 hex digits)")
-    return value
-
-
-def parse_host(text: str) -> str:
-    if not HOST_PATTERN.match(text):
-        raise ProtocolError("invalid host")
-    return text
-
-
-_DIGITS = re.compile(r"[0-9]{1,12}\Z")
-
-
-def parse_port(text: str) -> int:
-    if not _DIGITS.match(text) or not 1 <= int(text) <= 65535:
-        raise ProtocolError("invalid port (want 1 to 65535)")
-    return int(text)
+# value, or raises ProtocolError with a reason fit for the peer to read. parse_commit,
+# parse_host and parse_port are in protocol_core.
 
 
 def parse_count(text: str) -> int:
-    # ASCII digits only: str.isdigit() would let through '²', which int() refuses.
-    if not _DIGITS.match(text):
+    if not is_decimal(text):
         raise ProtocolError("invalid count (want a non-negative integer)")
     return int(text)
 
@@ -354,9 +343,7 @@ def encode_header(message: Message, table: Mapping[str, Verb]) -> str:
 
 def encode(message: Message, table: Mapping[str, Verb]) -> bytes:
     """The bytes of ``message``: its header line, then its sections in table order."""
-    header = encode_header(message, table).encode("utf-8") + b"\n"
-    if len(header) > MAX_LINE_BYTES:
-        raise ValueError("header of %s exceeds %d bytes" % (message.verb, MAX_LINE_BYTES))
+    header = header_bytes(encode_header(message, table))
     verb = table[message.verb]
     return header + b"".join(message.sections[s.name] for s in verb.sections if s.name in message.sections)
 
@@ -371,17 +358,7 @@ def decode_header(line: bytes, table: Mapping[str, Verb]) -> tuple[Message, list
     their declared lengths. Raises ProtocolError for anything the table does not
     allow: unknown verbs, missing or extra fields, bad values, duplicates.
     """
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError("header is not UTF-8") from None
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise ProtocolError("control character in header")
-    # Trailing spaces are tolerated (people type requests by hand with nc).
-    text = text.rstrip(" ")
-    if not text.strip():
-        raise ProtocolError("empty line")
-    head, _, rest = text.partition(" ")
+    head, rest = split_header(line)
     verb = table.get(head)
     if verb is None:
         shown = head[:40] + ("..." if len(head) > 40 else "")
@@ -433,85 +410,9 @@ def _unquote(token: str, name: str) -> str:
         raise ProtocolError("field %r is not UTF-8 once decoded" % name[:40]) from None
 
 
-class MessageStream:
-    """Reads and writes framed messages on one socket, every operation under a deadline.
-
-    A hand-rolled buffer rather than ``socket.makefile``: each ``recv`` gets the
-    time left until the message's deadline, so a peer that trickles one byte at
-    a time cannot hold a thread for longer than ``MESSAGE_DEADLINE_S``. With an
-    ``Authenticator``, each message travels behind an ``auth`` line (see there).
-    """
-
-    def __init__(self, sock: socket.socket, auth: "Authenticator | None" = None):
-        self.sock = sock
-        self.auth = auth
-        self._buffer = bytearray()
-        #: When the message being read must be complete: set by its first byte.
-        self._message_deadline = 0.0
-
-    def _recv(self, deadline: float) -> bytes:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("message deadline passed")
-        self.sock.settimeout(min(remaining, IO_TIMEOUT_S))
-        return self.sock.recv(65536)
-
-    def read_line(self, first_byte_timeout: float, continuing: bool = False) -> bytes | None:
-        """One line without its newline; None if the peer closed cleanly before it.
-
-        The first line of a message starts the message's deadline; a ``continuing``
-        line (the header after an ``auth`` line) is bound by that same deadline.
-        """
-        started = continuing or bool(self._buffer)
-        if continuing:
-            deadline = self._message_deadline
-        elif started:
-            deadline = self._message_deadline = time.monotonic() + MESSAGE_DEADLINE_S
-        else:
-            deadline = time.monotonic() + first_byte_timeout
-        while True:
-            newline = self._buffer.find(b"\n")
-            if newline >= 0:
-                if newline + 1 > MAX_LINE_BYTES:
-                    raise ProtocolError("line too long (limit %d bytes)" % MAX_LINE_BYTES)
-                line = bytes(self._buffer[:newline])
-                del self._buffer[: newline + 1]
-                return line[:-1] if line.endswith(b"\r") else line
-            if len(self._buffer) > MAX_LINE_BYTES:
-                raise ProtocolError("line too long (limit %d bytes)" % MAX_LINE_BYTES)
-            chunk = self._recv(deadline)
-            if not chunk:
-                if self._buffer or continuing:
-                    raise ProtocolError("connection closed in the middle of a line")
-                return None
-            if not started:
-                started = True
-                deadline = self._message_deadline = time.monotonic() + MESSAGE_DEADLINE_S
-            self._buffer += chunk
-
-    def read_bytes(self, length: int, keep: int, deadline: float, digest: "_Verification | None" = None) -> bytes:
-        """Read ``length`` bytes, keeping the first ``keep`` and discarding the rest
-        (all of them still count for the message's tag)."""
-        kept = bytearray()
-        remaining = length
-        while remaining:
-            if self._buffer:
-                chunk = bytes(self._buffer[:remaining])
-                del self._buffer[: len(chunk)]
-            else:
-                chunk = self._recv(deadline)
-                if not chunk:
-                    raise ProtocolError("connection closed in the middle of a section")
-                if len(chunk) > remaining:
-                    self._buffer += chunk[remaining:]
-                    chunk = chunk[:remaining]
-            if digest is not None:
-                digest.update(chunk)
-            remaining -= len(chunk)
-            room = keep - len(kept)
-            if room > 0:
-                kept += chunk[:room]
-        return bytes(kept)
+class MessageStream(Stream):
+    """Reads and writes whole messages on one socket: protocol_core.Stream's lines,
+    byte runs and ``auth`` lines, plus this module's codec (verbs, fields, sections)."""
 
     def read_message(
         self,
@@ -524,15 +425,10 @@ class MessageStream:
         With authentication, a request is checked for freshness and replay, a
         reply (``request_nonce`` given) for being the answer to that request.
         """
-        line = self.read_line(first_byte_timeout)
-        if line is None:
+        header = self.read_header(first_byte_timeout, request_nonce)
+        if header is None:
             return None
-        verification = None
-        if self.auth is not None:
-            kind = "reply" if request_nonce is not None else "request"
-            verification = self.auth.begin(kind, line, request_nonce)
-            line = self.read_line(first_byte_timeout, continuing=True)
-            verification.update(line + b"\n")
+        line, verification = header
         message, pending = decode_header(line, table)
         for section, length in pending:
             data = self.read_bytes(length, section.keep, self._message_deadline, verification)
@@ -557,104 +453,11 @@ class MessageStream:
 
         Returns the nonce of that line, which the reply must name, or None.
         """
-        data = encode(message, table)
-        nonce = None
-        if self.auth is not None and signed:
-            kind = "reply" if request_nonce is not None else "request"
-            auth_line, nonce = self.auth.sign(kind, data, request_nonce)
-            data = auth_line + data
-        self.sock.settimeout(IO_TIMEOUT_S)
-        self.sock.sendall(data)
-        return nonce
+        return self.send(encode(message, table), request_nonce, signed)
 
 
 # --- Authentication ------------------------------------------------------------------
-
-#: A message stamped further than this from the receiver's clock is refused, and
-#: nonces are remembered for twice as long, so a replay is refused either way.
-MAX_CLOCK_SKEW_S = 60.0
-#: Shorter secrets are refused: they could be guessed offline from one tagged message.
-MIN_SECRET_BYTES = 16
-SECRET_ENV = "CI_SECRET"
-_AUTH_LINE = re.compile(rb"auth ([0-9]{1,16}) ([0-9a-f]{32}) ([0-9a-f]{64})\Z")
-
-
-class Authenticator:
-    """HMAC-SHA256 over every message, in both directions, with a shared secret.
-
-    A sender puts ``auth <unix time in ms> <nonce> <tag>`` on the line before the
-    message; the tag covers a label (``request`` or ``reply``), the time, the
-    nonce, for a reply the nonce of its request, and every byte of the message,
-    sections included. The secret itself never crosses the wire. A receiver
-    refuses a missing or wrong tag, a time more than ``MAX_CLOCK_SKEW_S`` away from
-    its own clock, and a request nonce it has already seen (a replay); a reply
-    must name the nonce of the request it answers, so an old reply cannot be
-    passed off as a new one.
-    """
-
-    def __init__(self, secret: bytes, max_skew: float = MAX_CLOCK_SKEW_S, clock: Callable[[], float] = time.time):
-        if len(secret) < MIN_SECRET_BYTES:
-            raise ValueError("the shared secret must be at least %d bytes" % MIN_SECRET_BYTES)
-        self._key = secret
-        self.max_skew = max_skew
-        self._clock = clock
-        self._lock = threading.Lock()
-        #: Request nonces seen, with when each may be forgotten, oldest first.
-        self._seen: dict[str, float] = {}
-
-    def _mac(self, kind: str, stamp: str, nonce: str, request_nonce: str | None) -> "hmac.HMAC":
-        prefix = "ci-auth-1|%s|%s|%s|%s|" % (kind, stamp, nonce, request_nonce or "-")
-        return hmac.new(self._key, prefix.encode("ascii"), hashlib.sha256)
-
-    def sign(self, kind: str, data: bytes, request_nonce: str | None = None) -> tuple[bytes, str]:
-        stamp = str(int(self._clock() * 1000))
-        nonce = os.urandom(16).hex()  # what secrets.token_hex does, without importing random
-        mac = self._mac(kind, stamp, nonce, request_nonce)
-        mac.update(data)
-        return ("auth %s %s %s\n" % (stamp, nonce, mac.hexdigest())).encode("ascii"), nonce
-
-    def begin(self, kind: str, line: bytes, request_nonce: str | None) -> "_Verification":
-        match = _AUTH_LINE.match(line)
-        if match is None:
-            if kind == "reply" and line.startswith(b"ERR "):
-                # The peer refused the request before it could sign anything.
-                raise ProtocolError("refused: %s" % line[4:200].decode("utf-8", "replace"))
-            raise ProtocolError("authentication required" if not line.startswith(b"auth ") else "malformed auth line")
-        stamp, nonce, tag = (part.decode("ascii") for part in match.groups())
-        return _Verification(self, kind, stamp, nonce, tag, self._mac(kind, stamp, nonce, request_nonce))
-
-    def _accept(self, kind: str, stamp: str, nonce: str) -> None:
-        now = self._clock()
-        if abs(now - int(stamp) / 1000) > self.max_skew:
-            raise ProtocolError("stale or future timestamp (clocks more than %g s apart?)" % self.max_skew)
-        if kind != "request":
-            return
-        with self._lock:
-            # Forget nonces too old to pass the timestamp check anyway.
-            while self._seen:
-                oldest = next(iter(self._seen))
-                if self._seen[oldest] > now:
-                    break
-                del self._seen[oldest]
-            if nonce in self._seen:
-                raise ProtocolError("replayed message")
-            self._seen[nonce] = now + 2 * self.max_skew
-
-
-class _Verification:
-    """The tag of one incoming message, computed as its bytes arrive."""
-
-    def __init__(self, auth: Authenticator, kind: str, stamp: str, nonce: str, tag: str, mac: "hmac.HMAC"):
-        self._auth, self._kind, self._stamp, self.nonce, self._tag, self._mac = auth, kind, stamp, nonce, tag, mac
-
-    def update(self, data: bytes) -> None:
-        self._mac.update(data)
-
-    def finish(self) -> str:
-        if not hmac.compare_digest(self._mac.hexdigest(), self._tag):
-            raise ProtocolError("authentication failed")
-        self._auth._accept(self._kind, self._stamp, self.nonce)
-        return self.nonce
+# Authenticator (the auth line's HMAC, replay and clock checks) is in protocol_core.
 
 
 # --- TLS and the security settings of a daemon -----------------------------------------
@@ -680,14 +483,6 @@ def server_tls_context(certificate: str, key: str) -> ssl.SSLContext:
     return context
 
 
-def client_tls_context(ca_file: str) -> ssl.SSLContext:
-    import ssl
-
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
 def add_security_arguments(parser, serves: bool) -> None:
     """The options every daemon shares for the secret, TLS and (for servers) binding."""
     group = parser.add_argument_group("security")
@@ -706,15 +501,7 @@ def add_security_arguments(parser, serves: bool) -> None:
 
 def security_from_arguments(args, serves: bool) -> Security:
     """Read the secret and TLS files named by ``add_security_arguments``; ValueError if wrong."""
-    secret = None
-    if args.secret_file:
-        try:
-            with open(args.secret_file, "rb") as handle:
-                secret = handle.read().strip()
-        except OSError as exc:
-            raise ValueError("cannot read the secret file: %s" % exc) from None
-    elif os.environ.get(SECRET_ENV):
-        secret = os.environ[SECRET_ENV].strip().encode("utf-8")
+    secret = read_secret(args.secret_file)
     security = Security(auth=Authenticator(secret) if secret is not None else None)
     try:
         if args.tls_ca:
@@ -751,21 +538,6 @@ def is_loopback(host: str) -> bool:
 # --- Client side ---------------------------------------------------------------------
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """``host:port`` as given on a command line, checked."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError("want HOST:PORT, got %r" % text)
-    try:
-        return parse_host(host), parse_port(port)
-    except ProtocolError as exc:
-        raise ValueError("%s in %r" % (exc, text)) from None
-
-
-def format_address(address: tuple[str, int]) -> str:
-    return "%s:%d" % address
-
-
 class Connection:
     """A client connection that can carry several requests, one after another."""
 
@@ -777,17 +549,8 @@ class Connection:
     ):
         self.address = address
         security = security or Security()
-        sock = socket.create_connection(address, timeout=connect_timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if security.client_tls is not None:
-                # The handshake runs under the connect timeout set above.
-                sock = security.client_tls.wrap_socket(sock, server_hostname=address[0])
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.stream = MessageStream(sock, security.auth)
+        self.sock = connect(address, connect_timeout, security.client_tls)
+        self.stream = MessageStream(self.sock, security.auth)
 
     def request(self, message: Message, timeout: float = IO_TIMEOUT_S) -> Message:
         """Send ``message`` and wait at most ``timeout`` seconds for the start of its reply."""

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import git
 import jinja2
 
-from helpers import COMMIT_PATTERN, MAX_JUNIT_BYTES, atomic_write
+from helpers import MAX_JUNIT_BYTES, atomic_write, is_commit_id
 from jobstore import JobStore
 from reports import result_path
 
@@ -543,7 +543,7 @@ class ResultsPage:
     def write(self) -> int:
         """Build the page from the store and write it atomically. Returns the number of results on it."""
         started = time.monotonic()
-        summaries = [s for s in self.store.recent_summaries(self.limit) if COMMIT_PATTERN.match(str(s.get("commit")))]
+        summaries = [s for s in self.store.recent_summaries(self.limit) if is_commit_id(str(s.get("commit")))]
         commits = [summary["commit"] for summary in summaries]
         infos = self.metadata.lookup(commits) if self.metadata is not None else {}
         rows, durations = [], {}

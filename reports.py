@@ -22,7 +22,7 @@ import json
 import os
 import xml.etree.ElementTree as ElementTree
 
-from helpers import COMMIT_PATTERN, atomic_write
+from helpers import atomic_write, is_commit_id
 
 #: The root elements of the JUnit XML that pytest (and most other tools) write.
 JUNIT_ROOTS = ("testsuites", "testsuite")
@@ -55,7 +55,7 @@ def iso_time(timestamp: float | None) -> str | None:
 
 def result_path(results_dir: str, commit: str, suffix: str = "") -> str:
     """The path of one of ``commit``'s files; refuses anything but a commit id."""
-    if not COMMIT_PATTERN.match(commit):
+    if not is_commit_id(commit):
         raise ValueError("not a commit id: %r" % commit)
     return os.path.join(results_dir, commit + suffix)
 

@@ -11,8 +11,8 @@ setup(
     long_description=open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    py_modules=["helpers", "jobstore", "reports", "pages", "dispatcher", "test_runner", "repo_observer", "ci_local",
-                "ci_ctl", "push_trigger", "warm_pytest"],
+    py_modules=["protocol_core", "helpers", "jobstore", "reports", "pages", "dispatcher", "test_runner", "repo_observer",
+                "ci_local", "ci_ctl", "push_trigger", "push_hook", "warm_pytest"],
     # The git steps stay shell scripts that users can read and adapt; installed on
     # PATH, where helpers.script_path() finds them.
     scripts=["update_repo.sh", "test_runner_script.sh", "run_or_fail.sh"],

@@ -17,8 +17,11 @@ import time
 import types
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import helpers
+import protocol_core
 from conftest import wait_until
 from helpers import (
     MAX_LINE_BYTES,
@@ -523,7 +526,7 @@ def test_silent_peer_times_out_within_the_first_byte_timeout(pair):
 
 
 def test_peer_that_stops_mid_line_times_out(pair, monkeypatch):
-    monkeypatch.setattr(helpers, "IO_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(protocol_core, "IO_TIMEOUT_S", 0.2)
     left, right = pair
     left.sendall(b"dispatch abc")  # then nothing, but the connection stays open
     started = time.monotonic()
@@ -533,7 +536,7 @@ def test_peer_that_stops_mid_line_times_out(pair, monkeypatch):
 
 
 def test_peer_that_stops_mid_section_times_out(pair, monkeypatch):
-    monkeypatch.setattr(helpers, "IO_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(protocol_core, "IO_TIMEOUT_S", 0.2)
     left, right = pair
     left.sendall(b"results abcdef1 1 passed log=100\nsome")
     started = time.monotonic()
@@ -566,8 +569,8 @@ class TricklingSocket:
 
 def trickle(monkeypatch, chunks: list[bytes], step: float) -> TricklingSocket:
     sock = TricklingSocket(chunks, step)
-    monkeypatch.setattr(helpers, "time", types.SimpleNamespace(monotonic=sock.monotonic))
-    monkeypatch.setattr(helpers, "MESSAGE_DEADLINE_S", 1.0)
+    monkeypatch.setattr(protocol_core, "time", types.SimpleNamespace(monotonic=sock.monotonic))
+    monkeypatch.setattr(protocol_core, "MESSAGE_DEADLINE_S", 1.0)
     return sock
 
 
@@ -694,6 +697,78 @@ def test_parse_address(text, expected):
             helpers.parse_address(text)
     else:
         assert helpers.parse_address(text) == expected
+
+
+# protocol_core checks values with sets instead of regular expressions (importing re
+# would cost the push trigger's hook milliseconds); they must accept exactly what the
+# expressions that helpers.py used before did.
+REFERENCE_PATTERNS = {
+    "commit id": (protocol_core.is_commit_id, re.compile(r"[0-9a-f]{7,64}\Z")),
+    "decimal": (protocol_core.is_decimal, re.compile(r"[0-9]{1,12}\Z")),
+    "host": (lambda text: _accepts(protocol_core.parse_host, text), re.compile(r"[A-Za-z0-9._:\-]{1,253}\Z")),
+}
+AUTH_LINE_PATTERN = re.compile(rb"auth ([0-9]{1,16}) ([0-9a-f]{32}) ([0-9a-f]{64})\Z")
+
+
+def _accepts(parser, text) -> bool:
+    try:
+        parser(text)
+        return True
+    except ProtocolError:
+        return False
+
+
+def _near_valid_text(alphabet: str, low: int, high: int):
+    return st.one_of(st.text(max_size=high + 2), st.text(alphabet=alphabet + "AFgG:/ \n\u00b2\u0663", max_size=high + 2),
+                     st.text(alphabet=alphabet, min_size=max(low - 1, 0), max_size=high + 1))
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_PATTERNS))
+def test_set_checks_accept_what_the_regular_expressions_did(name):
+    check, pattern = REFERENCE_PATTERNS[name]
+    alphabet, low, high = {"commit id": ("0123456789abcdef", 7, 64), "decimal": ("0123456789", 1, 12),
+                           "host": ("aZ09._:-", 1, 253)}[name]
+
+    @settings(max_examples=1000, deadline=None)
+    @given(_near_valid_text(alphabet, low, high))
+    def agree(text):
+        assert check(text) == bool(pattern.match(text)), repr(text)
+
+    agree()
+    for length in (low - 1, low, high, high + 1):
+        text = alphabet[0] * length
+        assert check(text) == bool(pattern.match(text)), length
+
+
+def _auth_line_cases() -> list[bytes]:
+    """Every combination of a field that is right, one character short or long, or has
+    a character the expression refuses."""
+    stamps = [b"", b"1", b"9" * 16, b"9" * 17, b"1\xc2\xb2", b"1a", b" 1"]
+    nonces = [b"0" * 32, b"0" * 31, b"0" * 33, b"A" * 32, b"0" * 31 + b"g", b"0" * 31 + b"\n"]
+    tags = [b"f" * 64, b"f" * 63, b"f" * 65, b"F" * 64, b"f" * 63 + b" "]
+    return [b" ".join((verb, stamp, nonce, tag))
+            for verb in (b"auth", b"Auth", b"auth ") for stamp in stamps for nonce in nonces for tag in tags]
+
+
+def _auth_line_disagreements(lines) -> list[bytes]:
+    def expected(line):
+        match = AUTH_LINE_PATTERN.match(line)
+        return None if match is None else tuple(group.decode() for group in match.groups())
+
+    return [line for line in lines if protocol_core.parse_auth_line(line) != expected(line)]
+
+
+def test_auth_line_check_accepts_what_the_regular_expression_did():
+    cases = _auth_line_cases()
+    # Only the stamps "1" and "9" * 16, with the right nonce and tag after "auth", are valid.
+    assert sum(1 for line in cases if AUTH_LINE_PATTERN.match(line)) == 2
+    assert _auth_line_disagreements([b"", *cases]) == []
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=120))
+def test_auth_line_check_refuses_arbitrary_bytes_as_the_expression_did(line):
+    assert _auth_line_disagreements([line]) == []
 
 
 # --- real daemons facing bad input ------------------------------------------------------------

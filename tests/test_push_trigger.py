@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
+import shlex
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import helpers
+import protocol_core
+import push_hook
 import push_trigger
 from conftest import FAILING_TEST, GIT_ENV, PASSING_TEST, ROOT, CISystem, free_port, git
 
@@ -210,3 +218,174 @@ def test_hook_authenticates_with_the_shared_secret(processes, upstream, tmp_path
     sha = upstream.commit({"test_signed.py": PASSING_TEST.replace("passes", "signed")}, "signed")
     dispatcher.wait_for_log(r"commit %s queued" % sha)
     assert "bad request" not in dispatcher.log()
+
+
+# --- what runs on every push: push_hook.py ------------------------------------------------
+
+#: What the hook must not import: each costs milliseconds on every push, and none is
+#: needed on the wire (helpers.py would bring in most of them).
+SLOW_IMPORTS = {"site", "re", "logging", "dataclasses", "typing", "argparse", "subprocess", "threading", "helpers",
+                "urllib.parse", "encodings.idna"}
+
+
+def hook_command(hooks: Path, kind: str) -> list[str]:
+    """The command line of an installed hook: its last line, ``exec ...``."""
+    last = (hooks / kind).read_text().splitlines()[-1]
+    assert last.startswith("exec ")
+    return shlex.split(last)[1:]
+
+
+def imported_modules(stderr: str) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")} - {
+        "package"}
+
+
+@pytest.mark.parametrize("secret", [False, True])
+def test_hook_runs_python_with_s_and_e_and_imports_only_what_the_wire_needs(processes, served, tmp_path, secret):
+    ci = CISystem(processes, served, tmp_path)
+    secret_options = []
+    if secret:
+        (tmp_path / "secret").write_text("a-secret-of-enough-length-0123\n")
+        secret_options = ["--secret-file", str(tmp_path / "secret")]
+    ci.start_dispatcher(*secret_options)
+    assert install_hooks(served.path, ci.address, *secret_options).returncode == 0
+    command = hook_command(served.path / "hooks", "post-receive")
+    assert command[:3] == [sys.executable, "-S", "-E"]
+    assert command[3] == str(ROOT / "push_hook.py")
+    assert command[4:] == ["post-receive", "--dispatcher-server", ci.address, "--branch", "main", *secret_options]
+
+    old = served.head()
+    new = served.commit({}, "one more")
+    assert hook_lines(served.push()) == ["remote: ci-trigger: 1 commit(s) sent to the CI dispatcher at %s (1 new)" % (
+        ci.address)]
+    # The same hook again, by hand, to see what it imports.
+    done = subprocess.run([command[0], "-X", "importtime", *command[1:]], input="%s %s refs/heads/main\n" % (old, new),
+                          cwd=served.path, capture_output=True, text=True, timeout=30)
+
+    assert done.returncode == 0
+    assert "ci-trigger: 1 commit(s) sent to the CI dispatcher at %s (0 new)" % ci.address in done.stderr
+    imported = imported_modules(done.stderr)
+    assert {"protocol_core", "socket"} <= imported
+    assert not imported & SLOW_IMPORTS, "the hook imported %s" % sorted(imported & SLOW_IMPORTS)
+    assert ("hmac" in imported) == secret, "hmac only with a secret"
+    assert "ssl" not in imported, "ssl only with --tls-ca"
+    assert "bad request" not in ci.dispatcher.log()
+
+
+def test_hooks_written_by_an_older_ci_trigger_still_report(processes, served, tmp_path):
+    ci = CISystem(processes, served, tmp_path)
+    ci.start_dispatcher()
+    # What `ci-trigger install` wrote before push_hook.py existed.
+    old_hook = served.path / "hooks" / "post-receive"
+    old_hook.write_text("#!/bin/sh\n%s: tells the CI dispatcher at %s about new commits on main at once.\nexec %s\n" % (
+        push_trigger.HOOK_MARKER, ci.address, " ".join(shlex.quote(part) for part in [
+            sys.executable, str(ROOT / "push_trigger.py"), "post-receive", "--dispatcher-server", ci.address,
+            "--branch", "main"])))
+    old_hook.chmod(0o755)
+
+    sha = served.commit({}, "pushed through an old hook")
+    pushed = served.push()
+
+    assert hook_lines(pushed) == ["remote: ci-trigger: 1 commit(s) sent to the CI dispatcher at %s (1 new)" % ci.address]
+    ci.dispatcher.wait_for_log(r"commit %s queued" % sha)
+    # Installing again replaces it (it carries the marker) with the fast one.
+    assert install_hooks(served.path, ci.address).returncode == 0
+    assert "push_hook.py" in old_hook.read_text()
+
+
+def test_hook_command_line_is_parsed_by_hand_like_argparse_did(capsys):
+    assert push_hook.parse_arguments(
+        ["post-receive", "--dispatcher-server", "h:1", "--branch=main", "--secret-file", "s", "--tls-ca=c"]
+    ) == ("post-receive", {"--dispatcher-server": "h:1", "--branch": "main", "--secret-file": "s", "--tls-ca": "c"})
+    for wrong in ([], ["pre-receive", "--dispatcher-server", "h:1", "--branch", "main"],
+                  ["post-commit", "--branch", "main"], ["post-commit", "--dispatcher-server", "h:1", "--branch"],
+                  ["post-commit", "--dispatcher-server", "h:1", "--branch", "main", "--force"],
+                  ["post-commit", "--dispatcher-server", "h:1", "--branch", "main", "extra"]):
+        with pytest.raises(ValueError):
+            push_hook.parse_arguments(wrong)
+    # A bad command line is a warning, never a failed push or commit.
+    assert push_hook.main(["post-commit", "--nonsense"]) == 0
+    assert "ci-trigger: warning: bad hook command line" in capsys.readouterr().err
+
+
+def test_git_output_reports_failures_and_stops_a_git_that_hangs(upstream, monkeypatch):
+    assert push_hook.git_output(["rev-parse", "HEAD"], cwd=str(upstream.path)) == upstream.head()
+    with pytest.raises(push_hook.HookError, match=r"git rev-parse --verify no-such-ref failed: fatal"):
+        push_hook.git_output(["rev-parse", "--verify", "no-such-ref"], cwd=str(upstream.path))
+    monkeypatch.setattr(push_hook, "GIT_TIMEOUT_S", 0.3)
+    started = time.monotonic()
+    # An alias that runs a shell command stands in for a git that hangs (3 s, so
+    # that the shell it leaves behind does not outlive the test run for long).
+    with pytest.raises(push_hook.HookError, match="took longer than 0.3 s"):
+        push_hook.git_output(["-c", "alias.hang=!sleep 3", "hang"], cwd=str(upstream.path))
+    assert time.monotonic() - started < 2.5
+
+
+SECRET = b"hook-side-secret-0123456789abcdef"
+
+
+def test_auth_line_is_the_hmac_that_docs_protocol_md_describes(monkeypatch):
+    """One fixed message, computed here from the description: any change to the bytes
+    the hook or the daemons sign shows up as a failure."""
+    monkeypatch.setattr(protocol_core.os, "urandom", lambda size: bytes(range(size)))
+    auth = protocol_core.Authenticator(SECRET, clock=lambda: 1700000000.5)
+    data = b"dispatch abcdef1\n"
+
+    line, nonce = auth.sign("request", data)
+    reply_line, _ = auth.sign("reply", b"OK new=1 job=queued\n", request_nonce=nonce)
+
+    assert nonce == bytes(range(16)).hex()
+    tag = hmac.new(SECRET, b"ci-auth-1|request|1700000000500|%s|-|" % nonce.encode() + data, hashlib.sha256).hexdigest()
+    assert line == b"auth 1700000000500 %s %s\n" % (nonce.encode(), tag.encode())
+    reply_tag = hmac.new(SECRET, b"ci-auth-1|reply|1700000000500|%s|%s|OK new=1 job=queued\n" % (
+        nonce.encode(), nonce.encode()), hashlib.sha256).hexdigest()
+    assert reply_line.split()[3] == reply_tag.encode()
+    assert helpers.Authenticator is protocol_core.Authenticator, "one implementation for hook and daemons"
+
+
+def serve_one(sock: socket.socket, secret: bytes | None, answer=None) -> tuple[threading.Thread, list]:
+    """Read one request with the daemons' codec on ``sock`` and answer it, in a thread."""
+    received = []
+
+    def serve():
+        stream = helpers.MessageStream(sock, helpers.Authenticator(secret) if secret else None)
+        message = stream.read_message(helpers.REQUESTS, first_byte_timeout=5)
+        received.append(message)
+        stream.write_message(answer or helpers.reply("OK", new=1, job="queued"), helpers.REPLIES,
+                             request_nonce=message.nonce, signed=message.nonce is not None)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread, received
+
+
+@pytest.mark.parametrize("secret", [None, SECRET])
+def test_hook_and_daemon_codec_understand_each_other(secret):
+    hook_side, daemon_side = socket.socketpair()
+    with hook_side, daemon_side:
+        thread, received = serve_one(daemon_side, secret)
+        stream = protocol_core.Stream(hook_side, protocol_core.Authenticator(secret) if secret else None)
+        verb, rest = push_hook.dispatch(stream, "abcdef1")
+        thread.join(timeout=10)
+    assert (received[0].verb, received[0].fields) == ("dispatch", {"commit": "abcdef1"})
+    assert (received[0].nonce is not None) == (secret is not None)
+    assert (verb, push_hook.reply_option(rest, "new"), push_hook.reply_option(rest, "job")) == ("OK", "1", "queued")
+
+
+@pytest.mark.parametrize("signer", [b"another-secret-of-enough-length", None])
+def test_hook_refuses_a_reply_signed_with_another_secret_or_not_at_all(signer):
+    hook_side, daemon_side = socket.socketpair()
+
+    def answer():
+        # Reads the request without checking it; answers naming its nonce.
+        stream = protocol_core.Stream(daemon_side, protocol_core.Authenticator(signer) if signer else None)
+        auth_line = stream.read_line(5)
+        stream.read_line(5, continuing=True)
+        stream.send(b"OK new=1 job=queued\n", request_nonce=protocol_core.parse_auth_line(auth_line)[1])
+
+    with hook_side, daemon_side:
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        with pytest.raises(protocol_core.ProtocolError, match="authentication (failed|required)"):
+            push_hook.dispatch(protocol_core.Stream(hook_side, protocol_core.Authenticator(SECRET)), "abcdef1")
+        thread.join(timeout=10)

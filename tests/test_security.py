@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import helpers
-from conftest import PASSING_TEST, ROOT, RUNNER_ENV, Processes, Upstream, free_port, wait_until
+from conftest import PASSING_TEST, ROOT, RUNNER_ENV, Processes, Upstream, free_port, page_rows, wait_until
 from helpers import (
     REPLIES,
     REQUESTS,
@@ -231,6 +231,25 @@ def test_tls_with_authentication_end_to_end(ci, upstream, certificates):
     assert communicate(address, request("status"), security=trusted).verb == "OK"
 
 
+def test_push_trigger_hook_reports_over_tls_with_the_secret(processes, upstream, tmp_path, certificates):
+    from test_push_trigger import install_hooks
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET + b"\n")
+    dispatcher = processes.start("dispatcher", [
+        sys.executable, str(ROOT / "dispatcher.py"), "--port", "0", "--results-dir", str(tmp_path / "results"),
+        "--secret-file", str(secret), "--tls-cert", str(certificates["cert"]), "--tls-key", str(certificates["key"])])
+    address = "127.0.0.1:%s" % dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+    installed = install_hooks(upstream.path, address, "--branch", "main", "--secret-file", str(secret),
+                              "--tls-ca", str(certificates["ca"]))
+    assert installed.returncode == 0, installed.stderr
+
+    sha = upstream.commit({}, "reported over TLS")  # the post-commit hook runs inside
+
+    dispatcher.wait_for_log(r"commit %s queued" % sha)
+    assert "bad request" not in dispatcher.log() and "TLS handshake" not in dispatcher.log()
+
+
 # --- the hostile-input battery -----------------------------------------------------------
 
 
@@ -258,6 +277,11 @@ class LiveSystem:
         self.job = self.upstream.head()
         communicate(self.address, request("dispatch", commit=self.job), security=self.trusted)
         wait_until(lambda: (self.results_dir / (self.job + ".json")).exists(), timeout=60, message="first result")
+        # The results page is rebuilt up to a second after a result: until it lists the
+        # job, a snapshot could catch it changing and blame the case under test.
+        page = self.results_dir / "index.html"
+        wait_until(lambda: page.exists() and self.job in dict(page_rows(page.read_text())), timeout=30,
+                   message="the results page to list the first result")
 
     def snapshot(self):
         jobs = sqlite3.connect(self.db).execute("SELECT commit_id, state, summary FROM jobs ORDER BY seq").fetchall()

@@ -1,0 +1,406 @@
+"""The bottom layer of the wire protocol: what a client needs to send one request and
+read its reply, in a module that is cheap to import.
+
+The push trigger's git hook (push_hook.py) is a new Python process on every push; each
+module it imports is paid for on every push (docs/performance.md, detection). So the
+pieces that the daemons' codec in helpers.py and the hook both need live here, once:
+
+* commit ids and ``host:port`` addresses, checked;
+* header lines: their size cap, and the first split of one into verb and the rest;
+* ``Stream``: lines and byte runs read from a socket, every read under a deadline, and
+  messages written and read behind an ``auth`` line when a secret is in use;
+* ``Authenticator``: the HMAC-SHA256 tag of those ``auth`` lines, made and checked;
+* the shared secret read from its file or the environment, the client's TLS context, and
+  ``connect()``.
+
+At the top it imports only os, socket and time (and ``_thread`` for a lock, which is all
+``threading.Lock`` is); hmac and hashlib are imported when a secret is in use, ssl when
+TLS is. Nothing here may import re, logging, dataclasses or typing: each costs the hook
+milliseconds. helpers.py imports and re-exports all of it; docs/protocol.md describes the
+bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from _thread import allocate_lock
+
+#: Longest header line accepted, newline included. Headers carry ids and small
+#: numbers; anything longer is garbage or an attack.
+MAX_LINE_BYTES = 8 * 1024
+#: How long connect() may take before the peer is considered unreachable.
+CONNECT_TIMEOUT_S = 3.0
+#: Longest wait for any single read or write to make progress.
+IO_TIMEOUT_S = 10.0
+#: A whole message (header and sections) must arrive within this time.
+MESSAGE_DEADLINE_S = 120.0
+
+#: A message stamped further than this from the receiver's clock is refused, and
+#: nonces are remembered for twice as long, so a replay is refused either way.
+MAX_CLOCK_SKEW_S = 60.0
+#: Shorter secrets are refused: they could be guessed offline from one tagged message.
+MIN_SECRET_BYTES = 16
+SECRET_ENV = "CI_SECRET"
+
+
+class ProtocolError(Exception):
+    """Input that does not follow the protocol. The text is sent back after ``ERR``."""
+
+
+# --- Values a client sends ------------------------------------------------------------
+# Checked with sets, not regular expressions: importing re costs the hook more than
+# everything here.
+
+_HEX = frozenset("0123456789abcdef")
+_DECIMAL = frozenset("0123456789")
+_HOST_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+
+
+def is_commit_id(text: str) -> bool:
+    """Whether ``text`` is 7 to 64 lower-case hex digits, as every commit id on the wire is."""
+    return 7 <= len(text) <= 64 and _HEX.issuperset(text)
+
+
+def is_decimal(text: str) -> bool:
+    """Whether ``text`` is 1 to 12 ASCII digits (str.isdigit() would let through '²',
+    which int() refuses)."""
+    return 1 <= len(text) <= 12 and _DECIMAL.issuperset(text)
+
+
+def parse_commit(text: str) -> str:
+    """A commit id: 7 to 64 hex digits, returned in lower case.
+
+    Commit ids become file names and git arguments, so nothing else gets through.
+    """
+    value = text.lower()
+    if not is_commit_id(value):
+        raise ProtocolError("invalid commit id (want 7 to 64 hex digits)")
+    return value
+
+
+def parse_host(text: str) -> str:
+    if not 1 <= len(text) <= 253 or not _HOST_CHARACTERS.issuperset(text):
+        raise ProtocolError("invalid host")
+    return text
+
+
+def parse_port(text: str) -> int:
+    if not is_decimal(text) or not 1 <= int(text) <= 65535:
+        raise ProtocolError("invalid port (want 1 to 65535)")
+    return int(text)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` as given on a command line, checked."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("want HOST:PORT, got %r" % text)
+    try:
+        return parse_host(host), parse_port(port)
+    except ProtocolError as exc:
+        raise ValueError("%s in %r" % (exc, text)) from None
+
+
+def format_address(address: tuple[str, int]) -> str:
+    return "%s:%d" % address
+
+
+# --- Header lines ----------------------------------------------------------------------
+
+
+def header_bytes(header: str) -> bytes:
+    """A header line as it goes on the wire: UTF-8, a newline, at most MAX_LINE_BYTES."""
+    line = header.encode("utf-8") + b"\n"
+    if len(line) > MAX_LINE_BYTES:
+        raise ValueError("header of %s exceeds %d bytes" % (header.partition(" ")[0], MAX_LINE_BYTES))
+    return line
+
+
+def split_header(line: bytes) -> tuple[str, str]:
+    """A header line (without its newline) as its verb and the rest of it.
+
+    Raises ProtocolError unless the line is UTF-8 without control characters and not
+    blank; trailing spaces are dropped (people type requests by hand with nc).
+    """
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("header is not UTF-8") from None
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ProtocolError("control character in header")
+    text = text.rstrip(" ")
+    if not text.strip():
+        raise ProtocolError("empty line")
+    verb, _, rest = text.partition(" ")
+    return verb, rest
+
+
+# --- Reading and writing on a socket ---------------------------------------------------
+
+
+class Stream:
+    """Reads and writes the lines and bytes of messages on one socket, every operation
+    under a deadline.
+
+    A hand-rolled buffer rather than ``socket.makefile``: each ``recv`` gets the
+    time left until the message's deadline, so a peer that trickles one byte at
+    a time cannot hold a thread for longer than ``MESSAGE_DEADLINE_S``. With an
+    ``Authenticator``, each message travels behind an ``auth`` line (see there).
+    helpers.MessageStream adds the codec (verbs, fields, sections) on top.
+    """
+
+    def __init__(self, sock: socket.socket, auth: Authenticator | None = None):
+        self.sock = sock
+        self.auth = auth
+        self._buffer = bytearray()
+        #: When the message being read must be complete: set by its first byte.
+        self._message_deadline = 0.0
+
+    def _recv(self, deadline: float) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("message deadline passed")
+        self.sock.settimeout(min(remaining, IO_TIMEOUT_S))
+        return self.sock.recv(65536)
+
+    def read_line(self, first_byte_timeout: float, continuing: bool = False) -> bytes | None:
+        """One line without its newline; None if the peer closed cleanly before it.
+
+        The first line of a message starts the message's deadline; a ``continuing``
+        line (the header after an ``auth`` line) is bound by that same deadline.
+        """
+        started = continuing or bool(self._buffer)
+        if continuing:
+            deadline = self._message_deadline
+        elif started:
+            deadline = self._message_deadline = time.monotonic() + MESSAGE_DEADLINE_S
+        else:
+            deadline = time.monotonic() + first_byte_timeout
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                if newline + 1 > MAX_LINE_BYTES:
+                    raise ProtocolError("line too long (limit %d bytes)" % MAX_LINE_BYTES)
+                line = bytes(self._buffer[:newline])
+                del self._buffer[: newline + 1]
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self._buffer) > MAX_LINE_BYTES:
+                raise ProtocolError("line too long (limit %d bytes)" % MAX_LINE_BYTES)
+            chunk = self._recv(deadline)
+            if not chunk:
+                if self._buffer or continuing:
+                    raise ProtocolError("connection closed in the middle of a line")
+                return None
+            if not started:
+                started = True
+                deadline = self._message_deadline = time.monotonic() + MESSAGE_DEADLINE_S
+            self._buffer += chunk
+
+    def read_bytes(self, length: int, keep: int, deadline: float, digest: _Verification | None = None) -> bytes:
+        """Read ``length`` bytes, keeping the first ``keep`` and discarding the rest
+        (all of them still count for the message's tag)."""
+        kept = bytearray()
+        remaining = length
+        while remaining:
+            if self._buffer:
+                chunk = bytes(self._buffer[:remaining])
+                del self._buffer[: len(chunk)]
+            else:
+                chunk = self._recv(deadline)
+                if not chunk:
+                    raise ProtocolError("connection closed in the middle of a section")
+                if len(chunk) > remaining:
+                    self._buffer += chunk[remaining:]
+                    chunk = chunk[:remaining]
+            if digest is not None:
+                digest.update(chunk)
+            remaining -= len(chunk)
+            room = keep - len(kept)
+            if room > 0:
+                kept += chunk[:room]
+        return bytes(kept)
+
+    def read_header(
+        self, first_byte_timeout: float, request_nonce: str | None = None
+    ) -> tuple[bytes, _Verification | None] | None:
+        """The next message's header line, or None when the peer closed before starting one.
+
+        With authentication, the ``auth`` line before it is read first, and the
+        verification returned must be given the message's section bytes (``read_bytes``)
+        and then ``finish()``ed. A reply (``request_nonce`` given) is checked for being
+        the answer to that request, a request for freshness and replay.
+        """
+        line = self.read_line(first_byte_timeout)
+        if line is None or self.auth is None:
+            return None if line is None else (line, None)
+        kind = "reply" if request_nonce is not None else "request"
+        verification = self.auth.begin(kind, line, request_nonce)
+        line = self.read_line(first_byte_timeout, continuing=True)
+        verification.update(line + b"\n")
+        return line, verification
+
+    def send(self, data: bytes, request_nonce: str | None = None, signed: bool = True) -> str | None:
+        """Send the bytes of one message (behind an ``auth`` line when authenticating
+        and ``signed``). Returns the nonce of that line, which the reply must name, or None.
+        """
+        nonce = None
+        if self.auth is not None and signed:
+            kind = "reply" if request_nonce is not None else "request"
+            auth_line, nonce = self.auth.sign(kind, data, request_nonce)
+            data = auth_line + data
+        self.sock.settimeout(IO_TIMEOUT_S)
+        self.sock.sendall(data)
+        return nonce
+
+
+# --- Authentication ------------------------------------------------------------------
+
+
+def parse_auth_line(line: bytes) -> tuple[str, str, str] | None:
+    """``auth <time> <nonce> <tag>``: the time (1 to 16 digits), the nonce (32 hex digits)
+    and the tag (64 hex digits) as text, or None if the line is not exactly that."""
+    parts = line.split(b" ")
+    if len(parts) != 4 or parts[0] != b"auth":
+        return None
+    stamp, nonce, tag = parts[1:]
+    # bytes.isdigit() is ASCII only; the sets hold ints, as iterating bytes gives.
+    if not (1 <= len(stamp) <= 16 and stamp.isdigit()):
+        return None
+    if len(nonce) != 32 or len(tag) != 64 or not _HEX_BYTES.issuperset(nonce) or not _HEX_BYTES.issuperset(tag):
+        return None
+    return stamp.decode("ascii"), nonce.decode("ascii"), tag.decode("ascii")
+
+
+_HEX_BYTES = frozenset(b"0123456789abcdef")
+
+
+class Authenticator:
+    """HMAC-SHA256 over every message, in both directions, with a shared secret.
+
+    A sender puts ``auth <unix time in ms> <nonce> <tag>`` on the line before the
+    message; the tag covers a label (``request`` or ``reply``), the time, the
+    nonce, for a reply the nonce of its request, and every byte of the message,
+    sections included. The secret itself never crosses the wire. A receiver
+    refuses a missing or wrong tag, a time more than ``MAX_CLOCK_SKEW_S`` away from
+    its own clock, and a request nonce it has already seen (a replay); a reply
+    must name the nonce of the request it answers, so an old reply cannot be
+    passed off as a new one.
+    """
+
+    def __init__(self, secret: bytes, max_skew: float = MAX_CLOCK_SKEW_S, clock=time.time):
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ValueError("the shared secret must be at least %d bytes" % MIN_SECRET_BYTES)
+        self._key = secret
+        self.max_skew = max_skew
+        self._clock = clock
+        self._lock = allocate_lock()
+        #: Request nonces seen, with when each may be forgotten, oldest first.
+        self._seen: dict[str, float] = {}
+
+    def _mac(self, kind: str, stamp: str, nonce: str, request_nonce: str | None):
+        # Imported here, not at the top: a hook without a secret never needs them (~6 ms).
+        import hashlib
+        import hmac
+
+        prefix = "ci-auth-1|%s|%s|%s|%s|" % (kind, stamp, nonce, request_nonce or "-")
+        return hmac.new(self._key, prefix.encode("ascii"), hashlib.sha256)
+
+    def sign(self, kind: str, data: bytes, request_nonce: str | None = None) -> tuple[bytes, str]:
+        stamp = str(int(self._clock() * 1000))
+        nonce = os.urandom(16).hex()  # what secrets.token_hex does, without importing random
+        mac = self._mac(kind, stamp, nonce, request_nonce)
+        mac.update(data)
+        return ("auth %s %s %s\n" % (stamp, nonce, mac.hexdigest())).encode("ascii"), nonce
+
+    def begin(self, kind: str, line: bytes, request_nonce: str | None) -> _Verification:
+        parsed = parse_auth_line(line)
+        if parsed is None:
+            if kind == "reply" and line.startswith(b"ERR "):
+                # The peer refused the request before it could sign anything.
+                raise ProtocolError("refused: %s" % line[4:200].decode("utf-8", "replace"))
+            raise ProtocolError("authentication required" if not line.startswith(b"auth ") else "malformed auth line")
+        stamp, nonce, tag = parsed
+        return _Verification(self, kind, stamp, nonce, tag, self._mac(kind, stamp, nonce, request_nonce))
+
+    def _accept(self, kind: str, stamp: str, nonce: str) -> None:
+        now = self._clock()
+        if abs(now - int(stamp) / 1000) > self.max_skew:
+            raise ProtocolError("stale or future timestamp (clocks more than %g s apart?)" % self.max_skew)
+        if kind != "request":
+            return
+        with self._lock:
+            # Forget nonces too old to pass the timestamp check anyway.
+            while self._seen:
+                oldest = next(iter(self._seen))
+                if self._seen[oldest] > now:
+                    break
+                del self._seen[oldest]
+            if nonce in self._seen:
+                raise ProtocolError("replayed message")
+            self._seen[nonce] = now + 2 * self.max_skew
+
+
+class _Verification:
+    """The tag of one incoming message, computed as its bytes arrive."""
+
+    def __init__(self, auth: Authenticator, kind: str, stamp: str, nonce: str, tag: str, mac):
+        self._auth, self._kind, self._stamp, self.nonce, self._tag, self._mac = auth, kind, stamp, nonce, tag, mac
+
+    def update(self, data: bytes) -> None:
+        self._mac.update(data)
+
+    def finish(self) -> str:
+        import hmac  # already loaded by the Authenticator that made this
+
+        if not hmac.compare_digest(self._mac.hexdigest(), self._tag):
+            raise ProtocolError("authentication failed")
+        self._auth._accept(self._kind, self._stamp, self.nonce)
+        return self.nonce
+
+
+# --- Secret, TLS, connecting -------------------------------------------------------------
+
+
+def read_secret(secret_file: str | None) -> bytes | None:
+    """The shared secret: from ``secret_file`` if given, else from the environment
+    variable CI_SECRET, else None; surrounding white space is dropped. ValueError if
+    the file cannot be read."""
+    if secret_file:
+        try:
+            with open(secret_file, "rb") as handle:
+                return handle.read().strip()
+        except OSError as exc:
+            raise ValueError("cannot read the secret file: %s" % exc) from None
+    if os.environ.get(SECRET_ENV):
+        return os.environ[SECRET_ENV].strip().encode("utf-8")
+    return None
+
+
+def client_tls_context(ca_file: str):
+    """An ssl.SSLContext that connects with TLS 1.2 or later, trusting certificates signed
+    by ``ca_file`` and checking the host name."""
+    import ssl  # here: only a TLS client pays for it (~15 ms)
+
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def connect(address: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S, tls=None) -> socket.socket:
+    """A TCP connection to ``address`` with Nagle off, wrapped in TLS when ``tls`` (an
+    SSLContext) is given. Connecting and the TLS handshake run under ``timeout``;
+    OSError (ssl.SSLError included) if either fails."""
+    host, port = address
+    # getaddrinfo() passes a str host through the "idna" codec, whose import (with re)
+    # costs the hook ~6 ms; an ASCII host given as bytes skips it and resolves the same.
+    sock = socket.create_connection((host.encode("ascii") if host.isascii() else host, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=address[0])
+    except BaseException:
+        sock.close()
+        raise
+    return sock
