@@ -296,6 +296,9 @@ class CISystem:
                 "--interval", "0.2", str(clone), *extra]
         self.observer = self.processes.start("observer", argv)
         self.observer.wait_for_log(r"watching origin/main")
+        # Its first round starts from the tip it finds then: a test's later commits
+        # must come after that round, or the round may start from one of them.
+        self.observer.wait_for_log(r"first run on origin/main: starting from its tip")
         return self.observer
 
     def result(self, commit: str) -> dict | None:
