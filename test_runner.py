@@ -638,8 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %s -m pytest --junitxml $CI_JUNIT_XML)" % shlex.quote(sys.executable))
     parser.add_argument("--no-warm-pytest", dest="warm_pytest", action="store_false",
                         help="start a new Python for every test run instead of forking one that has already "
-                        "imported pytest and its plugins (which saves 0.3-1.5 CPU-seconds per commit; "
-                        "restart the runner after upgrading pytest or its plugins)")
+                        "imported pytest (which saves about 0.3 CPU-seconds per commit; restart the runner "
+                        "after upgrading pytest)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TEST_TIMEOUT_S,
                         help="seconds the tests may take before they are killed and the commit fails "
                         "with reason 'timeout' (default: %(default)s)")
