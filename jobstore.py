@@ -203,6 +203,12 @@ class JobStore:
         #: store does not see the writer's moves and must not use ``count``.
         self._counts = {state.value: 0 for state in JobState}
         self._pending: dict[str, int] = {}
+        #: Writes since the last checkpoint, and the checkpointer's thread (None for a
+        #: read-only store, which never writes); see _checkpoint_loop.
+        self._commits_since_checkpoint = 0
+        self._checkpoint_wanted = threading.Event()
+        self._closing = threading.Event()
+        self._checkpointer: threading.Thread | None = None
         if read_only:
             uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path))
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10.0)
@@ -219,9 +225,6 @@ class JobStore:
             self._db.close()
             raise
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread's job
-        self._commits_since_checkpoint = 0
-        self._checkpoint_wanted = threading.Event()
-        self._closing = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="checkpointer", daemon=True)
         self._checkpointer.start()
 
@@ -244,11 +247,10 @@ class JobStore:
                 self._counts[state] = count
 
     def close(self) -> None:
-        checkpointer = getattr(self, "_checkpointer", None)
-        if checkpointer is not None:
+        if self._checkpointer is not None:
             self._closing.set()
             self._checkpoint_wanted.set()
-            checkpointer.join()
+            self._checkpointer.join()
         with self._lock:
             self._db.close()  # the last connection to close checkpoints what is left
 
@@ -307,10 +309,9 @@ class JobStore:
 
     def _wrote(self) -> None:
         """Count a committed write (under the lock) towards the next checkpoint."""
-        if hasattr(self, "_checkpoint_wanted"):  # not during _prepare
-            self._commits_since_checkpoint += 1
-            if self._commits_since_checkpoint == CHECKPOINT_EVERY_COMMITS:
-                self._checkpoint_wanted.set()
+        self._commits_since_checkpoint += 1
+        if self._commits_since_checkpoint == CHECKPOINT_EVERY_COMMITS:
+            self._checkpoint_wanted.set()
 
     # --- reads -----------------------------------------------------------------------
 

@@ -416,20 +416,18 @@ class TestRunner:
     def _run_tests(self, command, pytest_args: list[str] | None, env: dict, output_path: str) -> tuple[int, str | None]:
         """Run the tests in the clone: forked from the warm pytest when there is one,
         else ``command`` in a new interpreter. Returns what ``supervise`` returns."""
-        if self._warm is not None and pytest_args is not None:
-            if not self._warm.running:
-                self._start_warm()
-        if self._warm is not None and self._warm.running and pytest_args is not None:
-            pid = None
+        # There is a warm pytest only for the default command (pytest_args given).
+        if self._warm is not None and not self._warm.running:
+            self._start_warm()  # gives it up for good after too many failures
+        if self._warm is not None and self._warm.running:
             try:
                 pid = self._warm.spawn(self.clone, pytest_args, env, output_path)
                 limit = self.timeout + KILL_GRACE_S + END_MARGIN_S
+                # supervise kills the job's group however wait() ends, this error included.
                 outcome = supervise(pid, lambda: self._warm.wait(pid, limit), self.timeout, self.stop_event)
                 self._warm_failures = 0
                 return outcome
             except WarmPytestError as exc:
-                if pid is not None:
-                    _signal_group(pid, signal.SIGKILL)
                 self._warm_failed(str(exc))
         return run_process_group(command, self.clone, env, output_path, self.timeout, self.stop_event)
 

@@ -32,7 +32,6 @@ The zygote exits when its stdin closes (the runner stopped or died).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import select
 import signal
@@ -52,8 +51,6 @@ FORK_TIMEOUT_S = 10.0
 #: After the time limit and the kill, how long to wait for the zygote to report the
 #: child's end before giving up on the zygote.
 END_MARGIN_S = 30.0
-
-log = logging.getLogger("runner")
 
 
 class WarmPytestError(Exception):

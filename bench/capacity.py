@@ -82,9 +82,7 @@ def run_load(address: tuple[str, int], verb: str, mode: str, duration: float, ta
                 client.kill()
                 client.wait(timeout=10)
     latencies = [value for out in outputs for value in out["latencies_ms"]]
-    due = [value for out in outputs for value in out["due_ms"]]
     return {
-        "samples": list(zip(due, latencies)),
         "rate": sum(out["ok"] for out in outputs) / duration,
         "errors": sum(out["errors"] for out in outputs),
         "p50": percentile(latencies, 0.50),

@@ -38,8 +38,6 @@ from helpers import Connection, communicate, parse_address, request  # noqa: E40
 def client(address, verb: str, mode: str, start_at: float, stop_at: float, prefix: str, out: dict,
            interval: float | None = None, offset: float = 0.0) -> None:
     latencies: list[float] = []
-    #: When each request was due (or sent), in ms from the common start: where stalls fall.
-    due: list[float] = []
     errors = 0
     ok = 0
     counter = 0
@@ -71,7 +69,6 @@ def client(address, verb: str, mode: str, start_at: float, stop_at: float, prefi
                     connection = Connection(address)
                 continue
             latencies.append((time.perf_counter() - started) * 1000)
-            due.append((started - schedule_origin + offset) * 1000)
             if answer.verb == "OK":
                 ok += 1
             else:
@@ -80,7 +77,6 @@ def client(address, verb: str, mode: str, start_at: float, stop_at: float, prefi
         if connection is not None:
             connection.close()
     out["latencies"] = latencies
-    out["due"] = due
     out["errors"] = errors
     out["ok"] = ok
 
@@ -110,9 +106,7 @@ def main(argv: list[str]) -> int:
     latencies = [value for out in outputs for value in out.get("latencies", [])]
     errors = sum(out.get("errors", 0) for out in outputs) + sum(1 for out in outputs if "latencies" not in out)
     ok = sum(out.get("ok", 0) for out in outputs)
-    due = [value for out in outputs for value in out.get("due", [])]
-    print(json.dumps({"ok": ok, "errors": errors, "latencies_ms": [round(v, 3) for v in latencies],
-                      "due_ms": [round(v, 1) for v in due]}))
+    print(json.dumps({"ok": ok, "errors": errors, "latencies_ms": [round(v, 3) for v in latencies]}))
     return 0
 
 
