@@ -255,7 +255,14 @@ class WarmPytest:
                 continue
             chunk = os.read(stream, 65536)
             if not chunk:
-                raise WarmPytestError("warm pytest exited (status %s)" % self.process.poll())
+                # Its pipe closes before the kernel makes it a zombie; reap it so that
+                # ``running`` is False as soon as this error is raised.
+                try:
+                    status = self.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    status = self.process.wait()
+                raise WarmPytestError("warm pytest exited (status %s)" % status)
             self._buffer += chunk
             if len(self._buffer) > MAX_REPLY_BYTES:
                 raise WarmPytestError("warm pytest sent a reply of more than %d bytes" % MAX_REPLY_BYTES)
