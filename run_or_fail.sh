@@ -13,3 +13,19 @@ run_or_fail() {
         exit 1
     fi
 }
+
+# fetch_or_fail EXPLANATION COMMAND [ARG...]
+#   run_or_fail for a git fetch, whose output goes to stderr once it is complete.
+#   A fetch that fails can exit before the git upload-pack it started has printed
+#   its own last error; waiting here until every writer is done (the command
+#   substitution reads to the end) keeps EXPLANATION the last line.
+fetch_or_fail() {
+    local explanation=$1 output
+    shift
+    if ! output=$("$@" 2>&1); then
+        [ -z "$output" ] || printf '%s\n' "$output" >&2
+        echo "$explanation" >&2
+        exit 1
+    fi
+    [ -z "$output" ] || printf '%s\n' "$output" >&2
+}

@@ -16,10 +16,10 @@ clone=$1 commit=$2
 
 run_or_fail "cannot enter the runner's clone $clone" cd "$clone"
 if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
-    run_or_fail "could not fetch from origin" git fetch --quiet --no-tags origin
+    fetch_or_fail "could not fetch from origin" git fetch --quiet --no-tags origin
     if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
         # Not on any branch head: some servers still hand out a commit by id.
-        run_or_fail "commit $commit is not in the upstream repository" \
+        fetch_or_fail "commit $commit is not in the upstream repository" \
             git fetch --quiet --no-tags origin "$commit"
     fi
 fi

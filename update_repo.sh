@@ -13,7 +13,7 @@ set -u
 clone=$1 remote=$2 branch=$3
 
 run_or_fail "cannot enter the observer's clone $clone" cd "$clone"
-run_or_fail "could not fetch $branch from $remote" \
+fetch_or_fail "could not fetch $branch from $remote" \
     git fetch --quiet --no-tags "$remote" "+refs/heads/$branch:refs/remotes/$remote/$branch"
 run_or_fail "branch $branch not found on $remote" \
     git rev-parse --verify --quiet "refs/remotes/$remote/$branch^{commit}"
