@@ -664,7 +664,9 @@ def main(argv: list[str] | None = None) -> int:
     dispatcher = Dispatcher(store, results_dir, args.max_attempts, args.heartbeat_interval, security,
                             on_final_result=page.notify)
     try:
-        server = ProtocolServer((args.host, args.port), dispatcher.handle, log, security)
+        # Recording a result writes files (fsync'd): it gets a thread of its own rather
+        # than hold up the event loop that answers everyone else.
+        server = ProtocolServer((args.host, args.port), dispatcher.handle, log, security, threaded_verbs={"results"})
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
         page.stop()

@@ -151,10 +151,11 @@ class Stream:
     helpers.MessageStream adds the codec (verbs, fields, sections) on top.
     """
 
-    def __init__(self, sock: socket.socket, auth: Authenticator | None = None):
+    def __init__(self, sock: socket.socket, auth: Authenticator | None = None, buffered: bytes = b""):
         self.sock = sock
         self.auth = auth
-        self._buffer = bytearray()
+        #: Bytes received and not yet read (``buffered``: what an earlier reader received).
+        self._buffer = bytearray(buffered)
         #: When the message being read must be complete: set by its first byte.
         self._message_deadline = 0.0
 
@@ -245,14 +246,18 @@ class Stream:
         """Send the bytes of one message (behind an ``auth`` line when authenticating
         and ``signed``). Returns the nonce of that line, which the reply must name, or None.
         """
-        nonce = None
-        if self.auth is not None and signed:
-            kind = "reply" if request_nonce is not None else "request"
-            auth_line, nonce = self.auth.sign(kind, data, request_nonce)
-            data = auth_line + data
+        data, nonce = self.frame(data, request_nonce, signed)
         self.sock.settimeout(IO_TIMEOUT_S)
         self.sock.sendall(data)
         return nonce
+
+    def frame(self, data: bytes, request_nonce: str | None = None, signed: bool = True) -> tuple[bytes, str | None]:
+        """The bytes ``send`` would send for ``data``, and the nonce of their ``auth`` line."""
+        if self.auth is None or not signed:
+            return data, None
+        kind = "reply" if request_nonce is not None else "request"
+        auth_line, nonce = self.auth.sign(kind, data, request_nonce)
+        return auth_line + data, nonce
 
 
 # --- Authentication ------------------------------------------------------------------

@@ -602,8 +602,8 @@ def test_whole_message_header_and_sections_must_arrive_within_the_deadline(monke
 def server_factory():
     started = []
 
-    def start(handle_message):
-        server = helpers.ProtocolServer(("127.0.0.1", 0), handle_message, logging.getLogger("test.server"))
+    def start(handle_message, **options):
+        server = helpers.ProtocolServer(("127.0.0.1", 0), handle_message, logging.getLogger("test.server"), **options)
         thread = helpers.serve_in_thread(server, "test-server")
         started.append((server, thread))
         return server
@@ -647,6 +647,81 @@ def test_server_answers_a_framing_error_then_hangs_up(server_factory):
         sock.sendall(b"dispatch nothex\nping\n")
         received = read_until_closed(sock)
     assert received == b"ERR invalid commit id (want 7 to 64 hex digits)\n"
+
+
+def test_server_answers_a_request_that_arrives_in_pieces(server_factory):
+    server = server_factory(lambda message, peer: helpers.reply("OK", new=1))
+    data = helpers.encode(helpers.request("dispatch", commit="abcdef1"), REQUESTS)
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(data[:6])
+        # The event loop cannot answer half a request: the connection goes to a thread.
+        wait_until(lambda: not server._loop_connections and server._waiting_since, 10,
+                   message="the connection handed to a thread")
+        sock.sendall(data[6:])
+        stream = MessageStream(sock)
+        assert stream.read_message(REPLIES, first_byte_timeout=10).fields == {"new": 1}
+        sock.sendall(data)  # and the thread serves the connection from then on
+        assert stream.read_message(REPLIES, first_byte_timeout=10).fields == {"new": 1}
+
+
+def test_server_answers_requests_sent_together_in_order(server_factory):
+    calls = []
+
+    def handle(message, peer):
+        calls.append(message.fields["commit"])
+        return helpers.reply("OK", new=len(calls))
+
+    server = server_factory(handle)
+    commits = ["%07x" % (0xabc0000 + index) for index in range(3 * helpers.REQUESTS_PER_TURN)]
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(b"".join(helpers.encode(helpers.request("dispatch", commit=commit), REQUESTS) for commit in commits))
+        stream = MessageStream(sock)
+        answers = [stream.read_message(REPLIES, first_byte_timeout=10).fields["new"] for _ in commits]
+    assert answers == list(range(1, len(commits) + 1))
+    assert calls == commits
+
+
+def test_a_threaded_verb_holds_up_no_other_request(server_factory):
+    entered, release = threading.Event(), threading.Event()
+
+    def handle(message, peer):
+        if message.verb == "results":
+            entered.set()
+            release.wait(30)
+            return helpers.reply("OK", recorded=1)
+        return helpers.reply("OK", state="idle")
+
+    server = server_factory(handle, threaded_verbs={"results"})
+    answers = []
+    results = helpers.request("results", commit="abcdef1", attempt=1, status="passed", log=b"output\n")
+    sender = threading.Thread(target=lambda: answers.append(helpers.communicate(server.address, results, timeout=30)))
+    sender.start()
+    try:
+        assert entered.wait(10)
+        # The results handler is still busy; the event loop answers everyone else.
+        assert helpers.communicate(server.address, helpers.request("ping"), timeout=5).fields == {"state": "idle"}
+        assert not answers
+    finally:
+        release.set()
+        sender.join(timeout=30)
+    assert [answer.fields for answer in answers] == [{"recorded": 1}]
+
+
+def test_a_client_that_does_not_read_its_large_reply_holds_up_no_one(server_factory):
+    document = b'{"pad": "%s"}' % (b"x" * (15 * 1024 * 1024))  # far more than a socket buffer holds
+
+    def handle(message, peer):
+        return helpers.reply("OK", json=document) if message.verb == "queue" else helpers.reply("OK", state="idle")
+
+    server = server_factory(handle)
+    with socket.create_connection(server.address, timeout=10) as slow:
+        slow.sendall(helpers.encode(helpers.request("queue"), REQUESTS))
+        # Not read yet: the rest of the reply waits on a thread, not in the event loop.
+        wait_until(lambda: not server._loop_connections and server._waiting_since, 10,
+                   message="the connection handed to a thread")
+        assert helpers.communicate(server.address, helpers.request("ping"), timeout=5).fields == {"state": "idle"}
+        answer = MessageStream(slow).read_message(REPLIES, first_byte_timeout=10)
+    assert answer.sections["json"] == document
 
 
 def test_communicate_times_out_when_the_peer_never_answers():
