@@ -1,16 +1,18 @@
 """History: does the dispatcher's cost per job or its memory grow as jobs pile up?
 
-A dispatcher and one fake runner that passes every job at once (bench/fake_runner.py),
-so that what is timed is the dispatcher's own work per job: the ``dispatch``, the
-scheduling, ``runtest``, the ``results``, the two result files and the database.
-The benchmark dispatches jobs over one connection in chunks and waits for each
-chunk to be done (``status`` says nothing is queued or running); a chunk's time
-divided by its size is the cost per job at that point of the history. The first
-1,000 jobs are the measurement "at 1,000" (5 chunks of 200, the median); the
-history then grows untimed, 1,000 jobs at a time, to 49,000, and the last 1,000
-jobs are measured the same way, "at 50,000". After each measurement it reads the
-dispatcher's resident memory (VmRSS) and times ``status`` (median of 200). Each
-figure at 50,000 is compared with the same figure at 1,000 of the same run.
+Two dispatchers, each with a fake runner that passes every job at once
+(bench/fake_runner.py), so that what is timed is the dispatcher's own work per
+job: the ``dispatch``, the scheduling, ``runtest``, the ``results``, the two result
+files and the database. The large one is given 49,000 jobs first, untimed. Then
+the fresh one's first 1,000 jobs (the measurement "at 1,000") and the large one's
+last 1,000 ("at 50,000") are timed in turn, a chunk of 200 on one and then on the
+other, so that both figures come from the same minutes of the machine: measured
+minutes apart, a slow spell of a shared machine moved the ratio by a factor of
+two either way. A chunk is dispatched over one connection and waited for
+(``status`` says nothing is queued or running); its time divided by its size is
+the cost per job, and each figure is the median of 5 chunks. Then each
+dispatcher's resident memory (VmRSS) is read and ``status`` is timed (200 of each,
+in turn, medians). Each figure at 50,000 is compared with the same figure at 1,000.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from bench.common import (
     ROOT,
     BenchError,
+    Daemon,
     Daemons,
     Row,
     median,
@@ -44,26 +47,21 @@ def run(work: Path, quick: bool) -> list[Row]:
     from helpers import Connection, request
 
     total, early = (300, 100) if quick else (50_000, 1_000)
-    figures: dict[int, dict] = {}
-    with Daemons(work) as daemons:
-        dispatcher, address, _ = start_dispatcher(daemons, work)
-        fake = daemons.start("fake-runner", [sys.executable, str(ROOT / "bench" / "fake_runner.py"),
-                                             "%s:%d" % address, "fake-1"])
-        fake.wait_for_log("registered with dispatcher")
-        wait_runners_ready(address, 1)
-        with Connection(address) as connection:
-            jobs = Jobs(connection, request)
+    with Daemons(work / "large") as large_daemons, Daemons(work / "fresh") as fresh_daemons:
+        large, large_address = start_with_fake_runner(large_daemons, work / "large")
+        fresh, fresh_address = start_with_fake_runner(fresh_daemons, work / "fresh")
+        with Connection(large_address) as large_connection:
+            large_jobs = Jobs(large_connection, request)
             started = time.monotonic()
-            # The first `early` jobs are the measurement "at 1,000"; then the history
-            # grows to total - early untimed, and the last `early` jobs are the one "at 50,000".
-            figures[early] = measure(jobs, dispatcher.pid, early)
-            while jobs.dispatched < total - early:
-                jobs.run(min(FILL_CHUNK, total - early - jobs.dispatched))
-                if jobs.dispatched % (10 * FILL_CHUNK) == 0:
-                    print("  history: %d jobs done, %.0f s so far" % (jobs.dispatched, time.monotonic() - started),
+            while large_jobs.dispatched < total - early:
+                large_jobs.run(min(FILL_CHUNK, total - early - large_jobs.dispatched))
+                if large_jobs.dispatched % (10 * FILL_CHUNK) == 0:
+                    print("  history: %d jobs done, %.0f s so far" % (large_jobs.dispatched, time.monotonic() - started),
                           flush=True)
-            figures[total] = measure(jobs, dispatcher.pid, early)
-    low, high = figures[early], figures[total]
+            # Connected only now: a connection idle for the whole fill would have been closed.
+            with Connection(fresh_address) as fresh_connection:
+                fresh_jobs = Jobs(fresh_connection, request)
+                low, high = measure_in_turn([(fresh_jobs, fresh.pid), (large_jobs, large.pid)], early)
     rows = []
     for key, what, unit, scale in (
         ("per_job", "cost per job (dispatch to result, fake runner)", "ms", 1000.0),
@@ -109,13 +107,33 @@ class Jobs:
         return (time.perf_counter() - started) / count
 
 
-def measure(jobs: Jobs, pid: int, count: int) -> dict:
-    """Run ``count`` jobs in MEASURE_CHUNKS chunks: the median cost per job, then the
-    dispatcher's memory and the median time of a ``status``."""
-    per_job = median([jobs.run(count // MEASURE_CHUNKS) for _ in range(MEASURE_CHUNKS)])
-    timings = []
+def start_with_fake_runner(daemons: Daemons, folder: Path) -> tuple[Daemon, tuple[str, int]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    dispatcher, address, _ = start_dispatcher(daemons, folder)
+    fake = daemons.start("fake-runner", [sys.executable, str(ROOT / "bench" / "fake_runner.py"),
+                                         "%s:%d" % address, "fake-1"])
+    fake.wait_for_log("registered with dispatcher")
+    wait_runners_ready(address, 1)
+    return dispatcher, address
+
+
+def measure_in_turn(subjects: list[tuple[Jobs, int]], count: int) -> list[dict]:
+    """Run ``count`` jobs on each of the (jobs, dispatcher pid) ``subjects`` in
+    MEASURE_CHUNKS chunks, one chunk on each in turn (the order swapped every round),
+    then time STATUS_SAMPLES ``status`` requests on each in turn. For each: the median
+    cost per job, the dispatcher's memory and the median time of a ``status``."""
+    per_job: list[list[float]] = [[] for _ in subjects]
+    status: list[list[float]] = [[] for _ in subjects]
+    order = list(range(len(subjects)))
+    for _ in range(MEASURE_CHUNKS):
+        for index in order:
+            per_job[index].append(subjects[index][0].run(count // MEASURE_CHUNKS))
+        order.reverse()
     for _ in range(STATUS_SAMPLES):
-        before = time.perf_counter()
-        jobs.status()
-        timings.append(time.perf_counter() - before)
-    return {"per_job": per_job, "rss": rss_kib(pid), "status": median(timings)}
+        for index in order:
+            before = time.perf_counter()
+            subjects[index][0].status()
+            status[index].append(time.perf_counter() - before)
+        order.reverse()
+    return [{"per_job": median(per_job[index]), "rss": rss_kib(pid), "status": median(status[index])}
+            for index, (_, pid) in enumerate(subjects)]
