@@ -960,10 +960,9 @@ class ProtocolServer:
         from ``stream``, ``unsent`` the rest of a reply; no stream: a new TLS connection."""
         try:
             if stream is None:
-                sock = self._tls_handshake(sock, peer)
-                if sock is None:
+                sock, stream = self._start_tls(sock, peer)
+                if stream is None:
                     return
-                stream = MessageStream(sock, self.security.auth)
             if unsent:
                 try:
                     sock.settimeout(IO_TIMEOUT_S)
@@ -993,14 +992,14 @@ class ProtocolServer:
         finally:
             self._close(sock)
 
-    def _tls_handshake(self, sock: socket.socket, peer: str) -> socket.socket | None:
-        """The TLS socket over ``sock`` once the handshake is done, or None (logged)."""
+    def _start_tls(self, sock: socket.socket, peer: str) -> tuple[socket.socket, MessageStream | None]:
+        """The socket that now holds the connection (TLS over ``sock`` once wrapped) and,
+        if the handshake succeeded, a stream on it; the caller closes the socket."""
         try:
             tls = self.security.server_tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         except OSError as exc:
             self.logger.warning("TLS with %s failed: %s", peer, exc)
-            self._close(sock)
-            return None
+            return sock, None
         with self._connections_lock:
             # ``sock`` has handed its descriptor to ``tls``: eviction must shut the new one.
             if sock in self._waiting_since:
@@ -1010,9 +1009,8 @@ class ProtocolServer:
             tls.do_handshake()
         except OSError as exc:  # ssl.SSLError included
             self.logger.warning("TLS handshake with %s failed: %s", peer, exc)
-            self._close(tls)
-            return None
-        return tls
+            return tls, None
+        return tls, MessageStream(tls, self.security.auth)
 
     def _send(self, stream: MessageStream, answer: Message, peer: str, request_nonce: str | None) -> bool:
         try:

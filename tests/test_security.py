@@ -231,6 +231,30 @@ def test_tls_with_authentication_end_to_end(ci, upstream, certificates):
     assert communicate(address, request("status"), security=trusted).verb == "OK"
 
 
+def test_a_failed_tls_handshake_is_a_log_line_and_a_closed_connection(certificates, caplog):
+    import logging
+
+    security = Security(server_tls=helpers.server_tls_context(str(certificates["cert"]), str(certificates["key"])))
+    server = helpers.ProtocolServer(("127.0.0.1", 0), lambda message, peer: helpers.reply("OK"),
+                                    logging.getLogger("test.tls"), security)
+    thread = helpers.serve_in_thread(server, "test-tls")
+    try:
+        with caplog.at_level(logging.INFO, logger="test.tls"):
+            with socket.create_connection(server.address, timeout=10) as sock:
+                sock.sendall(b"status\n")
+                assert sock.recv(100) == b"", "the server hangs up on a client that does not speak TLS"
+            # Its thread is back in the pool once it is done with the connection, log included.
+            wait_until(lambda: server._idle_threads == 1, 10, message="the connection's thread done")
+        assert not server._waiting_since
+        messages = [record.getMessage() for record in caplog.records]
+        assert any("TLS handshake with" in message for message in messages)
+        assert not any(record.exc_info for record in caplog.records), messages
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def test_push_trigger_hook_reports_over_tls_with_the_secret(processes, upstream, tmp_path, certificates):
     from test_push_trigger import install_hooks
 
