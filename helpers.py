@@ -847,7 +847,7 @@ class ProtocolServer:
                 if not self._answer_received(sock, peer, stream) or not stream.received:
                     return
             # Requests queued up on one connection: they get a thread, the others the loop.
-            self._move_to_thread(sock, peer, stream, None, b"")
+            self._move_to_thread(sock, None, b"")
         except Exception:  # a bug must cost one connection, not the server
             self.logger.exception("unexpected error serving %s", peer)
             if sock in self._loop_connections:
@@ -867,7 +867,7 @@ class ProtocolServer:
             self._close_loop_connection(sock)
             return False
         if message is None or message.verb in self.threaded_verbs:
-            self._move_to_thread(sock, peer, stream, message, b"")
+            self._move_to_thread(sock, message, b"")
             return False
         self._set_waiting(sock, False)
         answer = self._answer(message, peer)
@@ -881,7 +881,7 @@ class ProtocolServer:
             self._close_loop_connection(sock)
             return False
         if sent < len(data):
-            self._move_to_thread(sock, peer, stream, None, data[sent:])
+            self._move_to_thread(sock, None, data[sent:])
             return False
         self._set_waiting(sock, True)
         return True
@@ -893,9 +893,13 @@ class ProtocolServer:
             self.logger.exception("error handling %s from %s", message.verb, peer)
             return error("internal error")
 
-    def _close_loop_connection(self, sock: socket.socket, peer_closed: bool = False) -> None:
+    def _leave_loop(self, sock: socket.socket) -> tuple[str, _ReceivedStream]:
+        """Stop watching ``sock``; its peer and stream."""
         self._selector.unregister(sock)
-        del self._loop_connections[sock]
+        return self._loop_connections.pop(sock)
+
+    def _close_loop_connection(self, sock: socket.socket, peer_closed: bool = False) -> None:
+        self._leave_loop(sock)
         self._close(sock, peer_closed)
 
     def _close(self, sock: socket.socket, peer_closed: bool = False) -> None:
@@ -915,11 +919,8 @@ class ProtocolServer:
 
     # --- connections served by threads ------------------------------------------------
 
-    def _move_to_thread(
-        self, sock: socket.socket, peer: str, stream: _ReceivedStream, first: Message | None, unsent: bytes
-    ) -> None:
-        self._selector.unregister(sock)
-        del self._loop_connections[sock]
+    def _move_to_thread(self, sock: socket.socket, first: Message | None, unsent: bytes) -> None:
+        peer, stream = self._leave_loop(sock)
         self._hand_to_thread(sock, peer, MessageStream(sock, stream.auth, stream.received), first, unsent)
 
     def _hand_to_thread(

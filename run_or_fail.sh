@@ -20,12 +20,12 @@ run_or_fail() {
 #   its own last error; waiting here until every writer is done (the command
 #   substitution reads to the end) keeps EXPLANATION the last line.
 fetch_or_fail() {
-    local explanation=$1 output
+    local explanation=$1 output status=0
     shift
-    if ! output=$("$@" 2>&1); then
-        [ -z "$output" ] || printf '%s\n' "$output" >&2
+    output=$("$@" 2>&1) || status=$?
+    [ -z "$output" ] || printf '%s\n' "$output" >&2
+    if [ "$status" -ne 0 ]; then
         echo "$explanation" >&2
         exit 1
     fi
-    [ -z "$output" ] || printf '%s\n' "$output" >&2
 }

@@ -236,11 +236,7 @@ class WarmPytest:
             process.stdin.close()
         except OSError:
             pass
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _reap(process)
         process.stdout.close()
 
     def _read(self, timeout: float) -> dict:
@@ -257,12 +253,7 @@ class WarmPytest:
             if not chunk:
                 # Its pipe closes before the kernel makes it a zombie; reap it so that
                 # ``running`` is False as soon as this error is raised.
-                try:
-                    status = self.process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    status = self.process.wait()
-                raise WarmPytestError("warm pytest exited (status %s)" % status)
+                raise WarmPytestError("warm pytest exited (status %s)" % _reap(self.process))
             self._buffer += chunk
             if len(self._buffer) > MAX_REPLY_BYTES:
                 raise WarmPytestError("warm pytest sent a reply of more than %d bytes" % MAX_REPLY_BYTES)
@@ -274,6 +265,15 @@ class WarmPytest:
         if not isinstance(message, dict):
             raise WarmPytestError("warm pytest sent %r" % line[:200])
         return message
+
+
+def _reap(process: subprocess.Popen) -> int:
+    """The zygote's exit status, after a kill if it has not exited within 5 s."""
+    try:
+        return process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 def zygote_main() -> int:
