@@ -126,6 +126,7 @@ class LiveView:
         self.interactive = interactive
         self._seen_queued: set[str] = set()
         self._seen_running: set[tuple[str, int]] = set()
+        self._seen_started: set[str] = set()  # commits shown running, whatever the attempt
         self._seen_results: set[str] | None = None  # None: not read yet (older results are not news)
         self._settled: dict[str, int] = {}
         self._block_height = 0
@@ -158,15 +159,29 @@ class LiveView:
             key = (job["commit"], job["attempt"])
             if key not in self._seen_running:
                 self._seen_running.add(key)
+                self._seen_started.add(job["commit"])
                 lines.append("running  %s on %s (attempt %s)" % (ci_ctl.short(job["commit"]), job["runner"], job["attempt"]))
         fresh = [summary for summary in reversed(recent) if summary["commit"] not in (self._seen_results or set())]
         if self._seen_results is None:
             self._seen_results, fresh = set(), []
         for summary in fresh:
             self._seen_results.add(summary["commit"])
+            if not self.interactive and summary["commit"] not in self._seen_started:
+                # Started and finished between two looks: the start is news too.
+                lines += self._missed_start(summary)
             self._settled[summary["status"]] = self._settled.get(summary["status"], 0) + 1
             lines.append("done     %s" % ci_ctl.result_line(summary))
         return lines
+
+    def _missed_start(self, summary: dict) -> list[str]:
+        if not summary.get("runner"):
+            return []  # settled without running (e.g. its commit was gone)
+        try:
+            attempt = self.client.ask_json("result", commit=summary["commit"]).get("attempt")
+        except ci_ctl.Failure:
+            return []
+        self._seen_started.add(summary["commit"])
+        return ["running  %s on %s (attempt %s)" % (ci_ctl.short(summary["commit"]), summary["runner"], attempt)]
 
     def _redraw(self, notes, status, queue, runners, recent) -> None:
         if recent is not None:

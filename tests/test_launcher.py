@@ -57,6 +57,28 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
+def test_line_view_shows_the_start_of_a_job_that_ran_between_two_looks(ci, upstream, capsys):
+    import ci_ctl
+    import ci_local
+    from helpers import Security
+    from protocol_core import parse_address
+
+    ci.start_dispatcher()
+    ci.start_runner("--name", "quick")
+    view = ci_local.LiveView(ci_ctl.Client(parse_address(ci.address), Security()), interactive=False)
+    view.refresh([])
+    sha = upstream.commit({"test_two.py": PASSING_TEST.replace("passes", "also_passes")}, "second")
+    assert subprocess.run([sys.executable, str(ROOT / "ci_ctl.py"), "--dispatcher-server", ci.address,
+                           "dispatch", sha], capture_output=True, timeout=60).returncode == 0
+    ci.wait_result(sha)
+    view.refresh([])
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"running  %s on quick \(attempt \d+\)" % sha[:12], lines[0]), lines
+    assert lines[1].startswith("done     %s  passed" % sha[:12]), lines
+    view.refresh([])
+    assert capsys.readouterr().out == "", "each change is shown once"
+
+
 def test_launcher_refuses_a_work_dir_cloned_from_elsewhere(upstream, tmp_path):
     work = tmp_path / "work"
     other = tmp_path / "other"
