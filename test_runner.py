@@ -652,9 +652,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Signals a runner may be started with ignored (``nohup`` ignores SIGHUP; a shell
+#: without job control ignores SIGINT and SIGQUIT for a command run with ``&``).
+INHERITED_IGNORES = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
+
+
+def stop_passing_on_ignored_signals() -> None:
+    """A signal ignored in this process stays ignored in every test process it starts,
+    so a test would see a different interpreter depending on how the runner was
+    launched. A handler that does nothing keeps the runner as immune as it was
+    (SIGINT gets the stop handler later), and exec resets a handler to the default.
+    Must be called from the main thread, before any process is started.
+    """
+
+    def keep_ignoring(signum: int, _frame: object) -> None:
+        log.info("%s received: ignored, as it was when the runner started", signal.Signals(signum).name)
+
+    for signum in INHERITED_IGNORES:
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, keep_ignoring)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.log_file)
+    stop_passing_on_ignored_signals()
     try:
         dispatcher = parse_address(args.dispatcher_server)
     except ValueError as exc:

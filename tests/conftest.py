@@ -280,10 +280,11 @@ class CISystem:
         self.dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:%d" % self.port, after=offset)
         return self.dispatcher
 
-    def start_runner(self, *extra: str) -> Process:
+    def start_runner(self, *extra: str, launched_by: tuple[str, ...] = ()) -> Process:
+        """Start a runner on its own clone; ``launched_by`` is a command that execs it."""
         index = len(self.runners) + 1
         clone = self.upstream.clone(self.folder / ("runner%d-clone" % index))
-        argv = [sys.executable, str(ROOT / "test_runner.py"), "--host", LOOPBACK,
+        argv = [*launched_by, sys.executable, str(ROOT / "test_runner.py"), "--host", LOOPBACK,
                 "--dispatcher-server", self.address, str(clone), *extra]
         runner = self.processes.start("runner%d" % index, argv, env=RUNNER_ENV)
         runner.wait_for_log(r"registered with dispatcher")

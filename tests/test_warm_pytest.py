@@ -50,7 +50,18 @@ def base_env() -> dict:
 
 
 @pytest.fixture
-def warm(tmp_path):
+def runner_signals():
+    """This process's signals as a runner has them, whatever ignored ones pytest was
+    started with (a job started from here then sees what it would from a runner)."""
+    before = {signum: signal.getsignal(signum) for signum in test_runner.INHERITED_IGNORES}
+    test_runner.stop_passing_on_ignored_signals()
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def warm(tmp_path, runner_signals):
     """A started zygote, stopped (and killed by pid if need be) after the test."""
     zygote = WarmPytest(base_env(), str(tmp_path))
     zygote.start()
@@ -221,6 +232,31 @@ def test_the_runner_forks_its_warm_pytest_unless_told_not_to(ci, tmp_path):
     assert ci.wait_result(again)["status"] == "passed"
     assert int(probe.read_text()) == cold_runner.pid
     assert "warm pytest" not in cold_runner.log()
+
+
+SIGNALS_PROBE = """import signal
+
+def test_signals_are_as_a_fresh_interpreter_has_them():
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGQUIT) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+"""
+
+
+@pytest.mark.parametrize("how", ["warm", "fresh"])
+def test_a_runner_started_with_signals_ignored_does_not_pass_them_on(ci, how):
+    ci.start_dispatcher()
+    # What nohup, or a shell without job control running it with &, would do.
+    ignoring = ("sh", "-c", 'trap "" HUP INT QUIT; exec "$@"', "sh")
+    runner = ci.start_runner(*(["--no-warm-pytest"] if how == "fresh" else []), launched_by=ignoring)
+    assert open("/proc/%d/cmdline" % runner.pid).read().split("\0")[1].endswith("test_runner.py"), "exec'd"
+    commit = ci.upstream.commit({"test_signals.py": SIGNALS_PROBE}, "probe signals")
+    dispatch(ci, commit)
+    assert ci.wait_result(commit)["status"] == "passed", (ci.results_dir / (commit + ".log")).read_text()
+    os.kill(runner.pid, signal.SIGHUP)
+    runner.wait_for_log(r"SIGHUP received: ignored")
+    assert runner.popen.poll() is None, "still ignores a hang-up, as it was started to"
 
 
 def test_a_killed_warm_pytest_is_started_again_and_loses_no_verdict(ci):
