@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,6 +187,57 @@ def test_a_zygote_that_dies_mid_job_is_an_error_not_a_hang(warm, tmp_path):
             warm.spawn(str(clone), PYTEST_ARGS, base_env(), str(tmp_path / "out.log"))
     finally:
         test_runner._signal_group(pid, signal.SIGKILL)
+
+
+def test_the_zygote_knows_when_what_it_imported_has_changed(tmp_path, runner_signals):
+    site = tmp_path / "site"
+    site.mkdir()
+    custom = site / "sitecustomize.py"  # imported by every interpreter that has site on its path
+    custom.write_text("MARK = 'one'\n")
+    zygote = WarmPytest(dict(base_env(), PYTHONPATH=str(site)), str(tmp_path))
+    zygote.start()
+    try:
+        assert zygote.changed_source() is None
+        (tmp_path / "elsewhere.py").write_text("")
+        assert zygote.changed_source() is None, "only what its imports came from counts"
+        custom.write_text("MARK = 'second'\n")  # in place, as an editor may
+        assert zygote.changed_source() == str(custom)
+        zygote.start()
+        assert zygote.changed_source() is None
+        (site / "newly_installed.py").write_text("")  # as pip adds a package
+        assert zygote.changed_source() == str(site)
+    finally:
+        pid = zygote.process.pid
+        zygote.close()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+SITE_PROBE = "import sitecustomize\n\ndef test_site():\n    open(%r, 'w').write(sitecustomize.MARK)\n"
+
+
+def test_a_job_never_runs_what_was_imported_before_it_changed(ci, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("MARK = 'one'\n")
+    ci.start_dispatcher()
+    runner = ci.start_runner(launched_by=("env", "PYTHONPATH=%s" % site))
+    runner.wait_for_log(r"warm pytest ready")
+    mark = tmp_path / "mark"
+    first = ci.upstream.commit({"test_site.py": SITE_PROBE % str(mark)}, "site probe")
+    dispatch(ci, first)
+    assert ci.wait_result(first)["status"] == "passed"
+    assert mark.read_text() == "one"
+
+    (site / "sitecustomize.py").write_text("MARK = 'second'\n")  # as an upgrade would change pytest
+    second = ci.upstream.commit({"test_site.py": SITE_PROBE % str(mark) + "\n"}, "site probe again")
+    dispatch(ci, second)
+    assert ci.wait_result(second)["status"] == "passed"
+    assert mark.read_text() == "second", "what a fresh interpreter would have imported"
+    runner.wait_for_log(r"sitecustomize\.py changed since the warm pytest started: starting it again")
+    assert len(re.findall(r"warm pytest ready", runner.log())) == 2, "and the job still ran warm"
 
 
 def test_the_zygote_exits_when_its_input_closes(tmp_path):
