@@ -32,6 +32,7 @@ from typing import Callable
 import pages
 import reports
 from helpers import (
+    UNKNOWN_ATTEMPT,
     Message,
     ProtocolError,
     ProtocolServer,
@@ -48,7 +49,7 @@ from helpers import (
     serve_in_thread,
     setup_logging,
 )
-from jobstore import JobState, JobStore, Outcome
+from jobstore import Job, JobState, JobStore, Outcome
 
 log = logging.getLogger("dispatcher")
 
@@ -351,7 +352,11 @@ class Dispatcher:
                 log.warning(
                     "results from %s for unknown commit %s attempt %d: refused", peer, result.commit, result.attempt_id
                 )
-                return error("unknown commit or attempt")
+                return error(UNKNOWN_ATTEMPT)
+            # If recording fails (the results folder unwritable...), the handler's
+            # ERR makes the runner keep the result and send it again; the assignment
+            # stays meanwhile, so the job keeps its lease instead of hanging unowned.
+            answer = self._record_result(job, attempt.runner, result)
             assignment = self._assignments.pop(result.attempt_id, None)
             if assignment is not None and assignment.runner.assignment is assignment:
                 # The runner is free again right now, not at its next ping.
@@ -359,30 +364,33 @@ class Dispatcher:
                 assignment.runner.reported = None
                 assignment.runner.since = time.time()
                 self._cond.notify_all()
-            runner = attempt.runner
-            if job.state.final:
-                self.store.end_attempt(result.attempt_id, Outcome.SUPERSEDED, time.time())
-                log.info(
-                    "commit %s attempt %d (runner %s): late %s result ignored, already %s",
-                    result.commit, result.attempt_id, runner, result.status, job.state.value,
-                )
-                return reply("OK", recorded=0)
-            current = job.current_attempt == result.attempt_id
-            if result.status in ("passed", "failed"):
-                self._settle(result.commit, result.attempt_id, JobState(result.status), runner, result)
-                return reply("OK", recorded=1)
-            if not current or job.state is not JobState.RUNNING:
-                outcome = Outcome.ERROR if result.status == "error" else Outcome.RETURNED
-                self.store.end_attempt(result.attempt_id, outcome, time.time())
-                log.info(
-                    "commit %s attempt %d (runner %s): stale %s ignored",
-                    result.commit, result.attempt_id, runner, result.status,
-                )
-                return reply("OK", recorded=0)
-            why = result.reason or ("infrastructure error on runner" if result.status == "error" else "handed back by runner")
-            outcome = Outcome.ERROR if result.status == "error" else Outcome.RETURNED
-            self._requeue(result.commit, result.attempt_id, runner, why, outcome)
+            return answer
+
+    def _record_result(self, job: Job, runner: str, result: Result) -> Message:
+        """The state change a runner's result makes (called with self._cond held)."""
+        if job.state.final:
+            self.store.end_attempt(result.attempt_id, Outcome.SUPERSEDED, time.time())
+            log.info(
+                "commit %s attempt %d (runner %s): late %s result ignored, already %s",
+                result.commit, result.attempt_id, runner, result.status, job.state.value,
+            )
+            return reply("OK", recorded=0)
+        current = job.current_attempt == result.attempt_id
+        if result.status in ("passed", "failed"):
+            self._settle(result.commit, result.attempt_id, JobState(result.status), runner, result)
             return reply("OK", recorded=1)
+        if not current or job.state is not JobState.RUNNING:
+            outcome = Outcome.ERROR if result.status == "error" else Outcome.RETURNED
+            self.store.end_attempt(result.attempt_id, outcome, time.time())
+            log.info(
+                "commit %s attempt %d (runner %s): stale %s ignored",
+                result.commit, result.attempt_id, runner, result.status,
+            )
+            return reply("OK", recorded=0)
+        why = result.reason or ("infrastructure error on runner" if result.status == "error" else "handed back by runner")
+        outcome = Outcome.ERROR if result.status == "error" else Outcome.RETURNED
+        self._requeue(result.commit, result.attempt_id, runner, why, outcome)
+        return reply("OK", recorded=1)
 
     # --- state changes (all called with self._cond held) ------------------------------
 

@@ -289,6 +289,11 @@ def reply(verb: str, **fields: object) -> Message:
     return _build(verb, fields)
 
 
+#: The ``ERR`` reason to ``results`` for an attempt the dispatcher never gave out:
+#: the only refusal after which a runner drops the result (docs/protocol.md).
+UNKNOWN_ATTEMPT = "unknown commit or attempt"
+
+
 def error(reason: str) -> Message:
     """An ``ERR`` reply; control characters are replaced so the reply stays one line."""
     clean = "".join(c if c >= " " else " " for c in reason)[:1000] or "error"

@@ -36,6 +36,7 @@ import git
 from helpers import (
     MAX_JUNIT_BYTES,
     MAX_LOG_BYTES,
+    UNKNOWN_ATTEMPT,
     Message,
     ProtocolError,
     ProtocolServer,
@@ -64,8 +65,9 @@ DEFAULT_DISPATCHER = "localhost:8888"
 DEFAULT_TEST_TIMEOUT_S = 30 * 60
 #: Exit after the dispatcher has been unreachable this long (0: never).
 DEFAULT_DISPATCHER_TIMEOUT_S = 120.0
-#: Longest the checkout (fetch, reset, clean) may take.
-CHECKOUT_TIMEOUT_S = 10 * 60
+#: Longest the checkout (fetch, reset, clean) may take before it is killed (an
+#: infrastructure error: the job is retried elsewhere).
+DEFAULT_CHECKOUT_TIMEOUT_S = 10 * 60.0
 #: After SIGTERM, how long tests get to exit before SIGKILL.
 KILL_GRACE_S = 5.0
 #: The warm pytest is given up for good after failing this many jobs in a row.
@@ -246,6 +248,10 @@ def supervise(pgid: int, wait, timeout: float, stop: threading.Event) -> tuple[i
     return status, (why[0] if why else None)
 
 
+class JobFault(Exception):
+    """The runner failed the job (not the tests): it is handed back as an ``error``."""
+
+
 def _signal_group(pgid: int, signum: int) -> None:
     try:
         os.killpg(pgid, signum)
@@ -269,6 +275,7 @@ class TestRunner:
         test_command: str | None = None,
         timeout: float = DEFAULT_TEST_TIMEOUT_S,
         dispatcher_timeout: float = DEFAULT_DISPATCHER_TIMEOUT_S,
+        checkout_timeout: float = DEFAULT_CHECKOUT_TIMEOUT_S,
         state_dir: str | None = None,
         security: Security | None = None,
         warm_pytest: bool = True,
@@ -280,6 +287,7 @@ class TestRunner:
         self.test_command = test_command
         self.timeout = timeout
         self.dispatcher_timeout = dispatcher_timeout
+        self.checkout_timeout = checkout_timeout
         self.state_dir = state_dir or os.path.join(repo.git_dir, "ci_runner")
         self.pending_dir = os.path.join(self.state_dir, "pending")
         os.makedirs(self.pending_dir, exist_ok=True)
@@ -382,13 +390,21 @@ class TestRunner:
                     self._job = self._next = None
                     break
                 commit, attempt = self._job
-            result = self._run_job(commit, attempt)
+            try:
+                result = self._run_job(commit, attempt)
+            except Exception as exc:  # noqa: BLE001 - a fault of this runner, not a verdict: retried elsewhere
+                log.exception("commit %s attempt %d: the runner failed", commit, attempt)
+                result = JobResult(commit, attempt, "error", reason="runner fault: %s" % (str(exc) or type(exc).__name__))
             with self._cond:
                 self._reporting = True
-            self._report(result)
-            with self._cond:
-                self._job, self._next = self._next, None
-                self._reporting = False
+            try:
+                self._report(result)
+            except Exception:  # noqa: BLE001 - e.g. a full disk: the job's lease runs out and it is retried
+                log.exception("commit %s attempt %d: could not keep or deliver the result", commit, attempt)
+            finally:
+                with self._cond:
+                    self._job, self._next = self._next, None
+                    self._reporting = False
         if job is not None:
             # Accepted but never started: hand it back so it runs elsewhere now.
             self._deliver(JobResult(job[0], job[1], "aborted", reason="runner shutting down"))
@@ -403,7 +419,7 @@ class TestRunner:
             return
         log.info("warm pytest ready (%s): each job forks it instead of starting Python", self._warm.description)
 
-    def _warm_failed(self, why: str) -> None:
+    def _warm_failed(self, why: str, then: str = "this job runs in a fresh Python") -> None:
         self._warm_failures += 1
         self._warm.close()
         if self._warm_failures >= WARM_PYTEST_MAX_FAILURES:
@@ -411,7 +427,7 @@ class TestRunner:
                         why, self._warm_failures)
             self._warm = None
         else:
-            log.warning("%s; this job runs in a fresh Python", why)
+            log.warning("%s; %s", why, then)
 
     def _run_tests(self, command, pytest_args: list[str] | None, env: dict, output_path: str) -> tuple[int, str | None]:
         """Run the tests in the clone: forked from the warm pytest when there is one,
@@ -428,29 +444,48 @@ class TestRunner:
         if self._warm is not None and self._warm.running:
             try:
                 pid = self._warm.spawn(self.clone, pytest_args, env, output_path)
+            except WarmPytestError as exc:
+                self._warm_failed(str(exc))  # nothing ran yet
+            else:
                 limit = self.timeout + KILL_GRACE_S + END_MARGIN_S
-                # supervise kills the job's group however wait() ends, this error included.
-                outcome = supervise(pid, lambda: self._warm.wait(pid, limit), self.timeout, self.stop_event)
+                try:
+                    # supervise kills the job's group however wait() ends, this error included.
+                    outcome = supervise(pid, lambda: self._warm.wait(pid, limit), self.timeout, self.stop_event)
+                except WarmPytestError as exc:
+                    # The tests ran, in part: run again here, they would find what they left.
+                    self._warm_failed(str(exc), then="the job is handed back to run from a clean checkout")
+                    raise JobFault("warm pytest failed during the tests: %s" % exc) from None
                 self._warm_failures = 0
                 return outcome
-            except WarmPytestError as exc:
-                self._warm_failed(str(exc))
         return run_process_group(command, self.clone, env, output_path, self.timeout, self.stop_event)
+
+    def _check_out(self, commit: str) -> tuple[int, str | None, bytes]:
+        """Fetch if need be and check ``commit`` out, cleanly: (exit status, why it
+        was killed or None, output), as ``supervise`` gives them.
+
+        Like the tests, in a session of its own and under a time limit: a fetch that
+        hangs is killed with everything it started, and a stopping runner does not
+        wait for it. With no terminal to ask for a password on, a fetch that would
+        wait for one fails instead.
+        """
+        output_path = os.path.join(self.state_dir, "checkout.log")
+        env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+        status, killed = run_process_group([script_path("test_runner_script.sh"), self.clone, commit], self.clone,
+                                           env, output_path, self.checkout_timeout, self.stop_event)
+        return status, killed, read_log(output_path)
 
     def _run_job(self, commit: str, attempt: int) -> JobResult:
         started = time.monotonic()
-        checkout = subprocess.run(
-            [script_path("test_runner_script.sh"), self.clone, commit],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=CHECKOUT_TIMEOUT_S,
-        )
-        if checkout.returncode != 0:
-            lines = checkout.stdout.decode("utf-8", "replace").strip().splitlines() or ["no output"]
+        status, killed, checkout_output = self._check_out(commit)
+        if killed == "stopped":
+            return JobResult(commit, attempt, "aborted", reason="runner shutting down")
+        if status != 0:
+            lines = checkout_output.decode("utf-8", "replace").strip().splitlines() or ["no output"]
+            if killed == "timeout":
+                lines.append("took more than %g s" % self.checkout_timeout)
             reason = "checkout failed: %s" % lines[-1][:300]
             log.error("commit %s attempt %d: %s", commit, attempt, reason)
-            return JobResult(commit, attempt, "error", reason=reason, log=checkout.stdout[-MAX_LOG_BYTES:],
+            return JobResult(commit, attempt, "error", reason=reason, log=checkout_output[-MAX_LOG_BYTES:],
                              duration=time.monotonic() - started)
         output_path = os.path.join(self.state_dir, "output.log")
         junit_path = os.path.join(self.state_dir, "junit.xml")
@@ -467,7 +502,12 @@ class TestRunner:
         env.update(CI_COMMIT=commit, CI_ATTEMPT=str(attempt), CI_JUNIT_XML=junit_path, PYTHONDONTWRITEBYTECODE="1")
         log.info("commit %s attempt %d: testing", commit, attempt)
         test_started = time.monotonic()
-        status, killed = self._run_tests(command, pytest_args, env, output_path)
+        try:
+            status, killed = self._run_tests(command, pytest_args, env, output_path)
+        except JobFault as exc:
+            log.error("commit %s attempt %d: %s", commit, attempt, exc)
+            return JobResult(commit, attempt, "error", reason=str(exc), log=read_log(output_path),
+                             duration=time.monotonic() - started)
         duration = time.monotonic() - test_started
         counts = read_junit_counts(junit_path) or {}
         junit = None
@@ -518,11 +558,18 @@ class TestRunner:
         if answer.verb == "OK":
             log.info("commit %s attempt %d: result delivered", result.commit, result.attempt)
             return True
-        # The dispatcher does not know this attempt (its database was replaced): the
-        # result can never be recorded, so keeping it would only retry forever.
-        log.error("commit %s attempt %d: dispatcher refused the result: %s; discarded",
-                  result.commit, result.attempt, answer.get("reason"))
-        return True
+        reason = answer.get("reason")
+        if reason == UNKNOWN_ATTEMPT:
+            # The dispatcher never gave out this attempt (its database was replaced):
+            # the result can never be recorded, so keeping it would only retry forever.
+            log.error("commit %s attempt %d: dispatcher refused the result: %s; discarded",
+                      result.commit, result.attempt, reason)
+            return True
+        # Anything else (it could not write the result, had too many connections...)
+        # may pass: the result is kept and sent again.
+        log.warning("commit %s attempt %d: dispatcher could not take the result: %s",
+                    result.commit, result.attempt, reason)
+        return False
 
     def _deliver_kept(self) -> bool:
         """Deliver every kept result, oldest first. False if the dispatcher is unreachable."""
@@ -650,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dispatcher-timeout", type=float, default=DEFAULT_DISPATCHER_TIMEOUT_S,
                         help="exit after the dispatcher has been unreachable this many seconds; 0 waits "
                         "forever (default: %(default)s)")
+    parser.add_argument("--checkout-timeout", type=float, default=DEFAULT_CHECKOUT_TIMEOUT_S,
+                        help="seconds the fetch and checkout of a commit may take before they are killed; "
+                        "the job is then retried, on another runner if there is one (default: %(default)s)")
     parser.add_argument("--state-dir", help="where to keep undelivered results and work files "
                         "(default: REPO/.git/ci_runner)")
     parser.add_argument("--log-file", help="write the log here instead of to stderr")
@@ -688,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         log.error("--dispatcher-server: %s", exc)
         return 2
+    if args.timeout <= 0 or args.checkout_timeout <= 0:
+        log.error("--timeout and --checkout-timeout must be positive")
+        return 2
     try:
         security = security_from_arguments(args, serves=True)
         check_bind(args.host, security, args.insecure)
@@ -705,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
             test_command=args.test_command,
             timeout=args.timeout,
             dispatcher_timeout=args.dispatcher_timeout,
+            checkout_timeout=args.checkout_timeout,
             state_dir=args.state_dir,
             security=security,
             warm_pytest=args.warm_pytest,

@@ -9,7 +9,8 @@ import sqlite3
 
 import pytest
 
-from conftest import FAILING_TEST, PASSING_TEST, WAITS_FOR_FLAG_TEST, wait_until
+from conftest import FAILING_TEST, PASSING_TEST, WAITS_FOR_FLAG_TEST, git, wait_until
+from proctools import descendants
 from helpers import communicate, parse_address, request
 from test_end_to_end import SLOW_PASSING_TEST, mixed_commit, push_at_once
 
@@ -162,6 +163,61 @@ def test_unreachable_checkout_is_retried_then_an_error(ci, upstream):
     failing = upstream.commit({"test_bad.py": FAILING_TEST}, "failing")
     communicate(parse_address(ci.address), request("dispatch", commit=failing))
     assert ci.wait_result(failing)["attempts"] == 1
+
+
+def test_a_checkout_that_hangs_is_killed_and_the_runner_goes_on(ci, upstream):
+    ci.start_dispatcher("--max-attempts", "1")
+    runner = ci.start_runner("--checkout-timeout", "2")
+    clone = ci.folder / "runner1-clone"
+    # What a fetch runs on the other side: here, a server that does not answer.
+    git(clone, "config", "remote.origin.uploadpack", "sleep 317; git-upload-pack")
+    unanswered = upstream.commit({"test_more.py": PASSING_TEST.replace("passes", "more")}, "needs a fetch")
+    communicate(parse_address(ci.address), request("dispatch", commit=unanswered))
+    result = ci.wait_result(unanswered, timeout=60)
+    assert result["status"] == "error"
+    assert result["reason"].startswith("checkout failed: took more than 2 s")
+    assert not [pid for pid in descendants(runner.pid) if b"317" in open("/proc/%d/cmdline" % pid, "rb").read()]
+
+    git(clone, "config", "--unset", "remote.origin.uploadpack")
+    answered = upstream.commit({"test_again.py": PASSING_TEST.replace("passes", "again")}, "fetch works")
+    communicate(parse_address(ci.address), request("dispatch", commit=answered))
+    assert ci.wait_result(answered)["status"] == "passed", "the runner still takes jobs"
+
+
+def test_a_result_the_dispatcher_cannot_record_is_kept_and_sent_again(ci, upstream):
+    ci.start_dispatcher()
+    runner = ci.start_runner()
+    sha = upstream.commit({"test_more.py": PASSING_TEST.replace("passes", "more")}, "more")
+    (ci.results_dir / sha).mkdir(parents=True)  # where its report goes: the dispatcher cannot write it
+    communicate(parse_address(ci.address), request("dispatch", commit=sha))
+    runner.wait_for_log(r"commit %s attempt \d+: dispatcher could not take the result: internal error" % sha)
+    assert "discarded" not in runner.log()
+
+    (ci.results_dir / sha).rmdir()
+    result = ci.wait_result(sha, timeout=60)
+    assert (result["status"], result["attempts"]) == ("passed", 1)
+
+
+KILLS_ITS_PARENT = """import os, signal
+
+def test_kills_the_process_that_forked_it():
+    assert not os.path.exists("left-by-a-run"), "a leftover of an earlier run of this very job"
+    open("left-by-a-run", "w").close()
+    if not os.path.exists(%(flag)r):
+        open(%(flag)r, "w").close()
+        os.kill(os.getppid(), signal.SIGKILL)
+"""
+
+
+def test_a_warm_pytest_dying_mid_job_hands_the_job_back_for_a_clean_run(ci, upstream, tmp_path):
+    ci.start_dispatcher()
+    runner = ci.start_runner()
+    runner.wait_for_log(r"warm pytest ready")
+    sha = upstream.commit({"test_parent.py": KILLS_ITS_PARENT % {"flag": str(tmp_path / "killed-once")}}, "kills")
+    communicate(parse_address(ci.address), request("dispatch", commit=sha))
+    result = ci.wait_result(sha, timeout=60)
+    assert (result["status"], result["attempts"]) == ("passed", 2), ci.report(sha)
+    assert re.search(r"commit %s attempt \d+: warm pytest failed during the tests" % sha, runner.log())
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
