@@ -2,7 +2,9 @@
 
 ``ci-local REPOSITORY`` clones the repository (a path or a URL) once for the
 observer, once for each runner and once for the dispatcher's results page under
-``--work-dir``, starts a dispatcher on
+``--work-dir`` (by default a folder of its own under ~/.cache/ci-local: not under
+this project, whose pytest.ini the tests in the clones would otherwise find), starts
+a dispatcher on
 127.0.0.1, ``--runners`` test runners and an observer as child processes, each
 logging to its own file in WORK_DIR/logs, and shows what they do as it happens.
 Results land in ``--results-dir`` (./test_results by default). Ctrl-C stops
@@ -15,6 +17,7 @@ observer's memory are kept.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import secrets
@@ -161,9 +164,10 @@ class LiveView:
                 self._seen_running.add(key)
                 self._seen_started.add(job["commit"])
                 lines.append("running  %s on %s (attempt %s)" % (ci_ctl.short(job["commit"]), job["runner"], job["attempt"]))
-        fresh = [summary for summary in reversed(recent) if summary["commit"] not in (self._seen_results or set())]
         if self._seen_results is None:
-            self._seen_results, fresh = set(), []
+            # Results from before this session (a restart on the same work dir) are not news.
+            self._seen_results = {summary["commit"] for summary in recent}
+        fresh = [summary for summary in reversed(recent) if summary["commit"] not in self._seen_results]
         for summary in fresh:
             self._seen_results.add(summary["commit"])
             if not self.interactive and summary["commit"] not in self._seen_started:
@@ -233,6 +237,14 @@ def wait_for_dispatcher(address: tuple[str, int], dispatcher: Daemon, security: 
     return False
 
 
+def default_work_dir(source: str) -> str:
+    """A folder for ``source`` in the user's cache: outside any project, because
+    pytest looks for its configuration in the folders above the clones too."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(source.rstrip("/")))
+    return os.path.join(cache, "ci-local", "%s-%s" % (name or "repository", hashlib.sha1(source.encode()).hexdigest()[:8]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ci-local",
@@ -242,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("repository", metavar="REPOSITORY", help="path or URL of the git repository to test")
     parser.add_argument("--runners", type=int, default=2, help="number of test runners (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8888, help="dispatcher port on 127.0.0.1 (default: %(default)s)")
-    parser.add_argument("--work-dir", default=".ci-local", help="clones and logs (default: %(default)s)")
+    parser.add_argument("--work-dir", help="clones, logs and the shared secret (default: a folder for "
+                        "REPOSITORY under $XDG_CACHE_HOME/ci-local, else ~/.cache/ci-local)")
     parser.add_argument("--results-dir", default="test_results", help="result files (default: %(default)s)")
     parser.add_argument("--branch", help="branch to watch (default: the repository's current branch)")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between fetches (default: %(default)s)")
@@ -258,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--runners must be at least 1")
         return 2
     source = os.path.abspath(args.repository) if os.path.exists(args.repository) else args.repository
-    work_dir = os.path.abspath(args.work_dir)
+    work_dir = os.path.abspath(args.work_dir or default_work_dir(source))
     logs = os.path.join(work_dir, "logs")
     os.makedirs(logs, exist_ok=True)
     names = ["observer"] + ["runner-%d" % index for index in range(1, args.runners + 1)]
@@ -268,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             prepare_clone(source, os.path.join(work_dir, name))
     except (git.GitCommandError, git.InvalidGitRepositoryError, ValueError) as exc:
         log.error("cannot prepare clones: %s", exc)
+        return 2
+    if not args.branch and git.Repo(os.path.join(work_dir, "observer")).head.is_detached:
+        log.error("%s has no current branch (its HEAD is detached): say which branch to test with --branch", source)
         return 2
 
     security = Security(auth=Authenticator(local_secret(work_dir)))
@@ -306,9 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     daemons = [dispatcher, *runners, observer]
 
     stop = threading.Event()
-    install_stop_signals(stop, log)
+    # SIGHUP too: closing the terminal must stop the daemons, which run in sessions
+    # of their own and would not get it.
+    install_stop_signals(stop, log, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     log.info("testing %s with %d runner(s); results in %s; logs in %s; Ctrl-C stops",
              source, args.runners, os.path.abspath(args.results_dir), logs)
+    log.info("to ask it yourself: ci-ctl --dispatcher-server %s --secret-file %s status",
+             dispatcher_address, os.path.join(work_dir, "secret"))
     status = 0
     try:
         dispatcher.start()
@@ -320,25 +340,36 @@ def main(argv: list[str] | None = None) -> int:
         for daemon in daemons[1:]:
             daemon.start()
         view = LiveView(ci_ctl.Client(address, security), interactive=sys.stdout.isatty())
+        exits: list[str] = []
         while not stop.wait(DISPLAY_INTERVAL_S):
-            notes = ["%-11s %s" % (daemon.name, line) for daemon in daemons for line in daemon.new_lines()
-                     if worth_showing(line)]
+            notes = ["ci-local: " + exited for exited in exits]
+            notes += ["%-11s %s" % (daemon.name, line) for daemon in daemons for line in daemon.new_lines()
+                      if worth_showing(line)]
+            exits = []
             view.refresh(notes)
             for daemon in daemons:
                 code = daemon.exited()
                 if code is not None and daemon.process is not None:
-                    log.warning("%s exited with status %s; see %s", daemon.name, code, daemon.log_path)
+                    # Shown by the view (above its block, which a plain print would be drawn over).
+                    exits.append("%s exited with status %s; see %s" % (daemon.name, code, daemon.log_path))
                     daemon.process = None
-                    if daemon is dispatcher:
+                    if daemon is dispatcher or daemon is observer:
+                        # Without either, nothing more would be tested.
                         status = 1
                         stop.set()
+        for exited in exits:
+            log.warning("%s", exited)
     finally:
         log.info("stopping")
         for daemon in reversed(daemons):
             daemon.stop()
-            for line in daemon.new_lines():
-                if worth_showing(line):
-                    show(daemon, line)
+        try:
+            for daemon in reversed(daemons):
+                for line in daemon.new_lines():
+                    if worth_showing(line):
+                        show(daemon, line)
+        except OSError:
+            pass  # the terminal is gone (SIGHUP): the daemons are stopped all the same
         log.info("stopped")
     return status
 

@@ -16,7 +16,8 @@ import pytest
 from conftest import PASSING_TEST, ROOT, descendants, free_port, wait_until
 
 
-def test_launcher_runs_everything_and_stops_cleanly_on_ctrl_c(processes, upstream, tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "terminal closed"])
+def test_launcher_runs_everything_and_stops_cleanly(processes, upstream, tmp_path, stop_signal):
     results = tmp_path / "results"
     launcher = processes.start(
         "ci-local",
@@ -42,7 +43,7 @@ def test_launcher_runs_everything_and_stops_cleanly_on_ctrl_c(processes, upstrea
     assert re.search(r"running  %s on runner-[12] \(attempt \d+\)" % second[:12], output)
     assert " INFO " not in output
 
-    launcher.popen.send_signal(signal.SIGINT)
+    launcher.popen.send_signal(stop_signal)
     assert launcher.popen.wait(timeout=60) == 0
     assert "ci-local: stopped" in launcher.log()
     for pid in daemons:
@@ -77,6 +78,10 @@ def test_line_view_shows_the_start_of_a_job_that_ran_between_two_looks(ci, upstr
     assert lines[1].startswith("done     %s  passed" % sha[:12]), lines
     view.refresh([])
     assert capsys.readouterr().out == "", "each change is shown once"
+    restarted = ci_local.LiveView(view.client, interactive=False)
+    restarted.refresh([])
+    restarted.refresh([])
+    assert capsys.readouterr().out == "", "results from before a view started are not news"
 
 
 def test_launcher_refuses_a_work_dir_cloned_from_elsewhere(upstream, tmp_path):
@@ -90,6 +95,48 @@ def test_launcher_refuses_a_work_dir_cloned_from_elsewhere(upstream, tmp_path):
     )
     assert done.returncode == 2
     assert "use another --work-dir" in done.stdout + done.stderr
+
+
+def test_launcher_stops_and_says_so_when_its_observer_dies(processes, upstream, tmp_path):
+    launcher = processes.start(
+        "ci-local",
+        [sys.executable, str(ROOT / "ci_local.py"), "--port", str(free_port()), "--runners", "1",
+         "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"), str(upstream.path)],
+        env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+    )
+    wait_until(lambda: (tmp_path / "results" / (upstream.head() + ".json")).exists(), timeout=60, message="result")
+    daemons = descendants(launcher.pid)
+    (observer,) = [pid for pid in daemons if b"repo_observer.py" in open("/proc/%d/cmdline" % pid, "rb").read()]
+    os.kill(observer, signal.SIGKILL)
+    assert launcher.popen.wait(timeout=60) == 1, "nothing more would be tested"
+    assert re.search(r"observer exited with status -9; see \S+observer\.log", launcher.log())
+    for pid in daemons:
+        assert not os.path.exists("/proc/%d" % pid) or _is_zombie(pid), "daemon %d left running" % pid
+
+
+def test_launcher_asks_for_a_branch_when_the_repository_has_none_checked_out(upstream, tmp_path):
+    subprocess.run(["git", "-C", str(upstream.path), "checkout", "--quiet", "--detach"], check=True)
+    # On no branch at all (a clone would otherwise pick the branch HEAD matches).
+    subprocess.run(["git", "-C", str(upstream.path), "commit", "--quiet", "--allow-empty", "-m", "nowhere"], check=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "ci_local.py"), "--port", str(free_port()), "--work-dir", str(tmp_path / "work"),
+         str(upstream.path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "say which branch to test with --branch" in done.stdout
+
+
+def test_default_work_dir_is_in_the_users_cache_not_under_this_project(monkeypatch, tmp_path):
+    import ci_local
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = ci_local.default_work_dir("/srv/repos/my app")
+    assert os.path.dirname(first) == str(tmp_path / "cache" / "ci-local")
+    assert os.path.basename(first).startswith("my_app-")
+    assert ci_local.default_work_dir("/elsewhere/my app") != first, "one folder per repository"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert ci_local.default_work_dir("/srv/x").startswith(os.path.join(os.path.expanduser("~"), ".cache", "ci-local"))
 
 
 @pytest.mark.parametrize("command", ["ci-dispatcher", "ci-runner", "ci-observer", "ci-local", "ci-ctl", "ci-trigger"])
