@@ -1044,11 +1044,24 @@ def serve_in_thread(server: ProtocolServer, name: str) -> threading.Thread:
 # --- Files, logging, signals ---------------------------------------------------------
 
 
+def _read_umask() -> int:
+    # Read once, at import (before any thread): os.umask can only be read by setting it.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: What a file made with open() gets; mkstemp's files are private (0600) instead.
+NEW_FILE_MODE = 0o666 & ~_read_umask()
+
+
 def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never part.
 
     The data goes to a temporary file in the same folder, is flushed (and, with
-    ``durable``, fsync'ed), then renamed over ``path``.
+    ``durable``, fsync'ed), then renamed over ``path``. The file gets the mode
+    open() would give it (0644 under the usual umask): results are for others
+    to read, a web server for one.
     """
     folder = os.path.dirname(os.path.abspath(path))
     import tempfile
@@ -1056,6 +1069,7 @@ def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
     fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), NEW_FILE_MODE)
             handle.write(data)
             handle.flush()
             if durable:
@@ -1087,8 +1101,9 @@ def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
     logging.getLogger("git").setLevel(logging.INFO)
 
 
-def install_stop_signals(stop: threading.Event, logger: logging.Logger) -> None:
-    """SIGTERM and SIGINT set ``stop``; a second one exits at once.
+def install_stop_signals(stop: threading.Event, logger: logging.Logger,
+                         signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """``signals`` (SIGTERM and SIGINT) set ``stop``; a second one exits at once.
 
     The handler only records: the main thread notices ``stop`` and shuts down in
     order. Must be called from the main thread.
@@ -1101,8 +1116,8 @@ def install_stop_signals(stop: threading.Event, logger: logging.Logger) -> None:
         logger.info("%s received: shutting down", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in signals:
+        signal.signal(signum, on_signal)
 
 
 def script_path(name: str) -> str:

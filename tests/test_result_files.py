@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import sys
 import xml.etree.ElementTree as ElementTree
 
@@ -118,3 +119,16 @@ def test_write_result_writes_every_file_atomically_json_last(tmp_path, monkeypat
     written.clear()
     reports.write_result(str(tmp_path), dict(summary, commit="cd" * 20), "", junit=None)
     assert written == ["cd" * 20, "cd" * 20 + ".log", "cd" * 20 + ".json"]
+
+
+def test_result_files_get_the_mode_a_plain_file_would(tmp_path):
+    """Readable by whoever may read the folder's other files (a web server serving
+    test_results/), not private as a temporary file is made."""
+    sha = "ab" * 20
+    summary = reports.make_summary(commit=sha, status="passed", passed=1, failed=0, errors=0, skipped=0)
+    reports.write_result(str(tmp_path), summary, PASSING_TEST, junit=reports.clean_junit(PYTEST_JUNIT))
+    (tmp_path / "plain").write_text("")
+    plain_mode = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert plain_mode & 0o044, "the usual umask lets others read a plain file"
+    for name in (sha, sha + ".log", sha + ".xml", sha + ".json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == plain_mode, name
