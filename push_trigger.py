@@ -32,7 +32,7 @@ import stat
 import sys
 
 import push_hook
-from helpers import add_security_arguments, atomic_write, parse_address, security_from_arguments
+from helpers import SECRET_ENV, add_security_arguments, atomic_write, parse_address, security_from_arguments
 # pushed_commits lived here before push_hook.py existed; it is still found here.
 from push_hook import HOOK_NAMES, HookError, git_output, pushed_commits  # noqa: F401
 
@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             security_options += [option, os.path.abspath(value)]
     try:
         security_from_arguments(args, serves=False)  # a wrong file is an error now, not at every push
+        if os.environ.get(SECRET_ENV) and not args.secret_file:
+            # git runs the hooks with the pusher's environment, not this one.
+            raise HookError("the hooks cannot use the secret in $%s: give it as a file with --secret-file "
+                            "(the hook records the file's path, never the secret)" % SECRET_ENV)
         for line in install(args.repo, args.dispatcher_server, args.branch, args.force, security_options):
             print(line)
     except (HookError, ValueError, OSError) as exc:

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -86,7 +87,7 @@ class RepoObserver:
                 state = json.load(handle)
         except FileNotFoundError:
             return {"version": STATE_VERSION, "branches": {}}
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION or not isinstance(state.get("branches"), dict):
             raise ValueError("%s is not an observer state file this version understands" % self.state_file)
         return state
 
@@ -103,24 +104,33 @@ class RepoObserver:
 
     def fetch(self) -> str | None:
         """Fetch the branch; its tip's commit id, or None (logged) if the fetch failed."""
-        try:
-            done = subprocess.run(
-                [script_path("update_repo.sh"), self.clone, self.remote, self.branch],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=FETCH_TIMEOUT_S,
-            )
-        except subprocess.TimeoutExpired:
-            log.warning("fetch of %s took over %.0f s; will retry", self._key, FETCH_TIMEOUT_S)
-            return None
-        if done.returncode != 0:
-            lines = done.stderr.decode("utf-8", "replace").strip().splitlines() or ["no output"]
+        # In a session of its own, so that a fetch that hangs is killed with the git
+        # processes it started; with no terminal to ask for a password on.
+        with subprocess.Popen(
+            [script_path("update_repo.sh"), self.clone, self.remote, self.branch],
+            env=dict(os.environ, GIT_TERMINAL_PROMPT="0"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        ) as fetching:
+            try:
+                stdout, stderr = fetching.communicate(timeout=FETCH_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(fetching.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                log.warning("fetch of %s took over %.0f s: killed; will retry", self._key, FETCH_TIMEOUT_S)
+                return None
+        if fetching.returncode != 0:
+            lines = stderr.decode("utf-8", "replace").strip().splitlines() or ["no output"]
             log.warning("fetch of %s failed: %s", self._key, lines[-1])
             return None
         try:
-            return parse_commit(done.stdout.decode("ascii", "replace").strip())
+            return parse_commit(stdout.decode("ascii", "replace").strip())
         except ProtocolError:
-            log.warning("update_repo.sh printed no commit id: %r", done.stdout[:200])
+            log.warning("update_repo.sh printed no commit id: %r", stdout[:200])
             return None
 
     def new_commits(self, tip: str) -> list[str]:

@@ -163,8 +163,9 @@ def test_remember_and_boundary_round_trip_per_branch(make_observer, upstream, cl
     assert not list((clone / ".git").glob(".tmp-*")), "written atomically, no leftovers"
 
 
-def test_damaged_state_file_is_refused(make_observer, clone):
-    (clone / ".git" / "ci_observer_state.json").write_text('{"version": 99}')
+@pytest.mark.parametrize("damaged", ['{"version": 99}', '{"version": 1}', '{"version": 1, "branches": []}', "[]"])
+def test_damaged_state_file_is_refused(make_observer, clone, damaged):
+    (clone / ".git" / "ci_observer_state.json").write_text(damaged)
     with pytest.raises(ValueError, match="state file"):
         make_observer().boundary()
 

@@ -65,11 +65,11 @@ class ServedRepository:
         return destination
 
 
-def install_hooks(repo: Path, dispatcher: str, *extra: str) -> subprocess.CompletedProcess:
+def install_hooks(repo: Path, dispatcher: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "push_trigger.py"), "install", "--repo", str(repo), "--dispatcher-server", dispatcher,
          *extra],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=env,
     )
 
 
@@ -189,6 +189,20 @@ def test_install_leaves_foreign_hooks_alone_unless_forced(served):
     assert "127.0.0.1:9999" in (hooks / "post-receive").read_text()
     assert install_hooks(served.path, "127.0.0.1:8888", "--branch", "no..such").returncode == 2
     assert install_hooks(served.path, "nonsense").returncode == 2
+
+
+def test_install_refuses_a_secret_the_hooks_would_not_have(served, tmp_path):
+    secret = "s" * 32
+    refused = install_hooks(served.path, "127.0.0.1:8888", env=dict(os.environ, CI_SECRET=secret))
+    assert refused.returncode == 2
+    assert "give it as a file with --secret-file" in refused.stderr
+    assert not (served.path / "hooks" / "post-receive").exists()
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(secret)
+    secret_file.chmod(0o600)
+    kept = install_hooks(served.path, "127.0.0.1:8888", "--secret-file", str(secret_file),
+                         env=dict(os.environ, CI_SECRET=secret))
+    assert kept.returncode == 0, kept.stderr
 
 
 def test_pushed_commits_reads_post_receive_lines(upstream, monkeypatch):
