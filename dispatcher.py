@@ -71,6 +71,8 @@ RUNTEST_TIMEOUT_S = 5.0
 #: The scheduler re-plans at least this often even without a wake-up; it is woken
 #: on every event that can make an assignment possible, so this is only a safety net.
 SCHEDULER_RECHECK_S = 1.0
+#: After an unexpected error in the scheduler (a full disk...), how long it waits to retry.
+LOOP_RETRY_S = 1.0
 #: Threads that talk to runners (pings, runtest); pings to many runners overlap.
 IO_THREADS = 32
 #: Entries in a ``queue`` or ``recent`` answer unless the request asks for another
@@ -151,6 +153,8 @@ class Dispatcher:
         self._stop = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="runner-io")
         self._threads: list[threading.Thread] = []
+        #: The pings to the runners known at start-up: the scheduler waits for them.
+        self._first_pings: list[concurrent.futures.Future] = []
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -164,7 +168,7 @@ class Dispatcher:
             for name, host, port in self.store.runners():
                 record = RunnerRecord(name, (host, port), since=time.time())
                 self._runners[name] = record
-                self._pool.submit(self._verify, record)
+                self._first_pings.append(self._pool.submit(self._verify, record))
             if self._runners:
                 log.info("pinging %d runner(s) known from before the restart", len(self._runners))
         for name, target in (("scheduler", self._schedule_loop), ("heartbeat", self._heartbeat_loop)):
@@ -410,7 +414,7 @@ class Dispatcher:
             runner=runner,
             attempts=started,
             queued_at=reports.iso_time(job.queued_at),
-            started_at=reports.iso_time(job.started_at),
+            started_at=reports.iso_time(self.store.attempt(attempt_id).assigned_at if attempt_id else job.started_at),
             finished_at=reports.iso_time(now),
             reason=result.reason,
         )
@@ -514,16 +518,23 @@ class Dispatcher:
     # --- scheduler -----------------------------------------------------------------
 
     def _schedule_loop(self) -> None:
+        # A runner still running a job from before the restart says so in its first
+        # answer, and the job is adopted; handed out before that, it would run twice.
+        concurrent.futures.wait(self._first_pings, timeout=PING_TIMEOUT_S * 2 + 1)
         while not self._stop.is_set():
-            with self._cond:
-                planned = self._plan()
-                if not planned:
-                    # Woken by dispatch, register, a verified runner, a result or a
-                    # requeue; the timeout is only a safety net.
-                    self._cond.wait(SCHEDULER_RECHECK_S)
-                    continue
-            for assignment in planned:
-                self._pool.submit(self._send_runtest, assignment)
+            try:
+                with self._cond:
+                    planned = self._plan()
+                    if not planned:
+                        # Woken by dispatch, register, a verified runner, a result or a
+                        # requeue; the timeout is only a safety net.
+                        self._cond.wait(SCHEDULER_RECHECK_S)
+                        continue
+                for assignment in planned:
+                    self._pool.submit(self._send_runtest, assignment)
+            except Exception:  # noqa: BLE001 - e.g. a full disk: the scheduler must outlive it
+                log.exception("scheduler: unexpected error; retrying in %g s", LOOP_RETRY_S)
+                self._stop.wait(LOOP_RETRY_S)
 
     def _plan(self) -> list[Assignment]:
         """Pair queued jobs, oldest first, with available runners, idle longest first."""
@@ -596,15 +607,21 @@ class Dispatcher:
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
-            with self._cond:
-                records = list(self._runners.values())
-            futures = [self._pool.submit(self._ping, record) for record in records]
-            concurrent.futures.wait(futures, timeout=PING_TIMEOUT_S * 2 + 1)
-            with self._cond:
-                for record, future in zip(records, futures):
-                    answer = future.result() if future.done() and not future.cancelled() else None
-                    self._apply_ping(record, answer)
-                self._reap_leases()
+            try:
+                self._heartbeat()
+            except Exception:  # noqa: BLE001 - e.g. a result that cannot be written: the next round retries
+                log.exception("heartbeat: unexpected error")
+
+    def _heartbeat(self) -> None:
+        with self._cond:
+            records = list(self._runners.values())
+        futures = [self._pool.submit(self._ping, record) for record in records]
+        concurrent.futures.wait(futures, timeout=PING_TIMEOUT_S * 2 + 1)
+        with self._cond:
+            for record, future in zip(records, futures):
+                answer = future.result() if future.done() and not future.cancelled() else None
+                self._apply_ping(record, answer)
+            self._reap_leases()
 
 
 def _json_reply(document: dict) -> Message:

@@ -159,6 +159,11 @@ class Outcome(str, enum.Enum):
         return self is not Outcome.REFUSED
 
 
+#: Ends of an attempt that the runner may not know of: the dispatcher lost track of
+#: it, so a runner still running it can be given it back.
+ADOPTABLE = (Outcome.INTERRUPTED.value, Outcome.LOST.value, Outcome.REFUSED.value)
+
+
 @dataclass(frozen=True)
 class Job:
     commit: str
@@ -421,6 +426,11 @@ class JobStore:
             row = db.execute("SELECT state, current_attempt FROM jobs WHERE commit_id = ?", (commit,)).fetchone()
             if row is None or row["state"] != JobState.QUEUED.value or row["current_attempt"] != attempt_id:
                 return False
+            outcome = db.execute("SELECT outcome FROM attempts WHERE id = ?", (attempt_id,)).fetchone()["outcome"]
+            if outcome not in ADOPTABLE:
+                # The runner itself ended it (an error, a hand-back): a "busy" heard
+                # before its result arrived is old news, not a job still running.
+                return False
             self._move(db, commit, JobState.RUNNING)
             db.execute("UPDATE jobs SET runner = ? WHERE commit_id = ?", (runner, commit))
             db.execute("UPDATE attempts SET ended_at = NULL, outcome = NULL WHERE id = ?", (attempt_id,))
@@ -447,13 +457,20 @@ class JobStore:
         summary: str,
         now: float,
     ) -> None:
-        """Settle a job for good. The attempt that settled it ends with ``outcome``; any
-        other attempt still out is marked superseded."""
+        """Settle a job for good. The attempt that settled it ends with ``outcome`` and
+        becomes the job's own (a late verdict from an earlier attempt is that
+        attempt's, on its runner); any other attempt still out is marked superseded."""
         assert state.final
         with self.transaction() as db:
             self._move(db, commit, state)
             if attempt_id is not None:
                 self._end_attempt(db, attempt_id, outcome, now)
+                db.execute(
+                    "UPDATE jobs SET current_attempt = ?,"
+                    " runner = (SELECT runner FROM attempts WHERE id = ?),"
+                    " started_at = (SELECT assigned_at FROM attempts WHERE id = ?) WHERE commit_id = ?",
+                    (attempt_id, attempt_id, attempt_id, commit),
+                )
             db.execute(
                 "UPDATE attempts SET ended_at = ?, outcome = ? WHERE commit_id = ? AND outcome IS NULL",
                 (now, Outcome.SUPERSEDED.value, commit),

@@ -173,6 +173,8 @@ def test_finish_from_queued_marks_the_attempt_out_as_superseded(store):
     assert attempt_outcome(store, first) is Outcome.LOST, "an ended attempt keeps how it ended"
     assert attempt_outcome(store, second) is Outcome.SUPERSEDED
     assert store.attempt(second).ended_at == 5.0
+    job = store.job(A)
+    assert (job.current_attempt, job.runner, job.started_at) == (first, "r1", 2.0), "the verdict's own attempt"
 
 
 def test_end_attempt_records_late_answers_once(store):
@@ -309,6 +311,25 @@ def test_adopt_refuses_a_superseded_attempt(store):
     store.recover(5.0)
     assert not store.adopt(A, first, "r1"), "a later attempt was assigned since"
     assert store.adopt(A, second, "r2")
+
+
+@pytest.mark.parametrize("ended", [Outcome.ERROR, Outcome.RETURNED])
+def test_adopt_refuses_an_attempt_its_runner_ended(store, ended):
+    """A "busy" heard before the runner's own error or hand-back arrived is old news."""
+    store.enqueue(A, 1.0)
+    attempt = store.assign(A, "r1", 2.0)
+    store.requeue(A, attempt, ended, 3.0)
+    assert not store.adopt(A, attempt, "r1")
+    assert store.job(A).state is JobState.QUEUED
+    assert store.attempt(attempt).outcome is ended
+
+
+@pytest.mark.parametrize("ended", [Outcome.LOST, Outcome.REFUSED])
+def test_adopt_takes_back_an_attempt_the_dispatcher_lost_track_of(store, ended):
+    store.enqueue(A, 1.0)
+    attempt = store.assign(A, "r1", 2.0)
+    store.requeue(A, attempt, ended, 3.0)
+    assert store.adopt(A, attempt, "r1")
 
 
 def test_adopt_refuses_a_finished_job(store):
