@@ -316,7 +316,9 @@ class TestRunner:
         #: (only for the default test command).
         self._warm: WarmPytest | None = None
         if warm_pytest and not test_command:
-            self._warm = WarmPytest(dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), self.state_dir)
+            # Started in the clone, where a fresh ``python -m pytest`` starts: relative
+            # entries of $PYTHONPATH mean the same to both.
+            self._warm = WarmPytest(dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), self.clone)
         self._warm_failures = 0
 
     # --- requests ------------------------------------------------------------------
@@ -496,7 +498,7 @@ class TestRunner:
         if self.test_command:
             command: object = self.test_command
         else:
-            pytest_args = ["-p", "no:cacheprovider", "--junitxml", junit_path]
+            pytest_args = ["--junitxml", junit_path]
             command = [sys.executable, "-m", "pytest", *pytest_args]
         env = dict(os.environ)  # the operator's environment, as documented: part of the runner's setup
         env.update(CI_COMMIT=commit, CI_ATTEMPT=str(attempt), CI_JUNIT_XML=junit_path, PYTHONDONTWRITEBYTECODE="1")

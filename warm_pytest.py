@@ -35,6 +35,7 @@ The zygote exits when its stdin closes (the runner stopped or died).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import select
@@ -111,8 +112,6 @@ def _preload() -> dict:
     imported (and says so in a warning), so each job loads them as a fresh
     interpreter would.
     """
-    import importlib
-
     # The folders on the path are taken before the imports, so that a package
     # installed while they run is noticed (a new file changes its folder).
     folders = _snapshot([sys.executable, *(path for path in sys.path if os.path.isdir(path))])
@@ -146,6 +145,10 @@ def _become_job(job: dict, channels: tuple[int, int]) -> None:
         os.chdir(job["cwd"])
         os.environ.clear()
         os.environ.update(job["env"])
+        # What the zygote's import system remembers of folders is from before this
+        # checkout: a folder on the path that did not exist then (src/ of a
+        # $PYTHONPATH=src) would stay "not there", and a listing could be stale.
+        importlib.invalidate_caches()
         import _pytest.config
         import pytest
 
@@ -163,10 +166,15 @@ def _become_job(job: dict, channels: tuple[int, int]) -> None:
         traceback.print_exc()
         code = 1
     finally:
-        # An interpreter's exit: the tests' atexit handlers, then flushed output.
+        # An interpreter's exit: wait for the threads the tests left running (as
+        # ``threading._shutdown`` does at the end of a program), then the atexit
+        # handlers, then flushed output.
         try:
             import atexit
 
+            shutdown = getattr(threading, "_shutdown", None)
+            if shutdown is not None:
+                shutdown()
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()

@@ -263,7 +263,7 @@ def by_hand_env() -> dict:
 
 def pytest_command(junit_path: Path) -> list[str]:
     """The runner's default test command (TestRunner._run_job)."""
-    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--junitxml", str(junit_path)]
+    return [sys.executable, "-m", "pytest", "--junitxml", str(junit_path)]
 
 
 def run_by_hand(clone_path: Path, commit_id: str, work: Path, command: str | None = None,

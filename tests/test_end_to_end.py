@@ -210,3 +210,24 @@ def test_same_commit_twice_is_one_job(ci, upstream):
     third = communicate(parse_address(ci.address), request("dispatch", commit=sha))
     assert third.get("job") == "passed"
     assert ci.result_files() == sorted([sha, sha + ".json", sha + ".log", sha + ".xml", "index.html"])
+
+
+USES_PYTESTS_CACHE = """def test_remembers(cache):
+    cache.set("ci/seen", True)
+    assert cache.get("ci/seen", False)
+"""
+
+
+def test_a_repository_that_uses_pytests_cache_gets_it(ci, upstream):
+    """The runner's pytest is the plain one: the cache fixture, and --ff, --lf or
+    --sw in the repository's addopts, work as they do by hand."""
+    from helpers import communicate, parse_address, request
+
+    ci.start_dispatcher()
+    ci.start_runner()
+    sha = upstream.commit({"pytest.ini": "[pytest]\naddopts = --ff --sw\n", "test_cache.py": USES_PYTESTS_CACHE},
+                          "uses the cache")
+    communicate(parse_address(ci.address), request("dispatch", commit=sha))
+    result = ci.wait_result(sha)
+    assert result["status"] == "passed", ci.report(sha)
+    assert "stepwise:" in ci.report(sha), "--sw was on"

@@ -48,6 +48,7 @@ def test_dispatcher_killed_mid_job_runner_result_is_adopted(ci, upstream):
     ci.wait_result(upstream.head())
     slow = upstream.commit({"test_slow.py": SLOW_PASSING_TEST % 3}, "slow")
     runner.wait_for_log(r"commit %s attempt \d+: testing" % slow)
+    idle = ci.start_runner()  # free at the restart: it must not get the job
     ci.dispatcher.kill()
     ci.restart_dispatcher()
 
@@ -56,6 +57,7 @@ def test_dispatcher_killed_mid_job_runner_result_is_adopted(ci, upstream):
     assert result["attempts"] == 1
     assert re.search(r"commit %s attempt \d+: runner \S+ is still running it; adopted" % slow, ci.dispatcher.log())
     assert len(re.findall(r"commit %s attempt \d+: testing" % slow, runner.log())) == 1
+    assert slow not in idle.log()
 
 
 def test_observer_killed_while_ten_commits_are_pushed_reports_each_once(ci, upstream):
@@ -218,6 +220,17 @@ def test_a_warm_pytest_dying_mid_job_hands_the_job_back_for_a_clean_run(ci, upst
     result = ci.wait_result(sha, timeout=60)
     assert (result["status"], result["attempts"]) == ("passed", 2), ci.report(sha)
     assert re.search(r"commit %s attempt \d+: warm pytest failed during the tests" % sha, runner.log())
+
+
+def test_a_lock_file_left_by_a_killed_git_does_not_block_the_next_checkout(ci, upstream):
+    ci.start_dispatcher()
+    ci.start_runner()
+    # What a git killed while writing the index (with its runner) leaves behind.
+    (ci.folder / "runner1-clone" / ".git" / "index.lock").write_text("")
+    sha = upstream.commit({"test_more.py": PASSING_TEST.replace("passes", "more")}, "more")
+    communicate(parse_address(ci.address), request("dispatch", commit=sha))
+    result = ci.wait_result(sha, timeout=60)
+    assert result["status"] == "passed", result
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -240,6 +240,33 @@ def test_a_job_never_runs_what_was_imported_before_it_changed(ci, tmp_path):
     assert len(re.findall(r"warm pytest ready", runner.log())) == 2, "and the job still ran warm"
 
 
+def test_a_job_waits_for_its_threads_as_an_interpreter_does(warm, tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    marker = tmp_path / "thread-finished"
+    (clone / "test_thread.py").write_text(
+        "import threading, time\n\n"
+        "def test_leaves_a_thread_running():\n"
+        "    def finish_later():\n"
+        "        time.sleep(0.5)\n"
+        "        open(%r, 'w').close()\n"
+        "    threading.Thread(target=finish_later).start()\n" % str(marker))
+    assert run_warm(warm, clone, tmp_path / "out.log") == (0, None)
+    assert marker.exists(), "a program ends after its last non-daemon thread"
+
+
+IMPORTS_FROM_SRC = "import mymod\n\ndef test_finds_src():\n    assert mymod.FOUND\n"
+
+
+@pytest.mark.parametrize("how", ["warm", "fresh"])
+def test_a_relative_pythonpath_means_the_clone_as_for_a_fresh_interpreter(ci, how):
+    ci.start_dispatcher()
+    ci.start_runner(*(["--no-warm-pytest"] if how == "fresh" else []), launched_by=("env", "PYTHONPATH=src"))
+    commit = ci.upstream.commit({"src/mymod.py": "FOUND = True\n", "test_src.py": IMPORTS_FROM_SRC}, "src layout")
+    dispatch(ci, commit)
+    assert ci.wait_result(commit)["status"] == "passed", (ci.results_dir / (commit + ".log")).read_text()
+
+
 def test_the_zygote_exits_when_its_input_closes(tmp_path):
     zygote = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(test_runner.__file__), "warm_pytest.py")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=base_env(), cwd=tmp_path)
