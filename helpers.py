@@ -85,6 +85,12 @@ MAX_JSON_BYTES = 16 * 1024 * 1024
 #: discarding it would tie up a thread for too long.
 MAX_SECTION_ON_WIRE_BYTES = 256 * 1024 * 1024
 
+#: Section bytes one process holds at once for messages still arriving. Until its
+#: last byte a message is not authenticated, so without this anyone who can connect
+#: could make a server hold MAX_CONNECTIONS times 16 MiB; past it, a message with
+#: sections is refused with ERR (a runner keeps its result and sends it again).
+SECTION_BUDGET_BYTES = 64 * 1024 * 1024
+
 #: A server closes a connection on which no new request starts within this time.
 IDLE_TIMEOUT_S = 15.0
 #: A server thread left without a connection for this long exits.
@@ -415,6 +421,29 @@ def _unquote(token: str, name: str) -> str:
         raise ProtocolError("field %r is not UTF-8 once decoded" % name[:40]) from None
 
 
+class _ByteBudget:
+    """A count of bytes that threads take from and give back; taking fails, rather
+    than waits, when there are not enough left."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_use = 0
+
+    def take(self, count: int, limit: int) -> bool:
+        with self._lock:
+            if count and self.in_use + count > limit:
+                return False
+            self.in_use += count
+            return True
+
+    def give_back(self, count: int) -> None:
+        with self._lock:
+            self.in_use -= count
+
+
+_sections_arriving = _ByteBudget()
+
+
 class MessageStream(Stream):
     """Reads and writes whole messages on one socket: protocol_core.Stream's lines,
     byte runs and ``auth`` lines, plus this module's codec (verbs, fields, sections)."""
@@ -435,18 +464,25 @@ class MessageStream(Stream):
             return None
         line, verification = header
         message, pending = decode_header(line, table)
-        for section, length in pending:
-            data = self.read_bytes(length, section.keep, self._message_deadline, verification)
-            if length > section.keep:
-                message.truncated.add(section.name)
-                if section.truncate:
-                    data += b"\n[... %d more bytes cut off: output limit is %d bytes ...]\n" % (
-                        length - section.keep,
-                        section.keep,
-                    )
-                else:
-                    data = b""
-            message.sections[section.name] = data
+        held = sum(min(length, section.keep) for section, length in pending)
+        if not _sections_arriving.take(held, SECTION_BUDGET_BYTES):
+            raise ProtocolError("busy: too many large messages arriving at once; send it again later")
+        try:
+            for section, length in pending:
+                data = self.read_bytes(length, section.keep, self._message_deadline, verification)
+                if length > section.keep:
+                    message.truncated.add(section.name)
+                    if section.truncate:
+                        data += b"\n[... %d more bytes cut off: output limit is %d bytes ...]\n" % (
+                            length - section.keep,
+                            section.keep,
+                        )
+                    else:
+                        data = b""
+                message.sections[section.name] = data
+        finally:
+            # Once whole (and authenticated), a message is its handler's to hold.
+            _sections_arriving.give_back(held)
         if verification is not None:
             message.nonce = verification.finish()
         return message

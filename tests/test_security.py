@@ -493,3 +493,33 @@ def test_arbitrary_streams_only_give_messages_or_protocol_errors(chunks, with_au
             if message is None:
                 break
             assert message.verb in REQUESTS
+
+
+def test_section_bytes_arriving_at_once_are_capped_before_authentication(monkeypatch):
+    """Until its last byte, a message is not authenticated: the bytes held for
+    messages still arriving are capped for the whole server, and a message past the
+    cap is refused at once instead of held."""
+    import logging
+
+    monkeypatch.setattr(helpers, "SECTION_BUDGET_BYTES", 1_000_000)
+    server = helpers.ProtocolServer(("127.0.0.1", 0), lambda message, peer: helpers.reply("OK"),
+                                    logging.getLogger("test.budget"))
+    thread = helpers.serve_in_thread(server, "test-budget")
+    header = b"results %s 1 passed log=600000\n" % (b"ab" * 20)
+    try:
+        with socket.create_connection(server.address, timeout=10) as slow:
+            slow.sendall(header + b"x" * 1000)  # and the rest later
+            wait_until(lambda: helpers._sections_arriving.in_use == 600_000, 10, message="the first one held")
+            with socket.create_connection(server.address, timeout=10) as second:
+                second.sendall(header)
+                assert second.recv(200).startswith(b"ERR busy"), "refused, not held"
+            slow.sendall(b"x" * 599_000)
+            assert slow.recv(200).startswith(b"OK")
+        wait_until(lambda: helpers._sections_arriving.in_use == 0, 10, message="given back")
+        with socket.create_connection(server.address, timeout=10) as third:
+            third.sendall(header + b"x" * 600_000)
+            assert third.recv(200).startswith(b"OK"), "room again once the first was whole"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
