@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -248,6 +249,69 @@ def supervise(pgid: int, wait, timeout: float, stop: threading.Event) -> tuple[i
     return status, (why[0] if why else None)
 
 
+class GitDirGuard:
+    """Puts back what tests may change in the clone's ``.git`` that the checkout
+    (reset, clean) does not: its configuration (core.autocrlf, sparse checkout,
+    filters...), the ``info`` files (attributes, sparse-checkout patterns, excludes)
+    and the hooks (which git would run during the next checkout).
+
+    The tests run inside the clone and can write there, by accident (a ``git
+    config`` run in the wrong folder) or not; a change would decide the verdicts
+    of the commits after theirs. The state kept is the one found when the runner
+    started, held in memory, where the tests cannot reach it: change the clone's
+    configuration with the runner stopped.
+    """
+
+    #: Files kept as they were, relative to the git folder.
+    FILES = ("config", "info/attributes", "info/sparse-checkout", "info/exclude")
+    #: Folders whose files are kept as they were (none added, none changed).
+    FOLDERS = ("hooks",)
+
+    def __init__(self, git_dir: str):
+        self.git_dir = git_dir
+        self._kept = self._read()
+
+    def _paths(self) -> list[str]:
+        paths = list(self.FILES)
+        for folder in self.FOLDERS:
+            try:
+                paths += [os.path.join(folder, name) for name in os.listdir(os.path.join(self.git_dir, folder))]
+            except FileNotFoundError:
+                pass
+        return paths
+
+    def _read(self) -> dict[str, tuple[bytes, int] | None]:
+        """Each path's (contents, mode), or None where there is no file."""
+        contents: dict[str, tuple[bytes, int] | None] = {}
+        for relative in self._paths():
+            try:
+                with open(os.path.join(self.git_dir, relative), "rb") as handle:
+                    contents[relative] = (handle.read(), os.fstat(handle.fileno()).st_mode & 0o777)
+            except (FileNotFoundError, IsADirectoryError):
+                contents[relative] = None
+        return contents
+
+    def restore(self) -> list[str]:
+        """Put back every file that changed; the relative paths put back."""
+        now = self._read()
+        restored = []
+        for relative in sorted(set(now) | set(self._kept)):
+            was, path = self._kept.get(relative), os.path.join(self.git_dir, relative)
+            if now.get(relative) == was:
+                continue
+            if was is None:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                atomic_write(path, was[0], durable=False)
+                os.chmod(path, was[1])
+            restored.append(relative)
+        return restored
+
+
 class JobFault(Exception):
     """The runner failed the job (not the tests): it is handed back as an ``error``."""
 
@@ -289,6 +353,7 @@ class TestRunner:
         self.dispatcher_timeout = dispatcher_timeout
         self.checkout_timeout = checkout_timeout
         self.state_dir = state_dir or os.path.join(repo.git_dir, "ci_runner")
+        self._git_dir_guard = GitDirGuard(repo.git_dir)
         self.pending_dir = os.path.join(self.state_dir, "pending")
         os.makedirs(self.pending_dir, exist_ok=True)
         self.server = ProtocolServer((host, port), self.handle, log, self.security)
@@ -470,6 +535,10 @@ class TestRunner:
         wait for it. With no terminal to ask for a password on, a fetch that would
         wait for one fails instead.
         """
+        restored = self._git_dir_guard.restore()
+        if restored:
+            log.warning("commit %s: put back what changed in the clone's .git since the runner started "
+                        "(by the tests before?): %s", commit, ", ".join(restored))
         output_path = os.path.join(self.state_dir, "checkout.log")
         env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
         status, killed = run_process_group([script_path("test_runner_script.sh"), self.clone, commit], self.clone,

@@ -21,6 +21,11 @@ git_dir=$(git rev-parse --absolute-git-dir) || { echo "$clone is not a git clone
 # later checkout.
 find "$git_dir" -maxdepth 1 -name '*.lock' -type f -delete
 find "$git_dir/refs" -name '*.lock' -type f -delete
+# A replace ref (git replace, by a test) would make git check out other contents
+# than the commit's.
+git for-each-ref --format='%(refname)' refs/replace/ | while read -r ref; do
+    run_or_fail "could not delete the replace ref $ref" git update-ref -d "$ref"
+done
 if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
     fetch_or_fail "could not fetch from origin" git fetch --quiet --no-tags origin
     if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then

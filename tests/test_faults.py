@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from conftest import FAILING_TEST, PASSING_TEST, WAITS_FOR_FLAG_TEST, git, wait_until
+from conftest import FAILING_TEST, PASSING_TEST, WAITS_FOR_FLAG_TEST, wait_until
 from proctools import descendants
 from helpers import communicate, parse_address, request
 from test_end_to_end import SLOW_PASSING_TEST, mixed_commit, push_at_once
@@ -169,10 +169,12 @@ def test_unreachable_checkout_is_retried_then_an_error(ci, upstream):
 
 def test_a_checkout_that_hangs_is_killed_and_the_runner_goes_on(ci, upstream):
     ci.start_dispatcher("--max-attempts", "1")
-    runner = ci.start_runner("--checkout-timeout", "2")
-    clone = ci.folder / "runner1-clone"
-    # What a fetch runs on the other side: here, a server that does not answer.
-    git(clone, "config", "remote.origin.uploadpack", "sleep 317; git-upload-pack")
+    in_the_clone = upstream.commit({"test_again.py": PASSING_TEST.replace("passes", "again")}, "needs no fetch")
+    # What a fetch runs on the other side: here, a server that does not answer. (In
+    # the runner's environment: what a test changes in the clone's .git is put back.)
+    hanging_server = ("env", "GIT_CONFIG_COUNT=1", "GIT_CONFIG_KEY_0=remote.origin.uploadpack",
+                      "GIT_CONFIG_VALUE_0=sleep 317; git-upload-pack")
+    runner = ci.start_runner("--checkout-timeout", "2", launched_by=hanging_server)
     unanswered = upstream.commit({"test_more.py": PASSING_TEST.replace("passes", "more")}, "needs a fetch")
     communicate(parse_address(ci.address), request("dispatch", commit=unanswered))
     result = ci.wait_result(unanswered, timeout=60)
@@ -180,10 +182,8 @@ def test_a_checkout_that_hangs_is_killed_and_the_runner_goes_on(ci, upstream):
     assert result["reason"].startswith("checkout failed: took more than 2 s")
     assert not [pid for pid in descendants(runner.pid) if b"317" in open("/proc/%d/cmdline" % pid, "rb").read()]
 
-    git(clone, "config", "--unset", "remote.origin.uploadpack")
-    answered = upstream.commit({"test_again.py": PASSING_TEST.replace("passes", "again")}, "fetch works")
-    communicate(parse_address(ci.address), request("dispatch", commit=answered))
-    assert ci.wait_result(answered)["status"] == "passed", "the runner still takes jobs"
+    communicate(parse_address(ci.address), request("dispatch", commit=in_the_clone))
+    assert ci.wait_result(in_the_clone)["status"] == "passed", "the runner still takes jobs"
 
 
 def test_a_result_the_dispatcher_cannot_record_is_kept_and_sent_again(ci, upstream):
@@ -244,3 +244,32 @@ def test_each_daemon_stops_cleanly_on_a_signal(ci, upstream, signum):
         assert process.popen.wait(timeout=30) == 0, process.name
         assert process.log().rstrip().endswith("INFO stopped"), process.name
         assert "Traceback" not in process.log()
+
+
+HIDES_A_TEST = """import os, subprocess
+
+def test_changes_the_runners_git_folder():
+    subprocess.run(["git", "config", "core.sparseCheckout", "true"], check=True)
+    with open(os.path.join(".git", "info", "sparse-checkout"), "w") as patterns:
+        patterns.write("/*\\n!/test_hidden.py\\n")
+    with open(os.path.join(".git", "hooks", "reference-transaction"), "w") as hook:
+        hook.write("#!/bin/sh\\nexit 1\\n")
+    os.chmod(os.path.join(".git", "hooks", "reference-transaction"), 0o755)
+"""
+
+
+def test_what_a_test_changes_in_the_clones_git_folder_is_put_back(ci, upstream):
+    """A test runs in the runner's clone and can write to its .git: a sparse
+    checkout that hides the next commit's failing test, a hook that breaks fetches.
+    The next job starts from the .git the runner started with."""
+    ci.start_dispatcher()
+    runner = ci.start_runner()
+    meddling = upstream.commit({"test_meddles.py": HIDES_A_TEST}, "changes .git")
+    communicate(parse_address(ci.address), request("dispatch", commit=meddling))
+    assert ci.wait_result(meddling)["status"] == "passed", ci.report(meddling)
+    failing = upstream.commit({"test_meddles.py": PASSING_TEST, "test_hidden.py": FAILING_TEST}, "a failing test")
+    communicate(parse_address(ci.address), request("dispatch", commit=failing))
+    result = ci.wait_result(failing)
+    assert (result["status"], result["failed"]) == ("failed", 1), ci.report(failing)
+    assert re.search(r"put back what changed in the clone's \.git .*: config, hooks/reference-transaction, "
+                     r"info/sparse-checkout", runner.log())
