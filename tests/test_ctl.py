@@ -8,7 +8,9 @@ import re
 import subprocess
 import sys
 
+import helpers
 from conftest import PASSING_TEST, ROOT, WAITS_FOR_FLAG_TEST, free_port, wait_until
+
 
 def ctl(address: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "ci_ctl.py"), "--dispatcher-server", address, *args],
@@ -67,6 +69,35 @@ def test_ctl_errors_are_clear(ci, upstream):
     bad = ctl(ci.address, "results", "../../etc")
     assert bad.returncode == 2
     assert "invalid commit id" in bad.stderr
+
+
+def test_dispatch_of_an_abbreviated_id_is_refused_and_queues_nothing(ci, upstream):
+    """An abbreviated id is a second name for a commit: taking it would test and record
+    the commit a second time, under a second set of result files."""
+    ci.start_dispatcher()
+    ci.start_runner()
+    sha = upstream.commit({"test_more.py": PASSING_TEST.replace("passes", "more")}, "a commit to test once")
+    assert ctl(ci.address, "dispatch", sha).returncode == 0
+    ci.wait_result(sha)
+    files = ci.result_files()
+    assert files == ci.expected_files([sha])
+    address = helpers.parse_address(ci.address)
+
+    for short in (sha[:7], sha[:8], sha[:12], sha[:39], sha.upper()[:12]):
+        refused = ctl(ci.address, "dispatch", short)
+        assert refused.returncode == 2, refused
+        assert "%s is not a full commit id" % short in refused.stderr
+        assert "give the full id, for example from `git rev-parse %s`" % short in refused.stderr
+        assert "ci-ctl: cannot reach" not in refused.stderr, "refused before asking the dispatcher"
+        # The dispatcher refuses it too, from any other client.
+        answer = helpers.communicate(address, helpers.request("dispatch", commit=short), timeout=10)
+        assert (answer.verb, answer.get("reason")) == ("ERR", "invalid commit id (want the full id: 40 or 64 hex digits)")
+
+    status = json.loads(ctl(ci.address, "--json", "status").stdout)
+    assert (status["queued"], status["running"]) == (0, 0)
+    assert [summary["commit"] for summary in status["recent"]] == [sha]
+    assert re.findall(r"commit (\w+) queued \(from", ci.dispatcher.log()) == [sha]
+    assert ci.result_files() == files, "no second set of result files"
 
 
 def test_ctl_with_a_secret(processes, upstream, tmp_path):
