@@ -2,10 +2,12 @@
 
 Subcommands talk to a running dispatcher over the protocol (docs/protocol.md):
 ``status`` (is it up, queue, what each runner does, last verdicts), ``queue``,
-``runners``, ``results SHA`` (a commit's verdict and where its report is) and
-``dispatch SHA`` (test a commit now; the full id only, as the dispatcher takes no other). Output is for people by default; ``--json``
-prints the dispatcher's JSON answers for scripts. Exit status: 0 on success, 1 when
-the dispatcher is unreachable or refuses, 2 for wrong usage.
+``runners``, ``results SHA`` (a commit's verdict and where its report is; the start
+of its id will do, if no other commit starts the same way) and ``dispatch SHA`` (test
+a commit now; its full id only, as the dispatcher takes no other). Output is for
+people by default; ``--json`` prints the dispatcher's JSON answers for scripts. Exit
+status: 0 on success, 1 when the dispatcher is unreachable or refuses, 2 for wrong
+usage.
 """
 
 from __future__ import annotations
@@ -218,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_argument("--limit", type=int, default=20, help="queued jobs to list (default: %(default)s)")
     commands.add_parser("runners", help="registered runners: idle or busy with which commit, since when")
     results = commands.add_parser("results", help="a commit's verdict and where its report is")
-    results.add_argument("commit", metavar="SHA", type=commit_prefix_argument)
+    results.add_argument("commit", metavar="SHA", type=commit_prefix_argument,
+                         help="the commit id, or its first 7 or more hex digits if no other commit starts with them")
     dispatch = commands.add_parser("dispatch", help="queue a commit for testing now")
     dispatch.add_argument("commit", metavar="SHA", type=full_commit_argument, help="the full commit id (git rev-parse)")
     return parser

@@ -265,11 +265,17 @@ class Dispatcher:
         return _json_reply({"results": summaries})
 
     def _on_result(self, message: Message, peer: str) -> Message:
-        commit = message.fields["commit"]
+        # People look commits up by the short ids they see (ci-ctl status prints 12
+        # digits): the job is the one whose full id starts with what they typed.
+        prefix = message.fields["commit"]
         with self._cond:
-            job = self.store.job(commit)
-        if job is None:
-            return error("unknown commit %s" % commit)
+            jobs = self.store.jobs_starting_with(prefix)
+        if not jobs:
+            return error("unknown commit %s" % prefix)
+        if len(jobs) > 1:
+            return error("ambiguous commit prefix %s: more than one commit starts with it; give more digits" % prefix)
+        job = jobs[0]
+        commit = job.commit
         answer = {"commit": commit, "state": job.state.value, "runner": job.runner, "attempt": job.current_attempt,
                   "queued_at": reports.iso_time(job.queued_at), "summary": None, "files": {}}
         if job.state.final and job.summary:

@@ -320,6 +320,25 @@ class JobStore:
             row = self._db.execute("SELECT * FROM jobs WHERE commit_id = ?", (commit,)).fetchone()
         return _job(row) if row else None
 
+    def jobs_starting_with(self, prefix: str) -> list[Job]:
+        """The jobs whose commit id starts with ``prefix`` (lower-case hex digits):
+        none, the one, or two when it is ambiguous (how many more does not matter).
+
+        A range on the commit id's unique index, from the prefix up to the prefix with
+        its last character raised by one (every id that starts with the prefix sorts in
+        between, and nothing else does): it reads at most three index entries however
+        long the history is. Only full ids count: a job queued under an abbreviated id
+        before those were refused names no commit of its own.
+        """
+        upper_bound = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE commit_id >= ? AND commit_id < ? AND length(commit_id) IN (40, 64)"
+                " ORDER BY commit_id LIMIT 2",
+                (prefix, upper_bound),
+            ).fetchall()
+        return [_job(row) for row in rows]
+
     def attempt(self, attempt_id: int) -> Attempt | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM attempts WHERE id = ?", (attempt_id,)).fetchone()

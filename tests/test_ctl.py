@@ -100,6 +100,56 @@ def test_dispatch_of_an_abbreviated_id_is_refused_and_queues_nothing(ci, upstrea
     assert ci.result_files() == files, "no second set of result files"
 
 
+def test_results_takes_the_short_id_that_status_shows(ci, upstream):
+    ci.start_dispatcher()
+    ci.start_runner()
+    sha = upstream.commit({"test_more.py": PASSING_TEST.replace("passes", "more")}, "a commit to look up")
+    assert ctl(ci.address, "dispatch", sha).returncode == 0
+    ci.wait_result(sha)
+    shown_in_status = re.search(r"last results:\n  (\w+) ", ctl(ci.address, "status").stdout).group(1)
+    assert shown_in_status == sha[:12]
+
+    for prefix in (shown_in_status, sha[:7], sha.upper()[:12], sha):
+        shown = ctl(ci.address, "results", prefix)
+        assert shown.returncode == 0, shown
+        assert shown.stdout.startswith("%s: passed\n" % sha), "the full id, whatever was typed"
+        assert "report:   %s" % (ci.results_dir / sha) in shown.stdout
+    as_json = json.loads(ctl(ci.address, "--json", "results", sha[:12]).stdout)
+    assert as_json["commit"] == sha
+    assert as_json["summary"] == ci.result(sha)
+    assert as_json["files"]["json"] == str(ci.results_dir / (sha + ".json"))
+
+
+def test_results_says_when_a_prefix_is_ambiguous_or_unknown(ci):
+    ci.start_dispatcher()  # no runner: the made-up commits below stay queued
+    address = helpers.parse_address(ci.address)
+    twins = ["0fe6b0ed1b3d" + "0" * 28, "0fe6b0ed1b3d" + "f" * 28]
+    other = "0fe6b0ef" + "1" * 32
+    for commit in twins + [other]:
+        # The dispatcher queues a full id without checking that the commit exists.
+        answer = helpers.communicate(address, helpers.request("dispatch", commit=commit), timeout=10)
+        assert (answer.verb, answer.get("new")) == ("OK", 1)
+
+    for prefix in ("0fe6b0e", "0fe6b0ed", "0fe6b0ed1b3d"):
+        shown = ctl(ci.address, "results", prefix)
+        assert shown.returncode == 1 and shown.stdout == ""
+        assert ("refused result: ambiguous commit prefix %s: more than one commit starts with it; give more digits"
+                % prefix) in shown.stderr
+        answer = helpers.communicate(address, helpers.request("result", commit=prefix), timeout=10)
+        assert answer.verb == "ERR" and answer.get("reason").startswith("ambiguous commit prefix %s:" % prefix)
+
+    for prefix, commit in ((twins[0][:13], twins[0]), (twins[1][:13], twins[1]), ("0fe6b0ef", other), (twins[0], twins[0])):
+        shown = ctl(ci.address, "results", prefix)
+        assert shown.returncode == 0, shown
+        assert shown.stdout.startswith("%s: queued, queued " % commit)
+        assert json.loads(ctl(ci.address, "--json", "results", prefix).stdout)["commit"] == commit
+
+    unknown = ctl(ci.address, "results", "0fe6b0ee")
+    assert unknown.returncode == 1 and "refused result: unknown commit 0fe6b0ee" in unknown.stderr
+    too_short = ctl(ci.address, "results", "0fe6b0")
+    assert too_short.returncode == 2 and "invalid commit id or prefix (want 7 to 64 hex digits)" in too_short.stderr
+
+
 def test_ctl_with_a_secret(processes, upstream, tmp_path):
     secret = tmp_path / "secret"
     secret.write_text("ctl-test-secret-0123456789abcdef\n")
