@@ -159,6 +159,7 @@ class Dispatcher:
         requeued = self.store.recover(time.time())
         if requeued:
             log.info("recovered %d running job(s) from before the restart: back in the queue", requeued)
+        self._retire_abbreviated_jobs()
         self._recover_written_results()
         with self._cond:
             for name, host, port in self.store.runners():
@@ -179,6 +180,17 @@ class Dispatcher:
         for thread in self._threads:
             thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _retire_abbreviated_jobs(self) -> None:
+        # A database from before abbreviated ids were refused may still queue one. No
+        # runner takes it (each would refuse it, and the scheduler offer it again,
+        # forever), and no result file may be named after it: the commit is tested
+        # under its full id. So it ends as an error, with no result.
+        reason = "abbreviated commit id, refused since; dispatch the full id"
+        for commit in self.store.abbreviated_queued():
+            self.store.finish(commit, None, JobState.ERROR, Outcome.ERROR, reason, None, time.time())
+            log.warning("commit %s: queued under an abbreviated id before those were refused; "
+                        "settled as error with no result (dispatch its full id to test it)", commit)
 
     def _recover_written_results(self) -> None:
         # A crash between writing a result's files and recording it leaves a queued

@@ -131,7 +131,8 @@ TRANSITIONS = frozenset(
         # (runner presumed dead, dispatcher restarted) still settles the job.
         (JobState.QUEUED, JobState.PASSED),
         (JobState.QUEUED, JobState.FAILED),
-        (JobState.QUEUED, JobState.ERROR),  # only by recovering a result file on start-up
+        # Only on start-up: a result file found, or a job under an abbreviated id retired.
+        (JobState.QUEUED, JobState.ERROR),
     }
 )
 
@@ -380,6 +381,15 @@ class JobStore:
                 summaries.append(summary)
         return summaries
 
+    def abbreviated_queued(self) -> list[str]:
+        """Queued jobs whose commit id is not a full id (40 or 64 digits): dispatched
+        before abbreviated ids were refused. Read through the queue's own index."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT commit_id FROM jobs WHERE state = 'queued' AND length(commit_id) NOT IN (40, 64) ORDER BY seq"
+            ).fetchall()
+        return [row["commit_id"] for row in rows]
+
     def count(self, state: JobState) -> int:
         """Jobs in ``state``, from counters kept by the transactions: constant time."""
         with self._lock:
@@ -463,11 +473,12 @@ class JobStore:
         state: JobState,
         outcome: Outcome,
         reason: str | None,
-        summary: str,
+        summary: str | None,
         now: float,
     ) -> None:
         """Settle a job for good. The attempt that settled it ends with ``outcome``; any
-        other attempt still out is marked superseded."""
+        other attempt still out is marked superseded. ``summary`` is None only for a job
+        that gets no result at all (one retired on start-up)."""
         assert state.final
         with self.transaction() as db:
             self._move(db, commit, state)

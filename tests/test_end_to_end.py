@@ -210,3 +210,31 @@ def test_same_commit_twice_is_one_job(ci, upstream):
     third = communicate(parse_address(ci.address), request("dispatch", commit=sha))
     assert third.get("job") == "passed"
     assert ci.result_files() == sorted([sha, sha + ".json", sha + ".log", sha + ".xml", "index.html"])
+
+
+def test_a_job_queued_under_an_abbreviated_id_by_an_older_dispatcher_is_retired(ci, upstream, tmp_path):
+    """Databases from before abbreviated ids were refused may queue one: no runner takes
+    it, so it must not come back to the scheduler (ahead of every other job) forever."""
+    from jobstore import JobState, JobStore
+
+    sha = upstream.commit({"test_more.py": PASSING_TEST}, "dispatched twice by an older ci-ctl")
+    database = tmp_path / "queue.sqlite3"
+    older = JobStore(str(database))
+    older.enqueue(sha[:8], 1.0)
+    older.enqueue(sha, 2.0)
+    older.close()
+
+    dispatcher = ci.start_dispatcher("--db", str(database))
+    dispatcher.wait_for_log(r"commit %s: queued under an abbreviated id before those were refused" % sha[:8])
+    runner = ci.start_runner()
+    ci.wait_result(sha)
+    assert ci.result_files() == ci.expected_files([sha]), "no result files under the abbreviated id"
+    assert "invalid commit id" not in runner.log(), "the runner was never offered it"
+    ci.dispatcher.terminate()
+    store = JobStore(str(database), read_only=True)
+    try:
+        retired = store.job(sha[:8])
+        assert (retired.state, retired.summary, retired.current_attempt) == (JobState.ERROR, None, None)
+        assert retired.reason == "abbreviated commit id, refused since; dispatch the full id"
+    finally:
+        store.close()

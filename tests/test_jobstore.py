@@ -122,6 +122,20 @@ def test_a_prefix_never_finds_a_job_queued_under_an_abbreviated_id(store):
     assert commits_starting_with(store, "a" * 7) == [A]
 
 
+def test_abbreviated_queued_lists_only_queued_jobs_under_an_abbreviated_id(store):
+    put_in_state(store, "0fe6b0ed", JobState.RUNNING)  # as older dispatchers allowed
+    for commit in ("0fe6b0ee", A, "0fe6b0ef" + "0" * 56, "b" * 39, "b" * 41):
+        store.enqueue(commit, 1.0)
+    put_in_state(store, "c" * 12, JobState.FAILED)
+    assert store.abbreviated_queued() == ["0fe6b0ee", "b" * 39, "b" * 41]
+    store.recover(2.0)
+    assert store.abbreviated_queued() == ["0fe6b0ed", "0fe6b0ee", "b" * 39, "b" * 41]
+    store.finish("0fe6b0ee", None, JobState.ERROR, Outcome.ERROR, "abbreviated", None, 3.0)
+    assert store.abbreviated_queued() == ["0fe6b0ed", "b" * 39, "b" * 41]
+    assert (store.job("0fe6b0ee").state, store.job("0fe6b0ee").summary) == (JobState.ERROR, None)
+    assert store.recent_summaries(10) == [{}], "a job settled without a result lists no summary"
+
+
 def test_a_prefix_is_looked_up_by_a_range_on_the_commit_index(store):
     """Not a scan: the cost does not grow with the history."""
     for index in range(2000):
