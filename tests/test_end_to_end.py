@@ -238,3 +238,24 @@ def test_a_job_queued_under_an_abbreviated_id_by_an_older_dispatcher_is_retired(
         assert retired.reason == "abbreviated commit id, refused since; dispatch the full id"
     finally:
         store.close()
+
+
+def test_a_result_kept_for_an_abbreviated_id_by_an_older_runner_is_dropped(ci, upstream, tmp_path):
+    """Its ping would name the abbreviated id, which the dispatcher cannot decode, and
+    the dispatcher would refuse to record it: kept, the runner would never get a job."""
+    from helpers import communicate, parse_address, request
+    from test_runner import JobResult
+
+    sha = upstream.commit({"test_more.py": PASSING_TEST}, "tested while an old result is kept")
+    state = tmp_path / "runner-state"
+    (state / "pending").mkdir(parents=True)
+    kept = state / "pending" / ("%012d-%s.json" % (7, sha[:8]))
+    kept.write_bytes(JobResult(commit=sha[:8], attempt=7, status="passed").to_json())
+
+    ci.start_dispatcher()
+    runner = ci.start_runner("--state-dir", str(state))
+    runner.wait_for_log(r"unreadable kept result .*%s.* \(not a full commit id: '%s'\): removed" % (sha[:8], sha[:8]))
+    assert not kept.exists()
+    assert communicate(parse_address(ci.address), request("dispatch", commit=sha)).verb == "OK"
+    assert ci.wait_result(sha)["status"] == "passed"
+    assert ci.result_files() == ci.expected_files([sha])
