@@ -2,10 +2,12 @@
 
 Subcommands talk to a running dispatcher over the protocol (docs/protocol.md):
 ``status`` (is it up, queue, what each runner does, last verdicts), ``queue``,
-``runners``, ``results SHA`` (a commit's verdict and where its report is) and
-``dispatch SHA`` (test a commit now). Output is for people by default; ``--json``
-prints the dispatcher's JSON answers for scripts. Exit status: 0 on success, 1 when
-the dispatcher is unreachable or refuses, 2 for wrong usage.
+``runners``, ``results SHA`` (a commit's verdict and where its report is; the start
+of its id will do, if no other commit starts the same way) and ``dispatch SHA`` (test
+a commit now; its full id only, as the dispatcher takes no other). Output is for
+people by default; ``--json`` prints the dispatcher's JSON answers for scripts. Exit
+status: 0 on success, 1 when the dispatcher is unreachable or refuses, 2 for wrong
+usage.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from helpers import (
     add_security_arguments,
     communicate,
     format_address,
+    is_commit_prefix,
     parse_address,
     parse_commit,
+    parse_commit_prefix,
     request,
     security_from_arguments,
 )
@@ -181,9 +185,22 @@ def do_dispatch(client: Client, as_json: bool, commit: str) -> None:
         print("%s: already known, %s" % (commit, answer.get("job")))
 
 
-def commit_argument(text: str) -> str:
+def full_commit_argument(text: str) -> str:
+    """A commit to dispatch: its full id. The dispatcher would refuse an abbreviated one
+    (it would be a second job for the same commit); say so before asking it."""
     try:
         return parse_commit(text)
+    except ProtocolError as exc:
+        if is_commit_prefix(text.lower()):
+            raise argparse.ArgumentTypeError(
+                "%s is not a full commit id: dispatch needs all 40 (SHA-1) or 64 (SHA-256) hex digits; "
+                "give the full id, for example from `git rev-parse %s`" % (text, text)) from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def commit_prefix_argument(text: str) -> str:
+    try:
+        return parse_commit_prefix(text)
     except ProtocolError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -203,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_argument("--limit", type=int, default=20, help="queued jobs to list (default: %(default)s)")
     commands.add_parser("runners", help="registered runners: idle or busy with which commit, since when")
     results = commands.add_parser("results", help="a commit's verdict and where its report is")
-    results.add_argument("commit", metavar="SHA", type=commit_argument)
+    results.add_argument("commit", metavar="SHA", type=commit_prefix_argument,
+                         help="the commit id, or its first 7 or more hex digits if no other commit starts with them")
     dispatch = commands.add_parser("dispatch", help="queue a commit for testing now")
-    dispatch.add_argument("commit", metavar="SHA", type=commit_argument)
+    dispatch.add_argument("commit", metavar="SHA", type=full_commit_argument, help="the full commit id (git rev-parse)")
     return parser
 
 

@@ -163,6 +163,7 @@ class Dispatcher:
         requeued = self.store.recover(time.time())
         if requeued:
             log.info("recovered %d running job(s) from before the restart: back in the queue", requeued)
+        self._retire_abbreviated_jobs()
         self._recover_written_results()
         with self._cond:
             for name, host, port in self.store.runners():
@@ -183,6 +184,17 @@ class Dispatcher:
         for thread in self._threads:
             thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _retire_abbreviated_jobs(self) -> None:
+        # A database from before abbreviated ids were refused may still queue one. No
+        # runner takes it (each would refuse it, and the scheduler offer it again,
+        # forever), and no result file may be named after it: the commit is tested
+        # under its full id. So it ends as an error, with no result.
+        reason = "abbreviated commit id, refused since; dispatch the full id"
+        for commit in self.store.abbreviated_queued():
+            self.store.finish(commit, None, JobState.ERROR, Outcome.ERROR, reason, None, time.time())
+            log.warning("commit %s: queued under an abbreviated id before those were refused; "
+                        "settled as error with no result (dispatch its full id to test it)", commit)
 
     def _recover_written_results(self) -> None:
         # A crash between writing a result's files and recording it leaves a queued
@@ -269,11 +281,17 @@ class Dispatcher:
         return _json_reply({"results": summaries})
 
     def _on_result(self, message: Message, peer: str) -> Message:
-        commit = message.fields["commit"]
+        # People look commits up by the short ids they see (ci-ctl status prints 12
+        # digits): the job is the one whose full id starts with what they typed.
+        prefix = message.fields["commit"]
         with self._cond:
-            job = self.store.job(commit)
-        if job is None:
-            return error("unknown commit %s" % commit)
+            jobs = self.store.jobs_starting_with(prefix)
+        if not jobs:
+            return error("unknown commit %s" % prefix)
+        if len(jobs) > 1:
+            return error("ambiguous commit prefix %s: more than one commit starts with it; give more digits" % prefix)
+        job = jobs[0]
+        commit = job.commit
         answer = {"commit": commit, "state": job.state.value, "runner": job.runner, "attempt": job.current_attempt,
                   "queued_at": reports.iso_time(job.queued_at), "summary": None, "files": {}}
         if job.state.final and job.summary:

@@ -63,9 +63,11 @@ from protocol_core import (  # noqa: F401 - re-exported
     format_address,
     header_bytes,
     is_commit_id,
+    is_commit_prefix,
     is_decimal,
     parse_address,
     parse_commit,
+    parse_commit_prefix,
     parse_host,
     parse_port,
     read_secret,
@@ -109,7 +111,7 @@ log = logging.getLogger("ci.protocol")
 # --- Field types ---------------------------------------------------------------------
 # Each parser takes the wire text (already percent-decoded) and returns the typed
 # value, or raises ProtocolError with a reason fit for the peer to read. parse_commit,
-# parse_host and parse_port are in protocol_core.
+# parse_commit_prefix, parse_host and parse_port are in protocol_core.
 
 
 def parse_count(text: str) -> int:
@@ -210,7 +212,8 @@ REQUESTS: dict[str, Verb] = {
         Verb("queue", options=(("limit", parse_count),)),
         Verb("runners"),
         Verb("recent", options=(("limit", parse_count),)),
-        Verb("result", positional=(("commit", parse_commit),)),
+        # The one verb that takes a commit id prefix: people type ids to look them up.
+        Verb("result", positional=(("commit", parse_commit_prefix),)),
         Verb(
             "register",
             positional=(("host", parse_host), ("port", parse_port)),

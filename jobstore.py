@@ -131,7 +131,8 @@ TRANSITIONS = frozenset(
         # (runner presumed dead, dispatcher restarted) still settles the job.
         (JobState.QUEUED, JobState.PASSED),
         (JobState.QUEUED, JobState.FAILED),
-        (JobState.QUEUED, JobState.ERROR),  # only by recovering a result file on start-up
+        # Only on start-up: a result file found, or a job under an abbreviated id retired.
+        (JobState.QUEUED, JobState.ERROR),
     }
 )
 
@@ -325,6 +326,25 @@ class JobStore:
             row = self._db.execute("SELECT * FROM jobs WHERE commit_id = ?", (commit,)).fetchone()
         return _job(row) if row else None
 
+    def jobs_starting_with(self, prefix: str) -> list[Job]:
+        """The jobs whose commit id starts with ``prefix`` (lower-case hex digits):
+        none, the one, or two when it is ambiguous (how many more does not matter).
+
+        A range on the commit id's unique index, from the prefix up to the prefix with
+        its last character raised by one (every id that starts with the prefix sorts in
+        between, and nothing else does): it reads at most three index entries however
+        long the history is. Only full ids count: a job queued under an abbreviated id
+        before those were refused names no commit of its own.
+        """
+        upper_bound = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE commit_id >= ? AND commit_id < ? AND length(commit_id) IN (40, 64)"
+                " ORDER BY commit_id LIMIT 2",
+                (prefix, upper_bound),
+            ).fetchall()
+        return [_job(row) for row in rows]
+
     def attempt(self, attempt_id: int) -> Attempt | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM attempts WHERE id = ?", (attempt_id,)).fetchone()
@@ -365,6 +385,15 @@ class JobStore:
             if isinstance(summary, dict):
                 summaries.append(summary)
         return summaries
+
+    def abbreviated_queued(self) -> list[str]:
+        """Queued jobs whose commit id is not a full id (40 or 64 digits): dispatched
+        before abbreviated ids were refused. Read through the queue's own index."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT commit_id FROM jobs WHERE state = 'queued' AND length(commit_id) NOT IN (40, 64) ORDER BY seq"
+            ).fetchall()
+        return [row["commit_id"] for row in rows]
 
     def count(self, state: JobState) -> int:
         """Jobs in ``state``, from counters kept by the transactions: constant time."""
@@ -454,12 +483,14 @@ class JobStore:
         state: JobState,
         outcome: Outcome,
         reason: str | None,
-        summary: str,
+        summary: str | None,
         now: float,
     ) -> None:
         """Settle a job for good. The attempt that settled it ends with ``outcome`` and
         becomes the job's own (a late verdict from an earlier attempt is that
-        attempt's, on its runner); any other attempt still out is marked superseded."""
+        attempt's, on its runner); any other attempt still out is marked superseded.
+        ``summary`` is None only for a job that gets no result at all (one retired on
+        start-up)."""
         assert state.final
         with self.transaction() as db:
             self._move(db, commit, state)

@@ -5,7 +5,7 @@ The push trigger's git hook (push_hook.py) is a new Python process on every push
 module it imports is paid for on every push (docs/performance.md, detection). So the
 pieces that the daemons' codec in helpers.py and the hook both need live here, once:
 
-* commit ids and ``host:port`` addresses, checked;
+* commit ids (full, or a prefix to look one up) and ``host:port`` addresses, checked;
 * header lines: their size cap, and the first split of one into verb and the rest;
 * ``Stream``: lines and byte runs read from a socket, every read under a deadline, and
   messages written and read behind an ``auth`` line when a secret is in use;
@@ -58,9 +58,21 @@ _DECIMAL = frozenset("0123456789")
 _HOST_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 
 
+#: Hex digits of a full commit id: SHA-1 and SHA-256 object names.
+FULL_COMMIT_LENGTHS = (40, 64)
+#: Fewest hex digits of a commit id prefix (git's own shortest abbreviation).
+MIN_COMMIT_PREFIX = 7
+
+
 def is_commit_id(text: str) -> bool:
-    """Whether ``text`` is 7 to 64 lower-case hex digits, as every commit id on the wire is."""
-    return 7 <= len(text) <= 64 and _HEX.issuperset(text)
+    """Whether ``text`` is a full commit id, 40 or 64 lower-case hex digits, as every
+    commit id on the wire is (but the prefix a ``result`` query may give)."""
+    return len(text) in FULL_COMMIT_LENGTHS and _HEX.issuperset(text)
+
+
+def is_commit_prefix(text: str) -> bool:
+    """Whether ``text`` is 7 to 64 lower-case hex digits: the start of a commit id, or all of it."""
+    return MIN_COMMIT_PREFIX <= len(text) <= 64 and _HEX.issuperset(text)
 
 
 def is_decimal(text: str) -> bool:
@@ -70,13 +82,24 @@ def is_decimal(text: str) -> bool:
 
 
 def parse_commit(text: str) -> str:
-    """A commit id: 7 to 64 hex digits, returned in lower case.
+    """A full commit id: 40 or 64 hex digits, returned in lower case.
 
-    Commit ids become file names and git arguments, so nothing else gets through.
+    Commit ids become file names and git arguments, so nothing else gets through. An
+    abbreviated id is refused too: it would be a second name for a commit already
+    known by its full id, and the commit would be tested and recorded twice.
     """
     value = text.lower()
     if not is_commit_id(value):
-        raise ProtocolError("invalid commit id (want 7 to 64 hex digits)")
+        raise ProtocolError("invalid commit id (want the full id: 40 or 64 hex digits)")
+    return value
+
+
+def parse_commit_prefix(text: str) -> str:
+    """The start of a commit id, 7 to 64 hex digits, returned in lower case: what an
+    operator types to look a commit up, never a name to store or test under."""
+    value = text.lower()
+    if not is_commit_prefix(value):
+        raise ProtocolError("invalid commit id or prefix (want 7 to 64 hex digits)")
     return value
 
 

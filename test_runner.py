@@ -49,6 +49,7 @@ from helpers import (
     error,
     format_address,
     install_stop_signals,
+    is_commit_id,
     parse_address,
     reply,
     request,
@@ -139,7 +140,12 @@ class JobResult:
 
     @classmethod
     def from_json(cls, text: bytes) -> "JobResult":
+        """A kept result; ValueError if it cannot be sent. One for an abbreviated commit id
+        (kept by an older runner) is such: the dispatcher takes full ids only, and has
+        retired the job."""
         data = json.loads(text)
+        if not is_commit_id(str(data["commit"])):
+            raise ValueError("not a full commit id: %r" % str(data["commit"])[:80])
         data["log"] = base64.b64decode(data["log"])
         data["junit"] = None if data["junit"] is None else base64.b64decode(data["junit"])
         return cls(**data)
@@ -667,8 +673,11 @@ class TestRunner:
         kept = []
         for name in sorted(os.listdir(self.pending_dir)):
             attempt, _, rest = name.partition("-")
-            if name.endswith(".json") and attempt.isdigit():
-                kept.append((rest[: -len(".json")], int(attempt)))
+            commit = rest[: -len(".json")]
+            # A ping that named a commit by anything but its full id would fail to
+            # decode at the dispatcher: such a file is not a result (it is removed).
+            if name.endswith(".json") and attempt.isdigit() and is_commit_id(commit):
+                kept.append((commit, int(attempt)))
         with self._cond:
             self._kept = kept
 

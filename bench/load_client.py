@@ -49,7 +49,8 @@ def client(address, verb: str, mode: str, start_at: float, stop_at: float, prefi
         while time.time() < stop_at:
             counter += 1
             if verb == "dispatch":
-                message = request("dispatch", commit="%s%024x" % (prefix, counter))
+                # A full commit id (the dispatcher takes no other): the client's 12-digit prefix, then the count.
+                message = request("dispatch", commit="%s%028x" % (prefix, counter))
             else:
                 message = request("status")
             if interval is None:

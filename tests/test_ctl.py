@@ -8,7 +8,9 @@ import re
 import subprocess
 import sys
 
+import helpers
 from conftest import PASSING_TEST, ROOT, WAITS_FOR_FLAG_TEST, free_port, wait_until
+
 
 def ctl(address: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "ci_ctl.py"), "--dispatcher-server", address, *args],
@@ -67,6 +69,85 @@ def test_ctl_errors_are_clear(ci, upstream):
     bad = ctl(ci.address, "results", "../../etc")
     assert bad.returncode == 2
     assert "invalid commit id" in bad.stderr
+
+
+def test_dispatch_of_an_abbreviated_id_is_refused_and_queues_nothing(ci, upstream):
+    """An abbreviated id is a second name for a commit: taking it would test and record
+    the commit a second time, under a second set of result files."""
+    ci.start_dispatcher()
+    ci.start_runner()
+    sha = upstream.commit({"test_more.py": PASSING_TEST.replace("passes", "more")}, "a commit to test once")
+    assert ctl(ci.address, "dispatch", sha).returncode == 0
+    ci.wait_result(sha)
+    files = ci.result_files()
+    assert files == ci.expected_files([sha])
+    address = helpers.parse_address(ci.address)
+
+    for short in (sha[:7], sha[:8], sha[:12], sha[:39], sha.upper()[:12]):
+        refused = ctl(ci.address, "dispatch", short)
+        assert refused.returncode == 2, refused
+        assert "%s is not a full commit id" % short in refused.stderr
+        assert "give the full id, for example from `git rev-parse %s`" % short in refused.stderr
+        assert "ci-ctl: cannot reach" not in refused.stderr, "refused before asking the dispatcher"
+        # The dispatcher refuses it too, from any other client.
+        answer = helpers.communicate(address, helpers.request("dispatch", commit=short), timeout=10)
+        assert (answer.verb, answer.get("reason")) == ("ERR", "invalid commit id (want the full id: 40 or 64 hex digits)")
+
+    status = json.loads(ctl(ci.address, "--json", "status").stdout)
+    assert (status["queued"], status["running"]) == (0, 0)
+    assert [summary["commit"] for summary in status["recent"]] == [sha]
+    assert re.findall(r"commit (\w+) queued \(from", ci.dispatcher.log()) == [sha]
+    assert ci.result_files() == files, "no second set of result files"
+
+
+def test_results_takes_the_short_id_that_status_shows(ci, upstream):
+    ci.start_dispatcher()
+    ci.start_runner()
+    sha = upstream.commit({"test_more.py": PASSING_TEST.replace("passes", "more")}, "a commit to look up")
+    assert ctl(ci.address, "dispatch", sha).returncode == 0
+    ci.wait_result(sha)
+    shown_in_status = re.search(r"last results:\n  (\w+) ", ctl(ci.address, "status").stdout).group(1)
+    assert shown_in_status == sha[:12]
+
+    for prefix in (shown_in_status, sha[:7], sha.upper()[:12], sha):
+        shown = ctl(ci.address, "results", prefix)
+        assert shown.returncode == 0, shown
+        assert shown.stdout.startswith("%s: passed\n" % sha), "the full id, whatever was typed"
+        assert "report:   %s" % (ci.results_dir / sha) in shown.stdout
+    as_json = json.loads(ctl(ci.address, "--json", "results", sha[:12]).stdout)
+    assert as_json["commit"] == sha
+    assert as_json["summary"] == ci.result(sha)
+    assert as_json["files"]["json"] == str(ci.results_dir / (sha + ".json"))
+
+
+def test_results_says_when_a_prefix_is_ambiguous_or_unknown(ci):
+    ci.start_dispatcher()  # no runner: the made-up commits below stay queued
+    address = helpers.parse_address(ci.address)
+    twins = ["0fe6b0ed1b3d" + "0" * 28, "0fe6b0ed1b3d" + "f" * 28]
+    other = "0fe6b0ef" + "1" * 32
+    for commit in twins + [other]:
+        # The dispatcher queues a full id without checking that the commit exists.
+        answer = helpers.communicate(address, helpers.request("dispatch", commit=commit), timeout=10)
+        assert (answer.verb, answer.get("new")) == ("OK", 1)
+
+    for prefix in ("0fe6b0e", "0fe6b0ed", "0fe6b0ed1b3d"):
+        shown = ctl(ci.address, "results", prefix)
+        assert shown.returncode == 1 and shown.stdout == ""
+        assert ("refused result: ambiguous commit prefix %s: more than one commit starts with it; give more digits"
+                % prefix) in shown.stderr
+        answer = helpers.communicate(address, helpers.request("result", commit=prefix), timeout=10)
+        assert answer.verb == "ERR" and answer.get("reason").startswith("ambiguous commit prefix %s:" % prefix)
+
+    for prefix, commit in ((twins[0][:13], twins[0]), (twins[1][:13], twins[1]), ("0fe6b0ef", other), (twins[0], twins[0])):
+        shown = ctl(ci.address, "results", prefix)
+        assert shown.returncode == 0, shown
+        assert shown.stdout.startswith("%s: queued, queued " % commit)
+        assert json.loads(ctl(ci.address, "--json", "results", prefix).stdout)["commit"] == commit
+
+    unknown = ctl(ci.address, "results", "0fe6b0ee")
+    assert unknown.returncode == 1 and "refused result: unknown commit 0fe6b0ee" in unknown.stderr
+    too_short = ctl(ci.address, "results", "0fe6b0")
+    assert too_short.returncode == 2 and "invalid commit id or prefix (want 7 to 64 hex digits)" in too_short.stderr
 
 
 def test_ctl_with_a_secret(processes, upstream, tmp_path):

@@ -231,3 +231,52 @@ def test_a_repository_that_uses_pytests_cache_gets_it(ci, upstream):
     result = ci.wait_result(sha)
     assert result["status"] == "passed", ci.report(sha)
     assert "stepwise:" in ci.report(sha), "--sw was on"
+
+
+def test_a_job_queued_under_an_abbreviated_id_by_an_older_dispatcher_is_retired(ci, upstream, tmp_path):
+    """Databases from before abbreviated ids were refused may queue one: no runner takes
+    it, so it must not come back to the scheduler (ahead of every other job) forever."""
+    from jobstore import JobState, JobStore
+
+    sha = upstream.commit({"test_more.py": PASSING_TEST}, "dispatched twice by an older ci-ctl")
+    database = tmp_path / "queue.sqlite3"
+    older = JobStore(str(database))
+    older.enqueue(sha[:8], 1.0)
+    older.enqueue(sha, 2.0)
+    older.close()
+
+    dispatcher = ci.start_dispatcher("--db", str(database))
+    dispatcher.wait_for_log(r"commit %s: queued under an abbreviated id before those were refused" % sha[:8])
+    runner = ci.start_runner()
+    ci.wait_result(sha)
+    assert ci.result_files() == ci.expected_files([sha]), "no result files under the abbreviated id"
+    assert "invalid commit id" not in runner.log(), "the runner was never offered it"
+    ci.dispatcher.terminate()
+    store = JobStore(str(database), read_only=True)
+    try:
+        retired = store.job(sha[:8])
+        assert (retired.state, retired.summary, retired.current_attempt) == (JobState.ERROR, None, None)
+        assert retired.reason == "abbreviated commit id, refused since; dispatch the full id"
+    finally:
+        store.close()
+
+
+def test_a_result_kept_for_an_abbreviated_id_by_an_older_runner_is_dropped(ci, upstream, tmp_path):
+    """Its ping would name the abbreviated id, which the dispatcher cannot decode, and
+    the dispatcher would refuse to record it: kept, the runner would never get a job."""
+    from helpers import communicate, parse_address, request
+    from test_runner import JobResult
+
+    sha = upstream.commit({"test_more.py": PASSING_TEST}, "tested while an old result is kept")
+    state = tmp_path / "runner-state"
+    (state / "pending").mkdir(parents=True)
+    kept = state / "pending" / ("%012d-%s.json" % (7, sha[:8]))
+    kept.write_bytes(JobResult(commit=sha[:8], attempt=7, status="passed").to_json())
+
+    ci.start_dispatcher()
+    runner = ci.start_runner("--state-dir", str(state))
+    runner.wait_for_log(r"unreadable kept result .*%s.* \(not a full commit id: '%s'\): removed" % (sha[:8], sha[:8]))
+    assert not kept.exists()
+    assert communicate(parse_address(ci.address), request("dispatch", commit=sha)).verb == "OK"
+    assert ci.wait_result(sha)["status"] == "passed"
+    assert ci.result_files() == ci.expected_files([sha])

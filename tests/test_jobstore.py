@@ -89,6 +89,69 @@ def test_requeued_job_keeps_its_place(store):
     assert store.queued(10) == [A, B, C, D]
 
 
+# --- looking a job up by the start of its id ----------------------------------------------
+
+
+def commits_starting_with(store: JobStore, prefix: str) -> list[str]:
+    return [job.commit for job in store.jobs_starting_with(prefix)]
+
+
+def test_a_prefix_finds_the_one_job_that_starts_with_it(store):
+    twin_low, twin_high = "0fe6b0ed1b3d" + "0" * 28, "0fe6b0ed1b3d" + "f" * 28
+    sha256 = "0fe6b0ef" + "2" * 56
+    for commit in (twin_low, twin_high, sha256, "0fe6b0ec" + "f" * 32, "0fe6b0ee" + "0" * 32):
+        store.enqueue(commit, 1.0)
+    assert commits_starting_with(store, "0fe6b0ef") == [sha256]
+    assert commits_starting_with(store, sha256) == [sha256]
+    assert commits_starting_with(store, twin_high[:13]) == [twin_high]
+    assert commits_starting_with(store, "0fe6b0ed1b3df") == [twin_high], "a last digit f is bounded too"
+    assert commits_starting_with(store, twin_low) == [twin_low]
+    # Ambiguous: two of them are enough to say so, however many there are.
+    assert commits_starting_with(store, "0fe6b0ed1b3d") == [twin_low, twin_high]
+    assert commits_starting_with(store, "0fe6b0e") == ["0fe6b0ec" + "f" * 32, twin_low]
+    assert commits_starting_with(store, "0fe6b0ea") == []
+    assert commits_starting_with(store, "1fe6b0e") == []
+
+
+def test_a_prefix_never_finds_a_job_queued_under_an_abbreviated_id(store):
+    # Such jobs exist in databases from before abbreviated ids were refused.
+    store.enqueue("0fe6b0ed", 1.0)
+    assert commits_starting_with(store, "0fe6b0ed") == []
+    store.enqueue(A, 1.0)
+    store.enqueue("a" * 12, 1.0)
+    assert commits_starting_with(store, "a" * 7) == [A]
+
+
+def test_abbreviated_queued_lists_only_queued_jobs_under_an_abbreviated_id(store):
+    put_in_state(store, "0fe6b0ed", JobState.RUNNING)  # as older dispatchers allowed
+    for commit in ("0fe6b0ee", A, "0fe6b0ef" + "0" * 56, "b" * 39, "b" * 41):
+        store.enqueue(commit, 1.0)
+    put_in_state(store, "c" * 12, JobState.FAILED)
+    assert store.abbreviated_queued() == ["0fe6b0ee", "b" * 39, "b" * 41]
+    store.recover(2.0)
+    assert store.abbreviated_queued() == ["0fe6b0ed", "0fe6b0ee", "b" * 39, "b" * 41]
+    store.finish("0fe6b0ee", None, JobState.ERROR, Outcome.ERROR, "abbreviated", None, 3.0)
+    assert store.abbreviated_queued() == ["0fe6b0ed", "b" * 39, "b" * 41]
+    assert (store.job("0fe6b0ee").state, store.job("0fe6b0ee").summary) == (JobState.ERROR, None)
+    assert store.recent_summaries(10) == [{}], "a job settled without a result lists no summary"
+
+
+def test_a_prefix_is_looked_up_by_a_range_on_the_commit_index(store):
+    """Not a scan: the cost does not grow with the history."""
+    for index in range(2000):
+        store.enqueue("%040x" % (index * 7919), 1.0)
+    plans = []
+    store._db.set_trace_callback(plans.append)
+    try:
+        store.jobs_starting_with("0000000000000000000000000000000000003dd")
+    finally:
+        store._db.set_trace_callback(None)
+    (query,) = [statement for statement in plans if statement.startswith("SELECT")]
+    plan = " ".join(row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + query))
+    assert "SEARCH jobs USING INDEX" in plan and "(commit_id>? AND commit_id<?)" in plan, plan
+    assert "SCAN" not in plan, plan
+
+
 # --- attempts ------------------------------------------------------------------------------
 
 

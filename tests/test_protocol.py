@@ -168,7 +168,7 @@ def test_ok_with_a_json_section():
 
 
 def test_sections_are_read_in_table_order_whatever_the_header_order():
-    line = b"results abcdef1 1 passed junit=3 log=2"
+    line = b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed junit=3 log=2"
     left, right = socket.socketpair()
     with left, right:
         left.sendall(line + b"\nLLJJJ")
@@ -178,7 +178,7 @@ def test_sections_are_read_in_table_order_whatever_the_header_order():
 
 def test_pipelined_messages_with_sections_stay_in_step():
     first = helpers.request("results", commit=SHA, attempt=1, status="failed", log=b"one\n" * 100)
-    second = helpers.request("dispatch", commit="abcdef1")
+    second = helpers.request("dispatch", commit="abcdef12abcdef12abcdef12abcdef12abcdef12")
     third = helpers.request("results", commit=SHA, attempt=2, status="passed", junit=b"<x/>")
     left, right = socket.socketpair()
     with left, right:
@@ -188,7 +188,7 @@ def test_pipelined_messages_with_sections_stay_in_step():
         got = [reader.read_message(REQUESTS, first_byte_timeout=5) for _ in range(4)]
     assert [m.verb if m else None for m in got] == ["results", "dispatch", "results", None]
     assert got[0].sections == {"log": b"one\n" * 100}
-    assert got[1].fields == {"commit": "abcdef1"}
+    assert got[1].fields == {"commit": "abcdef12abcdef12abcdef12abcdef12abcdef12"}
     assert got[2].fields["attempt"] == 2 and got[2].sections == {"junit": b"<x/>"}
 
 
@@ -218,8 +218,8 @@ def test_free_text_is_percent_encoded_and_comes_back_unchanged(reason):
 
 
 def test_err_reason_is_the_rest_of_the_line():
-    decoded, _ = decode_header(b"ERR invalid commit id (want 7 to 64 hex digits) = 100%", REPLIES)
-    assert decoded.fields == {"reason": "invalid commit id (want 7 to 64 hex digits) = 100%"}
+    decoded, _ = decode_header(b"ERR invalid commit id (want the full id: 40 or 64 hex digits) = 100%", REPLIES)
+    assert decoded.fields == {"reason": "invalid commit id (want the full id: 40 or 64 hex digits) = 100%"}
     decoded, _ = decode_header(b"ERR", REPLIES)
     assert decoded.fields == {"reason": ""}
 
@@ -256,16 +256,22 @@ def test_request_builder_leaves_out_none_and_turns_bytes_into_sections():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("abcdef1", "abcdef1"),
-        ("ABCDEF1234", "abcdef1234"),
-        ("0123456789ABCDEFabcdef0123456789", "0123456789abcdefabcdef0123456789"),
-        ("a" * 64, "a" * 64),
+        (SHA, SHA),
         (SHA.upper(), SHA),
+        ("a" * 64, "a" * 64),  # SHA-256
+        ("0123456789ABCDEFabcdef0123456789" * 2, "0123456789abcdefabcdef0123456789" * 2),
     ],
 )
-def test_valid_commit_ids_are_accepted_in_lower_case(text, expected):
-    decoded, _ = decode_header(("dispatch %s" % text).encode(), REQUESTS)
+def test_full_commit_ids_are_accepted_in_lower_case(text, expected):
+    for line in ("dispatch %s", "runtest %s 1", "results %s 1 passed", "register h 1 commit=%s attempt=1", "result %s"):
+        decoded, _ = decode_header((line % text).encode(), REQUESTS)
+        assert decoded.fields["commit"] == expected, line
+    decoded, _ = decode_header(("OK state=busy commit=%s attempt=1" % text).encode(), REPLIES)
     assert decoded.fields["commit"] == expected
+
+
+#: Hex digits, but not a whole commit id: the start of one, or too long for SHA-1.
+ABBREVIATED_IDS = ["abcdef1", SHA[:12], SHA[:39], SHA + "a", ("a" * 64)[:63]]
 
 
 @pytest.mark.parametrize(
@@ -274,25 +280,39 @@ def test_valid_commit_ids_are_accepted_in_lower_case(text, expected):
         "../../x",
         "..%2f..%2fx",
         "..%2F" + "a" * 10,
-        "%2e%2e%2fabcdef1",
+        "%2e%2e%2fabcdef12abcdef12abcdef12abcdef12abcdef12",
         "xyz1234",
         "abcdef",  # 6 hex digits: too short
         "a" * 65,  # too long
-        "abcdef1%00",
-        "abcdef1%0A",
-        "abcdef1/",
+        "abcdef12abcdef12abcdef12abcdef12abcdef12%00",
+        "abcdef12abcdef12abcdef12abcdef12abcdef12%0A",
+        "abcdef12abcdef12abcdef12abcdef12abcdef12/",
         "abc def1".replace(" ", "%20"),
         "g" * 40,
-        "\uff10" * 7,  # full-width digits are not hex
+        "\uff10" * 40,  # full-width digits are not hex
+        *ABBREVIATED_IDS,
     ],
 )
-def test_invalid_commit_ids_are_refused(text):
+def test_invalid_and_abbreviated_commit_ids_are_refused(text):
+    """An abbreviated id would be a second name for a commit: a second job, a second
+    set of result files. Every verb but the ``result`` query wants the full id."""
+    for line in ("dispatch %s", "runtest %s 1", "results %s 1 passed", "register h 1 commit=%s attempt=1"):
+        with pytest.raises(ProtocolError, match=re.escape("invalid commit id (want the full id: 40 or 64 hex digits)")):
+            decode_header((line % text).encode(), REQUESTS)
     with pytest.raises(ProtocolError, match="invalid commit id"):
-        decode_header(("dispatch %s" % text).encode(), REQUESTS)
-    with pytest.raises(ProtocolError, match="invalid commit id"):
-        decode_header(("runtest %s 1" % text).encode(), REQUESTS)
-    with pytest.raises(ProtocolError, match="invalid commit id"):
-        decode_header(("register h 1 commit=%s" % text).encode(), REQUESTS)
+        decode_header(("OK state=busy commit=%s attempt=1" % text).encode(), REPLIES)
+
+
+@pytest.mark.parametrize("text", ABBREVIATED_IDS + ["ABCDEF1234"])
+def test_the_result_query_takes_a_prefix_of_7_to_64_hex_digits(text):
+    decoded, _ = decode_header(("result %s" % text).encode(), REQUESTS)
+    assert decoded.fields["commit"] == text.lower()
+
+
+@pytest.mark.parametrize("text", ["abcdef", "a" * 65, "xyz1234", "../../x", "abcdef1/", "\uff10" * 7])
+def test_the_result_query_refuses_what_is_no_commit_prefix(text):
+    with pytest.raises(ProtocolError, match=re.escape("invalid commit id or prefix (want 7 to 64 hex digits)")):
+        decode_header(("result %s" % text).encode(), REQUESTS)
 
 
 # --- malformed headers ---------------------------------------------------------------------
@@ -310,29 +330,29 @@ MALFORMED = [
     (b"x" * 100, REQUESTS, "unknown verb 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...'"),
     (b"dispatch", REQUESTS, "dispatch needs <commit>"),
     (b"register 127.0.0.1", REQUESTS, "register needs <host> <port>"),
-    (b"results abcdef1 1", REQUESTS, "results needs <commit> <attempt> <status>"),
-    (b"runtest abcdef1", REQUESTS, "runtest needs <commit> <attempt>"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1", REQUESTS, "results needs <commit> <attempt> <status>"),
+    (b"runtest abcdef12abcdef12abcdef12abcdef12abcdef12", REQUESTS, "runtest needs <commit> <attempt>"),
     (b"status extra", REQUESTS, "unexpected field 'extra'"),
-    (b"dispatch abcdef1 extra", REQUESTS, "unexpected field 'extra'"),
+    (b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12 extra", REQUESTS, "unexpected field 'extra'"),
     (b"BUSY now", REPLIES, "unexpected field"),
-    (b"dispatch abcdef1 colour=red", REQUESTS, "unknown option 'colour' for dispatch"),
+    (b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12 colour=red", REQUESTS, "unknown option 'colour' for dispatch"),
     (b"status =1", REQUESTS, "unknown option ''"),
     (b"OK log=3", REPLIES, "unknown option 'log'"),
-    (b"results abcdef1 1 passed json=3", REQUESTS, "unknown option 'json'"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed json=3", REQUESTS, "unknown option 'json'"),
     (b"register h 1 name=a name=b", REQUESTS, "duplicate option 'name'"),
-    (b"results abcdef1 1 passed log=1 log=1", REQUESTS, "duplicate option 'log'"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=1 log=1", REQUESTS, "duplicate option 'log'"),
     (b"OK state=idle state=busy", REPLIES, "duplicate option 'state'"),
-    (b"dispatch  abcdef1", REQUESTS, "single spaces"),
-    (b"runtest abcdef1  1", REQUESTS, "single spaces"),
+    (b"dispatch  abcdef12abcdef12abcdef12abcdef12abcdef12", REQUESTS, "single spaces"),
+    (b"runtest abcdef12abcdef12abcdef12abcdef12abcdef12  1", REQUESTS, "single spaces"),
     (b"status\x00", REQUESTS, "control character"),
-    (b"dispatch\tabcdef1", REQUESTS, "control character"),
+    (b"dispatch\tabcdef12abcdef12abcdef12abcdef12abcdef12", REQUESTS, "control character"),
     (b"dispatch abc\x1bdef1", REQUESTS, "control character"),
     (b"status\x7f", REQUESTS, "control character"),
     (b"status\r", REQUESTS, "control character"),
     (b"ERR bad\x01thing", REPLIES, "control character"),
     (b"\xff\xfestatus", REQUESTS, "not UTF-8"),
-    (b"dispatch abcdef1\xc3", REQUESTS, "not UTF-8"),
-    (b"results abcdef1 1 error reason=%ff", REQUESTS, "'reason' is not UTF-8"),
+    (b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12\xc3", REQUESTS, "not UTF-8"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 error reason=%ff", REQUESTS, "'reason' is not UTF-8"),
     # ports
     (b"register h 0", REQUESTS, "invalid port"),
     (b"register h 65536", REQUESTS, "invalid port"),
@@ -343,31 +363,31 @@ MALFORMED = [
     (b"register bad/host 80", REQUESTS, "invalid host"),
     (b"register h 80 name=a%20b", REQUESTS, "invalid name"),
     # attempts and counts
-    (b"runtest abcdef1 0", REQUESTS, "invalid attempt id"),
-    (b"runtest abcdef1 -1", REQUESTS, "invalid count"),
-    (b"runtest abcdef1 x", REQUESTS, "invalid count"),
-    (b"runtest abcdef1 1111111111111", REQUESTS, "invalid count"),
+    (b"runtest abcdef12abcdef12abcdef12abcdef12abcdef12 0", REQUESTS, "invalid attempt id"),
+    (b"runtest abcdef12abcdef12abcdef12abcdef12abcdef12 -1", REQUESTS, "invalid count"),
+    (b"runtest abcdef12abcdef12abcdef12abcdef12abcdef12 x", REQUESTS, "invalid count"),
+    (b"runtest abcdef12abcdef12abcdef12abcdef12abcdef12 1111111111111", REQUESTS, "invalid count"),
     (b"register h 80 attempt=0", REQUESTS, "invalid attempt id"),
-    (b"results abcdef1 1 passed passed=-1", REQUESTS, "invalid count"),
-    (b"results abcdef1 1 passed passed=1.5", REQUESTS, "invalid count"),
-    (b"results abcdef1 1 passed passed=", REQUESTS, "invalid count"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed passed=-1", REQUESTS, "invalid count"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed passed=1.5", REQUESTS, "invalid count"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed passed=", REQUESTS, "invalid count"),
     (b"OK queued=many", REPLIES, "invalid count"),
     # other field types
-    (b"results abcdef1 1 exploded", REQUESTS, "invalid status"),
-    (b"results abcdef1 1 passed duration=nan", REQUESTS, "invalid duration"),
-    (b"results abcdef1 1 passed duration=inf", REQUESTS, "invalid duration"),
-    (b"results abcdef1 1 passed duration=-1", REQUESTS, "invalid duration"),
-    (b"results abcdef1 1 passed duration=soon", REQUESTS, "invalid duration"),
-    (b"results abcdef1 1 passed duration=1e9", REQUESTS, "invalid duration"),
-    (b"results abcdef1 1 error reason=" + b"x" * 1001, REQUESTS, "invalid text"),
-    (b"results abcdef1 1 error reason=two%0Alines", REQUESTS, "invalid text"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 exploded", REQUESTS, "invalid status"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed duration=nan", REQUESTS, "invalid duration"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed duration=inf", REQUESTS, "invalid duration"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed duration=-1", REQUESTS, "invalid duration"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed duration=soon", REQUESTS, "invalid duration"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed duration=1e9", REQUESTS, "invalid duration"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 error reason=" + b"x" * 1001, REQUESTS, "invalid text"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 error reason=two%0Alines", REQUESTS, "invalid text"),
     (b"OK state=sleeping", REPLIES, "invalid state"),
     (b"OK job=lost", REPLIES, "invalid job state"),
     # sections
-    (b"results abcdef1 1 passed log=%d" % (MAX_SECTION_ON_WIRE_BYTES + 1), REQUESTS, "section 'log' too large"),
-    (b"results abcdef1 1 passed junit=99999999999", REQUESTS, "section 'junit' too large"),
-    (b"results abcdef1 1 passed log=-1", REQUESTS, "invalid count"),
-    (b"results abcdef1 1 passed log=lots", REQUESTS, "invalid count"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=%d" % (MAX_SECTION_ON_WIRE_BYTES + 1), REQUESTS, "section 'log' too large"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed junit=99999999999", REQUESTS, "section 'junit' too large"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=-1", REQUESTS, "invalid count"),
+    (b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=lots", REQUESTS, "invalid count"),
     (b"OK json=1111111111111", REPLIES, "invalid count"),
 ]
 
@@ -383,7 +403,7 @@ def test_malformed_header_gives_protocol_error(line, table, expected):
 
 
 def test_section_length_at_the_wire_limit_is_accepted():
-    _, pending = decode_header(b"results abcdef1 1 passed log=%d" % MAX_SECTION_ON_WIRE_BYTES, REQUESTS)
+    _, pending = decode_header(b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=%d" % MAX_SECTION_ON_WIRE_BYTES, REQUESTS)
     assert [(section.name, length) for section, length in pending] == [("log", MAX_SECTION_ON_WIRE_BYTES)]
 
 
@@ -398,9 +418,9 @@ def test_invalid_percent_escape_in_a_positional_field_is_a_protocol_error(line):
     [
         "register h \u00b2".encode(),
         b"register h %C2%B2",
-        "runtest abcdef1 \u00b9".encode(),
-        b"results abcdef1 1 passed passed=%C2%B3",
-        "results abcdef1 1 passed log=\u00b2".encode(),
+        "runtest abcdef12abcdef12abcdef12abcdef12abcdef12 \u00b9".encode(),
+        b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed passed=%C2%B3",
+        "results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=\u00b2".encode(),
     ],
 )
 def test_non_ascii_digits_are_a_protocol_error(line):
@@ -438,8 +458,8 @@ def test_line_over_the_limit_without_newline_is_refused(pair):
 
 def test_crlf_line_end_is_accepted(pair):
     left, right = pair
-    left.sendall(b"dispatch abcdef1\r\n")
-    assert MessageStream(right).read_message(REQUESTS, first_byte_timeout=5).fields == {"commit": "abcdef1"}
+    left.sendall(b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12\r\n")
+    assert MessageStream(right).read_message(REQUESTS, first_byte_timeout=5).fields == {"commit": "abcdef12abcdef12abcdef12abcdef12abcdef12"}
 
 
 def small_table(log_keep: int, junit_keep: int) -> dict:
@@ -505,7 +525,7 @@ def test_close_in_the_middle_of_a_line_is_an_error(pair):
 
 def test_close_in_the_middle_of_a_section_is_an_error(pair):
     left, right = pair
-    left.sendall(b"results abcdef1 1 passed log=100\n" + b"only ten b")
+    left.sendall(b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=100\n" + b"only ten b")
     left.shutdown(socket.SHUT_WR)
     with pytest.raises(ProtocolError, match="middle of a section"):
         MessageStream(right).read_message(REQUESTS, first_byte_timeout=5)
@@ -538,7 +558,7 @@ def test_peer_that_stops_mid_line_times_out(pair, monkeypatch):
 def test_peer_that_stops_mid_section_times_out(pair, monkeypatch):
     monkeypatch.setattr(protocol_core, "IO_TIMEOUT_S", 0.2)
     left, right = pair
-    left.sendall(b"results abcdef1 1 passed log=100\nsome")
+    left.sendall(b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=100\nsome")
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         MessageStream(right).read_message(REQUESTS, first_byte_timeout=5)
@@ -583,13 +603,13 @@ def test_trickling_header_is_cut_off_at_the_message_deadline(monkeypatch):
 
 
 def test_slow_but_timely_header_is_read(monkeypatch):
-    sock = trickle(monkeypatch, [b"dis", b"pat", b"ch ", b"abcdef1\n"], step=0.4)
-    assert MessageStream(sock).read_message(REQUESTS, first_byte_timeout=10).fields == {"commit": "abcdef1"}
+    sock = trickle(monkeypatch, [b"dis", b"pat", b"ch ", b"abcdef12abcdef12abcdef12abcdef12abcdef12\n"], step=0.4)
+    assert MessageStream(sock).read_message(REQUESTS, first_byte_timeout=10).fields == {"commit": "abcdef12abcdef12abcdef12abcdef12abcdef12"}
 
 
 def test_whole_message_header_and_sections_must_arrive_within_the_deadline(monkeypatch):
     # First byte at 0.4 s; the header ends at 0.8 s and the section at 2.0 s: 1.6 s > 1 s.
-    chunks = [b"results abcdef1 1 passed l", b"og=6\n", b"ab", b"cd", b"ef"]
+    chunks = [b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed l", b"og=6\n", b"ab", b"cd", b"ef"]
     sock = trickle(monkeypatch, chunks, step=0.4)
     with pytest.raises((TimeoutError, ProtocolError)):
         MessageStream(sock).read_message(REQUESTS, first_byte_timeout=10)
@@ -626,9 +646,9 @@ def test_server_answers_several_requests_on_one_connection_and_survives_a_handle
     with caplog.at_level(logging.INFO, logger="test.server"):
         with helpers.Connection(server.address) as connection:
             assert connection.request(helpers.request("ping")).fields == {"state": "idle"}
-            failed = connection.request(helpers.request("dispatch", commit="deadbee"))
+            failed = connection.request(helpers.request("dispatch", commit="deadbeef" * 5))
             assert (failed.verb, failed.fields) == ("ERR", {"reason": "internal error"})
-            assert connection.request(helpers.request("dispatch", commit="abcdef1")).fields == {"new": 1}
+            assert connection.request(helpers.request("dispatch", commit="abcdef12abcdef12abcdef12abcdef12abcdef12")).fields == {"new": 1}
     assert any("error handling dispatch" in record.getMessage() and record.exc_info for record in caplog.records)
 
 
@@ -646,12 +666,12 @@ def test_server_answers_a_framing_error_then_hangs_up(server_factory):
     with socket.create_connection(server.address, timeout=10) as sock:
         sock.sendall(b"dispatch nothex\nping\n")
         received = read_until_closed(sock)
-    assert received == b"ERR invalid commit id (want 7 to 64 hex digits)\n"
+    assert received == b"ERR invalid commit id (want the full id: 40 or 64 hex digits)\n"
 
 
 def test_server_answers_a_request_that_arrives_in_pieces(server_factory):
     server = server_factory(lambda message, peer: helpers.reply("OK", new=1))
-    data = helpers.encode(helpers.request("dispatch", commit="abcdef1"), REQUESTS)
+    data = helpers.encode(helpers.request("dispatch", commit="abcdef12abcdef12abcdef12abcdef12abcdef12"), REQUESTS)
     with socket.create_connection(server.address, timeout=10) as sock:
         sock.sendall(data[:6])
         # The event loop cannot answer half a request: the connection goes to a thread.
@@ -672,7 +692,7 @@ def test_server_answers_requests_sent_together_in_order(server_factory):
         return helpers.reply("OK", new=len(calls))
 
     server = server_factory(handle)
-    commits = ["%07x" % (0xabc0000 + index) for index in range(3 * helpers.REQUESTS_PER_TURN)]
+    commits = ["%040x" % (0xabc0000 + index) for index in range(3 * helpers.REQUESTS_PER_TURN)]
     with socket.create_connection(server.address, timeout=10) as sock:
         sock.sendall(b"".join(helpers.encode(helpers.request("dispatch", commit=commit), REQUESTS) for commit in commits))
         stream = MessageStream(sock)
@@ -693,7 +713,7 @@ def test_a_threaded_verb_holds_up_no_other_request(server_factory):
 
     server = server_factory(handle, threaded_verbs={"results"})
     answers = []
-    results = helpers.request("results", commit="abcdef1", attempt=1, status="passed", log=b"output\n")
+    results = helpers.request("results", commit="abcdef12abcdef12abcdef12abcdef12abcdef12", attempt=1, status="passed", log=b"output\n")
     sender = threading.Thread(target=lambda: answers.append(helpers.communicate(server.address, results, timeout=30)))
     sender.start()
     try:
@@ -752,7 +772,7 @@ def test_communicate_refuses_an_answer_that_is_not_a_reply():
             with connection:
                 connection.settimeout(10)
                 connection.recv(100)
-                connection.sendall(b"dispatch abcdef1\n")
+                connection.sendall(b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12\n")
 
         thread = threading.Thread(target=answer_nonsense, daemon=True)
         thread.start()
@@ -775,10 +795,11 @@ def test_parse_address(text, expected):
 
 
 # protocol_core checks values with sets instead of regular expressions (importing re
-# would cost the push trigger's hook milliseconds); they must accept exactly what the
-# expressions that helpers.py used before did.
+# would cost the push trigger's hook milliseconds); they must accept exactly what these
+# expressions do (those helpers.py used before, and the full commit id's rule).
 REFERENCE_PATTERNS = {
-    "commit id": (protocol_core.is_commit_id, re.compile(r"[0-9a-f]{7,64}\Z")),
+    "commit id": (protocol_core.is_commit_id, re.compile(r"(?:[0-9a-f]{40}|[0-9a-f]{64})\Z")),
+    "commit prefix": (protocol_core.is_commit_prefix, re.compile(r"[0-9a-f]{7,64}\Z")),
     "decimal": (protocol_core.is_decimal, re.compile(r"[0-9]{1,12}\Z")),
     "host": (lambda text: _accepts(protocol_core.parse_host, text), re.compile(r"[A-Za-z0-9._:\-]{1,253}\Z")),
 }
@@ -801,7 +822,8 @@ def _near_valid_text(alphabet: str, low: int, high: int):
 @pytest.mark.parametrize("name", list(REFERENCE_PATTERNS))
 def test_set_checks_accept_what_the_regular_expressions_did(name):
     check, pattern = REFERENCE_PATTERNS[name]
-    alphabet, low, high = {"commit id": ("0123456789abcdef", 7, 64), "decimal": ("0123456789", 1, 12),
+    alphabet, low, high = {"commit id": ("0123456789abcdef", 40, 64), "commit prefix": ("0123456789abcdef", 7, 64),
+                           "decimal": ("0123456789", 1, 12),
                            "host": ("aZ09._:-", 1, 253)}[name]
 
     @settings(max_examples=1000, deadline=None)
@@ -894,12 +916,14 @@ BAD_FOR_DISPATCHER = [
     ("http request", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", False, b"unknown verb 'GET'"),
     ("line too long", b"dispatch " + b"a" * (MAX_LINE_BYTES + 10), False, b"line too long"),
     ("ping is for runners", b"ping\n", False, b"ping is not a dispatcher request"),
-    ("runtest is for runners", b"runtest abcdef1 1\n", False, b"runtest is not a dispatcher request"),
-    ("results for an unknown commit", b"results abcdef1 1 passed log=5\nhello", False, b"unknown commit"),
+    ("runtest is for runners", b"runtest abcdef12abcdef12abcdef12abcdef12abcdef12 1\n", False, b"runtest is not a dispatcher request"),
+    ("results for an unknown commit", b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=5\nhello", False, b"unknown commit"),
     ("dispatch a path", b"dispatch ../../x\n", False, b"invalid commit id"),
-    ("dispatch an escaped path", b"dispatch ..%2f..%2fabcdef1\n", False, b"invalid commit id"),
+    ("dispatch an escaped path", b"dispatch ..%2f..%2fabcdef12abcdef12abcdef12abcdef12abcdef12\n", False, b"invalid commit id"),
+    ("dispatch an abbreviated id", b"dispatch abcdef12abcd\n", False, b"invalid commit id (want the full id"),
+    ("results for an abbreviated id", b"results abcdef12abcd 1 passed log=5\nhello", False, b"invalid commit id (want the full id"),
     ("register without port", b"register 127.0.0.1\n", False, b"needs"),
-    ("oversized section", b"results abcdef1 1 passed log=999999999999\n", False, b"too large"),
+    ("oversized section", b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=999999999999\n", False, b"too large"),
 ]
 
 
@@ -928,12 +952,13 @@ BAD_FOR_RUNNER = [
     ("garbage without newline, then EOF", b"\xde\xad\xbe\xef", True, b"middle of a line"),
     ("empty line", b"\n", False, b"empty line"),
     ("unknown verb", b"frobnicate\n", False, b"unknown verb"),
-    ("dispatch is for the dispatcher", b"dispatch abcdef1\n", False, b"dispatch is not a runner request"),
+    ("dispatch is for the dispatcher", b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12\n", False, b"dispatch is not a runner request"),
     ("register is for the dispatcher", b"register 127.0.0.1 9\n", False, b"register is not a runner request"),
     ("status is for the dispatcher", b"status\n", False, b"status is not a runner request"),
-    ("results is for the dispatcher", b"results abcdef1 1 passed\n", False, b"results is not a runner request"),
+    ("results is for the dispatcher", b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed\n", False, b"results is not a runner request"),
     ("runtest a path", b"runtest ../../x 1\n", False, b"invalid commit id"),
-    ("runtest attempt zero", b"runtest abcdef1 0\n", False, b"invalid attempt id"),
+    ("runtest an abbreviated id", b"runtest abcdef12abcd 1\n", False, b"invalid commit id (want the full id"),
+    ("runtest attempt zero", b"runtest abcdef12abcdef12abcdef12abcdef12abcdef12 0\n", False, b"invalid attempt id"),
 ]
 
 
@@ -971,7 +996,7 @@ def test_dispatcher_answers_err_to_undecodable_fields(ci, data):
     assert "Traceback" not in dispatcher.log()
 
 
-@pytest.mark.parametrize("line", [b"status ", b"dispatch abcdef1 ", b"dispatch abcdef1   "])
+@pytest.mark.parametrize("line", [b"status ", b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12 ", b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12   "])
 def test_trailing_spaces_are_tolerated(line):
     """People type requests by hand (nc); a trailing space is not worth an error."""
     message, _ = decode_header(line, REQUESTS)

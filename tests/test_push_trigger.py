@@ -379,9 +379,9 @@ def test_hook_and_daemon_codec_understand_each_other(secret):
     with hook_side, daemon_side:
         thread, received = serve_one(daemon_side, secret)
         stream = protocol_core.Stream(hook_side, protocol_core.Authenticator(secret) if secret else None)
-        verb, rest = push_hook.dispatch(stream, "abcdef1")
+        verb, rest = push_hook.dispatch(stream, "abcdef12" * 5)
         thread.join(timeout=10)
-    assert (received[0].verb, received[0].fields) == ("dispatch", {"commit": "abcdef1"})
+    assert (received[0].verb, received[0].fields) == ("dispatch", {"commit": "abcdef12" * 5})
     assert (received[0].nonce is not None) == (secret is not None)
     assert (verb, push_hook.reply_option(rest, "new"), push_hook.reply_option(rest, "job")) == ("OK", "1", "queued")
 

@@ -283,8 +283,14 @@ def test_job_result_json_round_trip_keeps_binary_bytes(junit):
 
 
 def test_job_result_with_defaults_round_trips():
-    result = JobResult(commit="abcdef1", attempt=1, status="aborted")
+    result = JobResult(commit="abcdef12" * 5, attempt=1, status="aborted")
     assert JobResult.from_json(result.to_json()) == result
+
+
+def test_a_kept_result_for_an_abbreviated_commit_id_is_unreadable():
+    """An older runner may have kept one; the dispatcher would refuse it forever."""
+    with pytest.raises(ValueError, match="not a full commit id: 'abcdef12'"):
+        JobResult.from_json(JobResult(commit="abcdef12", attempt=1, status="passed").to_json())
 
 
 def test_job_result_becomes_a_results_message_the_dispatcher_can_decode():

@@ -59,7 +59,7 @@ def read_from(data: bytes, auth: Authenticator, table=REQUESTS, request_nonce=No
 
 def test_signed_message_round_trip_covers_sections():
     sender, receiver = Authenticator(SECRET), Authenticator(SECRET)
-    message = request("results", commit="abcdef1", attempt=3, status="passed", log=b"output \x00\xff", junit=b"<x/>")
+    message = request("results", commit="abcdef12abcdef12abcdef12abcdef12abcdef12", attempt=3, status="passed", log=b"output \x00\xff", junit=b"<x/>")
     received = read_from(signed(sender, message), receiver)
     assert received.sections == {"log": b"output \x00\xff", "junit": b"<x/>"}
     assert received.nonce
@@ -67,7 +67,7 @@ def test_signed_message_round_trip_covers_sections():
 
 @pytest.mark.parametrize("position", ["header", "section"])
 def test_any_changed_byte_fails_authentication(position):
-    data = bytearray(signed(Authenticator(SECRET), request("results", commit="abcdef1", attempt=3, status="failed",
+    data = bytearray(signed(Authenticator(SECRET), request("results", commit="abcdef12abcdef12abcdef12abcdef12abcdef12", attempt=3, status="failed",
                                                            log=b"1 failed")))
     target = data.index(b"failed") if position == "header" else data.rindex(b"1 failed")
     data[target] ^= 0x01
@@ -76,7 +76,7 @@ def test_any_changed_byte_fails_authentication(position):
 
 
 def test_wrong_secret_missing_tag_replay_and_stale_time_are_refused():
-    message = request("dispatch", commit="abcdef1")
+    message = request("dispatch", commit="abcdef12abcdef12abcdef12abcdef12abcdef12")
     with pytest.raises(ProtocolError, match="authentication failed"):
         read_from(signed(Authenticator(b"another-secret-of-enough-length"), message), Authenticator(SECRET))
     with pytest.raises(ProtocolError, match="authentication required"):
@@ -100,7 +100,7 @@ def test_reply_must_answer_this_request():
 
 
 def test_secret_is_never_on_the_wire_and_short_secrets_are_refused():
-    data = signed(Authenticator(SECRET), request("dispatch", commit="abcdef1"))
+    data = signed(Authenticator(SECRET), request("dispatch", commit="abcdef12abcdef12abcdef12abcdef12abcdef12"))
     assert SECRET not in data and SECRET.hex().encode() not in data
     with pytest.raises(ValueError, match="at least 16 bytes"):
         Authenticator(b"short")
@@ -356,9 +356,9 @@ RAW_CASES = {
     "whitespace line": b"   \t  \n",
     "unknown verb": b"launch missiles\n",
     "10 MB line": b"dispatch " + b"a" * (10 * 1024 * 1024) + b"\n",
-    "unsigned dispatch": b"dispatch abcdef1\n",
+    "unsigned dispatch": b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12\n",
     "unsigned path commit": b"dispatch ../../x\n",
-    "bad auth line": b"auth 1 2 3\ndispatch abcdef1\n",
+    "bad auth line": b"auth 1 2 3\ndispatch abcdef12abcdef12abcdef12abcdef12abcdef12\n",
 }
 
 
@@ -381,8 +381,8 @@ SIGNED_CASES = {
     "commit with slash": b"dispatch abc/def1",
     "results for unknown commit": b"results 0123456789abcdef0123456789abcdef01234567 1 passed",
     "results for unknown attempt": None,  # filled in from the live job
-    "runner verb to dispatcher": b"runtest abcdef1 1",
-    "huge section": b"results abcdef1 1 passed log=999999999999",
+    "runner verb to dispatcher": b"runtest abcdef12abcdef12abcdef12abcdef12abcdef12 1",
+    "huge section": b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=999999999999",
     "unknown verb": b"exec rm -rf /",
 }
 
@@ -475,7 +475,7 @@ def test_arbitrary_header_bytes_only_give_protocol_errors(data):
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(
     st.binary(max_size=80),
-    st.sampled_from([b"\n", b"results abcdef1 1 passed log=5 junit=3\n", b"auth 1 ", b"dispatch abcdef1\n",
+    st.sampled_from([b"\n", b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=5 junit=3\n", b"auth 1 ", b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12\n",
                      b"OK json=4\n", b"log=", b"%ff", b"\r\n"]),
 ), max_size=8), st.booleans())
 def test_arbitrary_streams_only_give_messages_or_protocol_errors(chunks, with_auth):
