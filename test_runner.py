@@ -12,6 +12,11 @@ again whenever pings stop coming (the dispatcher restarted or dropped it), and
 exits once the dispatcher has been unreachable for ``--dispatcher-timeout``
 seconds, to free its machine. On SIGTERM or Ctrl-C it stops the tests in progress
 and hands the job back to the dispatcher, which gives it to another runner.
+
+The runner is a child subreaper: a process the checkout or the tests started that
+outlives its parent comes back to the runner, even from another session (a daemon
+a test started), and is killed before the job's result is sent, so that nothing a
+commit's tests started is still running when the next commit is tested.
 """
 
 from __future__ import annotations
@@ -58,7 +63,14 @@ from helpers import (
     serve_in_thread,
     setup_logging,
 )
-from warm_pytest import END_MARGIN_S, WarmPytest, WarmPytestError
+from warm_pytest import (
+    END_MARGIN_S,
+    LEFTOVERS_TIMEOUT_S,
+    WarmPytest,
+    WarmPytestError,
+    become_subreaper,
+    kill_leftovers,
+)
 
 log = logging.getLogger("runner")
 
@@ -220,9 +232,10 @@ def supervise(pgid: int, wait, timeout: float, stop: threading.Event) -> tuple[i
 
     Returns (exit status, None) when it ends by itself, or (status, "timeout") /
     (status, "stopped") when it was killed: SIGTERM to the whole group, SIGKILL
-    after KILL_GRACE_S. Whatever is left of the group afterwards (daemons a test
-    started) is killed too. The exit is noticed by a blocking wait, not by polling,
-    so a result is reported the moment the tests end.
+    after KILL_GRACE_S. Whatever is left of the group afterwards (processes a test
+    started in the background) is killed too; what left the group (a new session)
+    is the runner's to kill (``TestRunner._kill_leftovers``). The exit is noticed by
+    a blocking wait, not by polling, so a result is reported the moment the tests end.
     """
     finished = threading.Event()
     why: list[str] = []
@@ -349,6 +362,7 @@ class TestRunner:
         state_dir: str | None = None,
         security: Security | None = None,
         warm_pytest: bool = True,
+        subreaper: bool = False,
     ):
         self.security = security or Security()
         repo = git.Repo(clone)  # fails early, with git's message, if it is not a clone
@@ -391,6 +405,11 @@ class TestRunner:
             # entries of $PYTHONPATH mean the same to both.
             self._warm = WarmPytest(dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), self.clone)
         self._warm_failures = 0
+        #: This process is a child subreaper (``main`` made it one): the processes a
+        #: job leaves behind come back to it as children, to be killed. Only then
+        #: is a child the runner does not know a leftover; in any other process (a
+        #: test that embeds a runner) it may be anyone's.
+        self.subreaper = subreaper
 
     # --- requests ------------------------------------------------------------------
 
@@ -502,6 +521,30 @@ class TestRunner:
         else:
             log.warning("%s; %s", why, then)
 
+    def _kill_leftovers(self, commit: str, attempt: int, step: str) -> None:
+        """Kill what ``step`` of the job (its checkout or its tests) left running,
+        whatever session or process group it moved to: what a job forked from the
+        warm pytest left, the zygote has killed already (and says how many); what
+        came back to the runner (a fresh interpreter's leftovers, or a zygote's
+        that died) is killed here. The zygote is the runner's only other child, and
+        the worker thread, which calls this between steps, the only one that starts
+        processes, so any other child of the runner is the job's.
+        """
+        killed, stuck = 0, []
+        if self._warm is not None and step == "tests":
+            killed, stuck = self._warm.leftovers, self._warm.stuck
+            self._warm.leftovers, self._warm.stuck = 0, []
+        if self.subreaper:
+            zygote = self._warm.process if self._warm is not None else None
+            more, more_stuck = kill_leftovers({zygote.pid} if zygote is not None else set())
+            killed, stuck = killed + more, stuck + more_stuck
+        if killed:
+            log.warning("commit %s attempt %d: killed %d process%s its %s left running",
+                        commit, attempt, killed, "" if killed == 1 else "es", step)
+        if stuck:
+            log.error("commit %s attempt %d: processes %s left by its %s did not die within %g s",
+                      commit, attempt, stuck, step, LEFTOVERS_TIMEOUT_S)
+
     def _run_tests(self, command, pytest_args: list[str] | None, env: dict, output_path: str) -> tuple[int, str | None]:
         """Run the tests in the clone: forked from the warm pytest when there is one,
         else ``command`` in a new interpreter. Returns what ``supervise`` returns."""
@@ -554,6 +597,7 @@ class TestRunner:
     def _run_job(self, commit: str, attempt: int) -> JobResult:
         started = time.monotonic()
         status, killed, checkout_output = self._check_out(commit)
+        self._kill_leftovers(commit, attempt, "checkout")
         if killed == "stopped":
             return JobResult(commit, attempt, "aborted", reason="runner shutting down")
         if status != 0:
@@ -585,6 +629,9 @@ class TestRunner:
             log.error("commit %s attempt %d: %s", commit, attempt, exc)
             return JobResult(commit, attempt, "error", reason=str(exc), log=read_log(output_path),
                              duration=time.monotonic() - started)
+        finally:
+            # Before the result goes out: the dispatcher may send the next commit at once.
+            self._kill_leftovers(commit, attempt, "tests")
         duration = time.monotonic() - test_started
         counts = read_junit_counts(junit_path) or {}
         junit = None
@@ -813,6 +860,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.log_file)
     stop_passing_on_ignored_signals()
+    # Before any process is started, so that all of them have the runner as their
+    # subreaper (a job's orphans come back here if the warm pytest itself dies).
+    subreaper = become_subreaper()
+    if not subreaper:
+        log.warning("cannot become a child subreaper (Linux only): processes the tests start in a new session "
+                    "may outlive their job")
     try:
         dispatcher = parse_address(args.dispatcher_server)
     except ValueError as exc:
@@ -842,6 +895,7 @@ def main(argv: list[str] | None = None) -> int:
             state_dir=args.state_dir,
             security=security,
             warm_pytest=args.warm_pytest,
+            subreaper=subreaper,
         )
     except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
         log.error("%s is not a git clone: %s", args.repo, exc)

@@ -26,12 +26,15 @@ find "$git_dir/refs" -name '*.lock' -type f -delete
 git for-each-ref --format='%(refname)' refs/replace/ | while read -r ref; do
     run_or_fail "could not delete the replace ref $ref" git update-ref -d "$ref"
 done
+# A fetch may start git's automatic housekeeping (gc --auto), which by default goes
+# on in the background; the runner kills whatever a job leaves running, so it would
+# never finish. Here it runs inside the fetch instead, under the checkout's time limit.
+fetch_origin() { git -c gc.autoDetach=false fetch --quiet --no-tags origin "$@"; }
 if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
-    fetch_or_fail "could not fetch from origin" git fetch --quiet --no-tags origin
+    fetch_or_fail "could not fetch from origin" fetch_origin
     if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
         # Not on any branch head: some servers still hand out a commit by id.
-        fetch_or_fail "commit $commit is not in the upstream repository" \
-            git fetch --quiet --no-tags origin "$commit"
+        fetch_or_fail "commit $commit is not in the upstream repository" fetch_origin "$commit"
     fi
 fi
 run_or_fail "could not check out $commit" git -c advice.detachedHead=false reset --quiet --hard "$commit"

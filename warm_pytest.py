@@ -15,6 +15,17 @@ test and never imports anything from a clone, so every job starts from the same
 state: what differs from a fresh interpreter is only that pytest was imported
 before the job's working directory was on ``sys.path``.
 
+A test may start a process that leaves the job's session (``setsid``, a
+double-forked daemon): killing the job's process group does not reach it, and it
+could go on changing the clone while the next commit is tested. So the zygote is
+a *child subreaper* (``become_subreaper``): whatever a job started comes back to
+it as a child when its parent dies, and once the job's own child has ended, every
+other child the zygote has is a leftover of that job, killed and reaped
+(``kill_leftovers``) before the job's end is reported. The runner does the same
+for a job run in a fresh interpreter. Both functions live here because the zygote
+runs this file as a script: a module of ours it imported would be in every job's
+``sys.modules``, hiding a module of the same name in the clone.
+
 Talk with the runner is one JSON object per line over the zygote's stdin and
 stdout:
 
@@ -27,14 +38,16 @@ stdout:
 * runner -> zygote: ``{"cwd": DIR, "args": [...], "env": {...}, "output": PATH}``;
 * zygote -> runner: ``{"pid": PID}`` as soon as the child exists (the runner kills
   the job's process group by that pid on a timeout), then ``{"pid": PID,
-  "status": CODE}`` when it has ended (CODE as ``subprocess`` gives it: negative
-  for a signal).
+  "status": CODE, "leftovers": COUNT, "stuck": [PID, ...]}`` when it has ended and
+  what it left running has been killed (CODE as ``subprocess`` gives it: negative
+  for a signal; COUNT processes were killed; the stuck ones did not die in time).
 
 The zygote exits when its stdin closes (the runner stopped or died).
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
@@ -55,8 +68,19 @@ READY_TIMEOUT_S = 60.0
 #: How long forking a child for a job may take.
 FORK_TIMEOUT_S = 10.0
 #: After the time limit and the kill, how long to wait for the zygote to report the
-#: child's end before giving up on the zygote.
+#: child's end before giving up on the zygote (it includes LEFTOVERS_TIMEOUT_S).
 END_MARGIN_S = 30.0
+#: prctl(2): orphaned descendants are re-parented to this process, not to init.
+PR_SET_CHILD_SUBREAPER = 36
+#: Longest that killing and reaping a job's leftovers may take: a killed process
+#: is gone within milliseconds, unless it is stuck in the kernel (a hung NFS mount).
+LEFTOVERS_TIMEOUT_S = 10.0
+#: Most kill-and-reap rounds: each reaches the children of the processes the last
+#: one killed (a daemon's own children), and a process that keeps forking is
+#: caught one generation per round.
+LEFTOVERS_ROUNDS = 100
+#: Longest pause between two looks at whether a killed child has ended.
+REAP_POLL_MAX_S = 0.02
 
 
 class WarmPytestError(Exception):
@@ -182,6 +206,107 @@ def _become_job(job: dict, channels: tuple[int, int]) -> None:
             os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
 
 
+def become_subreaper() -> bool:
+    """Make this process a child subreaper: a process it started, directly or not,
+    whose parent dies is re-parented to it rather than to init, whatever session
+    or process group it moved to. It must then reap such children
+    (``kill_leftovers``). False where that is not possible (not Linux). The setting
+    is not inherited: processes started from here are ordinary parents.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def _children():
+    """This process's children, as (pid, state letter) pairs ("Z": ended, not yet
+    reaped), yielded as they are read from /proc.
+
+    Every /proc/PID/stat is read, because /proc/PID/task/TID/children needs a kernel
+    option that is often off (as on the test machine): about 1.6 ms with 100
+    processes on the machine.
+    """
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue  # it ended meanwhile
+        # The command name is in parentheses and may contain spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == me:
+            yield int(entry), fields[0].decode("ascii", "replace")
+
+
+def _reap_all(pids, deadline: float) -> list[int]:
+    """Reap each of ``pids`` (children of this process, killed) as it ends; returns
+    those still there at ``deadline``. Polls with a growing pause: a blocking wait
+    could hang on a process stuck in the kernel, and the killed ones end at once."""
+    pending = set(pids)
+    pause = 0.0005
+    while True:
+        for pid in list(pending):
+            try:
+                ended, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                ended = pid  # reaped already: nothing left to wait for
+            if ended:
+                pending.discard(pid)
+        remaining = deadline - time.monotonic()
+        if not pending or remaining <= 0:
+            return sorted(pending)
+        time.sleep(min(pause, remaining))
+        pause = min(pause * 2, REAP_POLL_MAX_S)
+
+
+def kill_leftovers(keep=frozenset()) -> tuple[int, list[int]]:
+    """SIGKILL and reap every child of this process but those in ``keep``, then the
+    children they leave, until there are none: in a subreaper, after a job, what the
+    job left running. Returns (how many were still running, pids still there after
+    LEFTOVERS_TIMEOUT_S or LEFTOVERS_ROUNDS rounds).
+
+    Only this process's own children are signalled: a child's pid cannot be given
+    to another process before it is reaped here, so a kill never reaches a stranger
+    that took the pid of a process that just ended. When a killed child ends, the
+    kernel re-parents its children to this process before the child can be reaped,
+    so the next round finds them. Each child is killed the moment it is found, not
+    after the whole of /proc is read: a process that keeps forking and exiting (a
+    daemon that "hops") escapes a round only if it completes a hop in the few
+    microseconds between the two, and a fork that a kill interrupts never happens.
+    The caller must be the only one starting children meanwhile: any new child not
+    in ``keep`` is taken for a leftover.
+    """
+    if not keep:
+        try:
+            # No children at all (the usual case): no need to read /proc.
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return 0, []
+    killed: set[int] = set()
+    deadline = time.monotonic() + LEFTOVERS_TIMEOUT_S
+    for _ in range(LEFTOVERS_ROUNDS):
+        found = []
+        for pid, state in _children():
+            if pid in keep:
+                continue
+            found.append(pid)
+            if state != "Z":
+                killed.add(pid)
+                os.kill(pid, signal.SIGKILL)  # a child not reaped yet: it cannot be gone
+        if not found:
+            return len(killed), []
+        stuck = _reap_all(found, deadline)
+        if stuck:
+            return len(killed), stuck
+    # Out of rounds: a process that forks faster than it is killed.
+    return len(killed), sorted(pid for pid, _ in _children() if pid not in keep)
+
+
 def _send(stream, message: dict) -> None:
     stream.write(json.dumps(message) + "\n")
     stream.flush()
@@ -192,6 +317,8 @@ def serve(requests, replies) -> int:
     # Ctrl-C in a terminal reaches the whole foreground group; the runner decides
     # when the zygote stops (by closing its stdin), not the keyboard.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Before any job is forked: what a job leaves behind comes back here, to be killed.
+    subreaper = become_subreaper()
     try:
         announce = _preload()
     except Exception as exc:  # noqa: BLE001 - the runner falls back to a fresh interpreter per job
@@ -223,7 +350,9 @@ def serve(requests, replies) -> int:
             _become_job(job, (requests.fileno(), replies.fileno()))
         _send(replies, {"pid": child})
         _, status = os.waitpid(child, 0)
-        _send(replies, {"pid": child, "status": os.waitstatus_to_exitcode(status)})
+        # The zygote starts nothing else: every other child it has is the job's.
+        leftovers, stuck = kill_leftovers() if subreaper else (0, [])
+        _send(replies, {"pid": child, "status": os.waitstatus_to_exitcode(status), "leftovers": leftovers, "stuck": stuck})
 
 
 class WarmPytest:
@@ -237,6 +366,10 @@ class WarmPytest:
         self.description = ""
         self._sources: list[list] = []
         self._buffer = b""
+        #: After ``wait``: how many processes the job left running, which the zygote
+        #: killed, and the pids of those that would not die.
+        self.leftovers = 0
+        self.stuck: list[int] = []
 
     def start(self) -> None:
         """Start the zygote and wait until it has imported pytest; WarmPytestError if it cannot."""
@@ -283,10 +416,16 @@ class WarmPytest:
         return started["pid"]
 
     def wait(self, pid: int, timeout: float) -> int:
-        """The exit status of child ``pid`` (negative: killed by that signal)."""
+        """The exit status of child ``pid`` (negative: killed by that signal), once it
+        and whatever it left running have ended (see ``leftovers``)."""
+        self.leftovers, self.stuck = 0, []
         ended = self._read(timeout)
         if ended.get("pid") != pid or not isinstance(ended.get("status"), int):
             raise WarmPytestError("warm pytest answered %r for job %d" % (ended, pid))
+        if isinstance(ended.get("leftovers"), int):
+            self.leftovers = ended["leftovers"]
+        if isinstance(ended.get("stuck"), list):
+            self.stuck = [stray for stray in ended["stuck"] if isinstance(stray, int)]
         return ended["status"]
 
     def close(self) -> None:

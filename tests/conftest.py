@@ -379,3 +379,70 @@ def page_rows(text: str) -> list[tuple[str, str]]:
 @pytest.fixture
 def ci(processes, upstream, tmp_path) -> CISystem:
     return CISystem(processes, upstream, tmp_path)
+
+
+# --- processes a test leaves running -----------------------------------------------------
+
+#: A process a test starts and means to outlive its job: ``python -c STRAY_CODE
+#: FOLDER [FILE]`` creates FOLDER/<its pid>, then, for 120 s at most, waits (and
+#: writes a failing conftest.py to FILE every 10 ms, if given: what a daemon left
+#: by one commit could do to the next). FOLDER in its command line marks it as
+#: the test's, for the ``strays`` fixture.
+STRAY_CODE = """import os, sys, time
+open(os.path.join(sys.argv[1], str(os.getpid())), "w").close()
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "w") as handle:
+            handle.write("raise SystemExit('planted by a process an earlier commit left running')\\n")
+    time.sleep(0.01)
+"""
+
+
+def stray_pids(folder: Path) -> list[int]:
+    """The pids the strays of ``folder`` wrote, whether they still run or not."""
+    return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def _command_line(pid: int) -> bytes | None:
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def running_strays(folder: Path) -> list[int]:
+    """The processes running with ``folder`` in their command line (a zombie has none)."""
+    marker = os.fsencode(folder)
+    return [int(entry) for entry in os.listdir("/proc")
+            if entry.isdigit() and marker in (_command_line(int(entry)) or b"").split(b"\0")]
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` has ended and been reaped (not even a zombie)."""
+    return not os.path.exists("/proc/%d" % pid)
+
+
+@pytest.fixture
+def strays(tmp_path) -> Path:
+    """A folder for strays (STRAY_CODE) to mark themselves with. At the end of the
+    test, pass or fail, every process running with it in its command line is
+    killed by pid; any found fails the test."""
+    folder = tmp_path / "strays"
+    folder.mkdir()
+    yield folder
+    found: set[int] = set()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        running = running_strays(folder)  # again: one may have forked meanwhile
+        if not running:
+            break
+        for pid in running:
+            found.add(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    assert not found, "processes left running: %s" % sorted(found)

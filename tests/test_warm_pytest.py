@@ -16,7 +16,7 @@ import pytest
 
 import test_runner
 from helpers import communicate, parse_address, request
-from conftest import PASSING_TEST, RUNNER_ENV, wait_until
+from conftest import PASSING_TEST, RUNNER_ENV, STRAY_CODE, gone, stray_pids, wait_until
 from proctools import descendants
 from warm_pytest import WarmPytest, WarmPytestError
 
@@ -171,6 +171,37 @@ def test_time_limit_kills_the_job_and_what_it_started(warm, tmp_path):
     # The zygote is still there for the next job.
     (clone / "test_hangs.py").write_text(PASSING_TEST)
     assert run_warm(warm, clone, tmp_path / "next.log") == (0, None)
+
+
+def test_what_a_job_started_in_other_sessions_is_killed_before_the_zygote_answers(warm, tmp_path, strays):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    (clone / "test_escapes.py").write_text(
+        "import os, subprocess, sys, time\n\n"
+        "STRAY = [sys.executable, '-c', %r, %r]\n\n"
+        "def test_escapes():\n"
+        "    subprocess.Popen(STRAY, start_new_session=True)\n"
+        "    if os.fork() == 0:  # a daemon: in a session of its own, and its parent gone\n"
+        "        try:\n"
+        "            os.setsid()\n"
+        "            if os.fork() == 0:\n"
+        "                os.execv(STRAY[0], STRAY)\n"
+        "        finally:\n"
+        "            os._exit(0)\n"
+        "    os.wait()\n"
+        "    deadline = time.monotonic() + 30\n"
+        "    while len(os.listdir(STRAY[-1])) < 2 and time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n" % (STRAY_CODE, str(strays)))
+    zygote = warm.process.pid
+    assert run_warm(warm, clone, tmp_path / "out.log") == (0, None), (tmp_path / "out.log").read_text()
+    pids = stray_pids(strays)
+    assert len(pids) == 2
+    # Killed and reaped before the answer: no wait needed.
+    assert [pid for pid in pids if not gone(pid)] == []
+    assert (warm.leftovers, warm.stuck) == (2, [])
+    (clone / "test_escapes.py").write_text(PASSING_TEST)
+    assert run_warm(warm, clone, tmp_path / "next.log") == (0, None)
+    assert warm.process.pid == zygote and warm.leftovers == 0
 
 
 def test_a_zygote_that_dies_mid_job_is_an_error_not_a_hang(warm, tmp_path):
