@@ -221,8 +221,8 @@ def become_subreaper() -> bool:
 
 
 def _children():
-    """This process's children, as (pid, state letter) pairs ("Z": ended, not yet
-    reaped), yielded as they are read from /proc.
+    """This process's children, as (pid, state letter, process group) ("Z": ended,
+    not yet reaped), yielded as they are read from /proc.
 
     Every /proc/PID/stat is read, because /proc/PID/task/TID/children needs a kernel
     option that is often off (as on the test machine): about 1.6 ms with 100
@@ -239,24 +239,27 @@ def _children():
             continue  # it ended meanwhile
         # The command name is in parentheses and may contain spaces and parentheses.
         fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == me:
-            yield int(entry), fields[0].decode("ascii", "replace")
+        if len(fields) > 2 and int(fields[1]) == me:
+            yield int(entry), fields[0].decode("ascii", "replace"), int(fields[2])
 
 
-def _reap_all(pids, deadline: float) -> list[int]:
-    """Reap each of ``pids`` (children of this process, killed) as it ends; returns
-    those still there at ``deadline``. Polls with a growing pause: a blocking wait
-    could hang on a process stuck in the kernel, and the killed ones end at once."""
+def _reap_all(pids, deadline: float, killed: set[int]) -> list[int]:
+    """Reap each of ``pids`` (children of this process, killed) as it ends, adding
+    to ``killed`` those a SIGKILL ended; returns those still there at ``deadline``.
+    Polls with a growing pause: a blocking wait could hang on a process stuck in the
+    kernel, and the killed ones end at once."""
     pending = set(pids)
     pause = 0.0005
     while True:
         for pid in list(pending):
             try:
-                ended, _ = os.waitpid(pid, os.WNOHANG)
+                ended, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                ended = pid  # reaped already: nothing left to wait for
+                ended, status = pid, 0  # reaped already: nothing left to wait for
             if ended:
                 pending.discard(pid)
+                if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+                    killed.add(pid)
         remaining = deadline - time.monotonic()
         if not pending or remaining <= 0:
             return sorted(pending)
@@ -267,17 +270,17 @@ def _reap_all(pids, deadline: float) -> list[int]:
 def kill_leftovers(keep=frozenset()) -> tuple[int, list[int]]:
     """SIGKILL and reap every child of this process but those in ``keep``, then the
     children they leave, until there are none: in a subreaper, after a job, what the
-    job left running. Returns (how many were still running, pids still there after
+    job left running. Returns (how many a SIGKILL ended, pids still there after
     LEFTOVERS_TIMEOUT_S or LEFTOVERS_ROUNDS rounds).
 
-    Only this process's own children are signalled: a child's pid cannot be given
-    to another process before it is reaped here, so a kill never reaches a stranger
-    that took the pid of a process that just ended. When a killed child ends, the
-    kernel re-parents its children to this process before the child can be reaped,
-    so the next round finds them. Each child is killed the moment it is found, not
-    after the whole of /proc is read: a process that keeps forking and exiting (a
-    daemon that "hops") escapes a round only if it completes a hop in the few
-    microseconds between the two, and a fork that a kill interrupts never happens.
+    Only this process's own children, and their process groups, are signalled: a
+    child's pid cannot be given to another process before it is reaped here, nor its
+    group's id while it is in the group, so a kill never reaches a stranger that took
+    the number of a process that just ended. When a killed child ends, the kernel
+    re-parents its children to this process before the child can be reaped, so the
+    next round finds them. Each child is killed the moment it is found, with its
+    group: a process that keeps forking and exiting (a daemon that "hops") shows
+    /proc mostly the parents it left, ended, but stays in their group.
     The caller must be the only one starting children meanwhile: any new child not
     in ``keep`` is taken for a leftover.
     """
@@ -289,22 +292,42 @@ def kill_leftovers(keep=frozenset()) -> tuple[int, list[int]]:
             return 0, []
     killed: set[int] = set()
     deadline = time.monotonic() + LEFTOVERS_TIMEOUT_S
+    # Groups not to kill whole: this process's own, and those of the children kept.
+    spared_groups = {os.getpgid(0)} | {_group_of(pid) for pid in keep}
+    killed_groups: set[int] = set()
     for _ in range(LEFTOVERS_ROUNDS):
         found = []
-        for pid, state in _children():
+        for pid, state, group in _children():
             if pid in keep:
                 continue
             found.append(pid)
             if state != "Z":
-                killed.add(pid)
                 os.kill(pid, signal.SIGKILL)  # a child not reaped yet: it cannot be gone
+            if group not in spared_groups and group not in killed_groups:
+                # Its whole group at once, a child it is forking this moment included
+                # (the kernel does not let a fork escape a signal sent to the group):
+                # a process that hops from pid to pid by forking stays in its group,
+                # and leaves only ended parents behind for /proc to show. A group
+                # holds only processes of the session that made it, all the job's.
+                killed_groups.add(group)
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         if not found:
             return len(killed), []
-        stuck = _reap_all(found, deadline)
+        stuck = _reap_all(found, deadline, killed)
         if stuck:
             return len(killed), stuck
     # Out of rounds: a process that forks faster than it is killed.
-    return len(killed), sorted(pid for pid, _ in _children() if pid not in keep)
+    return len(killed), sorted(pid for pid, _, _ in _children() if pid not in keep)
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def _send(stream, message: dict) -> None:
