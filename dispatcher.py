@@ -153,6 +153,8 @@ class Dispatcher:
         self._stop = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="runner-io")
         self._threads: list[threading.Thread] = []
+        #: Commits whose verdict's files are being written (outside the lock).
+        self._settling: set[str] = set()
         #: The pings to the runners known at start-up: the scheduler waits for them.
         self._first_pings: list[concurrent.futures.Future] = []
 
@@ -375,18 +377,41 @@ class Dispatcher:
                     "results from %s for unknown commit %s attempt %d: refused", peer, result.commit, result.attempt_id
                 )
                 return error(UNKNOWN_ATTEMPT)
-            # If recording fails (the results folder unwritable...), the handler's
-            # ERR makes the runner keep the result and send it again; the assignment
-            # stays meanwhile, so the job keeps its lease instead of hanging unowned.
-            answer = self._record_result(job, attempt.runner, result)
-            assignment = self._assignments.pop(result.attempt_id, None)
-            if assignment is not None and assignment.runner.assignment is assignment:
-                # The runner is free again right now, not at its next ping.
-                assignment.runner.assignment = None
-                assignment.runner.reported = None
-                assignment.runner.since = time.time()
-                self._cond.notify_all()
-            return answer
+            if result.commit in self._settling:
+                # Another verdict for it is being written: this one waits its turn (the
+                # runner keeps it and sends it again), so that the first one wins.
+                return error("busy: a result for %s is being recorded; send it again later" % result.commit)
+            if job.state.final or result.status not in ("passed", "failed"):
+                # If recording fails (the results folder unwritable...), the handler's
+                # ERR makes the runner keep the result and send it again; the assignment
+                # stays meanwhile, so the job keeps its lease instead of hanging unowned.
+                answer = self._record_result(job, attempt.runner, result)
+                self._free_runner_of(result.attempt_id)
+                return answer
+            # A verdict: its files (the output may be megabytes, fsync'ed) are written
+            # without the lock, which every request and the scheduler need meanwhile.
+            state = JobState(result.status)
+            summary, now = self._summarize(result.commit, result.attempt_id, state, attempt.runner, result)
+            self._settling.add(result.commit)
+        try:
+            reports.write_result(self.results_dir, summary, result.output, result.junit)
+            with self._cond:
+                self._record_settled(result.attempt_id, state, result, summary, now)
+                self._free_runner_of(result.attempt_id)
+        finally:
+            with self._cond:
+                self._settling.discard(result.commit)
+        return reply("OK", recorded=1)
+
+    def _free_runner_of(self, attempt_id: int) -> None:
+        """The runner of ``attempt_id`` has reported: it is free again now, not at its
+        next ping (called with the lock held)."""
+        assignment = self._assignments.pop(attempt_id, None)
+        if assignment is not None and assignment.runner.assignment is assignment:
+            assignment.runner.assignment = None
+            assignment.runner.reported = None
+            assignment.runner.since = time.time()
+            self._cond.notify_all()
 
     def _record_result(self, job: Job, runner: str, result: Result) -> Message:
         """The state change a runner's result makes (called with self._cond held)."""
@@ -398,9 +423,6 @@ class Dispatcher:
             )
             return reply("OK", recorded=0)
         current = job.current_attempt == result.attempt_id
-        if result.status in ("passed", "failed"):
-            self._settle(result.commit, result.attempt_id, JobState(result.status), runner, result)
-            return reply("OK", recorded=1)
         if not current or job.state is not JobState.RUNNING:
             outcome = Outcome.ERROR if result.status == "error" else Outcome.RETURNED
             self.store.end_attempt(result.attempt_id, outcome, time.time())
@@ -417,11 +439,20 @@ class Dispatcher:
     # --- state changes (all called with self._cond held) ------------------------------
 
     def _settle(self, commit: str, attempt_id: int | None, state: JobState, runner: str | None, result: Result) -> None:
-        """Write the final result files, then record the job as final."""
+        """Write the final result files, then record the job as final (all under the
+        lock: for results without output; a runner's verdict is written outside it,
+        see _on_results)."""
+        summary, now = self._summarize(commit, attempt_id, state, runner, result)
+        reports.write_result(self.results_dir, summary, result.output, result.junit)
+        self._record_settled(attempt_id, state, result, summary, now)
+
+    def _summarize(self, commit: str, attempt_id: int | None, state: JobState, runner: str | None,
+                   result: Result) -> tuple[dict, float]:
+        """The result's summary (the ``<sha>.json``) and its time; called with the lock held."""
         job = self.store.job(commit)
         started, _ = self.store.attempt_counts(commit)
         now = time.time()
-        summary = reports.make_summary(
+        return reports.make_summary(
             commit=commit,
             status=state.value,
             passed=result.counts.get("passed"),
@@ -435,8 +466,12 @@ class Dispatcher:
             started_at=reports.iso_time(self.store.attempt(attempt_id).assigned_at if attempt_id else job.started_at),
             finished_at=reports.iso_time(now),
             reason=result.reason,
-        )
-        reports.write_result(self.results_dir, summary, result.output, result.junit)
+        ), now
+
+    def _record_settled(self, attempt_id: int | None, state: JobState, result: Result, summary: dict,
+                        now: float) -> None:
+        """Record a job whose result files are written as final; called with the lock held."""
+        commit, runner = summary["commit"], summary["runner"]
         outcome = Outcome(state.value) if state is not JobState.ERROR else Outcome.ERROR
         self.store.finish(commit, attempt_id, state, outcome, result.reason, json.dumps(summary), now)
         self.on_final_result()
@@ -455,6 +490,8 @@ class Dispatcher:
         if assignment.runner.assignment is assignment:
             assignment.runner.assignment = None
             assignment.runner.since = time.time()
+        if assignment.commit in self._settling:
+            return  # its verdict is being written: nothing to requeue
         if not assignment.superseded:
             self._requeue(assignment.commit, assignment.attempt_id, assignment.runner.name, why, outcome)
 

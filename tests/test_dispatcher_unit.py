@@ -1,0 +1,53 @@
+"""The dispatcher's request handlers in this process, on a real store, with no
+network: for what a test cannot hold still from the outside."""
+
+from __future__ import annotations
+
+import threading
+
+import dispatcher
+import reports
+from helpers import request
+from jobstore import JobState, JobStore
+
+SHA = "ab" * 20
+
+
+def test_a_verdict_is_written_without_holding_everyone_up(tmp_path, monkeypatch):
+    """Writing a verdict's files (megabytes of output, fsync'ed) happens outside the
+    dispatcher's lock, which every request and the scheduler take; another verdict
+    for the same commit meanwhile waits its turn (ERR: the runner sends it again)."""
+    store = JobStore(str(tmp_path / "queue.sqlite3"))
+    (tmp_path / "results").mkdir()
+    handler = dispatcher.Dispatcher(store, str(tmp_path / "results"))
+    store.enqueue(SHA, 1.0)
+    attempt = store.assign(SHA, "r1", 2.0)
+    writing, release = threading.Event(), threading.Event()
+    real_write = reports.write_result
+
+    def slow_write(*args, **kwargs):
+        writing.set()
+        assert release.wait(30), "never released"
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(reports, "write_result", slow_write)
+    verdict = request("results", commit=SHA, attempt=attempt, status="passed", passed=1, log=b"1 passed\n")
+    answers = []
+    recording = threading.Thread(target=lambda: answers.append(handler.handle(verdict, "r1")))
+    recording.start()
+    try:
+        assert writing.wait(30)
+        assert handler._cond.acquire(timeout=5), "the lock is free while the files are written"
+        handler._cond.release()
+        assert handler.handle(request("status"), "ctl").verb == "OK"
+        again = handler.handle(verdict, "r1")
+        assert (again.verb, again.get("reason")[:5]) == ("ERR", "busy:")
+    finally:
+        release.set()
+        recording.join(30)
+    assert (answers[0].verb, answers[0].get("recorded")) == ("OK", 1)
+    assert store.job(SHA).state is JobState.PASSED
+    assert (tmp_path / "results" / (SHA + ".json")).exists()
+    late = handler.handle(verdict, "r1")
+    assert (late.verb, late.get("recorded")) == ("OK", 0), "once recorded, the same verdict again is old news"
+    store.close()
