@@ -619,11 +619,15 @@ class Dispatcher:
 
     def _send_runtest(self, assignment: Assignment) -> None:
         record = assignment.runner
+        with self._cond:
+            if self._assignments.get(assignment.attempt_id) is not assignment:
+                return  # lost while it waited for a thread: sent now, it would run twice
         try:
             answer = communicate(
                 record.address,
                 request("runtest", commit=assignment.commit, attempt=assignment.attempt_id),
                 timeout=RUNTEST_TIMEOUT_S,
+                total_timeout=RUNTEST_TIMEOUT_S * 2,
                 security=self.security,
             )
         except (OSError, ProtocolError) as exc:
@@ -649,8 +653,11 @@ class Dispatcher:
 
     def _ping(self, record: RunnerRecord) -> Message | None:
         try:
+            # All of it bounded: a runner that answers a byte at a time must not hold
+            # one of the threads every ping and runtest share.
             return communicate(record.address, request("ping"), timeout=PING_TIMEOUT_S,
-                               connect_timeout=PING_TIMEOUT_S, security=self.security)
+                               connect_timeout=PING_TIMEOUT_S, security=self.security,
+                               total_timeout=PING_TIMEOUT_S * 2)
         except (OSError, ProtocolError) as exc:
             log.debug("runner %s: ping failed: %s", record.name, exc)
             return None

@@ -596,8 +596,10 @@ class Connection:
         self.sock = connect(address, connect_timeout, security.client_tls)
         self.stream = MessageStream(self.sock, security.auth)
 
-    def request(self, message: Message, timeout: float = IO_TIMEOUT_S) -> Message:
-        """Send ``message`` and wait at most ``timeout`` seconds for the start of its reply."""
+    def request(self, message: Message, timeout: float = IO_TIMEOUT_S, total_timeout: float | None = None) -> Message:
+        """Send ``message`` and wait at most ``timeout`` seconds for the start of its
+        reply, and, with ``total_timeout``, at most that long for all of it."""
+        self.stream.deadline_cap = None if total_timeout is None else time.monotonic() + total_timeout
         nonce = self.stream.write_message(message, REQUESTS)
         try:
             answer = self.stream.read_message(REPLIES, first_byte_timeout=timeout, request_nonce=nonce)
@@ -626,15 +628,19 @@ def communicate(
     timeout: float = IO_TIMEOUT_S,
     connect_timeout: float = CONNECT_TIMEOUT_S,
     security: Security | None = None,
+    total_timeout: float | None = None,
 ) -> Message:
     """Send one request to ``address`` and return its reply.
 
-    Raises OSError (unreachable, timed out, reset, TLS failure) or ProtocolError
-    (the peer answered something that is not a reply, or not an authentic one);
-    never blocks longer than the timeouts allow.
+    ``timeout`` bounds the wait for the reply's first byte; a reply then has
+    MESSAGE_DEADLINE_S to arrive whole, or ``total_timeout`` (from the moment it
+    is sent) when given: a peer that answers a byte at a time cannot hold a caller
+    that has somewhere else to be. Raises OSError (unreachable, timed out, reset,
+    TLS failure) or ProtocolError (the peer answered something that is not a reply,
+    or not an authentic one); never blocks longer than the timeouts allow.
     """
     with Connection(address, connect_timeout=connect_timeout, security=security) as connection:
-        return connection.request(message, timeout=timeout)
+        return connection.request(message, timeout=timeout, total_timeout=total_timeout)
 
 
 # --- Server side ---------------------------------------------------------------------

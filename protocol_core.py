@@ -181,6 +181,12 @@ class Stream:
         self._buffer = bytearray(buffered)
         #: When the message being read must be complete: set by its first byte.
         self._message_deadline = 0.0
+        #: A client's limit for the whole exchange (``time.monotonic()``), or None:
+        #: no read goes past it, however the peer trickles its answer.
+        self.deadline_cap: float | None = None
+
+    def _capped(self, deadline: float) -> float:
+        return deadline if self.deadline_cap is None else min(deadline, self.deadline_cap)
 
     def _recv(self, deadline: float) -> bytes:
         remaining = deadline - time.monotonic()
@@ -199,9 +205,9 @@ class Stream:
         if continuing:
             deadline = self._message_deadline
         elif started:
-            deadline = self._message_deadline = time.monotonic() + MESSAGE_DEADLINE_S
+            deadline = self._message_deadline = self._capped(time.monotonic() + MESSAGE_DEADLINE_S)
         else:
-            deadline = time.monotonic() + first_byte_timeout
+            deadline = self._capped(time.monotonic() + first_byte_timeout)
         while True:
             newline = self._buffer.find(b"\n")
             if newline >= 0:
@@ -219,7 +225,7 @@ class Stream:
                 return None
             if not started:
                 started = True
-                deadline = self._message_deadline = time.monotonic() + MESSAGE_DEADLINE_S
+                deadline = self._message_deadline = self._capped(time.monotonic() + MESSAGE_DEADLINE_S)
             self._buffer += chunk
 
     def read_bytes(self, length: int, keep: int, deadline: float, digest: _Verification | None = None) -> bytes:

@@ -1001,3 +1001,41 @@ def test_trailing_spaces_are_tolerated(line):
     """People type requests by hand (nc); a trailing space is not worth an error."""
     message, _ = decode_header(line, REQUESTS)
     assert message.verb == line.split()[0].decode()
+
+
+def test_a_reply_given_a_byte_at_a_time_is_cut_off_at_the_callers_total_timeout():
+    """A peer that starts its reply at once and then trickles it would hold a caller
+    for MESSAGE_DEADLINE_S (120 s); with total_timeout the whole exchange is bounded."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickling_peer():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1024)
+            for byte in b"OK state=idle":
+                if stop.wait(0.3):
+                    return
+                conn.sendall(bytes([byte]))
+
+    peer = threading.Thread(target=trickling_peer, daemon=True)
+    peer.start()
+    outcome = []
+
+    def ask():
+        try:
+            outcome.append(helpers.communicate(listener.getsockname(), helpers.request("ping"), timeout=1,
+                                               total_timeout=1.5))
+        except (OSError, ProtocolError) as exc:
+            outcome.append(exc)
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    try:
+        asking.join(30)
+        assert not asking.is_alive(), "still waiting: the total timeout did not hold"
+        assert isinstance(outcome[0], TimeoutError), outcome
+    finally:
+        stop.set()
+        peer.join(10)
+        listener.close()
