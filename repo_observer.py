@@ -150,6 +150,13 @@ class RepoObserver:
                 log.warning("remembered commit %s is gone (history rewritten?); ignoring it", sha)
         if len(known) < len(boundary) and not known:
             known = [parent.hexsha for parent in self.repo.commit(tip).parents]
+        elif known and not self.repo.merge_base(tip, *known):
+            # A history with nothing in common with what was reported (an unrelated
+            # one force-pushed over the branch, an import): like a first run, its
+            # tip only, not every commit it ever had.
+            log.warning("%s now has a history unrelated to what was reported: starting again from its tip %s",
+                        self._key, tip)
+            known = [parent.hexsha for parent in self.repo.commit(tip).parents]
         revisions = [tip] + ["^" + sha for sha in known]
         return [commit.hexsha for commit in self.repo.iter_commits(revisions, reverse=True, topo_order=True)]
 
@@ -187,6 +194,10 @@ class RepoObserver:
         except (OSError, ProtocolError) as exc:
             log.warning("dispatcher %s unreachable (%s); will retry", format_address(self.dispatcher), exc)
             return False
+        # Everything up to the tip is reported: the tip alone says so. What the list
+        # held besides (commits a force-push left behind) would only grow, and cost
+        # an ancestry check per commit reported.
+        self.remember([tip])
         return True
 
     def run(self, stop: threading.Event, interval: float) -> None:

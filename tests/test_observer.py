@@ -337,6 +337,23 @@ def test_force_pushed_branch_is_handled(make_observer, upstream, dispatcher):
     assert dispatcher.take() == newest
 
 
+def test_an_unrelated_history_pushed_over_the_branch_reports_its_tip_only(make_observer, upstream, dispatcher, clone):
+    observer = make_observer()
+    add_commits(upstream, 2, prefix="old")
+    assert observer.poll_once()
+    dispatcher.take()
+    git(upstream.path, "checkout", "--quiet", "--orphan", "imported")
+    imported = add_commits(upstream, 3, prefix="imported")
+    git(upstream.path, "branch", "--quiet", "-M", "imported", "main")
+    assert observer.poll_once()
+    assert dispatcher.take() == [imported[-1]], "like a first run: not all of its history"
+    assert json.loads((clone / ".git" / "ci_observer_state.json").read_text())["branches"]["origin/main"] == [
+        imported[-1]], "and nothing left of the old history"
+    newer = add_commits(upstream, 1, prefix="newer")
+    assert observer.poll_once()
+    assert dispatcher.take() == newer
+
+
 def test_force_push_after_the_reported_commit_vanished(make_observer, upstream, dispatcher, clone):
     observer = make_observer()
     assert observer.poll_once()
