@@ -215,15 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
     add_security_arguments(parser, serves=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser("status", help="is the dispatcher up; queue length; what each runner does; last verdicts")
+    status = commands.add_parser("status", help="is the dispatcher up; queue length; what each runner does; last verdicts")
     queue = commands.add_parser("queue", help="jobs running and queued")
     queue.add_argument("--limit", type=int, default=20, help="queued jobs to list (default: %(default)s)")
-    commands.add_parser("runners", help="registered runners: idle or busy with which commit, since when")
+    runners = commands.add_parser("runners", help="registered runners: idle or busy with which commit, since when")
     results = commands.add_parser("results", help="a commit's verdict and where its report is")
     results.add_argument("commit", metavar="SHA", type=commit_prefix_argument,
                          help="the commit id, or its first 7 or more hex digits if no other commit starts with them")
     dispatch = commands.add_parser("dispatch", help="queue a commit for testing now")
     dispatch.add_argument("commit", metavar="SHA", type=full_commit_argument, help="the full commit id (git rev-parse)")
+    for command in (status, queue, runners, results, dispatch):
+        # After the command too (`ci-ctl status --json`); SUPPRESS keeps the one given before it.
+        command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                             help="print JSON for scripts instead of text")
     return parser
 
 

@@ -41,6 +41,7 @@ def test_ctl_reports_what_the_dispatcher_reports(ci, upstream, tmp_path):
     assert [job["commit"] for job in queue["queued"]] == [queued_behind]
     runners = json.loads(ctl(ci.address, "--json", "runners").stdout)["runners"]
     assert [(r["name"], r["state"], r["commit"]) for r in runners] == [("builder", "busy", sha)]
+    assert json.loads(ctl(ci.address, "runners", "--json").stdout)["runners"] == runners, "--json after the command"
     assert ctl(ci.address, "results", sha).stdout.startswith("%s: running on builder" % sha)
 
     flag.touch()
