@@ -90,7 +90,8 @@ def test_launcher_refuses_a_work_dir_cloned_from_elsewhere(upstream, tmp_path):
     subprocess.run(["git", "init", "--quiet", str(other)], check=True)
     subprocess.run(["git", "clone", "--quiet", str(other), str(work / "observer")], check=True, capture_output=True)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "ci_local.py"), "--port", str(free_port()), "--work-dir", str(work), str(upstream.path)],
+        [sys.executable, str(ROOT / "ci_local.py"), "--port", str(free_port()), "--work-dir", str(work),
+         "--results-dir", str(tmp_path / "results"), str(upstream.path)],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2
@@ -114,17 +115,18 @@ def test_launcher_stops_and_says_so_when_its_observer_dies(processes, upstream, 
         assert not os.path.exists("/proc/%d" % pid) or _is_zombie(pid), "daemon %d left running" % pid
 
 
-def test_launcher_asks_for_a_branch_when_the_repository_has_none_checked_out(upstream, tmp_path):
+def test_launcher_asks_for_a_branch_when_the_repository_has_none_checked_out(processes, upstream, tmp_path):
     subprocess.run(["git", "-C", str(upstream.path), "checkout", "--quiet", "--detach"], check=True)
     # On no branch at all (a clone would otherwise pick the branch HEAD matches).
     subprocess.run(["git", "-C", str(upstream.path), "commit", "--quiet", "--allow-empty", "-m", "nowhere"], check=True)
-    done = subprocess.run(
+    # Through the fixture: if it did start its daemons, they are stopped with it.
+    launcher = processes.start(
+        "ci-local",
         [sys.executable, str(ROOT / "ci_local.py"), "--port", str(free_port()), "--work-dir", str(tmp_path / "work"),
-         str(upstream.path)],
-        capture_output=True, text=True, timeout=60,
+         "--results-dir", str(tmp_path / "results"), str(upstream.path)],
     )
-    assert done.returncode == 2
-    assert "say which branch to test with --branch" in done.stdout
+    assert launcher.popen.wait(timeout=60) == 2
+    assert "say which branch to test with --branch" in launcher.log()
 
 
 def test_default_work_dir_is_in_the_users_cache_not_under_this_project(monkeypatch, tmp_path):
