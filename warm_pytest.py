@@ -79,9 +79,6 @@ LEFTOVERS_TIMEOUT_S = 10.0
 #: one killed (a daemon's own children), and a process that keeps forking is
 #: caught one generation per round.
 LEFTOVERS_ROUNDS = 100
-#: Longest pause between two looks at whether a killed child has ended.
-REAP_POLL_MAX_S = 0.02
-
 
 class WarmPytestError(Exception):
     """The zygote could not run a job (it is gone or confused); the runner falls back
@@ -246,25 +243,47 @@ def _children():
 def _reap_all(pids, deadline: float, killed: set[int]) -> list[int]:
     """Reap each of ``pids`` (children of this process, killed) as it ends, adding
     to ``killed`` those a SIGKILL ended; returns those still there at ``deadline``.
-    Polls with a growing pause: a blocking wait could hang on a process stuck in the
-    kernel, and the killed ones end at once."""
-    pending = set(pids)
-    pause = 0.0005
-    while True:
-        for pid in list(pending):
+
+    Ended ones are reaped at once; for the others it waits on their pidfds, which
+    become readable when a process ends: no polling, and unlike a blocking waitpid
+    no hang on a process stuck in the kernel. A pid whose pidfd cannot be opened
+    (too many at once) counts as still there: the next step's sweep retries it.
+    """
+
+    def reap(pid: int) -> bool:
+        try:
+            ended, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True  # reaped already: nothing left to wait for
+        if ended and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+            killed.add(pid)
+        return bool(ended)
+
+    pending = [pid for pid in pids if not reap(pid)]
+    waiting: dict[int, int] = {}  # pidfd -> pid
+    stuck = []
+    poller = select.poll()
+    try:
+        for pid in pending:
             try:
-                ended, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                ended, status = pid, 0  # reaped already: nothing left to wait for
-            if ended:
-                pending.discard(pid)
-                if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-                    killed.add(pid)
-        remaining = deadline - time.monotonic()
-        if not pending or remaining <= 0:
-            return sorted(pending)
-        time.sleep(min(pause, remaining))
-        pause = min(pause * 2, REAP_POLL_MAX_S)
+                descriptor = os.pidfd_open(pid)
+            except OSError:
+                stuck.append(pid)
+                continue
+            waiting[descriptor] = pid
+            poller.register(descriptor, select.POLLIN)
+        while waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for descriptor, _ in poller.poll(remaining * 1000):
+                poller.unregister(descriptor)
+                os.close(descriptor)
+                reap(waiting.pop(descriptor))
+    finally:
+        for descriptor in waiting:
+            os.close(descriptor)
+    return sorted(stuck + list(waiting.values()))
 
 
 def kill_leftovers(keep=frozenset()) -> tuple[int, list[int]]:
