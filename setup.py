@@ -1,20 +1,32 @@
-"""Install the CI system: three daemons, the local launcher, the push trigger, and their shell scripts."""
+"""Install the CI system: the commit_ci package, its commands, and the shell scripts with its git steps."""
 
 import os
+import shutil
 
 from setuptools import setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# setuptools packs all of build/lib into the wheel, files an earlier version put there
+# included: a checkout upgraded in place (git pull, then pip install .) would install
+# the modules that version had at the top level again. So every build starts clean.
+shutil.rmtree(os.path.join(HERE, "build"), ignore_errors=True)
+
 setup(
     name="commit-ci",
-    version="0.1.0",
+    version="0.2.0",
     description="A small self-hosted distributed CI system: every commit tested on a pool of runners",
-    long_description=open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8").read(),
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    py_modules=["protocol_core", "helpers", "jobstore", "reports", "pages", "dispatcher", "test_runner", "repo_observer",
-                "ci_local", "ci_ctl", "push_trigger", "push_hook", "warm_pytest"],
+    # One package and nothing else at the top level: the tested repository's tests may
+    # run in this interpreter, and must never find a module of ours under a generic
+    # name (dispatcher.py, test_runner.py, repo_observer.py and helpers.py are entry
+    # points for a checkout, not installed).
+    packages=["commit_ci"],
+    package_data={"commit_ci": ["templates/*.html"]},
     # The git steps stay shell scripts that users can read and adapt; installed on
-    # PATH, where helpers.script_path() finds them.
+    # PATH, where commit_ci.git_scripts finds them.
     scripts=["update_repo.sh", "test_runner_script.sh", "run_or_fail.sh"],
     # pytest runs the tests of the repository under test (the runner's default command).
     # Jinja2 renders the results page: its autoescaping keeps commit messages and test
@@ -23,12 +35,12 @@ setup(
     extras_require={"test": ["hypothesis>=6"]},
     entry_points={
         "console_scripts": [
-            "ci-dispatcher=dispatcher:main",
-            "ci-runner=test_runner:main",
-            "ci-observer=repo_observer:main",
-            "ci-local=ci_local:main",
-            "ci-ctl=ci_ctl:main",
-            "ci-trigger=push_trigger:main",
+            "ci-dispatcher=commit_ci.dispatcher:main",
+            "ci-runner=commit_ci.runner:main",
+            "ci-observer=commit_ci.observer:main",
+            "ci-local=commit_ci.launcher:main",
+            "ci-ctl=commit_ci.ctl:main",
+            "ci-trigger=commit_ci.push_trigger:main",
         ]
     },
 )

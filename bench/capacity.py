@@ -3,8 +3,8 @@
 A dispatcher alone (no runner: every dispatched commit is a new job that stays
 queued). 32 client threads, spread over 4 load processes (bench/load_client.py) so
 that the clients are not all behind one interpreter lock, send one verb for a few
-seconds, each thread on one persistent connection (``helpers.Connection``), then
-with a new connection per request (``helpers.communicate``, what the observer and
+seconds, each thread on one persistent connection (``commit_ci.client.Connection``), then
+with a new connection per request (``commit_ci.client.communicate``, what the observer and
 runners do), and each of those two ways twice:
 
 * at the target rate, 2,000 requests a second in all, each client on a fixed

@@ -188,7 +188,8 @@ def start_runner(daemons: Daemons, name: str, clone: Path, dispatcher: tuple[str
 
 def status(address: tuple[str, int]) -> dict:
     """The dispatcher's ``status`` reply as a dict of counts."""
-    from helpers import communicate, request
+    from commit_ci.client import communicate
+    from commit_ci.protocol import request
 
     answer = communicate(address, request("status"))
     if answer.verb != "OK":

@@ -58,7 +58,8 @@ def make_upstream(work: Path) -> tuple[Path, Path]:
 
 def time_detections(developer: Path, address: tuple[str, int], samples: int, spread: float) -> list[float]:
     """Push ``samples`` commits one at a time; seconds from each push to its job queued."""
-    from helpers import Connection, request
+    from commit_ci.client import Connection
+    from commit_ci.protocol import request
 
     delays = []
     with Connection(address) as connection:
@@ -112,8 +113,9 @@ def detect_with_push_trigger(work: Path, samples: int) -> Row:
     no observer at all. The hook runs inside ``git push``, so the clock starts when
     the push starts; the baseline is the same push to a copy of the upstream without
     the hook, alternating with it, so the figure is what detection adds to a push."""
-    import push_trigger
-    from helpers import Connection, request
+    from commit_ci import push_trigger
+    from commit_ci.client import Connection
+    from commit_ci.protocol import request
 
     upstream, developer = make_upstream(work)
     plain = work / "plain.git"

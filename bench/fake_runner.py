@@ -3,7 +3,7 @@
     python bench/fake_runner.py HOST:PORT NAME
 
 It speaks the runner's side of the protocol and nothing else: listens on a free
-loopback port (a helpers.ProtocolServer), registers with the dispatcher at
+loopback port (a commit_ci.server.ProtocolServer), registers with the dispatcher at
 HOST:PORT under NAME, answers ``ping`` (idle, or busy with the job in hand),
 accepts every ``runtest`` with ``OK`` and, from a worker thread, sends the
 dispatcher ``results <commit> <attempt> passed`` over one persistent connection
@@ -22,19 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from helpers import (  # noqa: E402
-    Connection,
-    Message,
-    ProtocolServer,
-    communicate,
-    error,
-    install_stop_signals,
-    parse_address,
-    reply,
-    request,
-    serve_in_thread,
-    setup_logging,
-)
+from commit_ci.client import Connection, communicate
+from commit_ci.daemon import install_stop_signals, setup_logging
+from commit_ci.protocol import Message, error, reply, request
+from commit_ci.server import ProtocolServer, serve_in_thread
+from commit_ci.wire import parse_address
 
 log = logging.getLogger("fake-runner")
 

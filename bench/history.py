@@ -44,7 +44,8 @@ MEASURE_CHUNKS = 5
 
 
 def run(work: Path, quick: bool) -> list[Row]:
-    from helpers import Connection, request
+    from commit_ci.client import Connection
+    from commit_ci.protocol import request
 
     total, early = (300, 100) if quick else (50_000, 1_000)
     with Daemons(work / "large") as large_daemons, Daemons(work / "fresh") as fresh_daemons:

@@ -63,7 +63,8 @@ def suite(variant: int) -> dict[str, str]:
 def through_ci(address: tuple[str, int], results: Path, sha: str) -> tuple[float, float]:
     """Seconds from ``dispatch`` to the result file, and of those the seconds the
     runner measured its test command to take (``duration_s`` of the result)."""
-    from helpers import communicate, request
+    from commit_ci.client import communicate
+    from commit_ci.protocol import request
 
     started = time.perf_counter()
     answer = communicate(address, request("dispatch", commit=sha))

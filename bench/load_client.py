@@ -6,8 +6,8 @@ Runs THREADS client threads that send VERB (``status`` or ``dispatch``) to the
 dispatcher from START_AT (a time.time() value, so that every process starts
 together) for DURATION seconds, then prints one JSON line: requests answered
 ``OK``, errors, and every latency in milliseconds. MODE ``persistent`` keeps one
-``helpers.Connection`` per thread; ``per-request`` opens a connection for each
-request (``helpers.communicate``), as the observer and the runners do. ``dispatch``
+``commit_ci.client.Connection`` per thread; ``per-request`` opens a connection for each
+request (``commit_ci.client.communicate``), as the observer and the runners do. ``dispatch``
 sends commit ids made from PREFIX, the thread and a counter, all new.
 
 Without RATE each thread sends its next request as soon as it has the answer to
@@ -32,7 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from helpers import Connection, communicate, parse_address, request  # noqa: E402
+from commit_ci.client import Connection, communicate
+from commit_ci.protocol import request
+from commit_ci.wire import parse_address
 
 
 def client(address, verb: str, mode: str, start_at: float, stop_at: float, prefix: str, out: dict,

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 from bench.common import (
-    ROOT,
     Daemons,
     Row,
     clone,
@@ -50,7 +49,8 @@ def test_waits():
 def _ask(address, verb, **fields):
     import json
 
-    from helpers import communicate, request
+    from commit_ci.client import communicate
+    from commit_ci.protocol import request
 
     answer = communicate(address, request(verb, **fields), timeout=5)
     return json.loads(answer.sections["json"]) if "json" in answer.sections else answer.fields
@@ -110,7 +110,7 @@ def runner_death(work: Path, samples: int) -> Row:
 
 
 def dispatcher_restart(work: Path, samples: int) -> Row:
-    from jobstore import JobStore
+    from commit_ci.store import JobStore
 
     upstream = new_repo(work / "upstream", {"test_base.py": "def test_base():\n    pass\n"})
     to_first_job, to_status = [], []

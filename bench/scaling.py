@@ -94,7 +94,8 @@ def run(work: Path, quick: bool) -> list[Row]:
 
 def run_batch(address: tuple[str, int], results: Path, batch: list[str]) -> float:
     """Dispatch every commit of ``batch`` over one connection; seconds until all have results."""
-    from helpers import Connection, request
+    from commit_ci.client import Connection
+    from commit_ci.protocol import request
 
     started = time.perf_counter()
     with Connection(address) as connection:

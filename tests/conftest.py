@@ -26,6 +26,10 @@ from proctools import descendants
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# The commands of this checkout's package, not of an installed copy: ``python -m``
+# would find whichever the working directory and site-packages offer first.
+from commit_ci.launcher import module_argv  # noqa: E402,F401 - for the tests
+
 LOOPBACK = "127.0.0.1"
 #: Generous bounds: they only matter when something is broken.
 START_TIMEOUT_S = 20.0

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import FAILING_TEST, PASSING_TEST, git, wait_until
+from conftest import FAILING_TEST, PASSING_TEST, git
 
 COMMITS = 50
 WAVES = 10

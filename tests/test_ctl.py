@@ -8,12 +8,13 @@ import re
 import subprocess
 import sys
 
-import helpers
-from conftest import PASSING_TEST, ROOT, WAITS_FOR_FLAG_TEST, free_port, wait_until
+from commit_ci import client, protocol, wire
+
+from conftest import PASSING_TEST, ROOT, WAITS_FOR_FLAG_TEST, free_port, module_argv, wait_until
 
 
 def ctl(address: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "ci_ctl.py"), "--dispatcher-server", address, *args],
+    return subprocess.run(module_argv("ctl", "--dispatcher-server", address, *args),
                           capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -82,7 +83,7 @@ def test_dispatch_of_an_abbreviated_id_is_refused_and_queues_nothing(ci, upstrea
     ci.wait_result(sha)
     files = ci.result_files()
     assert files == ci.expected_files([sha])
-    address = helpers.parse_address(ci.address)
+    address = wire.parse_address(ci.address)
 
     for short in (sha[:7], sha[:8], sha[:12], sha[:39], sha.upper()[:12]):
         refused = ctl(ci.address, "dispatch", short)
@@ -91,7 +92,7 @@ def test_dispatch_of_an_abbreviated_id_is_refused_and_queues_nothing(ci, upstrea
         assert "give the full id, for example from `git rev-parse %s`" % short in refused.stderr
         assert "ci-ctl: cannot reach" not in refused.stderr, "refused before asking the dispatcher"
         # The dispatcher refuses it too, from any other client.
-        answer = helpers.communicate(address, helpers.request("dispatch", commit=short), timeout=10)
+        answer = client.communicate(address, protocol.request("dispatch", commit=short), timeout=10)
         assert (answer.verb, answer.get("reason")) == ("ERR", "invalid commit id (want the full id: 40 or 64 hex digits)")
 
     status = json.loads(ctl(ci.address, "--json", "status").stdout)
@@ -123,12 +124,12 @@ def test_results_takes_the_short_id_that_status_shows(ci, upstream):
 
 def test_results_says_when_a_prefix_is_ambiguous_or_unknown(ci):
     ci.start_dispatcher()  # no runner: the made-up commits below stay queued
-    address = helpers.parse_address(ci.address)
+    address = wire.parse_address(ci.address)
     twins = ["0fe6b0ed1b3d" + "0" * 28, "0fe6b0ed1b3d" + "f" * 28]
     other = "0fe6b0ef" + "1" * 32
     for commit in twins + [other]:
         # The dispatcher queues a full id without checking that the commit exists.
-        answer = helpers.communicate(address, helpers.request("dispatch", commit=commit), timeout=10)
+        answer = client.communicate(address, protocol.request("dispatch", commit=commit), timeout=10)
         assert (answer.verb, answer.get("new")) == ("OK", 1)
 
     for prefix in ("0fe6b0e", "0fe6b0ed", "0fe6b0ed1b3d"):
@@ -136,7 +137,7 @@ def test_results_says_when_a_prefix_is_ambiguous_or_unknown(ci):
         assert shown.returncode == 1 and shown.stdout == ""
         assert ("refused result: ambiguous commit prefix %s: more than one commit starts with it; give more digits"
                 % prefix) in shown.stderr
-        answer = helpers.communicate(address, helpers.request("result", commit=prefix), timeout=10)
+        answer = client.communicate(address, protocol.request("result", commit=prefix), timeout=10)
         assert answer.verb == "ERR" and answer.get("reason").startswith("ambiguous commit prefix %s:" % prefix)
 
     for prefix, commit in ((twins[0][:13], twins[0]), (twins[1][:13], twins[1]), ("0fe6b0ef", other), (twins[0], twins[0])):

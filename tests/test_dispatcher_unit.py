@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import threading
 
-import dispatcher
-import reports
-from helpers import request
-from jobstore import JobState, JobStore
+from commit_ci import dispatcher, result_files
+from commit_ci.protocol import request
+from commit_ci.store import JobState, JobStore
 
 SHA = "ab" * 20
 
@@ -23,14 +22,14 @@ def test_a_verdict_is_written_without_holding_everyone_up(tmp_path, monkeypatch)
     store.enqueue(SHA, 1.0)
     attempt = store.assign(SHA, "r1", 2.0)
     writing, release = threading.Event(), threading.Event()
-    real_write = reports.write_result
+    real_write = result_files.write_result
 
     def slow_write(*args, **kwargs):
         writing.set()
         assert release.wait(30), "never released"
         real_write(*args, **kwargs)
 
-    monkeypatch.setattr(reports, "write_result", slow_write)
+    monkeypatch.setattr(result_files, "write_result", slow_write)
     verdict = request("results", commit=SHA, attempt=attempt, status="passed", passed=1, log=b"1 passed\n")
     answers = []
     recording = threading.Thread(target=lambda: answers.append(handler.handle(verdict, "r1")))

@@ -197,7 +197,9 @@ def test_runner_gives_up_when_dispatcher_stays_away(processes, upstream, tmp_pat
 
 
 def test_same_commit_twice_is_one_job(ci, upstream):
-    from helpers import communicate, parse_address, request
+    from commit_ci.client import communicate
+    from commit_ci.protocol import request
+    from commit_ci.wire import parse_address
 
     ci.start_dispatcher()
     sha = upstream.head()
@@ -221,7 +223,9 @@ USES_PYTESTS_CACHE = """def test_remembers(cache):
 def test_a_repository_that_uses_pytests_cache_gets_it(ci, upstream):
     """The runner's pytest is the plain one: the cache fixture, and --ff, --lf or
     --sw in the repository's addopts, work as they do by hand."""
-    from helpers import communicate, parse_address, request
+    from commit_ci.client import communicate
+    from commit_ci.protocol import request
+    from commit_ci.wire import parse_address
 
     ci.start_dispatcher()
     ci.start_runner()
@@ -236,7 +240,7 @@ def test_a_repository_that_uses_pytests_cache_gets_it(ci, upstream):
 def test_a_job_queued_under_an_abbreviated_id_by_an_older_dispatcher_is_retired(ci, upstream, tmp_path):
     """Databases from before abbreviated ids were refused may queue one: no runner takes
     it, so it must not come back to the scheduler (ahead of every other job) forever."""
-    from jobstore import JobState, JobStore
+    from commit_ci.store import JobState, JobStore
 
     sha = upstream.commit({"test_more.py": PASSING_TEST}, "dispatched twice by an older ci-ctl")
     database = tmp_path / "queue.sqlite3"
@@ -264,8 +268,10 @@ def test_a_job_queued_under_an_abbreviated_id_by_an_older_dispatcher_is_retired(
 def test_a_result_kept_for_an_abbreviated_id_by_an_older_runner_is_dropped(ci, upstream, tmp_path):
     """Its ping would name the abbreviated id, which the dispatcher cannot decode, and
     the dispatcher would refuse to record it: kept, the runner would never get a job."""
-    from helpers import communicate, parse_address, request
-    from test_runner import JobResult
+    from commit_ci.client import communicate
+    from commit_ci.protocol import request
+    from commit_ci.runner import JobResult
+    from commit_ci.wire import parse_address
 
     sha = upstream.commit({"test_more.py": PASSING_TEST}, "tested while an old result is kept")
     state = tmp_path / "runner-state"

@@ -9,9 +9,12 @@ import sqlite3
 
 import pytest
 
+from commit_ci.client import communicate
+from commit_ci.protocol import request
+from commit_ci.wire import parse_address
+
 from conftest import FAILING_TEST, PASSING_TEST, WAITS_FOR_FLAG_TEST, wait_until
 from proctools import descendants
-from helpers import communicate, parse_address, request
 from test_end_to_end import SLOW_PASSING_TEST, mixed_commit, push_at_once
 
 

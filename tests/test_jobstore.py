@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from jobstore import (
+from commit_ci.store import (
     FINAL_STATES,
     SCHEMA_VERSION,
     TRANSITIONS,
@@ -498,8 +498,7 @@ def test_commits_do_not_checkpoint_the_store_does_it_on_its_own_thread(store, db
 
 
 def test_the_wal_starts_over_after_a_checkpoint_even_with_a_write_in_progress(db_path):
-    import jobstore
-
+    from commit_ci.store import WAL_RESTART_PAGES
     store = JobStore(db_path)
     try:
         # Stop the checkpointer and write well past the restart threshold.
@@ -509,7 +508,7 @@ def test_the_wal_starts_over_after_a_checkpoint_even_with_a_write_in_progress(db
         for index in range(400):
             store.enqueue("%040x" % index, float(index))
         pages, _ = wal_pages(db_path)
-        assert pages > jobstore.WAL_RESTART_PAGES
+        assert pages > WAL_RESTART_PAGES
         # A write is in progress (its transaction open) while the checkpoint runs: the
         # checkpoint's last step waits for it, so that it copies that write too.
         in_transaction, may_commit = threading.Event(), threading.Event()

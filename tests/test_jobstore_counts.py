@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobstore import InvalidTransition, JobState, JobStore, Outcome
+from commit_ci.store import InvalidTransition, JobState, JobStore, Outcome
 
 
 def counted(store: JobStore) -> dict[str, int]:

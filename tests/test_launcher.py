@@ -1,4 +1,4 @@
-"""The one-command launcher (ci_local.py) and the installed console commands."""
+"""The one-command launcher (launcher.py) and the installed console commands."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import sysconfig
 
 import pytest
 
-from conftest import PASSING_TEST, ROOT, descendants, free_port, wait_until
+from conftest import PASSING_TEST, descendants, free_port, module_argv, wait_until
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "terminal closed"])
@@ -21,9 +20,9 @@ def test_launcher_runs_everything_and_stops_cleanly(processes, upstream, tmp_pat
     results = tmp_path / "results"
     launcher = processes.start(
         "ci-local",
-        [sys.executable, str(ROOT / "ci_local.py"), "--port", str(free_port()), "--runners", "2",
-         "--work-dir", str(tmp_path / "work"), "--results-dir", str(results), "--interval", "0.2",
-         str(upstream.path)],
+        module_argv("launcher", "--port", str(free_port()), "--runners", "2",
+                    "--work-dir", str(tmp_path / "work"), "--results-dir", str(results), "--interval", "0.2",
+                    str(upstream.path)),
         env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
     )
     first = upstream.head()
@@ -59,18 +58,17 @@ def _is_zombie(pid: int) -> bool:
 
 
 def test_line_view_shows_the_start_of_a_job_that_ran_between_two_looks(ci, upstream, capsys):
-    import ci_ctl
-    import ci_local
-    from helpers import Security
-    from protocol_core import parse_address
+    from commit_ci import ctl, launcher
+    from commit_ci.security import Security
+    from commit_ci.wire import parse_address
 
     ci.start_dispatcher()
     ci.start_runner("--name", "quick")
-    view = ci_local.LiveView(ci_ctl.Client(parse_address(ci.address), Security()), interactive=False)
+    view = launcher.LiveView(ctl.Client(parse_address(ci.address), Security()), interactive=False)
     view.refresh([])
     sha = upstream.commit({"test_two.py": PASSING_TEST.replace("passes", "also_passes")}, "second")
-    assert subprocess.run([sys.executable, str(ROOT / "ci_ctl.py"), "--dispatcher-server", ci.address,
-                           "dispatch", sha], capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run(module_argv("ctl", "--dispatcher-server", ci.address,
+                           "dispatch", sha), capture_output=True, timeout=60).returncode == 0
     ci.wait_result(sha)
     view.refresh([])
     lines = capsys.readouterr().out.splitlines()
@@ -78,7 +76,7 @@ def test_line_view_shows_the_start_of_a_job_that_ran_between_two_looks(ci, upstr
     assert lines[1].startswith("done     %s  passed" % sha[:12]), lines
     view.refresh([])
     assert capsys.readouterr().out == "", "each change is shown once"
-    restarted = ci_local.LiveView(view.client, interactive=False)
+    restarted = launcher.LiveView(view.client, interactive=False)
     restarted.refresh([])
     restarted.refresh([])
     assert capsys.readouterr().out == "", "results from before a view started are not news"
@@ -90,8 +88,8 @@ def test_launcher_refuses_a_work_dir_cloned_from_elsewhere(upstream, tmp_path):
     subprocess.run(["git", "init", "--quiet", str(other)], check=True)
     subprocess.run(["git", "clone", "--quiet", str(other), str(work / "observer")], check=True, capture_output=True)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "ci_local.py"), "--port", str(free_port()), "--work-dir", str(work),
-         "--results-dir", str(tmp_path / "results"), str(upstream.path)],
+        module_argv("launcher", "--port", str(free_port()), "--work-dir", str(work),
+                    "--results-dir", str(tmp_path / "results"), str(upstream.path)),
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2
@@ -101,13 +99,13 @@ def test_launcher_refuses_a_work_dir_cloned_from_elsewhere(upstream, tmp_path):
 def test_launcher_stops_and_says_so_when_its_observer_dies(processes, upstream, tmp_path):
     launcher = processes.start(
         "ci-local",
-        [sys.executable, str(ROOT / "ci_local.py"), "--port", str(free_port()), "--runners", "1",
-         "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"), str(upstream.path)],
+        module_argv("launcher", "--port", str(free_port()), "--runners", "1",
+                    "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"), str(upstream.path)),
         env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
     )
     wait_until(lambda: (tmp_path / "results" / (upstream.head() + ".json")).exists(), timeout=60, message="result")
     daemons = descendants(launcher.pid)
-    (observer,) = [pid for pid in daemons if b"repo_observer.py" in open("/proc/%d/cmdline" % pid, "rb").read()]
+    (observer,) = [pid for pid in daemons if b"commit_ci.observer import" in open("/proc/%d/cmdline" % pid, "rb").read()]
     os.kill(observer, signal.SIGKILL)
     assert launcher.popen.wait(timeout=60) == 1, "nothing more would be tested"
     assert re.search(r"observer exited with status -9; see \S+observer\.log", launcher.log())
@@ -122,23 +120,22 @@ def test_launcher_asks_for_a_branch_when_the_repository_has_none_checked_out(pro
     # Through the fixture: if it did start its daemons, they are stopped with it.
     launcher = processes.start(
         "ci-local",
-        [sys.executable, str(ROOT / "ci_local.py"), "--port", str(free_port()), "--work-dir", str(tmp_path / "work"),
-         "--results-dir", str(tmp_path / "results"), str(upstream.path)],
+        module_argv("launcher", "--port", str(free_port()), "--work-dir", str(tmp_path / "work"),
+                    "--results-dir", str(tmp_path / "results"), str(upstream.path)),
     )
     assert launcher.popen.wait(timeout=60) == 2
     assert "say which branch to test with --branch" in launcher.log()
 
 
 def test_default_work_dir_is_in_the_users_cache_not_under_this_project(monkeypatch, tmp_path):
-    import ci_local
-
+    from commit_ci import launcher
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    first = ci_local.default_work_dir("/srv/repos/my app")
+    first = launcher.default_work_dir("/srv/repos/my app")
     assert os.path.dirname(first) == str(tmp_path / "cache" / "ci-local")
     assert os.path.basename(first).startswith("my_app-")
-    assert ci_local.default_work_dir("/elsewhere/my app") != first, "one folder per repository"
+    assert launcher.default_work_dir("/elsewhere/my app") != first, "one folder per repository"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert ci_local.default_work_dir("/srv/x").startswith(os.path.join(os.path.expanduser("~"), ".cache", "ci-local"))
+    assert launcher.default_work_dir("/srv/x").startswith(os.path.join(os.path.expanduser("~"), ".cache", "ci-local"))
 
 
 @pytest.mark.parametrize("command", ["ci-dispatcher", "ci-runner", "ci-observer", "ci-local", "ci-ctl", "ci-trigger"])
@@ -154,7 +151,7 @@ def test_console_commands_are_installed(command):
     assert "usage: %s" % command in done.stdout
     # The installed copy finds its shell scripts.
     probe = subprocess.run(
-        [os.path.join(scripts, "python"), "-c", "import helpers; print(helpers.script_path('test_runner_script.sh'))"],
+        [os.path.join(scripts, "python"), "-c", "from commit_ci.git_scripts import script_path; print(script_path('test_runner_script.sh'))"],
         capture_output=True, text=True, timeout=60, cwd="/",
     )
     assert probe.returncode == 0 and os.path.exists(probe.stdout.strip())

@@ -13,8 +13,11 @@ import sys
 
 import pytest
 
+from commit_ci.client import communicate
+from commit_ci.protocol import request
+from commit_ci.wire import parse_address
+
 from conftest import PASSING_TEST, ROOT, STRAY_CODE, gone, running_strays, stray_pids, wait_until
-from helpers import communicate, parse_address, request
 from proctools import descendants
 
 #: The pieces of a committed test that leaves processes running. Each stray it
@@ -148,7 +151,7 @@ def test_what_a_job_left_is_killed_by_the_runner_when_the_warm_pytest_dies(ci, s
 KILL_LEFTOVERS_PROBE = r'''
 import json, os, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
-from warm_pytest import _children, become_subreaper, kill_leftovers
+from commit_ci.warm_pytest import _children, become_subreaper, kill_leftovers
 
 folder, stray_code = sys.argv[2], sys.argv[3]
 stray = [sys.executable, "-c", stray_code, folder]

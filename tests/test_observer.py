@@ -1,7 +1,7 @@
 """repo_observer.RepoObserver in-process, against real git repositories.
 
 Most tests call fetch / new_commits / boundary / remember directly; those that need
-``poll_once`` talk to a tiny fake dispatcher (a helpers.ProtocolServer on 127.0.0.1,
+``poll_once`` talk to a tiny fake dispatcher (a server.ProtocolServer on 127.0.0.1,
 port 0, in a thread) that records every ``dispatch`` and answers as told.
 """
 
@@ -15,9 +15,10 @@ import threading
 
 import pytest
 
-import helpers
+from commit_ci import protocol, server
+from commit_ci.observer import RepoObserver
+
 from conftest import git
-from repo_observer import RepoObserver
 
 
 class FakeDispatcher:
@@ -28,24 +29,24 @@ class FakeDispatcher:
         self.received: list[str] = []
         self.accepted: list[str] = []
         self.refuse = lambda commit, accepted: False
-        self.server = helpers.ProtocolServer(("127.0.0.1", 0), self.handle, logging.getLogger("fake-dispatcher"))
-        self.thread = helpers.serve_in_thread(self.server, "fake-dispatcher")
+        self.server = server.ProtocolServer(("127.0.0.1", 0), self.handle, logging.getLogger("fake-dispatcher"))
+        self.thread = server.serve_in_thread(self.server, "fake-dispatcher")
 
     @property
     def address(self) -> tuple[str, int]:
         return self.server.address
 
-    def handle(self, message: helpers.Message, peer: str) -> helpers.Message:
+    def handle(self, message: protocol.Message, peer: str) -> protocol.Message:
         if message.verb != "dispatch":
-            return helpers.error("only dispatch here")
+            return protocol.error("only dispatch here")
         commit = message.fields["commit"]
         with self.lock:
             self.received.append(commit)
             if self.refuse(commit, list(self.accepted)):
-                return helpers.error("refused for the test")
+                return protocol.error("refused for the test")
             new = commit not in self.accepted
             self.accepted.append(commit)
-        return helpers.reply("OK", new=int(new), job="queued")
+        return protocol.reply("OK", new=int(new), job="queued")
 
     def take(self) -> list[str]:
         """Commits accepted since the last call."""

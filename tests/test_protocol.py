@@ -1,4 +1,4 @@
-"""The wire protocol (helpers.py): codec, framing, limits, and daemons facing bad input.
+"""The wire protocol (commit_ci: wire, protocol, client, server): codec, framing, limits, and daemons facing bad input.
 
 The codec and MessageStream are exercised in-process (over socket.socketpair() or a
 fake socket whose clock the test controls); the last part sends malformed input to
@@ -20,22 +20,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import helpers
-import protocol_core
-from conftest import wait_until
-from helpers import (
-    MAX_LINE_BYTES,
+import commit_ci.server
+from commit_ci import client, protocol, security, wire
+from commit_ci.protocol import (
     MAX_SECTION_ON_WIRE_BYTES,
     REPLIES,
     REQUESTS,
     Message,
     MessageStream,
-    ProtocolError,
     Section,
     decode_header,
     encode,
     encode_header,
 )
+from commit_ci.server import REQUESTS_PER_TURN, ProtocolServer, serve_in_thread
+from commit_ci.wire import MAX_LINE_BYTES, ProtocolError
+
+from conftest import wait_until
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -140,17 +141,17 @@ def test_sample_values_are_valid_for_every_field_of_every_verb():
 
 
 def test_results_with_log_and_junit_sections():
-    message = helpers.request(
+    message = protocol.request(
         "results", commit=SHA, attempt=3, status="passed", passed=5, failed=0, errors=0, skipped=2,
         duration=1.5, reason=None, log=SAMPLE_SECTIONS["log"], junit=SAMPLE_SECTIONS["junit"],
     )
-    wire = encode(message, REQUESTS)
-    header = wire.split(b"\n", 1)[0].decode("ascii")
+    data = encode(message, REQUESTS)
+    header = data.split(b"\n", 1)[0].decode("ascii")
     assert header == (
         "results %s 3 passed passed=5 failed=0 errors=0 skipped=2 duration=1.5 log=%d junit=%d"
         % (SHA, len(SAMPLE_SECTIONS["log"]), len(SAMPLE_SECTIONS["junit"]))
     )
-    assert wire.endswith(SAMPLE_SECTIONS["log"] + SAMPLE_SECTIONS["junit"])
+    assert data.endswith(SAMPLE_SECTIONS["log"] + SAMPLE_SECTIONS["junit"])
 
     decoded = stream_round_trip(message, REQUESTS)
 
@@ -160,7 +161,7 @@ def test_results_with_log_and_junit_sections():
 
 
 def test_ok_with_a_json_section():
-    message = helpers.reply("OK", queued=2, running=1, json=SAMPLE_SECTIONS["json"])
+    message = protocol.reply("OK", queued=2, running=1, json=SAMPLE_SECTIONS["json"])
     decoded = stream_round_trip(message, REPLIES)
     assert decoded.verb == "OK"
     assert decoded.fields == {"queued": 2, "running": 1}
@@ -177,9 +178,9 @@ def test_sections_are_read_in_table_order_whatever_the_header_order():
 
 
 def test_pipelined_messages_with_sections_stay_in_step():
-    first = helpers.request("results", commit=SHA, attempt=1, status="failed", log=b"one\n" * 100)
-    second = helpers.request("dispatch", commit="abcdef12abcdef12abcdef12abcdef12abcdef12")
-    third = helpers.request("results", commit=SHA, attempt=2, status="passed", junit=b"<x/>")
+    first = protocol.request("results", commit=SHA, attempt=1, status="failed", log=b"one\n" * 100)
+    second = protocol.request("dispatch", commit="abcdef12abcdef12abcdef12abcdef12abcdef12")
+    third = protocol.request("results", commit=SHA, attempt=2, status="passed", junit=b"<x/>")
     left, right = socket.socketpair()
     with left, right:
         left.sendall(encode(first, REQUESTS) + encode(second, REQUESTS) + encode(third, REQUESTS))
@@ -206,7 +207,7 @@ def test_pipelined_messages_with_sections_stay_in_step():
     ],
 )
 def test_free_text_is_percent_encoded_and_comes_back_unchanged(reason):
-    message = helpers.request("results", commit=SHA, attempt=1, status="error", reason=reason)
+    message = protocol.request("results", commit=SHA, attempt=1, status="error", reason=reason)
     header = encode_header(message, REQUESTS)
     assert header.isascii()
     tokens = header.split(" ")
@@ -225,11 +226,11 @@ def test_err_reason_is_the_rest_of_the_line():
 
 
 def test_error_keeps_the_reply_on_one_line():
-    assert helpers.error("bad\nthing\r\x00here").fields["reason"] == "bad thing  here"
-    assert helpers.error("").fields["reason"] == "error"
-    assert len(helpers.error("x" * 5000).fields["reason"]) == 1000
-    wire = encode(helpers.error("line one\nline two"), REPLIES)
-    assert wire == b"ERR line one line two\n"
+    assert protocol.error("bad\nthing\r\x00here").fields["reason"] == "bad thing  here"
+    assert protocol.error("").fields["reason"] == "error"
+    assert len(protocol.error("x" * 5000).fields["reason"]) == 1000
+    data = encode(protocol.error("line one\nline two"), REPLIES)
+    assert data == b"ERR line one line two\n"
 
 
 def test_encode_refuses_unknown_verbs_and_overlong_headers():
@@ -237,15 +238,15 @@ def test_encode_refuses_unknown_verbs_and_overlong_headers():
         encode(Message("frobnicate"), REQUESTS)
     with pytest.raises(ValueError):
         encode(Message("OK"), REQUESTS)  # a reply is not a request
-    huge = helpers.request("results", commit=SHA, attempt=1, status="error", reason="\u20ac" * 1000)
+    huge = protocol.request("results", commit=SHA, attempt=1, status="error", reason="\u20ac" * 1000)
     with pytest.raises(ValueError, match="exceeds"):
         encode(huge, REQUESTS)
 
 
 def test_request_builder_leaves_out_none_and_turns_bytes_into_sections():
-    message = helpers.request("register", host="h", port=1, name=None, commit=None, attempt=None)
+    message = protocol.request("register", host="h", port=1, name=None, commit=None, attempt=None)
     assert message.fields == {"host": "h", "port": 1} and message.sections == {}
-    message = helpers.request("results", commit=SHA, attempt=1, status="passed", log=bytearray(b"xy"))
+    message = protocol.request("results", commit=SHA, attempt=1, status="passed", log=bytearray(b"xy"))
     assert message.sections == {"log": b"xy"} and isinstance(message.sections["log"], bytes)
     assert str(message) == "results %s 1 passed log=2" % SHA
 
@@ -399,7 +400,7 @@ def test_malformed_header_gives_protocol_error(line, table, expected):
     assert expected in str(caught.value)
     # The reason goes back to the peer after ERR: it must fit on one line.
     assert "\n" not in str(caught.value)
-    assert encode(helpers.error(str(caught.value)), REPLIES).count(b"\n") == 1
+    assert encode(protocol.error(str(caught.value)), REPLIES).count(b"\n") == 1
 
 
 def test_section_length_at_the_wire_limit_is_accepted():
@@ -474,8 +475,8 @@ def small_table(log_keep: int, junit_keep: int) -> dict:
 def test_long_log_is_truncated_with_a_marker_and_the_stream_stays_in_step(pair):
     left, right = pair
     output = bytes(range(256)) * 4  # 1024 bytes, binary
-    message = helpers.request("results", commit=SHA, attempt=1, status="failed", log=output, junit=b"<ok/>")
-    left.sendall(encode(message, REQUESTS) + encode(helpers.request("status"), REQUESTS))
+    message = protocol.request("results", commit=SHA, attempt=1, status="failed", log=output, junit=b"<ok/>")
+    left.sendall(encode(message, REQUESTS) + encode(protocol.request("status"), REQUESTS))
     reader = MessageStream(right)
 
     decoded = reader.read_message(small_table(log_keep=100, junit_keep=1000), first_byte_timeout=5)
@@ -491,7 +492,7 @@ def test_long_log_is_truncated_with_a_marker_and_the_stream_stays_in_step(pair):
 
 def test_log_exactly_at_its_limit_is_kept_whole(pair):
     left, right = pair
-    message = helpers.request("results", commit=SHA, attempt=1, status="passed", log=b"a" * 100)
+    message = protocol.request("results", commit=SHA, attempt=1, status="passed", log=b"a" * 100)
     left.sendall(encode(message, REQUESTS))
     decoded = MessageStream(right).read_message(small_table(100, 100), first_byte_timeout=5)
     assert decoded.sections["log"] == b"a" * 100 and decoded.truncated == set()
@@ -499,8 +500,8 @@ def test_log_exactly_at_its_limit_is_kept_whole(pair):
 
 def test_junit_over_its_limit_is_dropped(pair):
     left, right = pair
-    message = helpers.request("results", commit=SHA, attempt=1, status="passed", log=b"fine\n", junit=b"<x>" + b"y" * 500 + b"</x>")
-    left.sendall(encode(message, REQUESTS) + encode(helpers.request("ping"), REQUESTS))
+    message = protocol.request("results", commit=SHA, attempt=1, status="passed", log=b"fine\n", junit=b"<x>" + b"y" * 500 + b"</x>")
+    left.sendall(encode(message, REQUESTS) + encode(protocol.request("ping"), REQUESTS))
     reader = MessageStream(right)
     decoded = reader.read_message(small_table(log_keep=1000, junit_keep=100), first_byte_timeout=5)
     assert decoded.truncated == {"junit"}
@@ -510,9 +511,9 @@ def test_junit_over_its_limit_is_dropped(pair):
 
 def test_real_section_limits_are_the_documented_ones():
     sections = {section.name: section for section in REQUESTS["results"].sections}
-    assert (sections["log"].keep, sections["log"].truncate) == (helpers.MAX_LOG_BYTES, True)
-    assert (sections["junit"].keep, sections["junit"].truncate) == (helpers.MAX_JUNIT_BYTES, False)
-    assert REPLIES["OK"].sections == (Section("json", helpers.MAX_JSON_BYTES, False),)
+    assert (sections["log"].keep, sections["log"].truncate) == (protocol.MAX_LOG_BYTES, True)
+    assert (sections["junit"].keep, sections["junit"].truncate) == (protocol.MAX_JUNIT_BYTES, False)
+    assert REPLIES["OK"].sections == (Section("json", protocol.MAX_JSON_BYTES, False),)
 
 
 def test_close_in_the_middle_of_a_line_is_an_error(pair):
@@ -546,7 +547,7 @@ def test_silent_peer_times_out_within_the_first_byte_timeout(pair):
 
 
 def test_peer_that_stops_mid_line_times_out(pair, monkeypatch):
-    monkeypatch.setattr(protocol_core, "IO_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(wire, "IO_TIMEOUT_S", 0.2)
     left, right = pair
     left.sendall(b"dispatch abc")  # then nothing, but the connection stays open
     started = time.monotonic()
@@ -556,7 +557,7 @@ def test_peer_that_stops_mid_line_times_out(pair, monkeypatch):
 
 
 def test_peer_that_stops_mid_section_times_out(pair, monkeypatch):
-    monkeypatch.setattr(protocol_core, "IO_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(wire, "IO_TIMEOUT_S", 0.2)
     left, right = pair
     left.sendall(b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=100\nsome")
     started = time.monotonic()
@@ -589,8 +590,8 @@ class TricklingSocket:
 
 def trickle(monkeypatch, chunks: list[bytes], step: float) -> TricklingSocket:
     sock = TricklingSocket(chunks, step)
-    monkeypatch.setattr(protocol_core, "time", types.SimpleNamespace(monotonic=sock.monotonic))
-    monkeypatch.setattr(protocol_core, "MESSAGE_DEADLINE_S", 1.0)
+    monkeypatch.setattr(wire, "time", types.SimpleNamespace(monotonic=sock.monotonic))
+    monkeypatch.setattr(wire, "MESSAGE_DEADLINE_S", 1.0)
     return sock
 
 
@@ -623,8 +624,8 @@ def server_factory():
     started = []
 
     def start(handle_message, **options):
-        server = helpers.ProtocolServer(("127.0.0.1", 0), handle_message, logging.getLogger("test.server"), **options)
-        thread = helpers.serve_in_thread(server, "test-server")
+        server = ProtocolServer(("127.0.0.1", 0), handle_message, logging.getLogger("test.server"), **options)
+        thread = serve_in_thread(server, "test-server")
         started.append((server, thread))
         return server
 
@@ -640,21 +641,21 @@ def test_server_answers_several_requests_on_one_connection_and_survives_a_handle
     def handle(message, peer):
         if message.verb == "dispatch" and message.fields["commit"].startswith("dead"):
             raise RuntimeError("handler bug")
-        return helpers.reply("OK", new=1) if message.verb == "dispatch" else helpers.reply("OK", state="idle")
+        return protocol.reply("OK", new=1) if message.verb == "dispatch" else protocol.reply("OK", state="idle")
 
     server = server_factory(handle)
     with caplog.at_level(logging.INFO, logger="test.server"):
-        with helpers.Connection(server.address) as connection:
-            assert connection.request(helpers.request("ping")).fields == {"state": "idle"}
-            failed = connection.request(helpers.request("dispatch", commit="deadbeef" * 5))
+        with client.Connection(server.address) as connection:
+            assert connection.request(protocol.request("ping")).fields == {"state": "idle"}
+            failed = connection.request(protocol.request("dispatch", commit="deadbeef" * 5))
             assert (failed.verb, failed.fields) == ("ERR", {"reason": "internal error"})
-            assert connection.request(helpers.request("dispatch", commit="abcdef12abcdef12abcdef12abcdef12abcdef12")).fields == {"new": 1}
+            assert connection.request(protocol.request("dispatch", commit="abcdef12abcdef12abcdef12abcdef12abcdef12")).fields == {"new": 1}
     assert any("error handling dispatch" in record.getMessage() and record.exc_info for record in caplog.records)
 
 
 def test_server_closes_an_idle_connection(server_factory, monkeypatch):
-    monkeypatch.setattr(helpers, "IDLE_TIMEOUT_S", 0.2)
-    server = server_factory(lambda message, peer: helpers.reply("OK"))
+    monkeypatch.setattr(commit_ci.server, "IDLE_TIMEOUT_S", 0.2)
+    server = server_factory(lambda message, peer: protocol.reply("OK"))
     with socket.create_connection(server.address, timeout=10) as sock:
         started = time.monotonic()
         assert sock.recv(100) == b"", "the server hangs up on a silent client"
@@ -662,7 +663,7 @@ def test_server_closes_an_idle_connection(server_factory, monkeypatch):
 
 
 def test_server_answers_a_framing_error_then_hangs_up(server_factory):
-    server = server_factory(lambda message, peer: helpers.reply("OK"))
+    server = server_factory(lambda message, peer: protocol.reply("OK"))
     with socket.create_connection(server.address, timeout=10) as sock:
         sock.sendall(b"dispatch nothex\nping\n")
         received = read_until_closed(sock)
@@ -670,8 +671,8 @@ def test_server_answers_a_framing_error_then_hangs_up(server_factory):
 
 
 def test_server_answers_a_request_that_arrives_in_pieces(server_factory):
-    server = server_factory(lambda message, peer: helpers.reply("OK", new=1))
-    data = helpers.encode(helpers.request("dispatch", commit="abcdef12abcdef12abcdef12abcdef12abcdef12"), REQUESTS)
+    server = server_factory(lambda message, peer: protocol.reply("OK", new=1))
+    data = protocol.encode(protocol.request("dispatch", commit="abcdef12abcdef12abcdef12abcdef12abcdef12"), REQUESTS)
     with socket.create_connection(server.address, timeout=10) as sock:
         sock.sendall(data[:6])
         # The event loop cannot answer half a request: the connection goes to a thread.
@@ -689,12 +690,12 @@ def test_server_answers_requests_sent_together_in_order(server_factory):
 
     def handle(message, peer):
         calls.append(message.fields["commit"])
-        return helpers.reply("OK", new=len(calls))
+        return protocol.reply("OK", new=len(calls))
 
     server = server_factory(handle)
-    commits = ["%040x" % (0xabc0000 + index) for index in range(3 * helpers.REQUESTS_PER_TURN)]
+    commits = ["%040x" % (0xabc0000 + index) for index in range(3 * REQUESTS_PER_TURN)]
     with socket.create_connection(server.address, timeout=10) as sock:
-        sock.sendall(b"".join(helpers.encode(helpers.request("dispatch", commit=commit), REQUESTS) for commit in commits))
+        sock.sendall(b"".join(protocol.encode(protocol.request("dispatch", commit=commit), REQUESTS) for commit in commits))
         stream = MessageStream(sock)
         answers = [stream.read_message(REPLIES, first_byte_timeout=10).fields["new"] for _ in commits]
     assert answers == list(range(1, len(commits) + 1))
@@ -708,18 +709,18 @@ def test_a_threaded_verb_holds_up_no_other_request(server_factory):
         if message.verb == "results":
             entered.set()
             release.wait(30)
-            return helpers.reply("OK", recorded=1)
-        return helpers.reply("OK", state="idle")
+            return protocol.reply("OK", recorded=1)
+        return protocol.reply("OK", state="idle")
 
     server = server_factory(handle, threaded_verbs={"results"})
     answers = []
-    results = helpers.request("results", commit="abcdef12abcdef12abcdef12abcdef12abcdef12", attempt=1, status="passed", log=b"output\n")
-    sender = threading.Thread(target=lambda: answers.append(helpers.communicate(server.address, results, timeout=30)))
+    results = protocol.request("results", commit="abcdef12abcdef12abcdef12abcdef12abcdef12", attempt=1, status="passed", log=b"output\n")
+    sender = threading.Thread(target=lambda: answers.append(client.communicate(server.address, results, timeout=30)))
     sender.start()
     try:
         assert entered.wait(10)
         # The results handler is still busy; the event loop answers everyone else.
-        assert helpers.communicate(server.address, helpers.request("ping"), timeout=5).fields == {"state": "idle"}
+        assert client.communicate(server.address, protocol.request("ping"), timeout=5).fields == {"state": "idle"}
         assert not answers
     finally:
         release.set()
@@ -731,15 +732,15 @@ def test_a_client_that_does_not_read_its_large_reply_holds_up_no_one(server_fact
     document = b'{"pad": "%s"}' % (b"x" * (15 * 1024 * 1024))  # far more than a socket buffer holds
 
     def handle(message, peer):
-        return helpers.reply("OK", json=document) if message.verb == "queue" else helpers.reply("OK", state="idle")
+        return protocol.reply("OK", json=document) if message.verb == "queue" else protocol.reply("OK", state="idle")
 
     server = server_factory(handle)
     with socket.create_connection(server.address, timeout=10) as slow:
-        slow.sendall(helpers.encode(helpers.request("queue"), REQUESTS))
+        slow.sendall(protocol.encode(protocol.request("queue"), REQUESTS))
         # Not read yet: the rest of the reply waits on a thread, not in the event loop.
         wait_until(lambda: not server._loop_connections and server._waiting_since, 10,
                    message="the connection handed to a thread")
-        assert helpers.communicate(server.address, helpers.request("ping"), timeout=5).fields == {"state": "idle"}
+        assert client.communicate(server.address, protocol.request("ping"), timeout=5).fields == {"state": "idle"}
         answer = MessageStream(slow).read_message(REPLIES, first_byte_timeout=10)
     assert answer.sections["json"] == document
 
@@ -750,7 +751,7 @@ def test_communicate_times_out_when_the_peer_never_answers():
         listener.listen(1)  # connections complete in the backlog; nobody ever answers
         started = time.monotonic()
         with pytest.raises(TimeoutError):
-            helpers.communicate(listener.getsockname(), helpers.request("ping"), timeout=0.3)
+            client.communicate(listener.getsockname(), protocol.request("ping"), timeout=0.3)
         assert time.monotonic() - started < 5
 
 
@@ -759,7 +760,7 @@ def test_communicate_to_a_closed_port_is_an_oserror():
         probe.bind(("127.0.0.1", 0))
         address = probe.getsockname()
     with pytest.raises(OSError):
-        helpers.communicate(address, helpers.request("ping"), timeout=1, connect_timeout=1)
+        client.communicate(address, protocol.request("ping"), timeout=1, connect_timeout=1)
 
 
 def test_communicate_refuses_an_answer_that_is_not_a_reply():
@@ -777,7 +778,7 @@ def test_communicate_refuses_an_answer_that_is_not_a_reply():
         thread = threading.Thread(target=answer_nonsense, daemon=True)
         thread.start()
         with pytest.raises(ProtocolError, match="unknown verb 'dispatch'"):
-            helpers.communicate(listener.getsockname(), helpers.request("ping"), timeout=5)
+            client.communicate(listener.getsockname(), protocol.request("ping"), timeout=5)
         thread.join(timeout=10)
 
 
@@ -789,19 +790,19 @@ def test_communicate_refuses_an_answer_that_is_not_a_reply():
 def test_parse_address(text, expected):
     if expected is None:
         with pytest.raises(ValueError):
-            helpers.parse_address(text)
+            wire.parse_address(text)
     else:
-        assert helpers.parse_address(text) == expected
+        assert wire.parse_address(text) == expected
 
 
-# protocol_core checks values with sets instead of regular expressions (importing re
+# wire.py checks values with sets instead of regular expressions (importing re
 # would cost the push trigger's hook milliseconds); they must accept exactly what these
 # expressions do (those helpers.py used before, and the full commit id's rule).
 REFERENCE_PATTERNS = {
-    "commit id": (protocol_core.is_commit_id, re.compile(r"(?:[0-9a-f]{40}|[0-9a-f]{64})\Z")),
-    "commit prefix": (protocol_core.is_commit_prefix, re.compile(r"[0-9a-f]{7,64}\Z")),
-    "decimal": (protocol_core.is_decimal, re.compile(r"[0-9]{1,12}\Z")),
-    "host": (lambda text: _accepts(protocol_core.parse_host, text), re.compile(r"[A-Za-z0-9._:\-]{1,253}\Z")),
+    "commit id": (wire.is_commit_id, re.compile(r"(?:[0-9a-f]{40}|[0-9a-f]{64})\Z")),
+    "commit prefix": (wire.is_commit_prefix, re.compile(r"[0-9a-f]{7,64}\Z")),
+    "decimal": (wire.is_decimal, re.compile(r"[0-9]{1,12}\Z")),
+    "host": (lambda text: _accepts(wire.parse_host, text), re.compile(r"[A-Za-z0-9._:\-]{1,253}\Z")),
 }
 AUTH_LINE_PATTERN = re.compile(rb"auth ([0-9]{1,16}) ([0-9a-f]{32}) ([0-9a-f]{64})\Z")
 
@@ -852,7 +853,7 @@ def _auth_line_disagreements(lines) -> list[bytes]:
         match = AUTH_LINE_PATTERN.match(line)
         return None if match is None else tuple(group.decode() for group in match.groups())
 
-    return [line for line in lines if protocol_core.parse_auth_line(line) != expected(line)]
+    return [line for line in lines if security.parse_auth_line(line) != expected(line)]
 
 
 def test_auth_line_check_accepts_what_the_regular_expression_did():
@@ -929,7 +930,7 @@ BAD_FOR_DISPATCHER = [
 
 def test_dispatcher_answers_bad_input_with_err_and_keeps_serving(ci, tmp_path):
     dispatcher = ci.start_dispatcher()
-    address = helpers.parse_address(ci.address)
+    address = wire.parse_address(ci.address)
     before = all_files(tmp_path)
 
     for name, data, half_close, expected in BAD_FOR_DISPATCHER:
@@ -938,7 +939,7 @@ def test_dispatcher_answers_bad_input_with_err_and_keeps_serving(ci, tmp_path):
         assert line.startswith(b"ERR "), "%s: got %r" % (name, line)
         assert expected in line, "%s: got %r" % (name, line)
         wait_until(lambda: " WARNING " in dispatcher.log()[offset:], timeout=10, message="warning for %s" % name)
-        status = helpers.communicate(address, helpers.request("status"), timeout=10)
+        status = client.communicate(address, protocol.request("status"), timeout=10)
         assert (status.verb, status.fields) == ("OK", {"queued": 0, "running": 0, "runners": 0, "idle": 0}), name
 
     assert dispatcher.running()
@@ -974,7 +975,7 @@ def test_runner_answers_bad_input_with_err_and_keeps_serving(ci, tmp_path):
         assert line.startswith(b"ERR "), "%s: got %r" % (name, line)
         assert expected in line, "%s: got %r" % (name, line)
         wait_until(lambda: " WARNING " in runner.log()[offset:], timeout=10, message="warning for %s" % name)
-        pong = helpers.communicate(address, helpers.request("ping"), timeout=10)
+        pong = client.communicate(address, protocol.request("ping"), timeout=10)
         assert (pong.verb, pong.fields) == ("OK", {"state": "idle"}), name
 
     assert runner.running()
@@ -986,11 +987,11 @@ def test_runner_answers_bad_input_with_err_and_keeps_serving(ci, tmp_path):
 @pytest.mark.parametrize("data", [b"dispatch %ff\n", b"register 127.0.0.1 %C2%B2\n"], ids=["bad-escape", "superscript-port"])
 def test_dispatcher_answers_err_to_undecodable_fields(ci, data):
     dispatcher = ci.start_dispatcher()
-    address = helpers.parse_address(ci.address)
+    address = wire.parse_address(ci.address)
     offset = len(dispatcher.log())
     line = first_reply_line(address, data)
     # Still serving, whatever happened.
-    assert helpers.communicate(address, helpers.request("status"), timeout=10).verb == "OK"
+    assert client.communicate(address, protocol.request("status"), timeout=10).verb == "OK"
     assert line.startswith(b"ERR "), "got %r" % line
     wait_until(lambda: " WARNING " in dispatcher.log()[offset:], timeout=10, message="a warning")
     assert "Traceback" not in dispatcher.log()
@@ -1024,7 +1025,7 @@ def test_a_reply_given_a_byte_at_a_time_is_cut_off_at_the_callers_total_timeout(
 
     def ask():
         try:
-            outcome.append(helpers.communicate(listener.getsockname(), helpers.request("ping"), timeout=1,
+            outcome.append(client.communicate(listener.getsockname(), protocol.request("ping"), timeout=1,
                                                total_timeout=1.5))
         except (OSError, ProtocolError) as exc:
             outcome.append(exc)

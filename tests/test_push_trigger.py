@@ -7,6 +7,7 @@ import hmac
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,11 +17,9 @@ from pathlib import Path
 
 import pytest
 
-import helpers
-import protocol_core
-import push_hook
-import push_trigger
-from conftest import FAILING_TEST, GIT_ENV, PASSING_TEST, ROOT, CISystem, free_port, git
+from commit_ci import protocol, push_hook, push_trigger, security, wire
+
+from conftest import FAILING_TEST, GIT_ENV, PASSING_TEST, ROOT, CISystem, free_port, git, module_argv
 
 #: A push with a hook that cannot reach the dispatcher: connect fails at once on
 #: loopback; this bound only matters if the hook hangs.
@@ -67,8 +66,8 @@ class ServedRepository:
 
 def install_hooks(repo: Path, dispatcher: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "push_trigger.py"), "install", "--repo", str(repo), "--dispatcher-server", dispatcher,
-         *extra],
+        module_argv("push_trigger", "install", "--repo", str(repo), "--dispatcher-server", dispatcher,
+                    *extra),
         capture_output=True, text=True, timeout=60, env=env,
     )
 
@@ -237,16 +236,23 @@ def test_hook_authenticates_with_the_shared_secret(processes, upstream, tmp_path
 # --- what runs on every push: push_hook.py ------------------------------------------------
 
 #: What the hook must not import: each costs milliseconds on every push, and none is
-#: needed on the wire (helpers.py would bring in most of them).
-SLOW_IMPORTS = {"site", "re", "logging", "dataclasses", "typing", "argparse", "subprocess", "threading", "helpers",
-                "urllib.parse", "encodings.idna"}
+#: needed on the wire (the daemons' protocol module would bring in most of them).
+SLOW_IMPORTS = {"site", "re", "logging", "dataclasses", "typing", "argparse", "subprocess", "threading",
+                "commit_ci.protocol", "urllib.parse", "encodings.idna"}
 
 
 def hook_command(hooks: Path, kind: str) -> list[str]:
-    """The command line of an installed hook: its last line, ``exec ...``."""
-    last = (hooks / kind).read_text().splitlines()[-1]
-    assert last.startswith("exec ")
-    return shlex.split(last)[1:]
+    """The command line an installed hook runs: its ``exec`` line, with the script's
+    ``python`` and ``hook`` variables filled in."""
+    variables, command = {}, None
+    for line in (hooks / kind).read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name in ("python", "hook"):
+            variables[name] = shlex.split(value)[0]
+        elif line.strip().startswith("exec "):
+            command = shlex.split(line.strip())[1:]
+    assert command is not None and command[0] == "$python" and command[3] == "$hook", command
+    return [variables["python"], *command[1:3], variables["hook"], *command[4:]]
 
 
 def imported_modules(stderr: str) -> set[str]:
@@ -265,7 +271,7 @@ def test_hook_runs_python_with_s_and_e_and_imports_only_what_the_wire_needs(proc
     assert install_hooks(served.path, ci.address, *secret_options).returncode == 0
     command = hook_command(served.path / "hooks", "post-receive")
     assert command[:3] == [sys.executable, "-S", "-E"]
-    assert command[3] == str(ROOT / "push_hook.py")
+    assert command[3] == str(ROOT / "commit_ci" / "push_hook.py")
     assert command[4:] == ["post-receive", "--dispatcher-server", ci.address, "--branch", "main", *secret_options]
 
     old = served.head()
@@ -279,22 +285,50 @@ def test_hook_runs_python_with_s_and_e_and_imports_only_what_the_wire_needs(proc
     assert done.returncode == 0
     assert "ci-trigger: 1 commit(s) sent to the CI dispatcher at %s (0 new)" % ci.address in done.stderr
     imported = imported_modules(done.stderr)
-    assert {"protocol_core", "socket"} <= imported
+    assert {"commit_ci", "commit_ci.wire", "commit_ci.security", "socket"} <= imported
     assert not imported & SLOW_IMPORTS, "the hook imported %s" % sorted(imported & SLOW_IMPORTS)
     assert ("hmac" in imported) == secret, "hmac only with a secret"
     assert "ssl" not in imported, "ssl only with --tls-ca"
     assert "bad request" not in ci.dispatcher.log()
 
 
-def test_hooks_written_by_an_older_ci_trigger_still_report(processes, served, tmp_path):
+def test_a_hook_whose_installation_is_gone_says_in_one_line_to_install_it_again(processes, served, tmp_path):
+    """Hooks name the Python and the push_hook.py of the copy that wrote them. When that
+    copy is moved or removed, a push still succeeds, and says how to mend the hook."""
     ci = CISystem(processes, served, tmp_path)
     ci.start_dispatcher()
-    # What `ci-trigger install` wrote before push_hook.py existed.
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(ROOT / "commit_ci", elsewhere / "commit_ci", ignore=shutil.ignore_patterns("__pycache__"))
+    boot = "import sys; sys.path[0] = %r; from commit_ci.push_trigger import main; sys.exit(main())" % str(elsewhere)
+    installed = subprocess.run([sys.executable, "-c", boot, "install", "--repo", str(served.path),
+                                "--dispatcher-server", ci.address], capture_output=True, text=True, timeout=60)
+    assert installed.returncode == 0, installed.stderr
+    assert hook_command(served.path / "hooks", "post-receive")[3] == str(elsewhere / "commit_ci" / "push_hook.py")
+    shutil.rmtree(elsewhere)
+
+    served.commit({}, "pushed after commit-ci moved")
+    lines = hook_lines(served.push())
+    assert len(lines) == 1, lines
+    assert "this CI hook cannot run" in lines[0]
+    assert "run `ci-trigger install --repo %s --dispatcher-server %s --branch main` again" % (
+        served.path, ci.address) in lines[0]
+    # Installing again mends it: the next push is reported (the one before is the
+    # observer's to find).
+    assert install_hooks(served.path, ci.address).returncode == 0
+    sha = served.commit({}, "pushed after installing again")
+    assert hook_lines(served.push()) == ["remote: ci-trigger: 1 commit(s) sent to the CI dispatcher at %s (1 new)" % (
+        ci.address)]
+    ci.dispatcher.wait_for_log(r"commit %s queued" % sha)
+
+
+def test_the_first_versions_hook_command_line_still_reports(processes, served, tmp_path):
+    ci = CISystem(processes, served, tmp_path)
+    ci.start_dispatcher()
+    # What `ci-trigger install` wrote before push_hook.py existed: ci-trigger itself, as a hook.
     old_hook = served.path / "hooks" / "post-receive"
     old_hook.write_text("#!/bin/sh\n%s: tells the CI dispatcher at %s about new commits on main at once.\nexec %s\n" % (
-        push_trigger.HOOK_MARKER, ci.address, " ".join(shlex.quote(part) for part in [
-            sys.executable, str(ROOT / "push_trigger.py"), "post-receive", "--dispatcher-server", ci.address,
-            "--branch", "main"])))
+        push_trigger.HOOK_MARKER, ci.address, " ".join(shlex.quote(part) for part in module_argv(
+            "push_trigger", "post-receive", "--dispatcher-server", ci.address, "--branch", "main"))))
     old_hook.chmod(0o755)
 
     sha = served.commit({}, "pushed through an old hook")
@@ -341,8 +375,8 @@ SECRET = b"hook-side-secret-0123456789abcdef"
 def test_auth_line_is_the_hmac_that_docs_protocol_md_describes(monkeypatch):
     """One fixed message, computed here from the description: any change to the bytes
     the hook or the daemons sign shows up as a failure."""
-    monkeypatch.setattr(protocol_core.os, "urandom", lambda size: bytes(range(size)))
-    auth = protocol_core.Authenticator(SECRET, clock=lambda: 1700000000.5)
+    monkeypatch.setattr(security.os, "urandom", lambda size: bytes(range(size)))
+    auth = security.Authenticator(SECRET, clock=lambda: 1700000000.5)
     data = b"dispatch abcdef1\n"
 
     line, nonce = auth.sign("request", data)
@@ -354,7 +388,7 @@ def test_auth_line_is_the_hmac_that_docs_protocol_md_describes(monkeypatch):
     reply_tag = hmac.new(SECRET, b"ci-auth-1|reply|1700000000500|%s|%s|OK new=1 job=queued\n" % (
         nonce.encode(), nonce.encode()), hashlib.sha256).hexdigest()
     assert reply_line.split()[3] == reply_tag.encode()
-    assert helpers.Authenticator is protocol_core.Authenticator, "one implementation for hook and daemons"
+    assert security.Authenticator is security.Authenticator, "one implementation for hook and daemons"
 
 
 def serve_one(sock: socket.socket, secret: bytes | None, answer=None) -> tuple[threading.Thread, list]:
@@ -362,10 +396,10 @@ def serve_one(sock: socket.socket, secret: bytes | None, answer=None) -> tuple[t
     received = []
 
     def serve():
-        stream = helpers.MessageStream(sock, helpers.Authenticator(secret) if secret else None)
-        message = stream.read_message(helpers.REQUESTS, first_byte_timeout=5)
+        stream = protocol.MessageStream(sock, security.Authenticator(secret) if secret else None)
+        message = stream.read_message(protocol.REQUESTS, first_byte_timeout=5)
         received.append(message)
-        stream.write_message(answer or helpers.reply("OK", new=1, job="queued"), helpers.REPLIES,
+        stream.write_message(answer or protocol.reply("OK", new=1, job="queued"), protocol.REPLIES,
                              request_nonce=message.nonce, signed=message.nonce is not None)
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -378,7 +412,7 @@ def test_hook_and_daemon_codec_understand_each_other(secret):
     hook_side, daemon_side = socket.socketpair()
     with hook_side, daemon_side:
         thread, received = serve_one(daemon_side, secret)
-        stream = protocol_core.Stream(hook_side, protocol_core.Authenticator(secret) if secret else None)
+        stream = wire.Stream(hook_side, security.Authenticator(secret) if secret else None)
         verb, rest = push_hook.dispatch(stream, "abcdef12" * 5)
         thread.join(timeout=10)
     assert (received[0].verb, received[0].fields) == ("dispatch", {"commit": "abcdef12" * 5})
@@ -392,14 +426,14 @@ def test_hook_refuses_a_reply_signed_with_another_secret_or_not_at_all(signer):
 
     def answer():
         # Reads the request without checking it; answers naming its nonce.
-        stream = protocol_core.Stream(daemon_side, protocol_core.Authenticator(signer) if signer else None)
+        stream = wire.Stream(daemon_side, security.Authenticator(signer) if signer else None)
         auth_line = stream.read_line(5)
         stream.read_line(5, continuing=True)
-        stream.send(b"OK new=1 job=queued\n", request_nonce=protocol_core.parse_auth_line(auth_line)[1])
+        stream.send(b"OK new=1 job=queued\n", request_nonce=security.parse_auth_line(auth_line)[1])
 
     with hook_side, daemon_side:
         thread = threading.Thread(target=answer, daemon=True)
         thread.start()
-        with pytest.raises(protocol_core.ProtocolError, match="authentication (failed|required)"):
-            push_hook.dispatch(protocol_core.Stream(hook_side, protocol_core.Authenticator(SECRET)), "abcdef1")
+        with pytest.raises(wire.ProtocolError, match="authentication (failed|required)"):
+            push_hook.dispatch(wire.Stream(hook_side, security.Authenticator(SECRET)), "abcdef1")
         thread.join(timeout=10)

@@ -8,7 +8,8 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
-import reports
+from commit_ci import result_files
+
 from conftest import FAILING_TEST, PASSING_TEST
 
 PYTEST_JUNIT = b"""<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest" \
@@ -71,7 +72,7 @@ def test_junit_xml_that_a_browser_would_run_scripts_from_is_not_kept(ci, upstrea
 
 
 def test_clean_junit_keeps_pytest_output_as_it_is():
-    cleaned = reports.clean_junit(PYTEST_JUNIT)
+    cleaned = result_files.clean_junit(PYTEST_JUNIT)
     assert cleaned.startswith(b"<?xml version='1.0' encoding='utf-8'?>")
     original, kept = ElementTree.fromstring(PYTEST_JUNIT), ElementTree.fromstring(cleaned)
     assert ElementTree.tostring(original) == ElementTree.tostring(kept)
@@ -81,7 +82,7 @@ def test_clean_junit_drops_comments_and_processing_instructions():
     hostile = PYTEST_JUNIT.replace(
         b"<testsuites", b'<?xml-stylesheet type="text/xsl" href="evil.xsl"?><!-- hidden --><testsuites', 1
     )
-    cleaned = reports.clean_junit(hostile)
+    cleaned = result_files.clean_junit(hostile)
     assert b"xml-stylesheet" not in cleaned and b"hidden" not in cleaned
     assert b"test_fails" in cleaned
 
@@ -99,25 +100,25 @@ def test_clean_junit_drops_comments_and_processing_instructions():
 )
 def test_clean_junit_refuses_what_is_not_plain_junit(data, why):
     with pytest.raises(ValueError, match=why):
-        reports.clean_junit(data)
+        result_files.clean_junit(data)
 
 
 def test_write_result_writes_every_file_atomically_json_last(tmp_path, monkeypatch):
     written = []
-    real_write = reports.atomic_write
+    real_write = result_files.atomic_write
 
     def recording_write(path, data, durable=True):
         written.append(path.rsplit("/", 1)[1])
         real_write(path, data, durable)
 
-    monkeypatch.setattr(reports, "atomic_write", recording_write)
+    monkeypatch.setattr(result_files, "atomic_write", recording_write)
     sha = "ab" * 20
-    summary = reports.make_summary(commit=sha, status="passed", passed=1, failed=0, errors=0, skipped=0)
-    reports.write_result(str(tmp_path), summary, PASSING_TEST, junit=reports.clean_junit(PYTEST_JUNIT))
+    summary = result_files.make_summary(commit=sha, status="passed", passed=1, failed=0, errors=0, skipped=0)
+    result_files.write_result(str(tmp_path), summary, PASSING_TEST, junit=result_files.clean_junit(PYTEST_JUNIT))
     assert written == [sha, sha + ".log", sha + ".xml", sha + ".json"]
     assert (tmp_path / (sha + ".log")).read_text() == PASSING_TEST
     written.clear()
-    reports.write_result(str(tmp_path), dict(summary, commit="cd" * 20), "", junit=None)
+    result_files.write_result(str(tmp_path), dict(summary, commit="cd" * 20), "", junit=None)
     assert written == ["cd" * 20, "cd" * 20 + ".log", "cd" * 20 + ".json"]
 
 
@@ -125,8 +126,8 @@ def test_result_files_get_the_mode_a_plain_file_would(tmp_path):
     """Readable by whoever may read the folder's other files (a web server serving
     test_results/), not private as a temporary file is made."""
     sha = "ab" * 20
-    summary = reports.make_summary(commit=sha, status="passed", passed=1, failed=0, errors=0, skipped=0)
-    reports.write_result(str(tmp_path), summary, PASSING_TEST, junit=reports.clean_junit(PYTEST_JUNIT))
+    summary = result_files.make_summary(commit=sha, status="passed", passed=1, failed=0, errors=0, skipped=0)
+    result_files.write_result(str(tmp_path), summary, PASSING_TEST, junit=result_files.clean_junit(PYTEST_JUNIT))
     (tmp_path / "plain").write_text("")
     plain_mode = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
     assert plain_mode & 0o044, "the usual umask lets others read a plain file"

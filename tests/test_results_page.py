@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-import jobstore
-import pages
-import reports
+from commit_ci import page, result_files
+from commit_ci.store import JobState, JobStore, Outcome
+
 from conftest import FAILING_TEST, PASSING_TEST, git, wait_until
 from test_result_files import PYTEST_JUNIT
 
@@ -109,23 +109,23 @@ def _row_html(page: str, commit: str) -> str:
 # --- the parts, without processes ---------------------------------------------------------
 
 
-def _finish(store: jobstore.JobStore, commit: str, status: str, finished_at: float, **values) -> dict:
+def _finish(store: JobStore, commit: str, status: str, finished_at: float, **values) -> dict:
     store.enqueue(commit, finished_at - 10)
     attempt = store.assign(commit, "runner-1", finished_at - 5)
-    summary = reports.make_summary(commit=commit, status=status, finished_at=reports.iso_time(finished_at), **values)
-    state = jobstore.JobState(status)
-    store.finish(commit, attempt, state, jobstore.Outcome(status), None, json.dumps(summary), finished_at)
+    summary = result_files.make_summary(commit=commit, status=status, finished_at=result_files.iso_time(finished_at), **values)
+    state = JobState(status)
+    store.finish(commit, attempt, state, Outcome(status), None, json.dumps(summary), finished_at)
     return summary
 
 
 def test_store_returns_newest_final_summaries_through_an_index(tmp_path):
-    store = jobstore.JobStore(str(tmp_path / "queue.sqlite3"))
+    store = JobStore(str(tmp_path / "queue.sqlite3"))
     # Finished in an order unlike the queue order, so the page order is finished_at's.
     finished = {("%040x" % index): 1_000_000 + (index * 7919) % 300 for index in range(300)}
     for commit, when in finished.items():
         _finish(store, commit, "passed", when)
     store.enqueue("f" * 40, 2_000_000)  # queued: no summary, not listed
-    reader = jobstore.JobStore(str(tmp_path / "queue.sqlite3"), read_only=True)
+    reader = JobStore(str(tmp_path / "queue.sqlite3"), read_only=True)
 
     newest = reader.recent_summaries(200)
 
@@ -142,36 +142,36 @@ def test_store_returns_newest_final_summaries_through_an_index(tmp_path):
 
 def test_index_is_added_to_a_database_made_before_it(tmp_path):
     path = str(tmp_path / "queue.sqlite3")
-    jobstore.JobStore(path).close()
+    JobStore(path).close()
     with sqlite3.connect(path) as db:
         db.execute("DROP INDEX finished_jobs")
-    store = jobstore.JobStore(path)
+    store = JobStore(path)
     names = {row[0] for row in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "finished_jobs" in names
     store.close()
 
 
-def _row(commit: str, status: str = "failed", **changes) -> pages.Row:
+def _row(commit: str, status: str = "failed", **changes) -> page.Row:
     values = dict(
         commit=commit, short=commit[:10], status=status, subject="a subject", author="someone", tests="1 passed",
         duration="1.0 s", runner="127.0.0.1:9000", attempts="1", reason=None, finished="2026-01-01 00:00:00 UTC",
-        files=pages.CommitFiles(True, True, False),
+        files=page.CommitFiles(True, True, False),
     )
     values.update(changes)
-    return pages.Row(**values)
+    return page.Row(**values)
 
 
 def test_everything_untrusted_on_the_page_is_escaped():
     hostile = '"><script>alert(1)</script><b onmouseover="x">'
-    failure = pages.FailedTest(hostile, "failure", (hostile, "E   " + hostile))
+    failure = page.FailedTest(hostile, "failure", (hostile, "E   " + hostile))
     row = _row("ab" * 20, subject=hostile, author=hostile, reason=hostile, runner=hostile,
-               files=pages.CommitFiles(True, True, True, (failure,), 1))
+               files=page.CommitFiles(True, True, True, (failure,), 1))
 
-    page = pages.render_page([row], {row.commit: 1.0}, "now")
+    html = page.render_page([row], {row.commit: 1.0}, "now")
 
-    assert "<script" not in page and "<b " not in page and 'onmouseover="' not in page
-    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 6  # subject, author, reason, runner, test, lines, chart
-    assert "Content-Security-Policy" in page and "default-src &#39;none&#39;" not in page
+    assert "<script" not in html and "<b " not in html and 'onmouseover="' not in html
+    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 6  # subject, author, reason, runner, test, lines, chart
+    assert "Content-Security-Policy" in html and "default-src &#39;none&#39;" not in html
 
 
 def test_chart_shows_the_last_commits_oldest_first_with_heights_from_durations():
@@ -179,20 +179,20 @@ def test_chart_shows_the_last_commits_oldest_first_with_heights_from_durations()
     durations = {row.commit: float(index + 1) for index, row in enumerate(rows)}
     durations[rows[0].commit] = None  # an error without a duration
 
-    chart = pages.build_chart(rows, durations)
+    chart = page.build_chart(rows, durations)
 
-    assert len(chart.bars) == pages.CHART_RESULTS
-    assert [bar.commit for bar in chart.bars] == [row.commit for row in reversed(rows[: pages.CHART_RESULTS])]
-    assert chart.bars[-1].faded and chart.bars[-1].height == pages.NO_DURATION_BAR_HEIGHT
-    assert chart.bars[0].height == pages.CHART_HEIGHT  # the longest of those shown
-    assert all(pages.MIN_BAR_HEIGHT <= bar.height <= pages.CHART_HEIGHT for bar in chart.bars)
-    assert pages.build_chart([], {}).bars == []
+    assert len(chart.bars) == page.CHART_RESULTS
+    assert [bar.commit for bar in chart.bars] == [row.commit for row in reversed(rows[: page.CHART_RESULTS])]
+    assert chart.bars[-1].faded and chart.bars[-1].height == page.NO_DURATION_BAR_HEIGHT
+    assert chart.bars[0].height == page.CHART_HEIGHT  # the longest of those shown
+    assert all(page.MIN_BAR_HEIGHT <= bar.height <= page.CHART_HEIGHT for bar in chart.bars)
+    assert page.build_chart([], {}).bars == []
 
 
 def test_failing_tests_are_read_from_junit_xml(tmp_path):
     path = tmp_path / "result.xml"
     path.write_bytes(PYTEST_JUNIT)
-    failures, total = pages.read_failures(str(path))
+    failures, total = page.read_failures(str(path))
     assert total == 1
     assert failures[0].name == "test_bad::test_fails" and failures[0].kind == "failure"
     assert failures[0].lines == ("assert (1 + 1) == 3",)
@@ -202,27 +202,27 @@ def test_failing_tests_are_read_from_junit_xml(tmp_path):
         for i in range(40)
     )
     path.write_text("<testsuites><testsuite>%s</testsuite></testsuites>" % many)
-    failures, total = pages.read_failures(str(path))
-    assert total == 40 and len(failures) == pages.FAILURES_SHOWN
+    failures, total = page.read_failures(str(path))
+    assert total == 40 and len(failures) == page.FAILURES_SHOWN
     assert failures[3].kind == "error" and failures[3].lines == ("boom 3", "E   ValueError: 3")
 
     path.write_text("<testsuites><testsuite")
-    assert pages.read_failures(str(path)) == ((), 0)
-    assert pages.read_failures(str(tmp_path / "missing.xml")) == ((), 0)
+    assert page.read_failures(str(path)) == ((), 0)
+    assert page.read_failures(str(tmp_path / "missing.xml")) == ((), 0)
 
 
 def test_commit_metadata_fetches_once_for_new_commits_and_not_again_for_missing_ones(upstream, tmp_path, monkeypatch):
     clone = upstream.clone(tmp_path / "clone")
     initial = upstream.head()
     later = upstream.commit({}, "made after the clone", author="Ann Author <ann@example.invalid>")
-    metadata = pages.CommitMetadata(str(clone))
+    metadata = page.CommitMetadata(str(clone))
     fetches = []
     real_fetch = metadata._fetch
     monkeypatch.setattr(metadata, "_fetch", lambda missing: (fetches.append(missing), real_fetch(missing)))
     try:
         found = metadata.lookup([later, initial])
-        assert found[later] == pages.CommitInfo("made after the clone", "Ann Author")
-        assert found[initial] == pages.CommitInfo("initial commit", "CI Test")
+        assert found[later] == page.CommitInfo("made after the clone", "Ann Author")
+        assert found[initial] == page.CommitInfo("initial commit", "CI Test")
         assert fetches == [1]
         never = "0" * 40
         assert never not in metadata.lookup([never, later])
@@ -231,7 +231,7 @@ def test_commit_metadata_fetches_once_for_new_commits_and_not_again_for_missing_
     finally:
         metadata.close()
     git(clone, "remote", "remove", "origin")
-    alone = pages.CommitMetadata(str(clone))
+    alone = page.CommitMetadata(str(clone))
     try:
         assert alone.lookup(["1" * 40]) == {}, "no remote: nothing to fetch from"
     finally:
@@ -258,22 +258,22 @@ class _BlockingStore:
 
 def test_notify_never_blocks_and_a_burst_makes_one_more_build(tmp_path):
     store = _BlockingStore()
-    page = pages.ResultsPage(str(tmp_path), store)
-    page.start()
+    results_page = page.ResultsPage(str(tmp_path), store)
+    results_page.start()
     try:
         assert store.reading.wait(20), "the start-up build"
         started = time.monotonic()
         for _ in range(1000):
-            page.notify()
+            results_page.notify()
         assert time.monotonic() - started < 0.5, "notify() waited for the build"
         store.reading.clear()
         store.release.set()
         assert store.reading.wait(20), "a build after the burst"
         wait_until(lambda: (tmp_path / "index.html").exists(), timeout=20, message="index.html")
         # Nothing more is pending: a thousand notifications cost one build.
-        assert not page._wake.wait(0.2)
+        assert not results_page._wake.wait(0.2)
         assert store.reads == 2
     finally:
         store.release.set()
-        page.stop()
-    assert not page._thread.is_alive()
+        results_page.stop()
+    assert not results_page._thread.is_alive()

@@ -12,10 +12,10 @@ import types
 
 import pytest
 
-import helpers
-import test_runner
+from commit_ci import protocol, runner
+from commit_ci.runner import JobResult, read_junit_counts, read_log, run_process_group
+
 from conftest import ROOT, wait_until
-from test_runner import JobResult, read_junit_counts, read_log, run_process_group
 
 # --- JUnit XML -------------------------------------------------------------------------------
 
@@ -103,9 +103,9 @@ def test_junit_counts_of_a_missing_file_or_a_folder_is_none(tmp_path):
 
 
 def test_junit_counts_of_an_oversized_file_is_none(tmp_path, monkeypatch, pytest_junit):
-    monkeypatch.setattr(test_runner, "MAX_JUNIT_BYTES", os.path.getsize(pytest_junit) - 1)
+    monkeypatch.setattr(runner, "MAX_JUNIT_BYTES", os.path.getsize(pytest_junit) - 1)
     assert read_junit_counts(str(pytest_junit)) is None
-    monkeypatch.setattr(test_runner, "MAX_JUNIT_BYTES", os.path.getsize(pytest_junit))
+    monkeypatch.setattr(runner, "MAX_JUNIT_BYTES", os.path.getsize(pytest_junit))
     assert read_junit_counts(str(pytest_junit)) is not None
 
 
@@ -212,7 +212,7 @@ def test_timeout_is_a_verdict_even_for_a_quick_limit(tmp_path, leftovers):
 def test_timeout_kills_the_whole_process_group(tmp_path, monkeypatch, leftovers):
     # A fake clock: the time limit passes exactly when the test says so, however slow the machine.
     clock = [0.0]
-    monkeypatch.setattr(test_runner, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     pid_file = tmp_path / "pids"
     command = 'sleep 600 & echo "$$ $!" > pids.tmp && mv pids.tmp pids; wait'
     run = GroupRun(command, tmp_path, timeout=100)
@@ -230,7 +230,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path, monkeypatch, leftovers)
 
 
 def test_leftovers_that_ignore_sigterm_are_killed_too(tmp_path, monkeypatch, leftovers):
-    monkeypatch.setattr(test_runner, "KILL_GRACE_S", 0.2)
+    monkeypatch.setattr(runner, "KILL_GRACE_S", 0.2)
     stop = threading.Event()
     # The grandchild ignores SIGTERM; the child does not.
     command = "(trap '' TERM; exec sleep 600) & echo \"$$ $!\" > pids.tmp && mv pids.tmp pids; wait"
@@ -246,7 +246,7 @@ def test_leftovers_that_ignore_sigterm_are_killed_too(tmp_path, monkeypatch, lef
 
 
 def test_a_child_that_ignores_sigterm_gets_sigkill(tmp_path, monkeypatch, leftovers):
-    monkeypatch.setattr(test_runner, "KILL_GRACE_S", 0.2)
+    monkeypatch.setattr(runner, "KILL_GRACE_S", 0.2)
     stop = threading.Event()
     command = "trap '' TERM; echo \"$$\" > pids.tmp && mv pids.tmp pids; while :; do sleep 1; done"
     run = GroupRun(command, tmp_path, timeout=600, stop=stop)
@@ -296,9 +296,9 @@ def test_a_kept_result_for_an_abbreviated_commit_id_is_unreadable():
 def test_job_result_becomes_a_results_message_the_dispatcher_can_decode():
     result = JobResult(commit="ab" * 20, attempt=4, status="passed", passed=2, failed=0, errors=0, skipped=0,
                        duration=0.5, log=b"ok\n", junit=b"<x/>")
-    wire = helpers.encode(result.to_message(), helpers.REQUESTS)
+    wire = protocol.encode(result.to_message(), protocol.REQUESTS)
     line, _, body = wire.partition(b"\n")
-    decoded, pending = helpers.decode_header(line, helpers.REQUESTS)
+    decoded, pending = protocol.decode_header(line, protocol.REQUESTS)
     assert decoded.fields == {"commit": "ab" * 20, "attempt": 4, "status": "passed", "passed": 2, "failed": 0,
                               "errors": 0, "skipped": 0, "duration": 0.5}
     assert [(section.name, length) for section, length in pending] == [("log", 3), ("junit", 4)]
@@ -309,14 +309,14 @@ def test_job_result_becomes_a_results_message_the_dispatcher_can_decode():
 
 
 def test_short_log_is_sent_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(test_runner, "MAX_LOG_BYTES", 100)
-    monkeypatch.setattr(test_runner, "LOG_TAIL_BYTES", 30)
+    monkeypatch.setattr(runner, "MAX_LOG_BYTES", 100)
+    monkeypatch.setattr(runner, "LOG_TAIL_BYTES", 30)
     path = write(tmp_path, "out.log", bytes(range(100)))
     assert read_log(path) == bytes(range(100))
 
 
 def test_long_log_keeps_head_and_tail_with_a_marker(tmp_path, monkeypatch):
-    monkeypatch.setattr(test_runner, "LOG_TAIL_BYTES", 30)
+    monkeypatch.setattr(runner, "LOG_TAIL_BYTES", 30)
     content = b"".join(b"line %03d\n" % n for n in range(60))  # 540 bytes
     path = write(tmp_path, "out.log", content)
 
@@ -336,11 +336,11 @@ def test_missing_log_is_explained(tmp_path):
 
 
 def test_cut_log_fits_the_dispatchers_log_limit(tmp_path):
-    keep = {section.name: section.keep for section in helpers.REQUESTS["results"].sections}["log"]
+    keep = {section.name: section.keep for section in protocol.REQUESTS["results"].sections}["log"]
     summary = b"\n===== 1 failed, 2 passed in 0.50s =====\n"
     path = tmp_path / "out.log"
     with open(path, "wb") as handle:
-        handle.write(b"x" * (test_runner.MAX_LOG_BYTES + 1024) + summary)
+        handle.write(b"x" * (runner.MAX_LOG_BYTES + 1024) + summary)
     sent = read_log(str(path))
     assert sent.endswith(summary)
     assert len(sent) <= keep, "the dispatcher keeps only %d bytes and would cut %d off the tail" % (keep, len(sent) - keep)

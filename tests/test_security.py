@@ -21,20 +21,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import helpers
+from commit_ci import protocol, security, wire
+from commit_ci.client import communicate
+from commit_ci.protocol import REPLIES, REQUESTS, MessageStream, decode_header, encode, request
+from commit_ci.security import Authenticator, Security
+from commit_ci.server import ProtocolServer, serve_in_thread
+from commit_ci.wire import ProtocolError
+
 from conftest import PASSING_TEST, ROOT, RUNNER_ENV, Processes, Upstream, free_port, page_rows, wait_until
-from helpers import (
-    REPLIES,
-    REQUESTS,
-    Authenticator,
-    MessageStream,
-    ProtocolError,
-    Security,
-    communicate,
-    decode_header,
-    encode,
-    request,
-)
 
 SECRET = b"a-shared-secret-for-the-tests-0123456789"
 SECRET_ENV = {**RUNNER_ENV, "CI_SECRET": SECRET.decode()}
@@ -93,7 +87,7 @@ def test_wrong_secret_missing_tag_replay_and_stale_time_are_refused():
 
 def test_reply_must_answer_this_request():
     auth = Authenticator(SECRET)
-    answer = signed(auth, helpers.reply("OK", new=1), request_nonce="0" * 32)
+    answer = signed(auth, protocol.reply("OK", new=1), request_nonce="0" * 32)
     assert read_from(answer, auth, REPLIES, request_nonce="0" * 32).verb == "OK"
     with pytest.raises(ProtocolError, match="authentication failed"):
         read_from(answer, auth, REPLIES, request_nonce="1" * 32)
@@ -108,12 +102,12 @@ def test_secret_is_never_on_the_wire_and_short_secrets_are_refused():
 
 def test_bind_check():
     nothing = Security()
-    helpers.check_bind("127.0.0.1", nothing, insecure=False)
-    helpers.check_bind("localhost", nothing, insecure=False)
+    security.check_bind("127.0.0.1", nothing, insecure=False)
+    security.check_bind("localhost", nothing, insecure=False)
     with pytest.raises(ValueError, match="without a shared secret"):
-        helpers.check_bind("0.0.0.0", nothing, insecure=False)
-    helpers.check_bind("0.0.0.0", nothing, insecure=True)
-    helpers.check_bind("0.0.0.0", Security(auth=Authenticator(SECRET)), insecure=False)
+        security.check_bind("0.0.0.0", nothing, insecure=False)
+    security.check_bind("0.0.0.0", nothing, insecure=True)
+    security.check_bind("0.0.0.0", Security(auth=Authenticator(SECRET)), insecure=False)
 
 
 @pytest.mark.parametrize("daemon", ["dispatcher.py", "test_runner.py"])
@@ -158,11 +152,11 @@ def test_authenticated_system_tests_commits_and_keeps_the_secret_out_of_ps(ci, u
 def test_strangers_cannot_dispatch_register_post_results_or_run_tests(ci, upstream):
     runner = start_secured(ci)
     ci.wait_result(upstream.head())
-    address = helpers.parse_address(ci.address)
+    address = wire.parse_address(ci.address)
     runner_address = ("127.0.0.1", int(re.search(r"listening on 127\.0\.0\.1:(\d+)", runner.log()).group(1)))
     forged = {"no tag": None, "wrong secret": Security(auth=Authenticator(b"not-the-shared-secret-at-all"))}
     stranger_job = "feedc0de" * 5
-    for label, security in forged.items():
+    for label, forged_security in forged.items():
         for target, message in [
             (address, request("dispatch", commit=stranger_job)),
             (address, request("register", host="127.0.0.1", port=1, name="intruder")),
@@ -172,7 +166,7 @@ def test_strangers_cannot_dispatch_register_post_results_or_run_tests(ci, upstre
             (runner_address, request("ping")),
         ]:
             try:
-                answer = communicate(target, message, security=security)
+                answer = communicate(target, message, security=forged_security)
                 reason = answer.get("reason") if answer.verb == "ERR" else "accepted: %s" % answer
             except ProtocolError as exc:  # a client with a secret refuses an unsigned reply
                 reason = str(exc)
@@ -215,8 +209,8 @@ def test_tls_with_authentication_end_to_end(ci, upstream, certificates):
     sha = upstream.commit({"test_tls.py": PASSING_TEST.replace("passes", "over_tls")}, "over TLS")
     assert ci.wait_result(sha)["status"] == "passed"
 
-    address = helpers.parse_address(ci.address)
-    trusted = Security(auth=Authenticator(SECRET), client_tls=helpers.client_tls_context(str(certificates["ca"])))
+    address = wire.parse_address(ci.address)
+    trusted = Security(auth=Authenticator(SECRET), client_tls=security.client_tls_context(str(certificates["ca"])))
     assert communicate(address, request("status"), security=trusted).verb == "OK"
     # A plain-text client gets nothing; the dispatcher logs it and goes on serving.
     with pytest.raises((OSError, ProtocolError)):
@@ -234,10 +228,10 @@ def test_tls_with_authentication_end_to_end(ci, upstream, certificates):
 def test_a_failed_tls_handshake_is_a_log_line_and_a_closed_connection(certificates, caplog):
     import logging
 
-    security = Security(server_tls=helpers.server_tls_context(str(certificates["cert"]), str(certificates["key"])))
-    server = helpers.ProtocolServer(("127.0.0.1", 0), lambda message, peer: helpers.reply("OK"),
-                                    logging.getLogger("test.tls"), security)
-    thread = helpers.serve_in_thread(server, "test-tls")
+    serving = Security(server_tls=security.server_tls_context(str(certificates["cert"]), str(certificates["key"])))
+    server = ProtocolServer(("127.0.0.1", 0), lambda message, peer: protocol.reply("OK"), logging.getLogger("test.tls"),
+                            serving)
+    thread = serve_in_thread(server, "test-tls")
     try:
         with caplog.at_level(logging.INFO, logger="test.tls"):
             with socket.create_connection(server.address, timeout=10) as sock:
@@ -501,21 +495,20 @@ def test_section_bytes_arriving_at_once_are_capped_before_authentication(monkeyp
     cap is refused at once instead of held."""
     import logging
 
-    monkeypatch.setattr(helpers, "SECTION_BUDGET_BYTES", 1_000_000)
-    server = helpers.ProtocolServer(("127.0.0.1", 0), lambda message, peer: helpers.reply("OK"),
-                                    logging.getLogger("test.budget"))
-    thread = helpers.serve_in_thread(server, "test-budget")
+    monkeypatch.setattr(protocol, "SECTION_BUDGET_BYTES", 1_000_000)
+    server = ProtocolServer(("127.0.0.1", 0), lambda message, peer: protocol.reply("OK"), logging.getLogger("test.budget"))
+    thread = serve_in_thread(server, "test-budget")
     header = b"results %s 1 passed log=600000\n" % (b"ab" * 20)
     try:
         with socket.create_connection(server.address, timeout=10) as slow:
             slow.sendall(header + b"x" * 1000)  # and the rest later
-            wait_until(lambda: helpers._sections_arriving.in_use == 600_000, 10, message="the first one held")
+            wait_until(lambda: protocol._sections_arriving.in_use == 600_000, 10, message="the first one held")
             with socket.create_connection(server.address, timeout=10) as second:
                 second.sendall(header)
                 assert second.recv(200).startswith(b"ERR busy"), "refused, not held"
             slow.sendall(b"x" * 599_000)
             assert slow.recv(200).startswith(b"OK")
-        wait_until(lambda: helpers._sections_arriving.in_use == 0, 10, message="given back")
+        wait_until(lambda: protocol._sections_arriving.in_use == 0, 10, message="given back")
         with socket.create_connection(server.address, timeout=10) as third:
             third.sendall(header + b"x" * 600_000)
             assert third.recv(200).startswith(b"OK"), "room again once the first was whole"

@@ -14,11 +14,14 @@ import threading
 
 import pytest
 
-import test_runner
-from helpers import communicate, parse_address, request
+from commit_ci import runner
+from commit_ci.client import communicate
+from commit_ci.protocol import request
+from commit_ci.warm_pytest import WarmPytest, WarmPytestError
+from commit_ci.wire import parse_address
+
 from conftest import PASSING_TEST, RUNNER_ENV, STRAY_CODE, gone, stray_pids, wait_until
 from proctools import descendants
-from warm_pytest import WarmPytest, WarmPytestError
 
 PYTEST_ARGS = ["-p", "no:cacheprovider"]
 
@@ -54,8 +57,8 @@ def base_env() -> dict:
 def runner_signals():
     """This process's signals as a runner has them, whatever ignored ones pytest was
     started with (a job started from here then sees what it would from a runner)."""
-    before = {signum: signal.getsignal(signum) for signum in test_runner.INHERITED_IGNORES}
-    test_runner.stop_passing_on_ignored_signals()
+    before = {signum: signal.getsignal(signum) for signum in runner.INHERITED_IGNORES}
+    runner.stop_passing_on_ignored_signals()
     yield
     for signum, handler in before.items():
         signal.signal(signum, handler)
@@ -78,9 +81,9 @@ def warm(tmp_path, runner_signals):
 def run_warm(warm: WarmPytest, cwd, output, timeout: float = 60.0, env: dict | None = None, args=PYTEST_ARGS):
     pid = warm.spawn(str(cwd), list(args), env or base_env(), str(output))
     try:
-        return test_runner.supervise(pid, lambda: warm.wait(pid, timeout + 30), timeout, threading.Event())
+        return runner.supervise(pid, lambda: warm.wait(pid, timeout + 30), timeout, threading.Event())
     finally:
-        test_runner._signal_group(pid, signal.SIGKILL)
+        runner._signal_group(pid, signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:
@@ -102,7 +105,7 @@ def test_a_job_sees_what_python_m_pytest_would_have_seen(warm, tmp_path):
         env = dict(base_env(), PROBE_MARK="mark", PROBE_OUT=str(tmp_path / (how + ".json")))
         output = tmp_path / (how + ".log")
         if how == "fresh":
-            status, why = test_runner.run_process_group(
+            status, why = runner.run_process_group(
                 [sys.executable, "-m", "pytest", *PYTEST_ARGS], str(clone), env, str(output), 60, threading.Event())
         else:
             status, why = run_warm(warm, clone, output, env=env)
@@ -217,7 +220,7 @@ def test_a_zygote_that_dies_mid_job_is_an_error_not_a_hang(warm, tmp_path):
         with pytest.raises(WarmPytestError):
             warm.spawn(str(clone), PYTEST_ARGS, base_env(), str(tmp_path / "out.log"))
     finally:
-        test_runner._signal_group(pid, signal.SIGKILL)
+        runner._signal_group(pid, signal.SIGKILL)
 
 
 def test_the_zygote_knows_when_what_it_imported_has_changed(tmp_path, runner_signals):
@@ -299,7 +302,7 @@ def test_a_relative_pythonpath_means_the_clone_as_for_a_fresh_interpreter(ci, ho
 
 
 def test_the_zygote_exits_when_its_input_closes(tmp_path):
-    zygote = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(test_runner.__file__), "warm_pytest.py")],
+    zygote = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(runner.__file__), "warm_pytest.py")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=base_env(), cwd=tmp_path)
     try:
         assert json.loads(zygote.stdout.readline())["ready"] is True

@@ -175,7 +175,7 @@ def _become_job(job: dict, channels: tuple[int, int]) -> None:
 
         sys.argv = [os.path.join(os.path.dirname(pytest.__file__), "__main__.py"), *job["args"]]
         # What ``python -m`` puts first on the path: the working directory.
-        sys.path[0] = os.getcwd()
+        sys.path.insert(0, os.getcwd())
         # What pytest/__main__.py calls (pytest 9.1 made the public name deprecated).
         console_main = getattr(_pytest.config, "_console_main", None) or pytest.console_main
         code = console_main()
@@ -520,6 +520,10 @@ def _reap(process: subprocess.Popen) -> int:
 
 
 def zygote_main() -> int:
+    # Run by path, Python put this file's folder first on the path: that would make
+    # the package's modules importable by their bare names, for pytest's imports
+    # here and for every job. A job gets the working directory there instead.
+    del sys.path[0]
     # The protocol moves off fds 0 and 1, which become /dev/null and stderr: what a
     # plugin prints while it is imported must not end up in a reply.
     requests = os.fdopen(os.dup(0), "r", encoding="utf-8")

@@ -2,7 +2,7 @@
 
 ``ci-trigger install`` (push_trigger.py) writes hooks that run::
 
-    PYTHON -S -E /path/to/push_hook.py post-receive|post-commit \\
+    PYTHON -S -E /path/to/commit_ci/push_hook.py post-receive|post-commit \\
         --dispatcher-server HOST:PORT --branch BRANCH [--secret-file FILE] [--tls-ca FILE]
 
 * ``post-receive``, in a repository that is pushed to: git passes one ``old new ref``
@@ -22,11 +22,11 @@ next poll.
 ``git push`` waits for its post-receive hook, so what this process costs is added to
 every push and to the time until the commit is queued (docs/performance.md,
 detection). Hence: Python runs with ``-S`` (no site-packages scan) and ``-E`` (no
-PYTHON* variables), this file by its path, and it imports only protocol_core (os,
-socket, time; hmac once it signs, ssl with TLS) and select. Measured on the project's
-machine with ``-X importtime``, each of these would add to every push: helpers.py ~80
-ms, argparse ~8 ms (so the arguments are parsed by hand), subprocess ~9 ms (so git
-runs through ``os.posix_spawn``), re ~5 ms.
+PYTHON* variables), this file by its path, and it imports only commit_ci.wire and
+commit_ci.security (os, socket, time; hmac once it signs, ssl with TLS) and select.
+Measured on the project's machine with ``-X importtime``, each of these would add to
+every push: the daemons' protocol module ~80 ms, argparse ~8 ms (so the arguments are
+parsed by hand), subprocess ~9 ms (so git runs through ``os.posix_spawn``), re ~5 ms.
 """
 
 from __future__ import annotations
@@ -36,18 +36,22 @@ import select
 import sys
 import time
 
-from protocol_core import (
-    Authenticator,
+if __name__ == "__main__":
+    # Run by path, with -S: Python put this package's folder first on the path, where
+    # its modules would be importable by their bare names; the folder above it (a
+    # checkout, or site-packages, which -S leaves off the path) holds the package.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from commit_ci.security import Authenticator, client_tls_context, read_secret
+from commit_ci.wire import (
     ProtocolError,
     Stream,
-    client_tls_context,
     connect,
     format_address,
     header_bytes,
     is_decimal,
     parse_address,
     parse_commit,
-    read_secret,
     split_header,
 )
 

@@ -1,31 +1,31 @@
-"""The bottom layer of the wire protocol: what a client needs to send one request and
-read its reply, in a module that is cheap to import.
+"""The bottom layer of the protocol: bytes on a socket, and the values a client sends.
 
 The push trigger's git hook (push_hook.py) is a new Python process on every push; each
-module it imports is paid for on every push (docs/performance.md, detection). So the
-pieces that the daemons' codec in helpers.py and the hook both need live here, once:
+module it imports is paid for on every push (docs/performance.md, detection). So what
+both the hook and the daemons' codec (protocol.py) need lives here, once, cheap to
+import:
 
+* ``ProtocolError``, the one error for input that does not follow the protocol;
 * commit ids (full, or a prefix to look one up) and ``host:port`` addresses, checked;
 * header lines: their size cap, and the first split of one into verb and the rest;
 * ``Stream``: lines and byte runs read from a socket, every read under a deadline, and
-  messages written and read behind an ``auth`` line when a secret is in use;
-* ``Authenticator``: the HMAC-SHA256 tag of those ``auth`` lines, made and checked;
-* the shared secret read from its file or the environment, the client's TLS context, and
-  ``connect()``.
+  messages written and read behind an ``auth`` line when a secret is in use (the tag
+  itself is security.py's ``Authenticator``);
+* ``connect()``: a TCP connection, with TLS when given a context.
 
-At the top it imports only os, socket and time (and ``_thread`` for a lock, which is all
-``threading.Lock`` is); hmac and hashlib are imported when a secret is in use, ssl when
-TLS is. Nothing here may import re, logging, dataclasses or typing: each costs the hook
-milliseconds. helpers.py imports and re-exports all of it; docs/protocol.md describes the
-bytes.
+It imports only socket and time. Nothing here may import re, logging, dataclasses
+or typing: each costs the hook milliseconds. docs/protocol.md describes the bytes.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import time
-from _thread import allocate_lock
+
+# For annotations alone (type checkers take the branch; nothing is imported at run time).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from commit_ci.security import Authenticator, _Verification
 
 #: Longest header line accepted, newline included. Headers carry ids and small
 #: numbers; anything longer is garbage or an attack.
@@ -36,13 +36,6 @@ CONNECT_TIMEOUT_S = 3.0
 IO_TIMEOUT_S = 10.0
 #: A whole message (header and sections) must arrive within this time.
 MESSAGE_DEADLINE_S = 120.0
-
-#: A message stamped further than this from the receiver's clock is refused, and
-#: nonces are remembered for twice as long, so a replay is refused either way.
-MAX_CLOCK_SKEW_S = 60.0
-#: Shorter secrets are refused: they could be guessed offline from one tagged message.
-MIN_SECRET_BYTES = 16
-SECRET_ENV = "CI_SECRET"
 
 
 class ProtocolError(Exception):
@@ -171,7 +164,8 @@ class Stream:
     time left until the message's deadline, so a peer that trickles one byte at
     a time cannot hold a thread for longer than ``MESSAGE_DEADLINE_S``. With an
     ``Authenticator``, each message travels behind an ``auth`` line (see there).
-    helpers.MessageStream adds the codec (verbs, fields, sections) on top.
+    protocol.MessageStream adds the codec (verbs, fields, sections) on top; the
+    ``Authenticator`` is security.py's.
     """
 
     def __init__(self, sock: socket.socket, auth: Authenticator | None = None, buffered: bytes = b""):
@@ -289,137 +283,7 @@ class Stream:
         return auth_line + data, nonce
 
 
-# --- Authentication ------------------------------------------------------------------
-
-
-def parse_auth_line(line: bytes) -> tuple[str, str, str] | None:
-    """``auth <time> <nonce> <tag>``: the time (1 to 16 digits), the nonce (32 hex digits)
-    and the tag (64 hex digits) as text, or None if the line is not exactly that."""
-    parts = line.split(b" ")
-    if len(parts) != 4 or parts[0] != b"auth":
-        return None
-    stamp, nonce, tag = parts[1:]
-    # bytes.isdigit() is ASCII only; the sets hold ints, as iterating bytes gives.
-    if not (1 <= len(stamp) <= 16 and stamp.isdigit()):
-        return None
-    if len(nonce) != 32 or len(tag) != 64 or not _HEX_BYTES.issuperset(nonce) or not _HEX_BYTES.issuperset(tag):
-        return None
-    return stamp.decode("ascii"), nonce.decode("ascii"), tag.decode("ascii")
-
-
-_HEX_BYTES = frozenset(b"0123456789abcdef")
-
-
-class Authenticator:
-    """HMAC-SHA256 over every message, in both directions, with a shared secret.
-
-    A sender puts ``auth <unix time in ms> <nonce> <tag>`` on the line before the
-    message; the tag covers a label (``request`` or ``reply``), the time, the
-    nonce, for a reply the nonce of its request, and every byte of the message,
-    sections included. The secret itself never crosses the wire. A receiver
-    refuses a missing or wrong tag, a time more than ``MAX_CLOCK_SKEW_S`` away from
-    its own clock, and a request nonce it has already seen (a replay); a reply
-    must name the nonce of the request it answers, so an old reply cannot be
-    passed off as a new one.
-    """
-
-    def __init__(self, secret: bytes, max_skew: float = MAX_CLOCK_SKEW_S, clock=time.time):
-        if len(secret) < MIN_SECRET_BYTES:
-            raise ValueError("the shared secret must be at least %d bytes" % MIN_SECRET_BYTES)
-        self._key = secret
-        self.max_skew = max_skew
-        self._clock = clock
-        self._lock = allocate_lock()
-        #: Request nonces seen, with when each may be forgotten, oldest first.
-        self._seen: dict[str, float] = {}
-
-    def _mac(self, kind: str, stamp: str, nonce: str, request_nonce: str | None):
-        # Imported here, not at the top: a hook without a secret never needs them (~6 ms).
-        import hashlib
-        import hmac
-
-        prefix = "ci-auth-1|%s|%s|%s|%s|" % (kind, stamp, nonce, request_nonce or "-")
-        return hmac.new(self._key, prefix.encode("ascii"), hashlib.sha256)
-
-    def sign(self, kind: str, data: bytes, request_nonce: str | None = None) -> tuple[bytes, str]:
-        stamp = str(int(self._clock() * 1000))
-        nonce = os.urandom(16).hex()  # what secrets.token_hex does, without importing random
-        mac = self._mac(kind, stamp, nonce, request_nonce)
-        mac.update(data)
-        return ("auth %s %s %s\n" % (stamp, nonce, mac.hexdigest())).encode("ascii"), nonce
-
-    def begin(self, kind: str, line: bytes, request_nonce: str | None) -> _Verification:
-        parsed = parse_auth_line(line)
-        if parsed is None:
-            if kind == "reply" and line.startswith(b"ERR "):
-                # The peer refused the request before it could sign anything.
-                raise ProtocolError("refused: %s" % line[4:200].decode("utf-8", "replace"))
-            raise ProtocolError("authentication required" if not line.startswith(b"auth ") else "malformed auth line")
-        stamp, nonce, tag = parsed
-        return _Verification(self, kind, stamp, nonce, tag, self._mac(kind, stamp, nonce, request_nonce))
-
-    def _accept(self, kind: str, stamp: str, nonce: str) -> None:
-        now = self._clock()
-        if abs(now - int(stamp) / 1000) > self.max_skew:
-            raise ProtocolError("stale or future timestamp (clocks more than %g s apart?)" % self.max_skew)
-        if kind != "request":
-            return
-        with self._lock:
-            # Forget nonces too old to pass the timestamp check anyway.
-            while self._seen:
-                oldest = next(iter(self._seen))
-                if self._seen[oldest] > now:
-                    break
-                del self._seen[oldest]
-            if nonce in self._seen:
-                raise ProtocolError("replayed message")
-            self._seen[nonce] = now + 2 * self.max_skew
-
-
-class _Verification:
-    """The tag of one incoming message, computed as its bytes arrive."""
-
-    def __init__(self, auth: Authenticator, kind: str, stamp: str, nonce: str, tag: str, mac):
-        self._auth, self._kind, self._stamp, self.nonce, self._tag, self._mac = auth, kind, stamp, nonce, tag, mac
-
-    def update(self, data: bytes) -> None:
-        self._mac.update(data)
-
-    def finish(self) -> str:
-        import hmac  # already loaded by the Authenticator that made this
-
-        if not hmac.compare_digest(self._mac.hexdigest(), self._tag):
-            raise ProtocolError("authentication failed")
-        self._auth._accept(self._kind, self._stamp, self.nonce)
-        return self.nonce
-
-
-# --- Secret, TLS, connecting -------------------------------------------------------------
-
-
-def read_secret(secret_file: str | None) -> bytes | None:
-    """The shared secret: from ``secret_file`` if given, else from the environment
-    variable CI_SECRET, else None; surrounding white space is dropped. ValueError if
-    the file cannot be read."""
-    if secret_file:
-        try:
-            with open(secret_file, "rb") as handle:
-                return handle.read().strip()
-        except OSError as exc:
-            raise ValueError("cannot read the secret file: %s" % exc) from None
-    if os.environ.get(SECRET_ENV):
-        return os.environ[SECRET_ENV].strip().encode("utf-8")
-    return None
-
-
-def client_tls_context(ca_file: str):
-    """An ssl.SSLContext that connects with TLS 1.2 or later, trusting certificates signed
-    by ``ca_file`` and checking the host name."""
-    import ssl  # here: only a TLS client pays for it (~15 ms)
-
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+# --- Connecting ---------------------------------------------------------------------------
 
 
 def connect(address: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S, tls=None) -> socket.socket:

@@ -39,9 +39,11 @@ from dataclasses import dataclass, field
 import git
 import jinja2
 
-from helpers import MAX_JUNIT_BYTES, atomic_write, is_commit_id
-from jobstore import JobStore
-from reports import result_path
+from commit_ci.files import atomic_write
+from commit_ci.protocol import MAX_JUNIT_BYTES
+from commit_ci.result_files import result_path
+from commit_ci.store import JobStore
+from commit_ci.wire import is_commit_id
 
 log = logging.getLogger("dispatcher.page")
 

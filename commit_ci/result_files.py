@@ -22,7 +22,8 @@ import json
 import os
 import xml.etree.ElementTree as ElementTree
 
-from helpers import atomic_write, is_commit_id
+from commit_ci.files import atomic_write
+from commit_ci.wire import is_commit_id
 
 #: The root elements of the JUnit XML that pytest (and most other tools) write.
 JUNIT_ROOTS = ("testsuites", "testsuite")

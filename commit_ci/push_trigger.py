@@ -12,15 +12,18 @@ absolute Python path and ``-S -E``:
 * ``post-commit``, for a repository that people commit in: HEAD is reported when
   it is on the watched branch.
 
-push_hook.py is what runs on every push, kept apart from this module (and from
-helpers.py) so that starting it costs little; its docstring says how. The
+push_hook.py is what runs on every push, kept apart from this module (and from the
+daemons' protocol module) so that starting it costs little; its docstring says how.
+When the Python or the push_hook.py a hook names is gone (the project moved,
+reinstalled elsewhere, removed), the hook prints one line saying to run ``ci-trigger
+install`` again, and exits 0. The
 dispatcher queues a commit once, however many times it is reported, so the hook
 and the observer reporting the same commit make one job. A hook must never fail or
 hold up a push: when the dispatcher is unreachable or slow, the hook prints a
 one-line warning and exits 0, and the observer reports the commit at its next poll.
 
-Hooks written by an older version run ``push_trigger.py post-receive ...``; that
-command line is still accepted (and handed to push_hook.py), only slower to start.
+``ci-trigger post-receive ...`` (what hooks of the first versions ran) is still
+accepted and handed to push_hook.py, only slower to start.
 """
 
 from __future__ import annotations
@@ -31,32 +34,50 @@ import shlex
 import stat
 import sys
 
-import push_hook
-from helpers import SECRET_ENV, add_security_arguments, atomic_write, parse_address, security_from_arguments
+from commit_ci import push_hook
+from commit_ci.files import atomic_write
+
 # pushed_commits lived here before push_hook.py existed; it is still found here.
-from push_hook import HOOK_NAMES, HookError, git_output, pushed_commits  # noqa: F401
+from commit_ci.push_hook import HOOK_NAMES, HookError, git_output, pushed_commits  # noqa: F401
+from commit_ci.security import SECRET_ENV, add_security_arguments, security_from_arguments
+from commit_ci.wire import parse_address
 
 #: The line that marks a hook as ours: only such a hook is replaced without --force.
 HOOK_MARKER = "# ci-trigger hook"
 #: What the hook's Python is started with: no site-packages scan (-S), no PYTHON*
-#: variables (-E). push_hook.py needs only the standard library and protocol_core.py,
-#: found beside it (a script's folder is on sys.path even with -S).
+#: variables (-E). push_hook.py needs only the standard library and two modules of
+#: its own package, which it finds in the folder above its own.
 HOOK_PYTHON_OPTIONS = ("-S", "-E")
 
 
 # --- installing the hooks ----------------------------------------------------------------
 
 
-def hook_script(kind: str, dispatcher: str, branch: str, security_options: list[str] = ()) -> str:
-    command = [sys.executable, *HOOK_PYTHON_OPTIONS, os.path.abspath(push_hook.__file__), kind,
-               "--dispatcher-server", dispatcher, "--branch", branch, *security_options]
+def hook_script(kind: str, repo: str, dispatcher: str, branch: str, security_options: list[str] = ()) -> str:
+    """The hook: a shell script that runs push_hook.py from this installation.
+
+    When that Python or that file is gone (the project was moved, reinstalled
+    elsewhere or removed), the hook says so in one line and tells how to mend it; a
+    push or a commit never fails because of it."""
+    python, hook = sys.executable, os.path.abspath(push_hook.__file__)
+    arguments = [kind, "--dispatcher-server", dispatcher, "--branch", branch, *security_options]
+    mend = " ".join(shlex.quote(part) for part in ["ci-trigger", "install", "--repo", os.path.abspath(repo),
+                                                    "--dispatcher-server", dispatcher, "--branch", branch,
+                                                    *security_options])
     return "\n".join(
         [
             "#!/bin/sh",
             "%s: tells the CI dispatcher at %s about new commits on %s at once." % (HOOK_MARKER, dispatcher, branch),
             "# Written by `ci-trigger install`; run it again to change it rather than editing this file.",
             "# It runs on every push or commit, so Python starts with -S -E and imports little.",
-            "exec %s" % " ".join(shlex.quote(part) for part in command),
+            "python=%s" % shlex.quote(python),
+            "hook=%s" % shlex.quote(hook),
+            'if [ -x "$python" ] && [ -f "$hook" ]; then',
+            '    exec "$python" %s "$hook" %s' % (" ".join(HOOK_PYTHON_OPTIONS), " ".join(shlex.quote(a) for a in arguments)),
+            "fi",
+            "echo %s >&2" % shlex.quote(
+                "ci-trigger: warning: this CI hook cannot run: %s or %s is gone (commit-ci moved, reinstalled or "
+                "removed); run `%s` again" % (python, hook, mend)),
             "",
         ]
     )
@@ -91,7 +112,7 @@ def install(repo: str, dispatcher: str, branch: str | None, force: bool, securit
         if kind in foreign:
             os.replace(path, path + ".before-ci-trigger")
             done.append("kept the previous %s as %s.before-ci-trigger (it no longer runs)" % (kind, path))
-        atomic_write(path, hook_script(kind, dispatcher, branch, security_options).encode("utf-8"), durable=False)
+        atomic_write(path, hook_script(kind, repo, dispatcher, branch, security_options).encode("utf-8"), durable=False)
         os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH | stat.S_IRGRP | stat.S_IROTH)
         done.append("installed %s" % path)
     done.append("commits on %s are now reported to %s as they arrive" % (branch, dispatcher))

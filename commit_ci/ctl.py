@@ -17,18 +17,16 @@ import datetime
 import json
 import sys
 
-from helpers import (
+from commit_ci.client import communicate
+from commit_ci.protocol import request
+from commit_ci.security import Security, add_security_arguments, security_from_arguments
+from commit_ci.wire import (
     ProtocolError,
-    Security,
-    add_security_arguments,
-    communicate,
     format_address,
     is_commit_prefix,
     parse_address,
     parse_commit,
     parse_commit_prefix,
-    request,
-    security_from_arguments,
 )
 
 DEFAULT_DISPATCHER = "localhost:8888"

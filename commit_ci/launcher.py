@@ -29,12 +29,17 @@ import time
 
 import git
 
-import ci_ctl
-from helpers import Authenticator, ProtocolError, Security, communicate, install_stop_signals, request
+from commit_ci import ctl
+from commit_ci.client import communicate
+from commit_ci.daemon import install_stop_signals
+from commit_ci.protocol import request
+from commit_ci.security import Authenticator, Security
+from commit_ci.wire import ProtocolError, format_address
 
 log = logging.getLogger("ci-local")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+#: The folder that holds this copy of the package: a checkout, or site-packages.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Longest wait for the dispatcher to answer after it is started.
 DISPATCHER_START_TIMEOUT_S = 20.0
 #: Longest wait for each daemon to stop after SIGTERM before it is killed.
@@ -92,6 +97,14 @@ class Daemon:
             self.process.wait(timeout=STOP_TIMEOUT_S)
 
 
+def module_argv(module: str, *arguments: str) -> list[str]:
+    """The command line that runs ``commit_ci.<module>``'s ``main`` with this Python and
+    this copy of the package, whatever the working directory holds (``python -m``
+    would look there first)."""
+    boot = "import sys; sys.path[0] = %r; from commit_ci.%s import main; sys.exit(main())" % (PACKAGE_PARENT, module)
+    return [sys.executable, "-c", boot, *arguments]
+
+
 def prepare_clone(source: str, path: str) -> None:
     """Clone ``source`` into ``path``, or check that ``path`` is already a clone of it."""
     if not os.path.exists(path):
@@ -124,7 +137,7 @@ class LiveView:
     started on a runner, settled with its verdict.
     """
 
-    def __init__(self, client: ci_ctl.Client, interactive: bool):
+    def __init__(self, client: ctl.Client, interactive: bool):
         self.client = client
         self.interactive = interactive
         self._seen_queued: set[str] = set()
@@ -140,7 +153,7 @@ class LiveView:
             queue = self.client.ask_json("queue", limit=50)
             runners = self.client.ask_json("runners")["runners"]
             recent = self.client.ask_json("recent", limit=10)["results"]
-        except ci_ctl.Failure as exc:
+        except ctl.Failure as exc:
             notes = notes + ["ci-local: %s" % exc]
             status = queue = runners = recent = None
         if self.interactive:
@@ -157,13 +170,13 @@ class LiveView:
         for job in queue["queued"]:
             if job["commit"] not in self._seen_queued:
                 self._seen_queued.add(job["commit"])
-                lines.append("queued   %s" % ci_ctl.short(job["commit"]))
+                lines.append("queued   %s" % ctl.short(job["commit"]))
         for job in queue["running"]:
             key = (job["commit"], job["attempt"])
             if key not in self._seen_running:
                 self._seen_running.add(key)
                 self._seen_started.add(job["commit"])
-                lines.append("running  %s on %s (attempt %s)" % (ci_ctl.short(job["commit"]), job["runner"], job["attempt"]))
+                lines.append("running  %s on %s (attempt %s)" % (ctl.short(job["commit"]), job["runner"], job["attempt"]))
         if self._seen_results is None:
             # Results from before this session (a restart on the same work dir) are not news.
             self._seen_results = {summary["commit"] for summary in recent}
@@ -174,7 +187,7 @@ class LiveView:
                 # Started and finished between two looks: the start is news too.
                 lines += self._missed_start(summary)
             self._settled[summary["status"]] = self._settled.get(summary["status"], 0) + 1
-            lines.append("done     %s" % ci_ctl.result_line(summary))
+            lines.append("done     %s" % ctl.result_line(summary))
         return lines
 
     def _missed_start(self, summary: dict) -> list[str]:
@@ -182,21 +195,21 @@ class LiveView:
             return []  # settled without running (e.g. its commit was gone)
         try:
             attempt = self.client.ask_json("result", commit=summary["commit"]).get("attempt")
-        except ci_ctl.Failure:
+        except ctl.Failure:
             return []
         self._seen_started.add(summary["commit"])
-        return ["running  %s on %s (attempt %s)" % (ci_ctl.short(summary["commit"]), summary["runner"], attempt)]
+        return ["running  %s on %s (attempt %s)" % (ctl.short(summary["commit"]), summary["runner"], attempt)]
 
     def _redraw(self, notes, status, queue, runners, recent) -> None:
         if recent is not None:
             self._changes(queue, recent)  # keeps the session's counts
-        block = ["ci-local  dispatcher %s  (Ctrl-C stops)" % ci_ctl.format_address(self.client.address)]
+        block = ["ci-local  dispatcher %s  (Ctrl-C stops)" % format_address(self.client.address)]
         if status is None:
             block.append("  dispatcher not answering")
         else:
             done = ", ".join("%d %s" % (count, verdict) for verdict, count in sorted(self._settled.items())) or "none yet"
             block.append("queued %d   running %d   done this session: %s" % (status.get("queued"), status.get("running"), done))
-            block += ci_ctl.runner_lines(runners)
+            block += ctl.runner_lines(runners)
             block.append("last:")
             block += ["  " + _coloured(summary) for summary in recent[:5]] or ["  (no results yet)"]
         # Up over the previous block, clear it, print any notes (they scroll away), then the block.
@@ -209,7 +222,7 @@ class LiveView:
 
 def _coloured(summary: dict) -> str:
     colour = {"passed": "32", "failed": "31"}.get(summary["status"], "33")
-    return "\x1b[%sm%s\x1b[0m" % (colour, ci_ctl.result_line(summary))
+    return "\x1b[%sm%s\x1b[0m" % (colour, ctl.result_line(summary))
 
 
 def local_secret(work_dir: str) -> bytes:
@@ -288,14 +301,13 @@ def main(argv: list[str] | None = None) -> int:
 
     security = Security(auth=Authenticator(local_secret(work_dir)))
     secret_option = ["--secret-file", os.path.join(work_dir, "secret")]
-    python = sys.executable
     address = ("127.0.0.1", args.port)
     dispatcher_address = "127.0.0.1:%d" % args.port
     dispatcher = Daemon(
         "dispatcher",
-        [python, os.path.join(HERE, "dispatcher.py"), "--host", "127.0.0.1", "--port", str(args.port),
-         "--results-dir", os.path.abspath(args.results_dir), "--repo", os.path.join(work_dir, "dispatcher"),
-         *secret_option],
+        module_argv("dispatcher", "--host", "127.0.0.1", "--port", str(args.port),
+                    "--results-dir", os.path.abspath(args.results_dir), "--repo", os.path.join(work_dir, "dispatcher"),
+                    *secret_option),
         os.path.join(logs, "dispatcher.log"),
     )
     runner_options = []
@@ -306,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     runners = [
         Daemon(
             name,
-            [python, os.path.join(HERE, "test_runner.py"), "--dispatcher-server", dispatcher_address, "--name", name,
-             *runner_options, *secret_option, os.path.join(work_dir, name)],
+            module_argv("runner", "--dispatcher-server", dispatcher_address, "--name", name,
+                        *runner_options, *secret_option, os.path.join(work_dir, name)),
             os.path.join(logs, name + ".log"),
         )
         for name in names[1:]
@@ -315,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     observer_options = ["--branch", args.branch] if args.branch else []
     observer = Daemon(
         "observer",
-        [python, os.path.join(HERE, "repo_observer.py"), "--dispatcher-server", dispatcher_address,
-         "--interval", str(args.interval), *observer_options, *secret_option, os.path.join(work_dir, "observer")],
+        module_argv("observer", "--dispatcher-server", dispatcher_address,
+                    "--interval", str(args.interval), *observer_options, *secret_option, os.path.join(work_dir, "observer")),
         os.path.join(logs, "observer.log"),
     )
     daemons = [dispatcher, *runners, observer]
@@ -339,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         for daemon in daemons[1:]:
             daemon.start()
-        view = LiveView(ci_ctl.Client(address, security), interactive=sys.stdout.isatty())
+        view = LiveView(ctl.Client(address, security), interactive=sys.stdout.isatty())
         exits: list[str] = []
         while not stop.wait(DISPLAY_INTERVAL_S):
             notes = ["ci-local: " + exited for exited in exits]

@@ -1,0 +1,773 @@
+"""Dispatcher: the single source of truth of the CI system.
+
+It listens for the observer's ``dispatch`` (a commit to test) and the runners'
+``register`` and ``results``, keeps every job in a durable SQLite queue
+(jobstore.py), and runs two threads of its own: a scheduler that hands each queued
+commit to an idle runner the moment both exist (woken by a condition variable, never
+by a timer), and a heartbeat that pings every runner about once a second, drops
+runners that stop answering and puts their jobs back in the queue. A test failure
+is the commit's verdict and is final; an infrastructure fault (checkout failed,
+runner lost) is retried on another runner, up to ``--max-attempts`` times. Final
+results go to the results folder (result_files.py), written once and atomically, and
+the results page there (page.py) is rebuilt on a thread of its own after each.
+
+Threads and state: one ``Dispatcher`` object owns the runner registry, the
+assignments out and the store, all under one condition. Handlers and the two loops
+decide under it and talk to runners outside it, through a small thread pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from commit_ci import result_files
+from commit_ci.client import communicate
+from commit_ci.daemon import install_stop_signals, setup_logging
+from commit_ci.page import ResultsPage
+from commit_ci.protocol import UNKNOWN_ATTEMPT, Message, error, reply, request
+from commit_ci.security import Security, add_security_arguments, check_bind, security_from_arguments
+from commit_ci.server import ProtocolServer, serve_in_thread
+from commit_ci.store import Job, JobState, JobStore, Outcome
+from commit_ci.wire import ProtocolError, format_address
+
+log = logging.getLogger("dispatcher")
+
+DEFAULT_PORT = 8888
+#: How often each runner is pinged.
+HEARTBEAT_INTERVAL_S = 1.0
+#: Consecutive unanswered pings after which a runner is dropped and its job requeued.
+MISSED_PINGS_LIMIT = 3
+#: A running job whose runner has not confirmed it for this many heartbeats is
+#: taken back: a little more than MISSED_PINGS_LIMIT, so a dead runner is dropped
+#: by the heartbeat first and the lease only catches runners that answer but forgot.
+LEASE_HEARTBEATS = MISSED_PINGS_LIMIT + 1
+#: Infrastructure failures (runner lost, checkout failed) after which a job is an error.
+DEFAULT_MAX_ATTEMPTS = 3
+#: Wait for a runner's answer to ``ping``; a loopback or LAN runner answers in ms.
+PING_TIMEOUT_S = 1.0
+#: Wait for a runner's answer to ``runtest`` (it answers before starting work).
+RUNTEST_TIMEOUT_S = 5.0
+#: The scheduler re-plans at least this often even without a wake-up; it is woken
+#: on every event that can make an assignment possible, so this is only a safety net.
+SCHEDULER_RECHECK_S = 1.0
+#: After an unexpected error in the scheduler (a full disk...), how long it waits to retry.
+LOOP_RETRY_S = 1.0
+#: Threads that talk to runners (pings, runtest); pings to many runners overlap.
+IO_THREADS = 32
+#: Entries in a ``queue`` or ``recent`` answer unless the request asks for another
+#: number, and the most it may ask for (an answer stays well under the JSON cap).
+DEFAULT_LIST_LIMIT = 20
+MAX_LIST_LIMIT = 1000
+
+
+@dataclass(eq=False)
+class Assignment:
+    """An attempt out on a runner. Its lease is renewed by pings that confirm it."""
+
+    commit: str
+    attempt_id: int
+    runner: "RunnerRecord"
+    lease_expires: float
+    acknowledged: bool = False  # the runner answered OK to runtest (or reported it busy)
+    superseded: bool = False  # the job was settled by another attempt meanwhile
+
+
+@dataclass(eq=False)
+class RunnerRecord:
+    name: str
+    address: tuple[str, int]
+    since: float  # wall-clock time of the last change of what it is doing
+    verified: bool = False  # answered a ping since it registered
+    assignment: Assignment | None = None
+    #: What the runner itself last said it runs: (commit, attempt) or None for idle.
+    #: A runner busy with something we did not give it (a job from before a
+    #: dispatcher restart) is not available until it says it is idle.
+    reported: tuple[str | None, int | None] | None = None
+    missed_pings: int = 0
+
+    @property
+    def available(self) -> bool:
+        return self.verified and self.assignment is None and self.reported is None
+
+
+@dataclass
+class Result:
+    """What a runner reported for one attempt."""
+
+    commit: str
+    attempt_id: int
+    status: str
+    counts: dict = field(default_factory=dict)
+    duration: float | None = None
+    reason: str | None = None
+    output: str = ""
+    junit: bytes | None = None  # checked by result_files.clean_junit
+
+
+class Dispatcher:
+    """Job queue, runner registry and scheduling. Thread-safe; see the module docstring."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        results_dir: str,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
+        security: Security | None = None,
+        on_final_result: Callable[[], None] | None = None,
+    ):
+        self.store = store
+        self.security = security or Security()
+        self.results_dir = results_dir
+        self.max_attempts = max_attempts
+        self.heartbeat_interval = heartbeat_interval
+        #: Called, with the lock held, after each final result is recorded: it must
+        #: not block (the results page only sets an event).
+        self.on_final_result = on_final_result or (lambda: None)
+        self._cond = threading.Condition()
+        self._runners: dict[str, RunnerRecord] = {}
+        self._assignments: dict[int, Assignment] = {}
+        #: Runners on which a job met an infrastructure fault: tried last for it.
+        self._avoid: dict[str, set[str]] = {}
+        self._stop = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="runner-io")
+        self._threads: list[threading.Thread] = []
+        #: Commits whose verdict's files are being written (outside the lock).
+        self._settling: set[str] = set()
+        #: The pings to the runners known at start-up: the scheduler waits for them.
+        self._first_pings: list[concurrent.futures.Future] = []
+
+    # --- life cycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover the queue from the database and the results folder, then start the loops."""
+        requeued = self.store.recover(time.time())
+        if requeued:
+            log.info("recovered %d running job(s) from before the restart: back in the queue", requeued)
+        self._retire_abbreviated_jobs()
+        self._recover_written_results()
+        with self._cond:
+            for name, host, port in self.store.runners():
+                record = RunnerRecord(name, (host, port), since=time.time())
+                self._runners[name] = record
+                self._first_pings.append(self._pool.submit(self._verify, record))
+            if self._runners:
+                log.info("pinging %d runner(s) known from before the restart", len(self._runners))
+        for name, target in (("scheduler", self._schedule_loop), ("heartbeat", self._heartbeat_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _retire_abbreviated_jobs(self) -> None:
+        # A database from before abbreviated ids were refused may still queue one. No
+        # runner takes it (each would refuse it, and the scheduler offer it again,
+        # forever), and no result file may be named after it: the commit is tested
+        # under its full id. So it ends as an error, with no result.
+        reason = "abbreviated commit id, refused since; dispatch the full id"
+        for commit in self.store.abbreviated_queued():
+            self.store.finish(commit, None, JobState.ERROR, Outcome.ERROR, reason, None, time.time())
+            log.warning("commit %s: queued under an abbreviated id before those were refused; "
+                        "settled as error with no result (dispatch its full id to test it)", commit)
+
+    def _recover_written_results(self) -> None:
+        # A crash between writing a result's files and recording it leaves a queued
+        # job whose <sha>.json exists: the file wins, so the result is never written twice.
+        for commit in self.store.queued(limit=1_000_000):
+            summary = result_files.read_summary(self.results_dir, commit)
+            if summary is None:
+                continue
+            state = JobState(summary["status"])
+            self.store.finish(commit, None, state, Outcome(state.value), summary.get("reason"), json.dumps(summary), time.time())
+            log.info("commit %s: result file found on start-up (%s); recorded", commit, state.value)
+
+    # --- requests ------------------------------------------------------------------
+
+    def handle(self, message: Message, peer: str) -> Message:
+        handler = {
+            "status": self._on_status,
+            "dispatch": self._on_dispatch,
+            "register": self._on_register,
+            "results": self._on_results,
+            "queue": self._on_queue,
+            "runners": self._on_runners,
+            "recent": self._on_recent,
+            "result": self._on_result,
+        }.get(message.verb)
+        if handler is None:
+            log.warning("%s sent %s, which is for runners", peer, message.verb)
+            return error("%s is not a dispatcher request" % message.verb)
+        return handler(message, peer)
+
+    def _on_status(self, message: Message, peer: str) -> Message:
+        with self._cond:
+            runners = len(self._runners)
+            idle = sum(1 for runner in self._runners.values() if runner.available)
+        # The counts come from the store, which has its own lock: reading them under
+        # the dispatcher's would hold up every handler and the scheduler meanwhile.
+        return reply(
+            "OK",
+            queued=self.store.count(JobState.QUEUED),
+            running=self.store.count(JobState.RUNNING),
+            runners=runners,
+            idle=idle,
+        )
+
+    # --- read-only queries (JSON answers) ---------------------------------------------
+
+    def _on_queue(self, message: Message, peer: str) -> Message:
+        limit = min(message.get("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT)
+        with self._cond:
+            queued = self.store.queued_jobs(limit)
+            running = self.store.running()
+            total = self.store.count(JobState.QUEUED)
+        return _json_reply({
+            "queued_total": total,
+            "queued": [{"commit": job.commit, "queued_at": result_files.iso_time(job.queued_at)} for job in queued],
+            "running": [
+                {"commit": job.commit, "attempt": job.current_attempt, "runner": job.runner,
+                 "started_at": result_files.iso_time(job.started_at)}
+                for job in running
+            ],
+        })
+
+    def _on_runners(self, message: Message, peer: str) -> Message:
+        with self._cond:
+            described = [self._describe_runner(record) for record in self._runners.values()]
+        return _json_reply({"runners": described})
+
+    def _describe_runner(self, record: RunnerRecord) -> dict:
+        if not record.verified:
+            state, commit, attempt = "unverified", None, None
+        elif record.assignment is not None:
+            state, commit, attempt = "busy", record.assignment.commit, record.assignment.attempt_id
+        elif record.reported is not None:
+            state, (commit, attempt) = "busy", record.reported
+        else:
+            state, commit, attempt = "idle", None, None
+        return {"name": record.name, "address": format_address(record.address), "state": state,
+                "commit": commit, "attempt": attempt, "since": result_files.iso_time(record.since)}
+
+    def _on_recent(self, message: Message, peer: str) -> Message:
+        limit = min(message.get("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT)
+        with self._cond:
+            summaries = self.store.recent_summaries(limit)
+        return _json_reply({"results": summaries})
+
+    def _on_result(self, message: Message, peer: str) -> Message:
+        # People look commits up by the short ids they see (ci-ctl status prints 12
+        # digits): the job is the one whose full id starts with what they typed.
+        prefix = message.fields["commit"]
+        with self._cond:
+            jobs = self.store.jobs_starting_with(prefix)
+        if not jobs:
+            return error("unknown commit %s" % prefix)
+        if len(jobs) > 1:
+            return error("ambiguous commit prefix %s: more than one commit starts with it; give more digits" % prefix)
+        job = jobs[0]
+        commit = job.commit
+        answer = {"commit": commit, "state": job.state.value, "runner": job.runner, "attempt": job.current_attempt,
+                  "queued_at": result_files.iso_time(job.queued_at), "summary": None, "files": {}}
+        if job.state.final and job.summary:
+            answer["summary"] = json.loads(job.summary)
+            answer["files"] = {"report": result_files.result_path(self.results_dir, commit),
+                               "json": result_files.result_path(self.results_dir, commit, ".json")}
+        return _json_reply(answer)
+
+    # --- requests that change things --------------------------------------------------
+
+    def _on_dispatch(self, message: Message, peer: str) -> Message:
+        commit = message.fields["commit"]
+        # Saved outside the dispatcher's lock (the store has its own), so that many
+        # observers or a burst of commits do not queue up behind one another's SQLite
+        # writes while holding everything else up. No wake-up is lost: the scheduler
+        # reads the queue under the lock, and the notification below comes after the
+        # job is committed.
+        new, state = self.store.enqueue(commit, time.time())
+        if new:
+            with self._cond:
+                # Waking the scheduler when no runner is free would only make it
+                # contend for the lock to find nothing to do.
+                if any(runner.available for runner in self._runners.values()):
+                    self._cond.notify_all()
+        if new:
+            log.info("commit %s queued (from %s)", commit, peer)
+        else:
+            log.info("commit %s dispatched again by %s: already %s", commit, peer, state.value)
+        return reply("OK", new=int(new), job=state.value)
+
+    def _on_register(self, message: Message, peer: str) -> Message:
+        address = (message.fields["host"], message.fields["port"])
+        name = message.get("name") or format_address(address)
+        running = message.get("attempt")
+        with self._cond:
+            old = self._runners.get(name)
+            record = RunnerRecord(name, address, since=time.time())
+            if old is not None:
+                kept = old.assignment
+                if kept is not None and not kept.superseded and (old.address != address or kept.attempt_id != running):
+                    # The runner restarted, or another took its name: what it ran is gone.
+                    self._lose(kept, "runner %s registered again without it" % name, Outcome.LOST)
+                elif kept is not None:
+                    kept.runner = record
+                    record.assignment = kept
+            if running is not None:
+                record.reported = (message.get("commit"), running)
+            self._runners[name] = record
+            self.store.save_runner(name, address[0], address[1], time.time())
+        log.info("runner %s registered from %s (address %s)", name, peer, format_address(address))
+        # Not available until it answers a ping: that proves the address works.
+        self._pool.submit(self._verify, record)
+        return reply("OK", runner=name, heartbeat=self.heartbeat_interval)
+
+    def _on_results(self, message: Message, peer: str) -> Message:
+        fields = message.fields
+        result = Result(
+            commit=fields["commit"],
+            attempt_id=fields["attempt"],
+            status=fields["status"],
+            counts={key: fields[key] for key in ("passed", "failed", "errors", "skipped") if key in fields},
+            duration=fields.get("duration"),
+            reason=fields.get("reason"),
+            output=message.sections.get("log", b"").decode("utf-8", errors="replace"),
+        )
+        if "log" in message.truncated:
+            log.warning("commit %s attempt %d: output cut to the size limit", result.commit, result.attempt_id)
+        if "junit" in message.truncated:
+            log.warning("commit %s attempt %d: JUnit XML over the size limit: not kept", result.commit, result.attempt_id)
+        elif message.sections.get("junit"):
+            # Parsed here, before the lock: a large file takes a while to check.
+            try:
+                result.junit = result_files.clean_junit(message.sections["junit"])
+            except ValueError as exc:
+                log.warning("commit %s attempt %d: JUnit XML not kept: %s", result.commit, result.attempt_id, exc)
+        with self._cond:
+            job = self.store.job(result.commit)
+            attempt = self.store.attempt(result.attempt_id)
+            if job is None or attempt is None or attempt.commit != result.commit:
+                log.warning(
+                    "results from %s for unknown commit %s attempt %d: refused", peer, result.commit, result.attempt_id
+                )
+                return error(UNKNOWN_ATTEMPT)
+            if result.commit in self._settling:
+                # Another verdict for it is being written: this one waits its turn (the
+                # runner keeps it and sends it again), so that the first one wins.
+                return error("busy: a result for %s is being recorded; send it again later" % result.commit)
+            if job.state.final or result.status not in ("passed", "failed"):
+                # If recording fails (the results folder unwritable...), the handler's
+                # ERR makes the runner keep the result and send it again; the assignment
+                # stays meanwhile, so the job keeps its lease instead of hanging unowned.
+                answer = self._record_result(job, attempt.runner, result)
+                self._free_runner_of(result.attempt_id)
+                return answer
+            # A verdict: its files (the output may be megabytes, fsync'ed) are written
+            # without the lock, which every request and the scheduler need meanwhile.
+            state = JobState(result.status)
+            summary, now = self._summarize(result.commit, result.attempt_id, state, attempt.runner, result)
+            self._settling.add(result.commit)
+        try:
+            result_files.write_result(self.results_dir, summary, result.output, result.junit)
+            with self._cond:
+                self._record_settled(result.attempt_id, state, result, summary, now)
+                self._free_runner_of(result.attempt_id)
+        finally:
+            with self._cond:
+                self._settling.discard(result.commit)
+        return reply("OK", recorded=1)
+
+    def _free_runner_of(self, attempt_id: int) -> None:
+        """The runner of ``attempt_id`` has reported: it is free again now, not at its
+        next ping (called with the lock held)."""
+        assignment = self._assignments.pop(attempt_id, None)
+        if assignment is not None and assignment.runner.assignment is assignment:
+            assignment.runner.assignment = None
+            assignment.runner.reported = None
+            assignment.runner.since = time.time()
+            self._cond.notify_all()
+
+    def _record_result(self, job: Job, runner: str, result: Result) -> Message:
+        """The state change a runner's result makes (called with self._cond held)."""
+        if job.state.final:
+            self.store.end_attempt(result.attempt_id, Outcome.SUPERSEDED, time.time())
+            log.info(
+                "commit %s attempt %d (runner %s): late %s result ignored, already %s",
+                result.commit, result.attempt_id, runner, result.status, job.state.value,
+            )
+            return reply("OK", recorded=0)
+        current = job.current_attempt == result.attempt_id
+        if not current or job.state is not JobState.RUNNING:
+            outcome = Outcome.ERROR if result.status == "error" else Outcome.RETURNED
+            self.store.end_attempt(result.attempt_id, outcome, time.time())
+            log.info(
+                "commit %s attempt %d (runner %s): stale %s ignored",
+                result.commit, result.attempt_id, runner, result.status,
+            )
+            return reply("OK", recorded=0)
+        why = result.reason or ("infrastructure error on runner" if result.status == "error" else "handed back by runner")
+        outcome = Outcome.ERROR if result.status == "error" else Outcome.RETURNED
+        self._requeue(result.commit, result.attempt_id, runner, why, outcome)
+        return reply("OK", recorded=1)
+
+    # --- state changes (all called with self._cond held) ------------------------------
+
+    def _settle(self, commit: str, attempt_id: int | None, state: JobState, runner: str | None, result: Result) -> None:
+        """Write the final result files, then record the job as final (all under the
+        lock: for results without output; a runner's verdict is written outside it,
+        see _on_results)."""
+        summary, now = self._summarize(commit, attempt_id, state, runner, result)
+        result_files.write_result(self.results_dir, summary, result.output, result.junit)
+        self._record_settled(attempt_id, state, result, summary, now)
+
+    def _summarize(self, commit: str, attempt_id: int | None, state: JobState, runner: str | None,
+                   result: Result) -> tuple[dict, float]:
+        """The result's summary (the ``<sha>.json``) and its time; called with the lock held."""
+        job = self.store.job(commit)
+        started, _ = self.store.attempt_counts(commit)
+        now = time.time()
+        return result_files.make_summary(
+            commit=commit,
+            status=state.value,
+            passed=result.counts.get("passed"),
+            failed=result.counts.get("failed"),
+            errors=result.counts.get("errors"),
+            skipped=result.counts.get("skipped"),
+            duration_s=result.duration,
+            runner=runner,
+            attempts=started,
+            queued_at=result_files.iso_time(job.queued_at),
+            started_at=result_files.iso_time(self.store.attempt(attempt_id).assigned_at if attempt_id else job.started_at),
+            finished_at=result_files.iso_time(now),
+            reason=result.reason,
+        ), now
+
+    def _record_settled(self, attempt_id: int | None, state: JobState, result: Result, summary: dict,
+                        now: float) -> None:
+        """Record a job whose result files are written as final; called with the lock held."""
+        commit, runner = summary["commit"], summary["runner"]
+        outcome = Outcome(state.value) if state is not JobState.ERROR else Outcome.ERROR
+        self.store.finish(commit, attempt_id, state, outcome, result.reason, json.dumps(summary), now)
+        self.on_final_result()
+        self._avoid.pop(commit, None)
+        for other in self._assignments.values():
+            if other.commit == commit:
+                other.superseded = True
+        log.info(
+            "commit %s: %s (attempt %s, runner %s)%s",
+            commit, state.value, attempt_id, runner, ": %s" % result.reason if result.reason else "",
+        )
+
+    def _lose(self, assignment: Assignment, why: str, outcome: Outcome) -> None:
+        """An attempt out on a runner ended without a verdict: free the runner, requeue the job."""
+        self._assignments.pop(assignment.attempt_id, None)
+        if assignment.runner.assignment is assignment:
+            assignment.runner.assignment = None
+            assignment.runner.since = time.time()
+        if assignment.commit in self._settling:
+            return  # its verdict is being written: nothing to requeue
+        if not assignment.superseded:
+            self._requeue(assignment.commit, assignment.attempt_id, assignment.runner.name, why, outcome)
+
+    def _requeue(self, commit: str, attempt_id: int, runner: str, why: str, outcome: Outcome) -> None:
+        """Put a running job back in the queue, or settle it as an error after too many faults."""
+        self.store.requeue(commit, attempt_id, outcome, time.time())
+        if outcome.infra_failure:
+            self._avoid.setdefault(commit, set()).add(runner)
+        _, failures = self.store.attempt_counts(commit)
+        if outcome.infra_failure and failures >= self.max_attempts:
+            log.error("commit %s attempt %d (runner %s): %s; %d infrastructure failures, giving up",
+                      commit, attempt_id, runner, why, failures)
+            reason = "%s (after %d attempts)" % (why, failures)
+            self._settle(commit, None, JobState.ERROR, runner, Result(commit, attempt_id, "error", reason=reason))
+        else:
+            log.warning("commit %s attempt %d (runner %s): %s; back in the queue", commit, attempt_id, runner, why)
+        self._cond.notify_all()
+
+    def _drop(self, record: RunnerRecord, why: str) -> None:
+        if self._runners.get(record.name) is record:
+            del self._runners[record.name]
+            self.store.forget_runner(record.name)
+        log.warning("runner %s dropped: %s", record.name, why)
+        if record.assignment is not None:
+            self._lose(record.assignment, "runner %s lost (%s)" % (record.name, why), Outcome.LOST)
+
+    def _lease_deadline(self) -> float:
+        return time.monotonic() + LEASE_HEARTBEATS * self.heartbeat_interval + PING_TIMEOUT_S
+
+    def _apply_ping(self, record: RunnerRecord, answer: Message | None) -> None:
+        """Update a runner from its answer to a ping (None: no answer)."""
+        if self._runners.get(record.name) is not record:
+            return  # dropped or replaced while the ping was out
+        if answer is None or answer.verb != "OK":
+            record.missed_pings += 1
+            if record.missed_pings >= MISSED_PINGS_LIMIT:
+                self._drop(record, "%d pings unanswered" % record.missed_pings)
+            return
+        record.missed_pings = 0
+        if not record.verified:
+            record.verified = True
+            log.info("runner %s answers at %s: ready", record.name, format_address(record.address))
+        assignment = record.assignment
+        if answer.get("state") == "busy":
+            commit, attempt_id = answer.get("commit"), answer.get("attempt")
+            record.reported = (commit, attempt_id)
+            if assignment is not None and assignment.attempt_id == attempt_id:
+                assignment.acknowledged = True
+                assignment.lease_expires = self._lease_deadline()
+            elif assignment is None and commit is not None and attempt_id is not None:
+                self._adopt(record, commit, attempt_id)
+        else:
+            record.reported = None
+            if assignment is not None and assignment.superseded:
+                record.assignment = None
+        self._cond.notify_all()
+
+    def _adopt(self, record: RunnerRecord, commit: str, attempt_id: int) -> None:
+        attempt = self.store.attempt(attempt_id)
+        if attempt is None or attempt.commit != commit:
+            return
+        if self.store.adopt(commit, attempt_id, record.name):
+            assignment = Assignment(commit, attempt_id, record, self._lease_deadline(), acknowledged=True)
+            record.assignment = assignment
+            record.since = time.time()
+            self._assignments[attempt_id] = assignment
+            log.info("commit %s attempt %d: runner %s is still running it; adopted", commit, attempt_id, record.name)
+
+    def _reap_leases(self) -> None:
+        now = time.monotonic()
+        for record in list(self._runners.values()):
+            assignment = record.assignment
+            if assignment is not None and now > assignment.lease_expires:
+                if assignment.superseded:
+                    record.assignment = None
+                else:
+                    self._lose(assignment, "runner %s stopped confirming the job" % record.name, Outcome.LOST)
+
+    # --- scheduler -----------------------------------------------------------------
+
+    def _schedule_loop(self) -> None:
+        # A runner still running a job from before the restart says so in its first
+        # answer, and the job is adopted; handed out before that, it would run twice.
+        concurrent.futures.wait(self._first_pings, timeout=PING_TIMEOUT_S * 2 + 1)
+        while not self._stop.is_set():
+            try:
+                with self._cond:
+                    planned = self._plan()
+                    if not planned:
+                        # Woken by dispatch, register, a verified runner, a result or a
+                        # requeue; the timeout is only a safety net.
+                        self._cond.wait(SCHEDULER_RECHECK_S)
+                        continue
+                for assignment in planned:
+                    self._pool.submit(self._send_runtest, assignment)
+            except Exception:  # noqa: BLE001 - e.g. a full disk: the scheduler must outlive it
+                log.exception("scheduler: unexpected error; retrying in %g s", LOOP_RETRY_S)
+                self._stop.wait(LOOP_RETRY_S)
+
+    def _plan(self) -> list[Assignment]:
+        """Pair queued jobs, oldest first, with available runners, idle longest first."""
+        idle = sorted((r for r in self._runners.values() if r.available), key=lambda r: r.since)
+        if not idle:
+            return []
+        planned = []
+        for commit in self.store.queued(limit=len(idle) + 32):
+            if not idle:
+                break
+            avoid = self._avoid.get(commit, set())
+            choice = next((r for r in idle if r.name not in avoid), None)
+            if choice is None:
+                # Every idle runner already failed this job. Use one anyway only if no
+                # runner could take it instead; otherwise leave it for the others.
+                if any(name not in avoid for name in self._runners):
+                    continue
+                choice = idle[0]
+            idle.remove(choice)
+            attempt_id = self.store.assign(commit, choice.name, time.time())
+            assignment = Assignment(commit, attempt_id, choice, self._lease_deadline())
+            choice.assignment = assignment
+            choice.since = time.time()
+            self._assignments[attempt_id] = assignment
+            planned.append(assignment)
+        return planned
+
+    def _send_runtest(self, assignment: Assignment) -> None:
+        record = assignment.runner
+        with self._cond:
+            if self._assignments.get(assignment.attempt_id) is not assignment:
+                return  # lost while it waited for a thread: sent now, it would run twice
+        try:
+            answer = communicate(
+                record.address,
+                request("runtest", commit=assignment.commit, attempt=assignment.attempt_id),
+                timeout=RUNTEST_TIMEOUT_S,
+                total_timeout=RUNTEST_TIMEOUT_S * 2,
+                security=self.security,
+            )
+        except (OSError, ProtocolError) as exc:
+            answer = error(str(exc) or exc.__class__.__name__)
+        with self._cond:
+            if self._assignments.get(assignment.attempt_id) is not assignment:
+                return  # settled or lost meanwhile (a fast result can beat the OK)
+            if answer.verb == "OK":
+                assignment.acknowledged = True
+                assignment.lease_expires = self._lease_deadline()
+                log.info("commit %s attempt %d: running on runner %s", assignment.commit, assignment.attempt_id, record.name)
+                return
+            if answer.verb == "BUSY":
+                # Busy with something we do not know of; not available until it says idle.
+                record.reported = (None, None)
+                self._lose(assignment, "runner %s is busy" % record.name, Outcome.REFUSED)
+            else:
+                record.verified = False  # a ping must succeed before it gets another job
+                self._lose(assignment, "runner %s refused: %s" % (record.name, answer.get("reason")), Outcome.REFUSED)
+                self._pool.submit(self._verify, record)
+
+    # --- heartbeat -----------------------------------------------------------------
+
+    def _ping(self, record: RunnerRecord) -> Message | None:
+        try:
+            # All of it bounded: a runner that answers a byte at a time must not hold
+            # one of the threads every ping and runtest share.
+            return communicate(record.address, request("ping"), timeout=PING_TIMEOUT_S,
+                               connect_timeout=PING_TIMEOUT_S, security=self.security,
+                               total_timeout=PING_TIMEOUT_S * 2)
+        except (OSError, ProtocolError) as exc:
+            log.debug("runner %s: ping failed: %s", record.name, exc)
+            return None
+
+    def _verify(self, record: RunnerRecord) -> None:
+        answer = self._ping(record)
+        with self._cond:
+            self._apply_ping(record, answer)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            try:
+                self._heartbeat()
+            except Exception:  # noqa: BLE001 - e.g. a result that cannot be written: the next round retries
+                log.exception("heartbeat: unexpected error")
+
+    def _heartbeat(self) -> None:
+        with self._cond:
+            records = list(self._runners.values())
+        futures = [self._pool.submit(self._ping, record) for record in records]
+        concurrent.futures.wait(futures, timeout=PING_TIMEOUT_S * 2 + 1)
+        with self._cond:
+            for record, future in zip(records, futures):
+                answer = future.result() if future.done() and not future.cancelled() else None
+                self._apply_ping(record, answer)
+            self._reap_leases()
+
+
+def _json_reply(document: dict) -> Message:
+    return reply("OK", json=json.dumps(document).encode("utf-8"))
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def default_db_path(results_dir: str) -> str:
+    """The queue lives beside the results folder: ``test_results`` -> ``test_results.queue.sqlite3``."""
+    return os.path.abspath(results_dir).rstrip(os.sep) + ".queue.sqlite3"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ci-dispatcher",
+        description="Run the CI dispatcher: queue commits from the observer, hand them to "
+        "registered test runners, watch the runners, and write one result per commit.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--results-dir", default="test_results", help="folder for result files (default: %(default)s)")
+    parser.add_argument("--db", help="SQLite file of the job queue (default: beside the results folder, RESULTS_DIR.queue.sqlite3)")
+    parser.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
+                        help="infrastructure failures (runner lost, checkout failed) before a commit's verdict is 'error' (default: %(default)s)")
+    parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S,
+                        help="seconds between pings to each runner; a runner missing %d in a row is dropped (default: %%(default)s)" % MISSED_PINGS_LIMIT)
+    parser.add_argument("--repo", metavar="PATH",
+                        help="a clone of the watched repository for the dispatcher alone (not the observer's or "
+                        "a runner's), used only to read commit subjects and authors for the results page "
+                        "(index.html); it is fetched into when a commit is not in it yet. Without it the page "
+                        "shows commit ids only")
+    parser.add_argument("--log-file", help="write the log here instead of to stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    add_security_arguments(parser, serves=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.log_file)
+    if args.max_attempts < 1 or args.heartbeat_interval <= 0:
+        log.error("--max-attempts must be at least 1 and --heartbeat-interval positive")
+        return 2
+    try:
+        security = security_from_arguments(args, serves=True)
+        check_bind(args.host, security, args.insecure)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    os.makedirs(args.results_dir, exist_ok=True)
+    db_path = args.db or default_db_path(args.results_dir)
+    stop = threading.Event()
+    install_stop_signals(stop, log)
+    store = JobStore(db_path)
+    results_dir = os.path.abspath(args.results_dir)
+    try:
+        # A connection of its own: building the page never waits for the dispatcher's lock.
+        page = ResultsPage(results_dir, JobStore(db_path, read_only=True), repo=args.repo)
+    except ValueError as exc:
+        log.error("--repo: %s", exc)
+        store.close()
+        return 2
+    dispatcher = Dispatcher(store, results_dir, args.max_attempts, args.heartbeat_interval, security,
+                            on_final_result=page.notify)
+    try:
+        # Recording a result writes files (fsync'd): it gets a thread of its own rather
+        # than hold up the event loop that answers everyone else.
+        server = ProtocolServer((args.host, args.port), dispatcher.handle, log, security, threaded_verbs={"results"})
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+        page.stop()
+        store.close()
+        return 1
+    dispatcher.start()
+    # After the recovery in start(): the first page includes what it recorded.
+    page.start()
+    log.info("results page: %s (commit subjects from %s)", page.path, args.repo or "nowhere: no --repo")
+    serve_in_thread(server, "server")
+    log.info(
+        "listening on %s (results in %s, queue in %s; %s, %s)",
+        format_address(server.address), os.path.abspath(args.results_dir), db_path,
+        "messages authenticated" if security.auth else "no authentication",
+        "TLS" if security.server_tls else "no TLS",
+    )
+    stop.wait()
+    log.info("stopping: no new connections")
+    server.shutdown()
+    server.server_close()
+    dispatcher.stop()
+    page.stop()
+    store.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

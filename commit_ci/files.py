@@ -1,0 +1,43 @@
+"""Files that others read, written so that they never see half of one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def _read_umask() -> int:
+    # Read once, at import (before any thread): os.umask can only be read by setting it.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: What a file made with open() gets; mkstemp's files are private (0600) instead.
+NEW_FILE_MODE = 0o666 & ~_read_umask()
+
+
+def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never part.
+
+    The data goes to a temporary file in the same folder, is flushed (and, with
+    ``durable``, fsync'ed), then renamed over ``path``. The file gets the mode
+    open() would give it (0644 under the usual umask): results are for others
+    to read, a web server for one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), NEW_FILE_MODE)
+            handle.write(data)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,453 @@
+"""The protocol's messages: the verb table, and the codec between bytes and messages.
+
+This module, with wire.py below it, is the only place where bytes become messages
+and messages become bytes. A message is one header line -- a verb, its positional
+fields, then ``key=value`` options -- optionally followed by binary sections whose
+byte lengths the header declares (``log=1234``). Every verb is described once, in
+``REQUESTS`` and ``REPLIES``; ``decode_header`` checks a header against that table
+and turns each field into a typed value, or raises ``ProtocolError``, which the
+server turns into an ``ERR <reason>`` reply and a log line. docs/protocol.md is the
+human description of the same table; keep the two in step.
+
+Below it, wire.py holds header lines and their size cap, reading under deadlines,
+commit ids and addresses (the push trigger's hook uses that layer alone, because it
+is cheap to import); beside it, security.py signs and checks messages. The client
+(client.py) and the server (server.py) are built on ``MessageStream``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+from urllib.parse import quote, unquote
+
+from commit_ci.wire import (
+    ProtocolError,
+    Stream,
+    header_bytes,
+    is_decimal,
+    parse_commit,
+    parse_commit_prefix,
+    parse_host,
+    parse_port,
+    split_header,
+)
+
+# --- Limits (one place, with units; those of a header line and its timing are in wire.py)
+
+#: Test output the dispatcher keeps per result; the rest is cut off with a marker
+#: so that a chatty test suite still gets its verdict recorded.
+MAX_LOG_BYTES = 8 * 1024 * 1024
+#: JUnit XML kept per result; a larger file is dropped (a cut XML file is useless).
+MAX_JUNIT_BYTES = 8 * 1024 * 1024
+#: JSON document in an ``OK`` reply (operator queries).
+MAX_JSON_BYTES = 16 * 1024 * 1024
+#: A declared section larger than this is refused outright: reading and
+#: discarding it would tie up a thread for too long.
+MAX_SECTION_ON_WIRE_BYTES = 256 * 1024 * 1024
+
+#: Section bytes one process holds at once for messages still arriving. Until its
+#: last byte a message is not authenticated, so without this anyone who can connect
+#: could make a server hold MAX_CONNECTIONS times 16 MiB; past it, a message with
+#: sections is refused with ERR (a runner keeps its result and sends it again).
+SECTION_BUDGET_BYTES = 64 * 1024 * 1024
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._:@\-]{1,128}\Z")
+
+#: Statuses a runner may report for an attempt. ``passed`` and ``failed`` are the
+#: commit's verdict; ``error`` is an infrastructure fault on the runner (retried
+#: elsewhere); ``aborted`` means the runner handed the job back (shutting down).
+RUNNER_STATUSES = ("passed", "failed", "error", "aborted")
+
+# --- Field types ---------------------------------------------------------------------
+# Each parser takes the wire text (already percent-decoded) and returns the typed
+# value, or raises ProtocolError with a reason fit for the peer to read. parse_commit,
+# parse_commit_prefix, parse_host and parse_port are in wire.py.
+
+
+def parse_count(text: str) -> int:
+    if not is_decimal(text):
+        raise ProtocolError("invalid count (want a non-negative integer)")
+    return int(text)
+
+
+def parse_attempt(text: str) -> int:
+    value = parse_count(text)
+    if value < 1:
+        raise ProtocolError("invalid attempt id (want a positive integer)")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ProtocolError("invalid duration (want seconds)") from None
+    if not 0 <= value < 1e9:
+        raise ProtocolError("invalid duration (want seconds)")
+    return value
+
+
+def parse_name(text: str) -> str:
+    if not NAME_PATTERN.match(text):
+        raise ProtocolError("invalid name")
+    return text
+
+
+def parse_text(text: str) -> str:
+    """Free text (reasons, messages): printable, at most 1000 characters."""
+    if len(text) > 1000 or any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
+        raise ProtocolError("invalid text field")
+    return text
+
+
+def parse_status(text: str) -> str:
+    if text not in RUNNER_STATUSES:
+        raise ProtocolError("invalid status (want one of %s)" % ", ".join(RUNNER_STATUSES))
+    return text
+
+
+def parse_runner_state(text: str) -> str:
+    if text not in ("idle", "busy"):
+        raise ProtocolError("invalid state (want idle or busy)")
+    return text
+
+
+JOB_STATES = ("queued", "running", "passed", "failed", "error")
+
+
+def parse_job_state(text: str) -> str:
+    if text not in JOB_STATES:
+        raise ProtocolError("invalid job state (want one of %s)" % ", ".join(JOB_STATES))
+    return text
+
+
+@dataclass(frozen=True)
+class Section:
+    """A binary part after the header; the header option of the same name gives its length.
+
+    ``keep`` bytes are kept; with ``truncate`` the rest is discarded and a marker
+    appended, otherwise a longer section is dropped entirely and replaced by
+    ``b""`` (the message's ``truncated`` set names it either way).
+    """
+
+    name: str
+    keep: int
+    truncate: bool
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One verb of the protocol: its positional fields, options and sections, in order."""
+
+    name: str
+    positional: tuple[tuple[str, Callable[[str], object]], ...] = ()
+    options: tuple[tuple[str, Callable[[str], object]], ...] = ()
+    sections: tuple[Section, ...] = ()
+    #: The last positional field takes the rest of the line, spaces included.
+    rest_of_line: bool = False
+
+
+LOG_SECTION = Section("log", MAX_LOG_BYTES, truncate=True)
+JUNIT_SECTION = Section("junit", MAX_JUNIT_BYTES, truncate=False)
+JSON_SECTION = Section("json", MAX_JSON_BYTES, truncate=False)
+
+#: What a peer may send to a server (dispatcher or runner).
+REQUESTS: dict[str, Verb] = {
+    verb.name: verb
+    for verb in (
+        # to the dispatcher
+        Verb("status"),
+        Verb("dispatch", positional=(("commit", parse_commit),)),
+        # read-only, for operators (ci-ctl) and the local launcher; answered with JSON
+        Verb("queue", options=(("limit", parse_count),)),
+        Verb("runners"),
+        Verb("recent", options=(("limit", parse_count),)),
+        # The one verb that takes a commit id prefix: people type ids to look them up.
+        Verb("result", positional=(("commit", parse_commit_prefix),)),
+        Verb(
+            "register",
+            positional=(("host", parse_host), ("port", parse_port)),
+            options=(("name", parse_name), ("commit", parse_commit), ("attempt", parse_attempt)),
+        ),
+        Verb(
+            "results",
+            positional=(("commit", parse_commit), ("attempt", parse_attempt), ("status", parse_status)),
+            options=(
+                ("passed", parse_count),
+                ("failed", parse_count),
+                ("errors", parse_count),
+                ("skipped", parse_count),
+                ("duration", parse_seconds),
+                ("reason", parse_text),
+            ),
+            sections=(LOG_SECTION, JUNIT_SECTION),
+        ),
+        # to a runner
+        Verb("ping"),
+        Verb("runtest", positional=(("commit", parse_commit), ("attempt", parse_attempt))),
+    )
+}
+
+#: What a server may answer.
+REPLIES: dict[str, Verb] = {
+    verb.name: verb
+    for verb in (
+        Verb(
+            "OK",
+            options=(
+                ("state", parse_runner_state),
+                ("commit", parse_commit),
+                ("attempt", parse_attempt),
+                ("job", parse_job_state),
+                ("new", parse_count),
+                ("queued", parse_count),
+                ("running", parse_count),
+                ("runners", parse_count),
+                ("idle", parse_count),
+                ("runner", parse_name),
+                ("heartbeat", parse_seconds),
+                ("recorded", parse_count),
+            ),
+            sections=(JSON_SECTION,),
+        ),
+        Verb("BUSY"),
+        Verb("ERR", positional=(("reason", parse_text),), rest_of_line=True),
+    )
+}
+
+
+@dataclass
+class Message:
+    """A decoded message: verb, typed fields and sections.
+
+    ``fields`` holds positional fields and options alike, by name; an option the
+    sender left out is absent. ``truncated`` names sections that did not fit.
+    """
+
+    verb: str
+    fields: dict[str, object] = field(default_factory=dict)
+    sections: dict[str, bytes] = field(default_factory=dict)
+    truncated: set[str] = field(default_factory=set)
+    #: The nonce of the ``auth`` line it came with, when authenticated.
+    nonce: str | None = None
+
+    def get(self, name: str, default: object = None) -> object:
+        return self.fields.get(name, default)
+
+    def __str__(self) -> str:  # for log lines: the header without sections
+        return encode_header(self, REQUESTS if self.verb in REQUESTS else REPLIES)
+
+
+def request(verb: str, **fields: object) -> Message:
+    """Build a request; ``bytes`` values become sections, ``None`` values are left out."""
+    return _build(verb, fields)
+
+
+def reply(verb: str, **fields: object) -> Message:
+    """Build a reply (``OK``, ``BUSY`` or ``ERR``)."""
+    return _build(verb, fields)
+
+
+#: The ``ERR`` reason to ``results`` for an attempt the dispatcher never gave out:
+#: the only refusal after which a runner drops the result (docs/protocol.md).
+UNKNOWN_ATTEMPT = "unknown commit or attempt"
+
+
+def error(reason: str) -> Message:
+    """An ``ERR`` reply; control characters are replaced so the reply stays one line."""
+    clean = "".join(c if c >= " " else " " for c in reason)[:1000] or "error"
+    return Message("ERR", {"reason": clean})
+
+
+def _build(verb: str, fields: Mapping[str, object]) -> Message:
+    message = Message(verb)
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, (bytes, bytearray)):
+            message.sections[name] = bytes(value)
+        else:
+            message.fields[name] = value
+    return message
+
+
+# --- Encoding ------------------------------------------------------------------------
+
+# Characters that never need escaping in a field; everything else is %XX (UTF-8).
+_SAFE = "-_.:@/+,"
+
+
+def _wire_text(value: object) -> str:
+    if isinstance(value, float):
+        text = repr(round(value, 6))
+    else:
+        text = str(value)
+    return quote(text, safe=_SAFE)
+
+
+def encode_header(message: Message, table: Mapping[str, Verb]) -> str:
+    verb = table.get(message.verb)
+    if verb is None:
+        raise ValueError("unknown verb %r" % message.verb)
+    parts = [verb.name]
+    for index, (name, _parser) in enumerate(verb.positional):
+        value = message.fields[name]
+        if verb.rest_of_line and index == len(verb.positional) - 1:
+            parts.append(str(value))
+        else:
+            parts.append(_wire_text(value))
+    for name, _parser in verb.options:
+        if name in message.fields:
+            parts.append("%s=%s" % (name, _wire_text(message.fields[name])))
+    for section in verb.sections:
+        if section.name in message.sections:
+            parts.append("%s=%d" % (section.name, len(message.sections[section.name])))
+    return " ".join(parts)
+
+
+def encode(message: Message, table: Mapping[str, Verb]) -> bytes:
+    """The bytes of ``message``: its header line, then its sections in table order."""
+    header = header_bytes(encode_header(message, table))
+    verb = table[message.verb]
+    return header + b"".join(message.sections[s.name] for s in verb.sections if s.name in message.sections)
+
+
+# --- Decoding ------------------------------------------------------------------------
+
+
+def decode_header(line: bytes, table: Mapping[str, Verb]) -> tuple[Message, list[tuple[Section, int]]]:
+    """Parse one header line (without its newline).
+
+    Returns the message with its fields and the sections still to read, with
+    their declared lengths. Raises ProtocolError for anything the table does not
+    allow: unknown verbs, missing or extra fields, bad values, duplicates.
+    """
+    head, rest = split_header(line)
+    verb = table.get(head)
+    if verb is None:
+        shown = head[:40] + ("..." if len(head) > 40 else "")
+        raise ProtocolError("unknown verb %r" % shown)
+    message = Message(verb.name)
+    if verb.rest_of_line:
+        # Only ERR: its single field is the free text after the verb.
+        name, parser = verb.positional[0]
+        message.fields[name] = parser(rest)
+        return message, []
+    tokens = rest.split(" ") if rest else []
+    if any(token == "" for token in tokens):
+        raise ProtocolError("fields must be separated by single spaces")
+    if len(tokens) < len(verb.positional):
+        wanted = " ".join("<%s>" % name for name, _ in verb.positional)
+        raise ProtocolError("%s needs %s" % (verb.name, wanted))
+    for (name, parser), token in zip(verb.positional, tokens):
+        message.fields[name] = parser(_unquote(token, name))
+    options = dict(verb.options)
+    sections = {s.name: s for s in verb.sections}
+    pending: list[tuple[Section, int]] = []
+    seen: set[str] = set()
+    for token in tokens[len(verb.positional):]:
+        key, sep, raw = token.partition("=")
+        if not sep:
+            raise ProtocolError("unexpected field %r" % token[:40])
+        if key in seen:
+            raise ProtocolError("duplicate option %r" % key[:40])
+        seen.add(key)
+        if key in options:
+            message.fields[key] = options[key](_unquote(raw, key))
+        elif key in sections:
+            length = parse_count(raw)
+            if length > MAX_SECTION_ON_WIRE_BYTES:
+                raise ProtocolError("section %r too large (%d bytes)" % (key, length))
+            pending.append((sections[key], length))
+        else:
+            raise ProtocolError("unknown option %r for %s" % (key[:40], verb.name))
+    # Sections travel in table order, whatever order the header listed them in.
+    order = [s.name for s in verb.sections]
+    pending.sort(key=lambda item: order.index(item[0].name))
+    return message, pending
+
+
+def _unquote(token: str, name: str) -> str:
+    try:
+        return unquote(token, errors="strict")
+    except UnicodeDecodeError:
+        raise ProtocolError("field %r is not UTF-8 once decoded" % name[:40]) from None
+
+
+class _ByteBudget:
+    """A count of bytes that threads take from and give back; taking fails, rather
+    than waits, when there are not enough left."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_use = 0
+
+    def take(self, count: int, limit: int) -> bool:
+        with self._lock:
+            if count and self.in_use + count > limit:
+                return False
+            self.in_use += count
+            return True
+
+    def give_back(self, count: int) -> None:
+        with self._lock:
+            self.in_use -= count
+
+
+_sections_arriving = _ByteBudget()
+
+
+class MessageStream(Stream):
+    """Reads and writes whole messages on one socket: wire.Stream's lines,
+    byte runs and ``auth`` lines, plus this module's codec (verbs, fields, sections)."""
+
+    def read_message(
+        self,
+        table: Mapping[str, Verb],
+        first_byte_timeout: float,
+        request_nonce: str | None = None,
+    ) -> Message | None:
+        """The next message, or None when the peer closed before starting one.
+
+        With authentication, a request is checked for freshness and replay, a
+        reply (``request_nonce`` given) for being the answer to that request.
+        """
+        header = self.read_header(first_byte_timeout, request_nonce)
+        if header is None:
+            return None
+        line, verification = header
+        message, pending = decode_header(line, table)
+        held = sum(min(length, section.keep) for section, length in pending)
+        if not _sections_arriving.take(held, SECTION_BUDGET_BYTES):
+            raise ProtocolError("busy: too many large messages arriving at once; send it again later")
+        try:
+            for section, length in pending:
+                data = self.read_bytes(length, section.keep, self._message_deadline, verification)
+                if length > section.keep:
+                    message.truncated.add(section.name)
+                    if section.truncate:
+                        data += b"\n[... %d more bytes cut off: output limit is %d bytes ...]\n" % (
+                            length - section.keep,
+                            section.keep,
+                        )
+                    else:
+                        data = b""
+                message.sections[section.name] = data
+        finally:
+            # Once whole (and authenticated), a message is its handler's to hold.
+            _sections_arriving.give_back(held)
+        if verification is not None:
+            message.nonce = verification.finish()
+        return message
+
+    def write_message(
+        self, message: Message, table: Mapping[str, Verb], request_nonce: str | None = None, signed: bool = True
+    ) -> str | None:
+        """Send ``message`` (behind an ``auth`` line when authenticating and ``signed``).
+
+        Returns the nonce of that line, which the reply must name, or None.
+        """
+        return self.send(encode(message, table), request_nonce, signed)
