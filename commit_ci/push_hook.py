@@ -29,8 +29,6 @@ every push: the daemons' protocol module ~80 ms, argparse ~8 ms (so the argument
 parsed by hand), subprocess ~9 ms (so git runs through ``os.posix_spawn``), re ~5 ms.
 """
 
-from __future__ import annotations
-
 import os
 import select
 import sys

@@ -16,10 +16,7 @@ hashlib are imported when a secret is in use, ssl when TLS is, ipaddress when a 
 address is checked. docs/security.md says what this protects and what it does not.
 """
 
-from __future__ import annotations
-
 import os
-import socket
 import time
 from _thread import allocate_lock
 
@@ -97,7 +94,7 @@ class Authenticator:
         mac.update(data)
         return ("auth %s %s %s\n" % (stamp, nonce, mac.hexdigest())).encode("ascii"), nonce
 
-    def begin(self, kind: str, line: bytes, request_nonce: str | None) -> _Verification:
+    def begin(self, kind: str, line: bytes, request_nonce: str | None) -> "_Verification":
         parsed = parse_auth_line(line)
         if parsed is None:
             if kind == "reply" and line.startswith(b"ERR "):
@@ -178,8 +175,8 @@ class Security:
     """How a daemon talks: the shared secret's authenticator and TLS contexts, each
     optional. (A plain class: dataclasses would cost the push hook its import.)"""
 
-    def __init__(self, auth: Authenticator | None = None, server_tls: ssl.SSLContext | None = None,
-                 client_tls: ssl.SSLContext | None = None):
+    def __init__(self, auth: Authenticator | None = None, server_tls: "ssl.SSLContext | None" = None,
+                 client_tls: "ssl.SSLContext | None" = None):
         self.auth = auth
         #: Serve with TLS (this daemon's certificate and key).
         self.server_tls = server_tls
@@ -187,7 +184,7 @@ class Security:
         self.client_tls = client_tls
 
 
-def server_tls_context(certificate: str, key: str) -> ssl.SSLContext:
+def server_tls_context(certificate: str, key: str) -> "ssl.SSLContext":
     import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -239,6 +236,8 @@ def check_bind(host: str, security: Security, insecure: bool) -> None:
 
 def is_loopback(host: str) -> bool:
     """Whether every address ``host`` stands for is a loopback address."""
+    import socket
+
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError:

@@ -13,13 +13,11 @@ import:
   itself is security.py's ``Authenticator``);
 * ``connect()``: a TCP connection, with TLS when given a context.
 
-It imports only socket and time. Nothing here may import re, logging, dataclasses
+It imports only _socket (see ``connect``) and time. Nothing here may import re, logging, dataclasses
 or typing: each costs the hook milliseconds. docs/protocol.md describes the bytes.
 """
 
-from __future__ import annotations
-
-import socket
+import _socket
 import time
 
 # For annotations alone (type checkers take the branch; nothing is imported at run time).
@@ -168,7 +166,7 @@ class Stream:
     ``Authenticator`` is security.py's.
     """
 
-    def __init__(self, sock: socket.socket, auth: Authenticator | None = None, buffered: bytes = b""):
+    def __init__(self, sock: _socket.socket, auth: "Authenticator | None" = None, buffered: bytes = b""):
         self.sock = sock
         self.auth = auth
         #: Bytes received and not yet read (``buffered``: what an earlier reader received).
@@ -222,7 +220,7 @@ class Stream:
                 deadline = self._message_deadline = self._capped(time.monotonic() + MESSAGE_DEADLINE_S)
             self._buffer += chunk
 
-    def read_bytes(self, length: int, keep: int, deadline: float, digest: _Verification | None = None) -> bytes:
+    def read_bytes(self, length: int, keep: int, deadline: float, digest: "_Verification | None" = None) -> bytes:
         """Read ``length`` bytes, keeping the first ``keep`` and discarding the rest
         (all of them still count for the message's tag)."""
         kept = bytearray()
@@ -248,7 +246,7 @@ class Stream:
 
     def read_header(
         self, first_byte_timeout: float, request_nonce: str | None = None
-    ) -> tuple[bytes, _Verification | None] | None:
+    ) -> "tuple[bytes, _Verification | None] | None":
         """The next message's header line, or None when the peer closed before starting one.
 
         With authentication, the ``auth`` line before it is read first, and the
@@ -286,19 +284,46 @@ class Stream:
 # --- Connecting ---------------------------------------------------------------------------
 
 
-def connect(address: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S, tls=None) -> socket.socket:
+def connect(address: tuple[str, int], timeout: float = CONNECT_TIMEOUT_S, tls=None) -> _socket.socket:
     """A TCP connection to ``address`` with Nagle off, wrapped in TLS when ``tls`` (an
-    SSLContext) is given. Connecting and the TLS handshake run under ``timeout``;
-    OSError (ssl.SSLError included) if either fails."""
+    SSLContext) is given. Connecting (to each address the host resolves to, in turn,
+    as socket.create_connection does) and the TLS handshake run under ``timeout``;
+    OSError (ssl.SSLError included) if either fails.
+
+    Without TLS the socket is the C module's own ``_socket.socket``, the base of
+    socket.socket, with every method a Stream uses: socket.py adds enums whose
+    import would cost the push hook some 4 ms of its 8 (``-X importtime``). ssl needs
+    socket.py's class and imports it anyway.
+    """
     host, port = address
     # getaddrinfo() passes a str host through the "idna" codec, whose import (with re)
     # costs the hook ~6 ms; an ASCII host given as bytes skips it and resolves the same.
-    sock = socket.create_connection((host.encode("ascii") if host.isascii() else host, port), timeout=timeout)
+    infos = _socket.getaddrinfo(host.encode("ascii") if host.isascii() else host, port, 0, _socket.SOCK_STREAM)
+    failure: OSError = OSError("%s resolves to no address" % host)
+    for family, kind, proto, _name, where in infos:
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(where)
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            return sock if tls is None else _wrap_tls(sock, tls, host, timeout)
+        except OSError as exc:
+            failure = exc
+        except BaseException:
+            sock.close()
+            raise
+        sock.close()
+    raise failure
+
+
+def _wrap_tls(raw: _socket.socket, tls, host: str, timeout: float):
+    """``raw`` as a TLS connection to ``host``, handshake done (the socket is closed if it fails)."""
+    import socket
+
+    sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if tls is not None:
-            sock = tls.wrap_socket(sock, server_hostname=address[0])
+        sock.settimeout(timeout)
+        return tls.wrap_socket(sock, server_hostname=host)
     except BaseException:
         sock.close()
         raise
-    return sock

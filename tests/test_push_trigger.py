@@ -236,9 +236,10 @@ def test_hook_authenticates_with_the_shared_secret(processes, upstream, tmp_path
 # --- what runs on every push: push_hook.py ------------------------------------------------
 
 #: What the hook must not import: each costs milliseconds on every push, and none is
-#: needed on the wire (the daemons' protocol module would bring in most of them).
+#: needed on the wire (the daemons' protocol module would bring in most of them;
+#: socket.py only adds enums to _socket, and ssl needs it only for TLS).
 SLOW_IMPORTS = {"site", "re", "logging", "dataclasses", "typing", "argparse", "subprocess", "threading",
-                "commit_ci.protocol", "urllib.parse", "encodings.idna"}
+                "commit_ci.protocol", "urllib.parse", "encodings.idna", "socket", "enum", "__future__"}
 
 
 def hook_command(hooks: Path, kind: str) -> list[str]:
@@ -285,7 +286,7 @@ def test_hook_runs_python_with_s_and_e_and_imports_only_what_the_wire_needs(proc
     assert done.returncode == 0
     assert "ci-trigger: 1 commit(s) sent to the CI dispatcher at %s (0 new)" % ci.address in done.stderr
     imported = imported_modules(done.stderr)
-    assert {"commit_ci", "commit_ci.wire", "commit_ci.security", "socket"} <= imported
+    assert {"commit_ci", "commit_ci.wire", "commit_ci.security", "_socket"} <= imported
     assert not imported & SLOW_IMPORTS, "the hook imported %s" % sorted(imported & SLOW_IMPORTS)
     assert ("hmac" in imported) == secret, "hmac only with a secret"
     assert "ssl" not in imported, "ssl only with --tls-ca"
