@@ -19,7 +19,9 @@ import sys
 
 from commit_ci.client import communicate
 from commit_ci.protocol import request
+from commit_ci.result import Result
 from commit_ci.security import Security, add_security_arguments, security_from_arguments
+from commit_ci.states import JobState
 from commit_ci.wire import (
     ProtocolError,
     format_address,
@@ -87,18 +89,22 @@ def age(iso: str | None, now: datetime.datetime | None = None) -> str:
     return "%.1f h ago" % (seconds / 3600)
 
 
-def counts(summary: dict) -> str:
-    if summary.get("passed") is None:
+def counts(result: Result) -> str:
+    if result.passed is None:
         return "no counts"
-    return "%d passed, %d failed, %d errors, %d skipped" % (
-        summary["passed"], summary["failed"], summary["errors"], summary["skipped"])
+    return "%d passed, %d failed, %d errors, %d skipped" % (result.passed, result.failed, result.errors, result.skipped)
+
+
+def duration(result: Result) -> str:
+    return "-" if result.duration_s is None else "%.2f s" % result.duration_s
 
 
 def result_line(summary: dict) -> str:
-    duration = "-" if summary.get("duration_s") is None else "%.2f s" % summary["duration_s"]
-    reason = " (%s)" % summary["reason"] if summary.get("reason") else ""
-    return "%s  %-6s  %s  %s  %s%s" % (short(summary["commit"]), summary["status"], counts(summary), duration,
-                                       summary.get("runner") or "-", reason)
+    """One line for a result's summary (as ``recent`` and ``lookup`` give it)."""
+    result = Result.from_summary(summary)
+    reason = " (%s)" % result.reason if result.reason else ""
+    return "%s  %-6s  %s  %s  %s%s" % (short(result.commit), result.status, counts(result), duration(result),
+                                       result.runner or "-", reason)
 
 
 def runner_lines(runners: list[dict]) -> list[str]:
@@ -158,17 +164,18 @@ def show_result(client: Client, as_json: bool, commit: str) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    summary = result["summary"]
-    if summary is None:
-        where = " on %s (attempt %s)" % (result["runner"], result["attempt"]) if result["state"] == "running" else ""
+    if result["summary"] is None:
+        running = result["state"] == JobState.RUNNING
+        where = " on %s (attempt %s)" % (result["runner"], result["attempt"]) if running else ""
         print("%s: %s%s, queued %s" % (result["commit"], result["state"], where, age(result["queued_at"])))
         return
-    print("%s: %s" % (result["commit"], summary["status"]))
-    print("  tests:    %s" % counts(summary))
-    print("  duration: %s" % ("-" if summary["duration_s"] is None else "%.2f s" % summary["duration_s"]))
-    print("  runner:   %s, %s attempt(s)" % (summary["runner"], summary["attempts"]))
-    if summary["reason"]:
-        print("  reason:   %s" % summary["reason"])
+    final = Result.from_summary(result["summary"])
+    print("%s: %s" % (final.commit, final.status))
+    print("  tests:    %s" % counts(final))
+    print("  duration: %s" % duration(final))
+    print("  runner:   %s, %s attempt(s)" % (final.runner, final.attempts))
+    if final.reason:
+        print("  reason:   %s" % final.reason)
     print("  report:   %s" % result["files"]["report"])
     print("  json:     %s" % result["files"]["json"])
 

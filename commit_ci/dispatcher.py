@@ -26,17 +26,20 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-from commit_ci import result_files
+from commit_ci import junit, result_files
 from commit_ci.client import communicate
 from commit_ci.daemon import install_stop_signals, setup_logging
 from commit_ci.page import ResultsPage
 from commit_ci.protocol import UNKNOWN_ATTEMPT, Message, error, reply, request
+from commit_ci.result import Result
+from commit_ci.result_files import iso_time
 from commit_ci.security import Security, add_security_arguments, check_bind, security_from_arguments
 from commit_ci.server import ProtocolServer, serve_in_thread
-from commit_ci.store import Job, JobState, JobStore, Outcome
+from commit_ci.states import JobState, Outcome, ReportedStatus, RunnerState
+from commit_ci.store import Job, JobStore
 from commit_ci.wire import ProtocolError, format_address
 
 log = logging.getLogger("dispatcher")
@@ -97,20 +100,6 @@ class RunnerRecord:
     @property
     def available(self) -> bool:
         return self.verified and self.assignment is None and self.reported is None
-
-
-@dataclass
-class Result:
-    """What a runner reported for one attempt."""
-
-    commit: str
-    attempt_id: int
-    status: str
-    counts: dict = field(default_factory=dict)
-    duration: float | None = None
-    reason: str | None = None
-    output: str = ""
-    junit: bytes | None = None  # checked by result_files.clean_junit
 
 
 class Dispatcher:
@@ -190,11 +179,12 @@ class Dispatcher:
         # A crash between writing a result's files and recording it leaves a queued
         # job whose <sha>.json exists: the file wins, so the result is never written twice.
         for commit in self.store.queued(limit=1_000_000):
-            summary = result_files.read_summary(self.results_dir, commit)
-            if summary is None:
+            result = result_files.read_result(self.results_dir, commit)
+            if result is None:
                 continue
-            state = JobState(summary["status"])
-            self.store.finish(commit, None, state, Outcome(state.value), summary.get("reason"), json.dumps(summary), time.time())
+            state = JobState(result.status)
+            self.store.finish(commit, None, state, Outcome(state.value), result.reason, json.dumps(result.summary()),
+                              time.time())
             log.info("commit %s: result file found on start-up (%s); recorded", commit, state.value)
 
     # --- requests ------------------------------------------------------------------
@@ -239,10 +229,10 @@ class Dispatcher:
             total = self.store.count(JobState.QUEUED)
         return _json_reply({
             "queued_total": total,
-            "queued": [{"commit": job.commit, "queued_at": result_files.iso_time(job.queued_at)} for job in queued],
+            "queued": [{"commit": job.commit, "queued_at": iso_time(job.queued_at)} for job in queued],
             "running": [
                 {"commit": job.commit, "attempt": job.current_attempt, "runner": job.runner,
-                 "started_at": result_files.iso_time(job.started_at)}
+                 "started_at": iso_time(job.started_at)}
                 for job in running
             ],
         })
@@ -254,15 +244,15 @@ class Dispatcher:
 
     def _describe_runner(self, record: RunnerRecord) -> dict:
         if not record.verified:
-            state, commit, attempt = "unverified", None, None
+            state, commit, attempt = RunnerState.UNVERIFIED, None, None
         elif record.assignment is not None:
-            state, commit, attempt = "busy", record.assignment.commit, record.assignment.attempt_id
+            state, commit, attempt = RunnerState.BUSY, record.assignment.commit, record.assignment.attempt_id
         elif record.reported is not None:
-            state, (commit, attempt) = "busy", record.reported
+            state, (commit, attempt) = RunnerState.BUSY, record.reported
         else:
-            state, commit, attempt = "idle", None, None
-        return {"name": record.name, "address": format_address(record.address), "state": state,
-                "commit": commit, "attempt": attempt, "since": result_files.iso_time(record.since)}
+            state, commit, attempt = RunnerState.IDLE, None, None
+        return {"name": record.name, "address": format_address(record.address), "state": state.value,
+                "commit": commit, "attempt": attempt, "since": iso_time(record.since)}
 
     def _on_recent(self, message: Message, peer: str) -> Message:
         limit = min(message.get("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT)
@@ -283,7 +273,7 @@ class Dispatcher:
         job = jobs[0]
         commit = job.commit
         answer = {"commit": commit, "state": job.state.value, "runner": job.runner, "attempt": job.current_attempt,
-                  "queued_at": result_files.iso_time(job.queued_at), "summary": None, "files": {}}
+                  "queued_at": iso_time(job.queued_at), "summary": None, "files": {}}
         if job.state.final and job.summary:
             answer["summary"] = json.loads(job.summary)
             answer["files"] = {"report": result_files.result_path(self.results_dir, commit),
@@ -337,55 +327,47 @@ class Dispatcher:
         return reply("OK", runner=name, heartbeat=self.heartbeat_interval)
 
     def _on_results(self, message: Message, peer: str) -> Message:
-        fields = message.fields
-        result = Result(
-            commit=fields["commit"],
-            attempt_id=fields["attempt"],
-            status=fields["status"],
-            counts={key: fields[key] for key in ("passed", "failed", "errors", "skipped") if key in fields},
-            duration=fields.get("duration"),
-            reason=fields.get("reason"),
-            output=message.sections.get("log", b"").decode("utf-8", errors="replace"),
-        )
+        result = Result.from_message(message)
         if "log" in message.truncated:
-            log.warning("commit %s attempt %d: output cut to the size limit", result.commit, result.attempt_id)
+            log.warning("commit %s attempt %d: output cut to the size limit", result.commit, result.attempt)
         if "junit" in message.truncated:
-            log.warning("commit %s attempt %d: JUnit XML over the size limit: not kept", result.commit, result.attempt_id)
-        elif message.sections.get("junit"):
-            # Parsed here, before the lock: a large file takes a while to check.
+            log.warning("commit %s attempt %d: JUnit XML over the size limit: not kept", result.commit, result.attempt)
+        elif result.junit:
+            # Checked here, before the lock: a large file takes a while to parse.
             try:
-                result.junit = result_files.clean_junit(message.sections["junit"])
-            except ValueError as exc:
-                log.warning("commit %s attempt %d: JUnit XML not kept: %s", result.commit, result.attempt_id, exc)
+                result.junit = junit.clean(result.junit)
+            except junit.JUnitError as exc:
+                result.junit = None
+                log.warning("commit %s attempt %d: JUnit XML not kept: %s", result.commit, result.attempt, exc)
         with self._cond:
             job = self.store.job(result.commit)
-            attempt = self.store.attempt(result.attempt_id)
+            attempt = self.store.attempt(result.attempt)
             if job is None or attempt is None or attempt.commit != result.commit:
                 log.warning(
-                    "results from %s for unknown commit %s attempt %d: refused", peer, result.commit, result.attempt_id
+                    "results from %s for unknown commit %s attempt %d: refused", peer, result.commit, result.attempt
                 )
                 return error(UNKNOWN_ATTEMPT)
             if result.commit in self._settling:
                 # Another verdict for it is being written: this one waits its turn (the
                 # runner keeps it and sends it again), so that the first one wins.
                 return error("busy: a result for %s is being recorded; send it again later" % result.commit)
-            if job.state.final or result.status not in ("passed", "failed"):
+            if job.state.final or not ReportedStatus(result.status).verdict:
                 # If recording fails (the results folder unwritable...), the handler's
                 # ERR makes the runner keep the result and send it again; the assignment
                 # stays meanwhile, so the job keeps its lease instead of hanging unowned.
                 answer = self._record_result(job, attempt.runner, result)
-                self._free_runner_of(result.attempt_id)
+                self._free_runner_of(result.attempt)
                 return answer
             # A verdict: its files (the output may be megabytes, fsync'ed) are written
             # without the lock, which every request and the scheduler need meanwhile.
             state = JobState(result.status)
-            summary, now = self._summarize(result.commit, result.attempt_id, state, attempt.runner, result)
+            now = self._complete(result, state, attempt.runner)
             self._settling.add(result.commit)
         try:
-            result_files.write_result(self.results_dir, summary, result.output, result.junit)
+            result_files.write_result(self.results_dir, result)
             with self._cond:
-                self._record_settled(result.attempt_id, state, result, summary, now)
-                self._free_runner_of(result.attempt_id)
+                self._record_settled(result, state, now)
+                self._free_runner_of(result.attempt)
         finally:
             with self._cond:
                 self._settling.discard(result.commit)
@@ -404,64 +386,54 @@ class Dispatcher:
     def _record_result(self, job: Job, runner: str, result: Result) -> Message:
         """The state change a runner's result makes (called with self._cond held)."""
         if job.state.final:
-            self.store.end_attempt(result.attempt_id, Outcome.SUPERSEDED, time.time())
+            self.store.end_attempt(result.attempt, Outcome.SUPERSEDED, time.time())
             log.info(
                 "commit %s attempt %d (runner %s): late %s result ignored, already %s",
-                result.commit, result.attempt_id, runner, result.status, job.state.value,
+                result.commit, result.attempt, runner, result.status, job.state.value,
             )
             return reply("OK", recorded=0)
-        current = job.current_attempt == result.attempt_id
+        current = job.current_attempt == result.attempt
         if not current or job.state is not JobState.RUNNING:
-            outcome = Outcome.ERROR if result.status == "error" else Outcome.RETURNED
-            self.store.end_attempt(result.attempt_id, outcome, time.time())
+            outcome = Outcome.ERROR if result.status == ReportedStatus.ERROR else Outcome.RETURNED
+            self.store.end_attempt(result.attempt, outcome, time.time())
             log.info(
                 "commit %s attempt %d (runner %s): stale %s ignored",
-                result.commit, result.attempt_id, runner, result.status,
+                result.commit, result.attempt, runner, result.status,
             )
             return reply("OK", recorded=0)
-        why = result.reason or ("infrastructure error on runner" if result.status == "error" else "handed back by runner")
-        outcome = Outcome.ERROR if result.status == "error" else Outcome.RETURNED
-        self._requeue(result.commit, result.attempt_id, runner, why, outcome)
+        fault = result.status == ReportedStatus.ERROR
+        why = result.reason or ("infrastructure error on runner" if fault else "handed back by runner")
+        outcome = Outcome.ERROR if fault else Outcome.RETURNED
+        self._requeue(result.commit, result.attempt, runner, why, outcome)
         return reply("OK", recorded=1)
 
     # --- state changes (all called with self._cond held) ------------------------------
 
-    def _settle(self, commit: str, attempt_id: int | None, state: JobState, runner: str | None, result: Result) -> None:
+    def _settle(self, result: Result, state: JobState, runner: str | None) -> None:
         """Write the final result files, then record the job as final (all under the
         lock: for results without output; a runner's verdict is written outside it,
         see _on_results)."""
-        summary, now = self._summarize(commit, attempt_id, state, runner, result)
-        result_files.write_result(self.results_dir, summary, result.output, result.junit)
-        self._record_settled(attempt_id, state, result, summary, now)
+        now = self._complete(result, state, runner)
+        result_files.write_result(self.results_dir, result)
+        self._record_settled(result, state, now)
 
-    def _summarize(self, commit: str, attempt_id: int | None, state: JobState, runner: str | None,
-                   result: Result) -> tuple[dict, float]:
-        """The result's summary (the ``<sha>.json``) and its time; called with the lock held."""
-        job = self.store.job(commit)
-        started, _ = self.store.attempt_counts(commit)
+    def _complete(self, result: Result, state: JobState, runner: str | None) -> float:
+        """Fill in what only the dispatcher knows of a final result (its verdict, its
+        runner, the attempts it took, its times); returns when it became final. Called
+        with the lock held."""
+        job = self.store.job(result.commit)
+        result.attempts, _ = self.store.attempt_counts(result.commit)
         now = time.time()
-        return result_files.make_summary(
-            commit=commit,
-            status=state.value,
-            passed=result.counts.get("passed"),
-            failed=result.counts.get("failed"),
-            errors=result.counts.get("errors"),
-            skipped=result.counts.get("skipped"),
-            duration_s=result.duration,
-            runner=runner,
-            attempts=started,
-            queued_at=result_files.iso_time(job.queued_at),
-            started_at=result_files.iso_time(self.store.attempt(attempt_id).assigned_at if attempt_id else job.started_at),
-            finished_at=result_files.iso_time(now),
-            reason=result.reason,
-        ), now
+        started = self.store.attempt(result.attempt).assigned_at if result.attempt else job.started_at
+        result.status, result.runner = state.value, runner
+        result.queued_at, result.started_at, result.finished_at = iso_time(job.queued_at), iso_time(started), iso_time(now)
+        return now
 
-    def _record_settled(self, attempt_id: int | None, state: JobState, result: Result, summary: dict,
-                        now: float) -> None:
+    def _record_settled(self, result: Result, state: JobState, now: float) -> None:
         """Record a job whose result files are written as final; called with the lock held."""
-        commit, runner = summary["commit"], summary["runner"]
-        outcome = Outcome(state.value) if state is not JobState.ERROR else Outcome.ERROR
-        self.store.finish(commit, attempt_id, state, outcome, result.reason, json.dumps(summary), now)
+        commit = result.commit
+        self.store.finish(commit, result.attempt, state, Outcome(state.value), result.reason,
+                          json.dumps(result.summary()), now)
         self.on_final_result()
         self._avoid.pop(commit, None)
         for other in self._assignments.values():
@@ -469,7 +441,7 @@ class Dispatcher:
                 other.superseded = True
         log.info(
             "commit %s: %s (attempt %s, runner %s)%s",
-            commit, state.value, attempt_id, runner, ": %s" % result.reason if result.reason else "",
+            commit, state.value, result.attempt, result.runner, ": %s" % result.reason if result.reason else "",
         )
 
     def _lose(self, assignment: Assignment, why: str, outcome: Outcome) -> None:
@@ -493,7 +465,8 @@ class Dispatcher:
             log.error("commit %s attempt %d (runner %s): %s; %d infrastructure failures, giving up",
                       commit, attempt_id, runner, why, failures)
             reason = "%s (after %d attempts)" % (why, failures)
-            self._settle(commit, None, JobState.ERROR, runner, Result(commit, attempt_id, "error", reason=reason))
+            # No attempt of its own: the failed one has ended already, and the job is queued.
+            self._settle(Result(commit, JobState.ERROR.value, reason=reason), JobState.ERROR, runner)
         else:
             log.warning("commit %s attempt %d (runner %s): %s; back in the queue", commit, attempt_id, runner, why)
         self._cond.notify_all()
@@ -523,7 +496,7 @@ class Dispatcher:
             record.verified = True
             log.info("runner %s answers at %s: ready", record.name, format_address(record.address))
         assignment = record.assignment
-        if answer.get("state") == "busy":
+        if answer.get("state") == RunnerState.BUSY:
             commit, attempt_id = answer.get("commit"), answer.get("attempt")
             record.reported = (commit, attempt_id)
             if assignment is not None and assignment.attempt_id == attempt_id:

@@ -34,6 +34,7 @@ from commit_ci.client import communicate
 from commit_ci.daemon import install_stop_signals
 from commit_ci.protocol import request
 from commit_ci.security import Authenticator, Security
+from commit_ci.states import JobState
 from commit_ci.wire import ProtocolError, format_address
 
 log = logging.getLogger("ci-local")
@@ -221,7 +222,7 @@ class LiveView:
 
 
 def _coloured(summary: dict) -> str:
-    colour = {"passed": "32", "failed": "31"}.get(summary["status"], "33")
+    colour = {JobState.PASSED: "32", JobState.FAILED: "31"}.get(summary["status"], "33")
     return "\x1b[%sm%s\x1b[0m" % (colour, ctl.result_line(summary))
 
 

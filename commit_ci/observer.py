@@ -17,8 +17,6 @@ import argparse
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import threading
 
@@ -28,6 +26,7 @@ from commit_ci.client import Connection
 from commit_ci.daemon import install_stop_signals, setup_logging
 from commit_ci.files import atomic_write
 from commit_ci.git_scripts import script_path
+from commit_ci.processes import run_step
 from commit_ci.protocol import request
 from commit_ci.security import Security, add_security_arguments, security_from_arguments
 from commit_ci.wire import ProtocolError, format_address, parse_address, parse_commit
@@ -94,35 +93,25 @@ class RepoObserver:
 
     # --- one round -------------------------------------------------------------------
 
-    def fetch(self) -> str | None:
-        """Fetch the branch; its tip's commit id, or None (logged) if the fetch failed."""
-        # In a session of its own, so that a fetch that hangs is killed with the git
-        # processes it started; with no terminal to ask for a password on.
-        with subprocess.Popen(
-            [script_path("update_repo.sh"), self.clone, self.remote, self.branch],
-            env=dict(os.environ, GIT_TERMINAL_PROMPT="0"),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        ) as fetching:
-            try:
-                stdout, stderr = fetching.communicate(timeout=FETCH_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(fetching.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                log.warning("fetch of %s took over %.0f s: killed; will retry", self._key, FETCH_TIMEOUT_S)
-                return None
-        if fetching.returncode != 0:
-            lines = stderr.decode("utf-8", "replace").strip().splitlines() or ["no output"]
-            log.warning("fetch of %s failed: %s", self._key, lines[-1])
+    def fetch(self, stop: threading.Event | None = None) -> str | None:
+        """Fetch the branch; its tip's commit id, or None (logged) if the fetch failed
+        or ``stop`` was set meanwhile."""
+        # A bounded step: a fetch that hangs is killed with the git processes it
+        # started; with no terminal to ask for a password on.
+        ended = run_step([script_path("update_repo.sh"), self.clone, self.remote, self.branch],
+                         env=dict(os.environ, GIT_TERMINAL_PROMPT="0"), timeout=FETCH_TIMEOUT_S, stop=stop,
+                         capture_stdout=True)
+        if ended.killed == "timeout":
+            log.warning("fetch of %s took over %.0f s: killed; will retry", self._key, FETCH_TIMEOUT_S)
+            return None
+        if not ended.succeeded:
+            if ended.killed is None:
+                log.warning("fetch of %s failed: %s", self._key, ended.last_line())
             return None
         try:
-            return parse_commit(stdout.decode("ascii", "replace").strip())
+            return parse_commit(ended.stdout.decode("ascii", "replace").strip())
         except ProtocolError:
-            log.warning("update_repo.sh printed no commit id: %r", stdout[:200])
+            log.warning("update_repo.sh printed no commit id: %r", ended.stdout[:200])
             return None
 
     def new_commits(self, tip: str) -> list[str]:
@@ -159,9 +148,9 @@ class RepoObserver:
         except git.GitCommandError:
             return True
 
-    def poll_once(self) -> bool:
+    def poll_once(self, stop: threading.Event | None = None) -> bool:
         """Fetch and report. True if everything new was acknowledged."""
-        tip = self.fetch()
+        tip = self.fetch(stop)
         if tip is None:
             return False
         commits = self.new_commits(tip)
@@ -195,7 +184,7 @@ class RepoObserver:
     def run(self, stop: threading.Event, interval: float) -> None:
         while not stop.is_set():
             try:
-                done = self.poll_once()
+                done = self.poll_once(stop)
             except (git.GitCommandError, ValueError, OSError) as exc:
                 log.error("round failed: %s; will retry", exc)
                 done = False

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 from urllib.parse import quote, unquote
 
+from commit_ci.states import JobState, ReportedStatus, RunnerState, values
 from commit_ci.wire import (
     ProtocolError,
     Stream,
@@ -55,11 +56,6 @@ MAX_SECTION_ON_WIRE_BYTES = 256 * 1024 * 1024
 SECTION_BUDGET_BYTES = 64 * 1024 * 1024
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._:@\-]{1,128}\Z")
-
-#: Statuses a runner may report for an attempt. ``passed`` and ``failed`` are the
-#: commit's verdict; ``error`` is an infrastructure fault on the runner (retried
-#: elsewhere); ``aborted`` means the runner handed the job back (shutting down).
-RUNNER_STATUSES = ("passed", "failed", "error", "aborted")
 
 # --- Field types ---------------------------------------------------------------------
 # Each parser takes the wire text (already percent-decoded) and returns the typed
@@ -103,25 +99,21 @@ def parse_text(text: str) -> str:
     return text
 
 
-def parse_status(text: str) -> str:
-    if text not in RUNNER_STATUSES:
-        raise ProtocolError("invalid status (want one of %s)" % ", ".join(RUNNER_STATUSES))
-    return text
+def _one_of(names: tuple[str, ...], what: str) -> Callable[[str], str]:
+    """A parser that takes one of ``names``."""
+
+    def parse(text: str) -> str:
+        if text not in names:
+            raise ProtocolError("invalid %s (want one of %s)" % (what, ", ".join(names)))
+        return text
+
+    return parse
 
 
-def parse_runner_state(text: str) -> str:
-    if text not in ("idle", "busy"):
-        raise ProtocolError("invalid state (want idle or busy)")
-    return text
-
-
-JOB_STATES = ("queued", "running", "passed", "failed", "error")
-
-
-def parse_job_state(text: str) -> str:
-    if text not in JOB_STATES:
-        raise ProtocolError("invalid job state (want one of %s)" % ", ".join(JOB_STATES))
-    return text
+#: What a runner reports for an attempt, says it is doing, and a job's state (states.py).
+parse_status = _one_of(values(ReportedStatus), "status")
+parse_runner_state = _one_of(values((RunnerState.IDLE, RunnerState.BUSY)), "state")
+parse_job_state = _one_of(values(JobState), "job state")
 
 
 @dataclass(frozen=True)

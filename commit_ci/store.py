@@ -27,7 +27,6 @@ same file: in WAL mode readers and the writer do not block each other.
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import sqlite3
@@ -36,6 +35,8 @@ import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
+
+from commit_ci.states import ADOPTABLE, TRANSITIONS, JobState, Outcome
 
 SCHEMA_VERSION = 1
 
@@ -103,66 +104,6 @@ CREATE TABLE IF NOT EXISTS runners (
     registered_at REAL NOT NULL
 );
 """
-
-
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    PASSED = "passed"
-    FAILED = "failed"
-    ERROR = "error"
-
-    @property
-    def final(self) -> bool:
-        return self in FINAL_STATES
-
-
-FINAL_STATES = frozenset({JobState.PASSED, JobState.FAILED, JobState.ERROR})
-
-#: Every move a job may make. Anything else is a bug and raises.
-TRANSITIONS = frozenset(
-    {
-        (JobState.QUEUED, JobState.RUNNING),  # assigned, or re-adopted from a runner after a restart
-        (JobState.RUNNING, JobState.QUEUED),  # attempt lost, refused, handed back, infra fault
-        (JobState.RUNNING, JobState.PASSED),
-        (JobState.RUNNING, JobState.FAILED),
-        (JobState.RUNNING, JobState.ERROR),  # infra fault on the last allowed attempt
-        # A verdict from an earlier attempt that arrives after its job was requeued
-        # (runner presumed dead, dispatcher restarted) still settles the job.
-        (JobState.QUEUED, JobState.PASSED),
-        (JobState.QUEUED, JobState.FAILED),
-        # Only on start-up: a result file found, or a job under an abbreviated id retired.
-        (JobState.QUEUED, JobState.ERROR),
-    }
-)
-
-
-class Outcome(str, enum.Enum):
-    """How an attempt ended."""
-
-    PASSED = "passed"
-    FAILED = "failed"
-    ERROR = "error"  # the runner reported an infrastructure fault (checkout failed...)
-    LOST = "lost"  # the runner stopped answering or forgot the job
-    REFUSED = "refused"  # the runner answered BUSY or could not be reached: never started
-    RETURNED = "returned"  # the runner handed the job back while shutting down
-    INTERRUPTED = "interrupted"  # the dispatcher restarted while it was out
-    SUPERSEDED = "superseded"  # another attempt settled the job first
-
-    @property
-    def infra_failure(self) -> bool:
-        """Counts towards the attempt limit: the job was tried and the infrastructure failed."""
-        return self in (Outcome.ERROR, Outcome.LOST)
-
-    @property
-    def started(self) -> bool:
-        """The attempt really reached a runner (counts in the result's ``attempts``)."""
-        return self is not Outcome.REFUSED
-
-
-#: Ends of an attempt that the runner may not know of: the dispatcher lost track of
-#: it, so a runner still running it can be given it back.
-ADOPTABLE = (Outcome.INTERRUPTED.value, Outcome.LOST.value, Outcome.REFUSED.value)
 
 
 @dataclass(frozen=True)

@@ -15,16 +15,13 @@ test and never imports anything from a clone, so every job starts from the same
 state: what differs from a fresh interpreter is only that pytest was imported
 before the job's working directory was on ``sys.path``.
 
-A test may start a process that leaves the job's session (``setsid``, a
-double-forked daemon): killing the job's process group does not reach it, and it
-could go on changing the clone while the next commit is tested. So the zygote is
-a *child subreaper* (``become_subreaper``): whatever a job started comes back to
-it as a child when its parent dies, and once the job's own child has ended, every
-other child the zygote has is a leftover of that job, killed and reaped
-(``kill_leftovers``) before the job's end is reported. The runner does the same
-for a job run in a fresh interpreter. Both functions live here because the zygote
-runs this file as a script: a module of ours it imported would be in every job's
-``sys.modules``, hiding a module of the same name in the clone.
+The zygote is a child subreaper: once a job's own child has ended, it kills and
+reaps what the job left running, even in another session (leftovers.py), before it
+reports the end. It runs this file as a script, and imports nothing of the package:
+a module of ours in its ``sys.modules`` would be in every job's too, hiding a module
+of the same name in the clone (commit-ci testing itself, say). So it loads
+leftovers.py by its path, under a name of its own, without entering it in
+``sys.modules``; and it takes its own folder off ``sys.path``.
 
 Talk with the runner is one JSON object per line over the zygote's stdin and
 stdout:
@@ -47,8 +44,8 @@ The zygote exits when its stdin closes (the runner stopped or died).
 
 from __future__ import annotations
 
-import ctypes
 import importlib
+import importlib.util
 import json
 import os
 import select
@@ -68,17 +65,8 @@ READY_TIMEOUT_S = 60.0
 #: How long forking a child for a job may take.
 FORK_TIMEOUT_S = 10.0
 #: After the time limit and the kill, how long to wait for the zygote to report the
-#: child's end before giving up on the zygote (it includes LEFTOVERS_TIMEOUT_S).
+#: child's end before giving up on the zygote (it includes leftovers.LEFTOVERS_TIMEOUT_S).
 END_MARGIN_S = 30.0
-#: prctl(2): orphaned descendants are re-parented to this process, not to init.
-PR_SET_CHILD_SUBREAPER = 36
-#: Longest that killing and reaping a job's leftovers may take: a killed process
-#: is gone within milliseconds, unless it is stuck in the kernel (a hung NFS mount).
-LEFTOVERS_TIMEOUT_S = 10.0
-#: Most kill-and-reap rounds: each reaches the children of the processes the last
-#: one killed (a daemon's own children), and a process that keeps forking is
-#: caught one generation per round.
-LEFTOVERS_ROUNDS = 100
 
 class WarmPytestError(Exception):
     """The zygote could not run a job (it is gone or confused); the runner falls back
@@ -203,155 +191,19 @@ def _become_job(job: dict, channels: tuple[int, int]) -> None:
             os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
 
 
-def become_subreaper() -> bool:
-    """Make this process a child subreaper: a process it started, directly or not,
-    whose parent dies is re-parented to it rather than to init, whatever session
-    or process group it moved to. It must then reap such children
-    (``kill_leftovers``). False where that is not possible (not Linux). The setting
-    is not inherited: processes started from here are ordinary parents.
-    """
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return False
-    return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-
-
-def _children():
-    """This process's children, as (pid, state letter, process group) ("Z": ended,
-    not yet reaped), yielded as they are read from /proc.
-
-    Every /proc/PID/stat is read, because /proc/PID/task/TID/children needs a kernel
-    option that is often off (as on the test machine): about 1.6 ms with 100
-    processes on the machine.
-    """
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry, "rb") as handle:
-                stat = handle.read()
-        except OSError:
-            continue  # it ended meanwhile
-        # The command name is in parentheses and may contain spaces and parentheses.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[1]) == me:
-            yield int(entry), fields[0].decode("ascii", "replace"), int(fields[2])
-
-
-def _reap_all(pids, deadline: float, killed: set[int]) -> list[int]:
-    """Reap each of ``pids`` (children of this process, killed) as it ends, adding
-    to ``killed`` those a SIGKILL ended; returns those still there at ``deadline``.
-
-    Ended ones are reaped at once; for the others it waits on their pidfds, which
-    become readable when a process ends: no polling, and unlike a blocking waitpid
-    no hang on a process stuck in the kernel. A pid whose pidfd cannot be opened
-    (too many at once) counts as still there: the next step's sweep retries it.
-    """
-
-    def reap(pid: int) -> bool:
-        try:
-            ended, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return True  # reaped already: nothing left to wait for
-        if ended and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-            killed.add(pid)
-        return bool(ended)
-
-    pending = [pid for pid in pids if not reap(pid)]
-    waiting: dict[int, int] = {}  # pidfd -> pid
-    stuck = []
-    poller = select.poll()
-    try:
-        for pid in pending:
-            try:
-                descriptor = os.pidfd_open(pid)
-            except OSError:
-                stuck.append(pid)
-                continue
-            waiting[descriptor] = pid
-            poller.register(descriptor, select.POLLIN)
-        while waiting:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            for descriptor, _ in poller.poll(remaining * 1000):
-                poller.unregister(descriptor)
-                os.close(descriptor)
-                reap(waiting.pop(descriptor))
-    finally:
-        for descriptor in waiting:
-            os.close(descriptor)
-    return sorted(stuck + list(waiting.values()))
-
-
-def kill_leftovers(keep=frozenset()) -> tuple[int, list[int]]:
-    """SIGKILL and reap every child of this process but those in ``keep``, then the
-    children they leave, until there are none: in a subreaper, after a job, what the
-    job left running. Returns (how many a SIGKILL ended, pids still there after
-    LEFTOVERS_TIMEOUT_S or LEFTOVERS_ROUNDS rounds).
-
-    Only this process's own children, and their process groups, are signalled: a
-    child's pid cannot be given to another process before it is reaped here, nor its
-    group's id while it is in the group, so a kill never reaches a stranger that took
-    the number of a process that just ended. When a killed child ends, the kernel
-    re-parents its children to this process before the child can be reaped, so the
-    next round finds them. Each child is killed the moment it is found, with its
-    group: a process that keeps forking and exiting (a daemon that "hops") shows
-    /proc mostly the parents it left, ended, but stays in their group.
-    The caller must be the only one starting children meanwhile: any new child not
-    in ``keep`` is taken for a leftover.
-    """
-    if not keep:
-        try:
-            # No children at all (the usual case): no need to read /proc.
-            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return 0, []
-    killed: set[int] = set()
-    deadline = time.monotonic() + LEFTOVERS_TIMEOUT_S
-    # Groups not to kill whole: this process's own, and those of the children kept.
-    spared_groups = {os.getpgid(0)} | {_group_of(pid) for pid in keep}
-    killed_groups: set[int] = set()
-    for _ in range(LEFTOVERS_ROUNDS):
-        found = []
-        for pid, state, group in _children():
-            if pid in keep:
-                continue
-            found.append(pid)
-            if state != "Z":
-                os.kill(pid, signal.SIGKILL)  # a child not reaped yet: it cannot be gone
-            if group not in spared_groups and group not in killed_groups:
-                # Its whole group at once, a child it is forking this moment included
-                # (the kernel does not let a fork escape a signal sent to the group):
-                # a process that hops from pid to pid by forking stays in its group,
-                # and leaves only ended parents behind for /proc to show. A group
-                # holds only processes of the session that made it, all the job's.
-                killed_groups.add(group)
-                try:
-                    os.killpg(group, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        if not found:
-            return len(killed), []
-        stuck = _reap_all(found, deadline, killed)
-        if stuck:
-            return len(killed), stuck
-    # Out of rounds: a process that forks faster than it is killed.
-    return len(killed), sorted(pid for pid, _, _ in _children() if pid not in keep)
-
-
-def _group_of(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
-
-
 def _send(stream, message: dict) -> None:
     stream.write(json.dumps(message) + "\n")
     stream.flush()
+
+
+def _load_leftovers():
+    """leftovers.py, from beside this file, as a module that is not in ``sys.modules``
+    (see the module docstring)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "leftovers.py")
+    spec = importlib.util.spec_from_file_location("_zygote_leftovers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def serve(requests, replies) -> int:
@@ -359,8 +211,9 @@ def serve(requests, replies) -> int:
     # Ctrl-C in a terminal reaches the whole foreground group; the runner decides
     # when the zygote stops (by closing its stdin), not the keyboard.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    leftovers = _load_leftovers()
     # Before any job is forked: what a job leaves behind comes back here, to be killed.
-    subreaper = become_subreaper()
+    subreaper = leftovers.become_subreaper()
     try:
         announce = _preload()
     except Exception as exc:  # noqa: BLE001 - the runner falls back to a fresh interpreter per job
@@ -393,8 +246,8 @@ def serve(requests, replies) -> int:
         _send(replies, {"pid": child})
         _, status = os.waitpid(child, 0)
         # The zygote starts nothing else: every other child it has is the job's.
-        leftovers, stuck = kill_leftovers() if subreaper else (0, [])
-        _send(replies, {"pid": child, "status": os.waitstatus_to_exitcode(status), "leftovers": leftovers, "stuck": stuck})
+        killed, stuck = leftovers.kill_leftovers() if subreaper else (0, [])
+        _send(replies, {"pid": child, "status": os.waitstatus_to_exitcode(status), "leftovers": killed, "stuck": stuck})
 
 
 class WarmPytest:

@@ -3,11 +3,13 @@ network: for what a test cannot hold still from the outside."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from commit_ci import dispatcher, result_files
 from commit_ci.protocol import request
-from commit_ci.store import JobState, JobStore
+from commit_ci.states import JobState
+from commit_ci.store import JobStore
 
 SHA = "ab" * 20
 
@@ -49,4 +51,23 @@ def test_a_verdict_is_written_without_holding_everyone_up(tmp_path, monkeypatch)
     assert (tmp_path / "results" / (SHA + ".json")).exists()
     late = handler.handle(verdict, "r1")
     assert (late.verb, late.get("recorded")) == ("OK", 0), "once recorded, the same verdict again is old news"
+    store.close()
+
+
+def test_junit_xml_a_browser_would_run_scripts_from_is_not_kept_whoever_sends_it(tmp_path, caplog):
+    """Runners do not send such a file, but a result does not have to come from ours."""
+    store = JobStore(str(tmp_path / "queue.sqlite3"))
+    (tmp_path / "results").mkdir()
+    handler = dispatcher.Dispatcher(store, str(tmp_path / "results"))
+    store.enqueue(SHA, 1.0)
+    attempt = store.assign(SHA, "r1", 2.0)
+    hostile = b'<testsuites><svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg></testsuites>'
+    verdict = request("results", commit=SHA, attempt=attempt, status="failed", log=b"1 failed\n", junit=hostile)
+    with caplog.at_level(logging.WARNING, logger="dispatcher"):
+        answer = handler.handle(verdict, "r1")
+    assert (answer.verb, answer.get("recorded")) == ("OK", 1)
+    assert store.job(SHA).state is JobState.FAILED
+    assert not (tmp_path / "results" / (SHA + ".xml")).exists()
+    assert (tmp_path / "results" / (SHA + ".log")).read_text() == "1 failed\n"
+    assert any("JUnit XML not kept: it uses XML namespaces" in record.getMessage() for record in caplog.records)
     store.close()

@@ -240,7 +240,8 @@ def test_a_repository_that_uses_pytests_cache_gets_it(ci, upstream):
 def test_a_job_queued_under_an_abbreviated_id_by_an_older_dispatcher_is_retired(ci, upstream, tmp_path):
     """Databases from before abbreviated ids were refused may queue one: no runner takes
     it, so it must not come back to the scheduler (ahead of every other job) forever."""
-    from commit_ci.store import JobState, JobStore
+    from commit_ci.states import JobState
+    from commit_ci.store import JobStore
 
     sha = upstream.commit({"test_more.py": PASSING_TEST}, "dispatched twice by an older ci-ctl")
     database = tmp_path / "queue.sqlite3"
@@ -269,15 +270,16 @@ def test_a_result_kept_for_an_abbreviated_id_by_an_older_runner_is_dropped(ci, u
     """Its ping would name the abbreviated id, which the dispatcher cannot decode, and
     the dispatcher would refuse to record it: kept, the runner would never get a job."""
     from commit_ci.client import communicate
+    from commit_ci.outbox import encode
     from commit_ci.protocol import request
-    from commit_ci.runner import JobResult
+    from commit_ci.result import Result
     from commit_ci.wire import parse_address
 
     sha = upstream.commit({"test_more.py": PASSING_TEST}, "tested while an old result is kept")
     state = tmp_path / "runner-state"
     (state / "pending").mkdir(parents=True)
     kept = state / "pending" / ("%012d-%s.json" % (7, sha[:8]))
-    kept.write_bytes(JobResult(commit=sha[:8], attempt=7, status="passed").to_json())
+    kept.write_bytes(encode(Result(commit=sha[:8], attempt=7, status="passed")))
 
     ci.start_dispatcher()
     runner = ci.start_runner("--state-dir", str(state))

@@ -8,15 +8,8 @@ import threading
 
 import pytest
 
-from commit_ci.store import (
-    FINAL_STATES,
-    SCHEMA_VERSION,
-    TRANSITIONS,
-    InvalidTransition,
-    JobState,
-    JobStore,
-    Outcome,
-)
+from commit_ci.states import FINAL_STATES, TRANSITIONS, JobState, Outcome
+from commit_ci.store import SCHEMA_VERSION, InvalidTransition, JobStore
 
 A = "a" * 40
 B = "b" * 40

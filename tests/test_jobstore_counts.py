@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from commit_ci.store import InvalidTransition, JobState, JobStore, Outcome
+from commit_ci.states import JobState, Outcome
+from commit_ci.store import InvalidTransition, JobStore
 
 
 def counted(store: JobStore) -> dict[str, int]:

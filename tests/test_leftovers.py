@@ -151,7 +151,7 @@ def test_what_a_job_left_is_killed_by_the_runner_when_the_warm_pytest_dies(ci, s
 KILL_LEFTOVERS_PROBE = r'''
 import json, os, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
-from commit_ci.warm_pytest import _children, become_subreaper, kill_leftovers
+from commit_ci.leftovers import _children, become_subreaper, kill_leftovers
 
 folder, stray_code = sys.argv[2], sys.argv[3]
 stray = [sys.executable, "-c", stray_code, folder]

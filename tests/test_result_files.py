@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import stat
 import sys
 import xml.etree.ElementTree as ElementTree
 
-import pytest
-
-from commit_ci import result_files
+from commit_ci import junit, result_files
+from commit_ci.result import SUMMARY_FIELDS, Result
 
 from conftest import FAILING_TEST, PASSING_TEST
 
@@ -68,39 +68,7 @@ def test_junit_xml_that_a_browser_would_run_scripts_from_is_not_kept(ci, upstrea
     assert summary["status"] == "failed"
     assert not (ci.results_dir / (sha + ".xml")).exists()
     assert (ci.results_dir / (sha + ".log")).exists()
-    ci.dispatcher.wait_for_log(r"commit %s attempt \d+: JUnit XML not kept: .*namespaces" % sha)
-
-
-def test_clean_junit_keeps_pytest_output_as_it_is():
-    cleaned = result_files.clean_junit(PYTEST_JUNIT)
-    assert cleaned.startswith(b"<?xml version='1.0' encoding='utf-8'?>")
-    original, kept = ElementTree.fromstring(PYTEST_JUNIT), ElementTree.fromstring(cleaned)
-    assert ElementTree.tostring(original) == ElementTree.tostring(kept)
-
-
-def test_clean_junit_drops_comments_and_processing_instructions():
-    hostile = PYTEST_JUNIT.replace(
-        b"<testsuites", b'<?xml-stylesheet type="text/xsl" href="evil.xsl"?><!-- hidden --><testsuites', 1
-    )
-    cleaned = result_files.clean_junit(hostile)
-    assert b"xml-stylesheet" not in cleaned and b"hidden" not in cleaned
-    assert b"test_fails" in cleaned
-
-
-@pytest.mark.parametrize(
-    "data, why",
-    [
-        (b'<!DOCTYPE x [<!ENTITY a "aaaa">]><testsuites>&a;</testsuites>', "DOCTYPE"),
-        (b"<testsuites><testsuite><testcase", "not well-formed"),
-        (b"<html><body>hi</body></html>", "root element"),
-        (b'<testsuites><svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg></testsuites>', "namespaces"),
-        (b'<testsuite xmlns:h="http://www.w3.org/1999/xhtml"><h:script>alert(1)</h:script></testsuite>', "namespaces"),
-        (b'<testsuite xml:base="file:///etc/"><testcase name="x"/></testsuite>', "namespaces"),
-    ],
-)
-def test_clean_junit_refuses_what_is_not_plain_junit(data, why):
-    with pytest.raises(ValueError, match=why):
-        result_files.clean_junit(data)
+    ci.runners[0].wait_for_log(r"commit %s attempt \d+: JUnit XML not sent: .*namespaces" % sha)
 
 
 def test_write_result_writes_every_file_atomically_json_last(tmp_path, monkeypatch):
@@ -113,12 +81,17 @@ def test_write_result_writes_every_file_atomically_json_last(tmp_path, monkeypat
 
     monkeypatch.setattr(result_files, "atomic_write", recording_write)
     sha = "ab" * 20
-    summary = result_files.make_summary(commit=sha, status="passed", passed=1, failed=0, errors=0, skipped=0)
-    result_files.write_result(str(tmp_path), summary, PASSING_TEST, junit=result_files.clean_junit(PYTEST_JUNIT))
+    result = Result(sha, "passed", passed=1, failed=0, errors=0, skipped=0, log=PASSING_TEST.encode(),
+                    junit=junit.clean(PYTEST_JUNIT))
+    result_files.write_result(str(tmp_path), result)
     assert written == [sha, sha + ".log", sha + ".xml", sha + ".json"]
     assert (tmp_path / (sha + ".log")).read_text() == PASSING_TEST
+    assert json.loads((tmp_path / (sha + ".json")).read_text()) == result.summary()
+    assert list(result.summary()) == list(SUMMARY_FIELDS)
+    assert result_files.read_result(str(tmp_path), sha) == Result(sha, "passed", passed=1, failed=0, errors=0,
+                                                                   skipped=0)
     written.clear()
-    result_files.write_result(str(tmp_path), dict(summary, commit="cd" * 20), "", junit=None)
+    result_files.write_result(str(tmp_path), Result("cd" * 20, "error", reason="checkout failed: gone"))
     assert written == ["cd" * 20, "cd" * 20 + ".log", "cd" * 20 + ".json"]
 
 
@@ -126,10 +99,19 @@ def test_result_files_get_the_mode_a_plain_file_would(tmp_path):
     """Readable by whoever may read the folder's other files (a web server serving
     test_results/), not private as a temporary file is made."""
     sha = "ab" * 20
-    summary = result_files.make_summary(commit=sha, status="passed", passed=1, failed=0, errors=0, skipped=0)
-    result_files.write_result(str(tmp_path), summary, PASSING_TEST, junit=result_files.clean_junit(PYTEST_JUNIT))
+    result_files.write_result(str(tmp_path), Result(sha, "passed", passed=1, failed=0, errors=0, skipped=0,
+                                                    log=PASSING_TEST.encode(), junit=junit.clean(PYTEST_JUNIT)))
     (tmp_path / "plain").write_text("")
     plain_mode = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
     assert plain_mode & 0o044, "the usual umask lets others read a plain file"
     for name in (sha, sha + ".log", sha + ".xml", sha + ".json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == plain_mode, name
+
+
+def test_a_result_file_that_is_not_a_complete_verdict_is_not_read(tmp_path):
+    sha = "ab" * 20
+    for text in ("{", "[]", '{"commit": "%s", "status": "queued"}' % sha, '{"commit": "%s", "status": "passed"}' % ("cd" * 20)):
+        (tmp_path / (sha + ".json")).write_text(text)
+        assert result_files.read_result(str(tmp_path), sha) is None, text
+    (tmp_path / (sha + ".json")).write_text('{"commit": "%s", "status": "failed", "a_later_field": 1}' % sha)
+    assert result_files.read_result(str(tmp_path), sha) == Result(sha, "failed")

@@ -10,11 +10,15 @@ import time
 
 import pytest
 
-from commit_ci import page, result_files
-from commit_ci.store import JobState, JobStore, Outcome
+from commit_ci import page
+from commit_ci.commit_metadata import CommitInfo, CommitMetadata
+from commit_ci.junit import FailedTest
+from commit_ci.result import Result
+from commit_ci.result_files import iso_time
+from commit_ci.states import JobState, Outcome
+from commit_ci.store import JobStore
 
 from conftest import FAILING_TEST, PASSING_TEST, git, wait_until
-from test_result_files import PYTEST_JUNIT
 
 XSS_SUBJECT = '<script>alert("subject")</script> & friends'
 # git allows no < or > in names; quotes and ampersands will do.
@@ -112,7 +116,7 @@ def _row_html(page: str, commit: str) -> str:
 def _finish(store: JobStore, commit: str, status: str, finished_at: float, **values) -> dict:
     store.enqueue(commit, finished_at - 10)
     attempt = store.assign(commit, "runner-1", finished_at - 5)
-    summary = result_files.make_summary(commit=commit, status=status, finished_at=result_files.iso_time(finished_at), **values)
+    summary = Result(commit, status, finished_at=iso_time(finished_at), **values).summary()
     state = JobState(status)
     store.finish(commit, attempt, state, Outcome(status), None, json.dumps(summary), finished_at)
     return summary
@@ -163,7 +167,7 @@ def _row(commit: str, status: str = "failed", **changes) -> page.Row:
 
 def test_everything_untrusted_on_the_page_is_escaped():
     hostile = '"><script>alert(1)</script><b onmouseover="x">'
-    failure = page.FailedTest(hostile, "failure", (hostile, "E   " + hostile))
+    failure = FailedTest(hostile, "failure", (hostile, "E   " + hostile))
     row = _row("ab" * 20, subject=hostile, author=hostile, reason=hostile, runner=hostile,
                files=page.CommitFiles(True, True, True, (failure,), 1))
 
@@ -189,40 +193,18 @@ def test_chart_shows_the_last_commits_oldest_first_with_heights_from_durations()
     assert page.build_chart([], {}).bars == []
 
 
-def test_failing_tests_are_read_from_junit_xml(tmp_path):
-    path = tmp_path / "result.xml"
-    path.write_bytes(PYTEST_JUNIT)
-    failures, total = page.read_failures(str(path))
-    assert total == 1
-    assert failures[0].name == "test_bad::test_fails" and failures[0].kind == "failure"
-    assert failures[0].lines == ("assert (1 + 1) == 3",)
-
-    many = "".join(
-        '<testcase classname="t" name="case%d"><error message="boom %d">E   ValueError: %d</error></testcase>' % (i, i, i)
-        for i in range(40)
-    )
-    path.write_text("<testsuites><testsuite>%s</testsuite></testsuites>" % many)
-    failures, total = page.read_failures(str(path))
-    assert total == 40 and len(failures) == page.FAILURES_SHOWN
-    assert failures[3].kind == "error" and failures[3].lines == ("boom 3", "E   ValueError: 3")
-
-    path.write_text("<testsuites><testsuite")
-    assert page.read_failures(str(path)) == ((), 0)
-    assert page.read_failures(str(tmp_path / "missing.xml")) == ((), 0)
-
-
 def test_commit_metadata_fetches_once_for_new_commits_and_not_again_for_missing_ones(upstream, tmp_path, monkeypatch):
     clone = upstream.clone(tmp_path / "clone")
     initial = upstream.head()
     later = upstream.commit({}, "made after the clone", author="Ann Author <ann@example.invalid>")
-    metadata = page.CommitMetadata(str(clone))
+    metadata = CommitMetadata(str(clone))
     fetches = []
     real_fetch = metadata._fetch
     monkeypatch.setattr(metadata, "_fetch", lambda missing: (fetches.append(missing), real_fetch(missing)))
     try:
         found = metadata.lookup([later, initial])
-        assert found[later] == page.CommitInfo("made after the clone", "Ann Author")
-        assert found[initial] == page.CommitInfo("initial commit", "CI Test")
+        assert found[later] == CommitInfo("made after the clone", "Ann Author")
+        assert found[initial] == CommitInfo("initial commit", "CI Test")
         assert fetches == [1]
         never = "0" * 40
         assert never not in metadata.lookup([never, later])
@@ -231,7 +213,7 @@ def test_commit_metadata_fetches_once_for_new_commits_and_not_again_for_missing_
     finally:
         metadata.close()
     git(clone, "remote", "remove", "origin")
-    alone = page.CommitMetadata(str(clone))
+    alone = CommitMetadata(str(clone))
     try:
         assert alone.lookup(["1" * 40]) == {}, "no remote: nothing to fetch from"
     finally:

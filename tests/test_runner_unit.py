@@ -1,5 +1,6 @@
-"""test_runner.py's pieces in-process: JUnit counts, the process group, results on disk, the
-output cut; and every daemon's --help."""
+"""The runner's pieces in-process: JUnit counts (junit.py), a step's process group
+(processes.py), results kept on disk (outbox.py), the output cut (executor.py); and
+every daemon's --help."""
 
 from __future__ import annotations
 
@@ -12,55 +13,11 @@ import types
 
 import pytest
 
-from commit_ci import protocol, runner
-from commit_ci.runner import JobResult, read_junit_counts, read_log, run_process_group
+from commit_ci import executor, outbox, processes, protocol
+from commit_ci.executor import read_log
+from commit_ci.result import Result
 
 from conftest import ROOT, wait_until
-
-# --- JUnit XML -------------------------------------------------------------------------------
-
-SAMPLE_TESTS = '''
-import pytest
-
-@pytest.fixture
-def broken():
-    raise RuntimeError("setup fails")
-
-def test_one():
-    assert True
-
-def test_two():
-    assert True
-
-def test_fails():
-    assert 1 == 2
-
-@pytest.mark.skip(reason="not today")
-def test_skipped():
-    pass
-
-def test_errors(broken):
-    pass
-'''
-
-
-@pytest.fixture(scope="module")
-def pytest_junit(tmp_path_factory):
-    """JUnit XML written by a real pytest run: 2 passed, 1 failed, 1 skipped, 1 error."""
-    folder = tmp_path_factory.mktemp("junit")
-    (folder / "test_sample.py").write_text(SAMPLE_TESTS)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
-    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", str(folder / "junit.xml"), "test_sample.py"],
-        cwd=folder, env=env, capture_output=True, timeout=60,
-    )
-    assert done.returncode == 1, done.stdout.decode()
-    return folder / "junit.xml"
-
-
-def test_junit_counts_from_real_pytest_output(pytest_junit):
-    assert read_junit_counts(str(pytest_junit)) == {"passed": 2, "failed": 1, "errors": 1, "skipped": 1}
 
 
 def write(tmp_path, name: str, content: str | bytes):
@@ -69,57 +26,14 @@ def write(tmp_path, name: str, content: str | bytes):
     return str(path)
 
 
-def test_junit_counts_with_a_testsuite_root_and_several_suites(tmp_path):
-    single = write(tmp_path, "single.xml", '<testsuite tests="4" failures="1" errors="0" skipped="1"/>')
-    assert read_junit_counts(single) == {"passed": 2, "failed": 1, "errors": 0, "skipped": 1}
-    several = write(
-        tmp_path, "several.xml",
-        '<testsuites><testsuite tests="3" failures="1"/><testsuite tests="5" errors="2" skipped="1"/></testsuites>',
-    )
-    assert read_junit_counts(several) == {"passed": 4, "failed": 1, "errors": 2, "skipped": 1}
-    empty = write(tmp_path, "empty.xml", '<testsuites><testsuite name="pytest" tests="0"/></testsuites>')
-    assert read_junit_counts(empty) == {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-
-
-@pytest.mark.parametrize(
-    "content",
-    [
-        b"",
-        b"this is not xml",
-        b"\x00\xff\xfe\x89PNG binary",
-        b'<testsuites><testsuite tests="3"',  # cut off
-        b'<testsuite tests="three" failures="0"/>',
-        b'<testsuite tests="3.0"/>',
-    ],
-    ids=["empty", "text", "binary", "truncated", "words", "float"],
-)
-def test_junit_counts_of_garbage_is_none(tmp_path, content):
-    assert read_junit_counts(write(tmp_path, "junit.xml", content)) is None
-
-
-def test_junit_counts_of_a_missing_file_or_a_folder_is_none(tmp_path):
-    assert read_junit_counts(str(tmp_path / "missing.xml")) is None
-    assert read_junit_counts(str(tmp_path)) is None
-
-
-def test_junit_counts_of_an_oversized_file_is_none(tmp_path, monkeypatch, pytest_junit):
-    monkeypatch.setattr(runner, "MAX_JUNIT_BYTES", os.path.getsize(pytest_junit) - 1)
-    assert read_junit_counts(str(pytest_junit)) is None
-    monkeypatch.setattr(runner, "MAX_JUNIT_BYTES", os.path.getsize(pytest_junit))
-    assert read_junit_counts(str(pytest_junit)) is not None
-
-
-def test_junit_counts_of_xml_that_is_not_junit_is_none(tmp_path):
-    assert read_junit_counts(write(tmp_path, "page.xml", "<html><body>hello</body></html>")) is None
-
-
-def test_junit_counts_refuses_negative_numbers(tmp_path):
-    path = write(tmp_path, "junit.xml", '<testsuite tests="2" failures="-1" errors="0" skipped="0"/>')
-    counts = read_junit_counts(path)
-    assert counts is None or all(value >= 0 for value in counts.values()), counts
-
-
 # --- the process group -----------------------------------------------------------------------
+
+
+def run_process_group(command, cwd: str, env: dict, output_path: str, timeout: float,
+                      stop: threading.Event) -> tuple[int, str | None]:
+    ended = processes.run_step(command, cwd=cwd, env=env, output_path=output_path, timeout=timeout, stop=stop)
+    return ended.status, ended.killed
+
 
 
 def alive(pid: int) -> bool:
@@ -212,7 +126,7 @@ def test_timeout_is_a_verdict_even_for_a_quick_limit(tmp_path, leftovers):
 def test_timeout_kills_the_whole_process_group(tmp_path, monkeypatch, leftovers):
     # A fake clock: the time limit passes exactly when the test says so, however slow the machine.
     clock = [0.0]
-    monkeypatch.setattr(runner, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(processes, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     pid_file = tmp_path / "pids"
     command = 'sleep 600 & echo "$$ $!" > pids.tmp && mv pids.tmp pids; wait'
     run = GroupRun(command, tmp_path, timeout=100)
@@ -230,7 +144,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path, monkeypatch, leftovers)
 
 
 def test_leftovers_that_ignore_sigterm_are_killed_too(tmp_path, monkeypatch, leftovers):
-    monkeypatch.setattr(runner, "KILL_GRACE_S", 0.2)
+    monkeypatch.setattr(processes, "KILL_GRACE_S", 0.2)
     stop = threading.Event()
     # The grandchild ignores SIGTERM; the child does not.
     command = "(trap '' TERM; exec sleep 600) & echo \"$$ $!\" > pids.tmp && mv pids.tmp pids; wait"
@@ -246,7 +160,7 @@ def test_leftovers_that_ignore_sigterm_are_killed_too(tmp_path, monkeypatch, lef
 
 
 def test_a_child_that_ignores_sigterm_gets_sigkill(tmp_path, monkeypatch, leftovers):
-    monkeypatch.setattr(runner, "KILL_GRACE_S", 0.2)
+    monkeypatch.setattr(processes, "KILL_GRACE_S", 0.2)
     stop = threading.Event()
     command = "trap '' TERM; echo \"$$\" > pids.tmp && mv pids.tmp pids; while :; do sleep 1; done"
     run = GroupRun(command, tmp_path, timeout=600, stop=stop)
@@ -271,31 +185,46 @@ def test_stop_event_gives_stopped(tmp_path, leftovers):
 # --- results kept on disk ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("junit", [None, b"", b"<testsuite tests='1'/>\xff"], ids=["no-junit", "empty-junit", "junit"])
-def test_job_result_json_round_trip_keeps_binary_bytes(junit):
-    result = JobResult(
-        commit="ab" * 20, attempt=12, status="failed", passed=3, failed=1, errors=0, skipped=2, duration=1.25,
-        reason="1 failed: \u00fcn\u00efc\u00f8d\u00e9", log=bytes(range(256)) + b"\r\n\x00end", junit=junit,
+@pytest.mark.parametrize("junit_xml", [None, b"", b"<testsuite tests='1'/>\xff"], ids=["no-junit", "empty-junit", "junit"])
+def test_a_kept_result_round_trips_with_its_bytes(junit_xml):
+    result = Result(
+        commit="ab" * 20, attempt=12, status="failed", passed=3, failed=1, errors=0, skipped=2, duration_s=1.25,
+        reason="1 failed: \u00fcn\u00efc\u00f8d\u00e9", log=bytes(range(256)) + b"\r\n\x00end", junit=junit_xml,
     )
-    text = result.to_json()
-    assert isinstance(text, bytes)
-    assert JobResult.from_json(text) == result
+    data = outbox.encode(result)
+    assert isinstance(data, bytes)
+    assert outbox.decode(data) == result
 
 
-def test_job_result_with_defaults_round_trips():
-    result = JobResult(commit="abcdef12" * 5, attempt=1, status="aborted")
-    assert JobResult.from_json(result.to_json()) == result
+def test_a_kept_result_with_defaults_round_trips():
+    result = Result(commit="abcdef12" * 5, attempt=1, status="aborted")
+    assert outbox.decode(outbox.encode(result)) == result
+
+
+def test_a_result_kept_by_an_older_runner_is_read():
+    """Version 0.1 named the duration ``duration``."""
+    old = b'{"commit": "%s", "attempt": 3, "status": "passed", "passed": 1, "failed": 0, "errors": 0, ' \
+          b'"skipped": 0, "duration": 0.75, "reason": null, "log": "b2sK", "junit": null}' % (b"cd" * 20)
+    assert outbox.decode(old) == Result(commit="cd" * 20, attempt=3, status="passed", passed=1, failed=0, errors=0,
+                                        skipped=0, duration_s=0.75, log=b"ok\n")
 
 
 def test_a_kept_result_for_an_abbreviated_commit_id_is_unreadable():
     """An older runner may have kept one; the dispatcher would refuse it forever."""
     with pytest.raises(ValueError, match="not a full commit id: 'abcdef12'"):
-        JobResult.from_json(JobResult(commit="abcdef12", attempt=1, status="passed").to_json())
+        outbox.decode(outbox.encode(Result(commit="abcdef12", attempt=1, status="passed")))
 
 
-def test_job_result_becomes_a_results_message_the_dispatcher_can_decode():
-    result = JobResult(commit="ab" * 20, attempt=4, status="passed", passed=2, failed=0, errors=0, skipped=0,
-                       duration=0.5, log=b"ok\n", junit=b"<x/>")
+@pytest.mark.parametrize("damage", [b"[]", b'{"commit": "%s"}' % (b"ab" * 20), b"not json",
+                                    b'{"commit": "%s", "attempt": 1, "status": "won"}' % (b"ab" * 20)])
+def test_a_damaged_kept_result_is_unreadable(damage):
+    with pytest.raises(ValueError):
+        outbox.decode(damage)
+
+
+def test_a_result_becomes_a_results_message_the_dispatcher_reads_back_whole():
+    result = Result(commit="ab" * 20, attempt=4, status="passed", passed=2, failed=0, errors=0, skipped=0,
+                    duration_s=0.5, log=b"ok\n", junit=b"<x/>")
     wire = protocol.encode(result.to_message(), protocol.REQUESTS)
     line, _, body = wire.partition(b"\n")
     decoded, pending = protocol.decode_header(line, protocol.REQUESTS)
@@ -303,20 +232,21 @@ def test_job_result_becomes_a_results_message_the_dispatcher_can_decode():
                               "errors": 0, "skipped": 0, "duration": 0.5}
     assert [(section.name, length) for section, length in pending] == [("log", 3), ("junit", 4)]
     assert body == b"ok\n<x/>"
+    decoded.sections = {"log": b"ok\n", "junit": b"<x/>"}
+    assert Result.from_message(decoded) == result
 
 
 # --- the output cut -----------------------------------------------------------------------------
 
 
 def test_short_log_is_sent_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "MAX_LOG_BYTES", 100)
-    monkeypatch.setattr(runner, "LOG_TAIL_BYTES", 30)
+    monkeypatch.setattr(executor, "LOG_TAIL_BYTES", 30)
     path = write(tmp_path, "out.log", bytes(range(100)))
-    assert read_log(path) == bytes(range(100))
+    assert read_log(path, limit=100) == bytes(range(100))
 
 
 def test_long_log_keeps_head_and_tail_with_a_marker(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "LOG_TAIL_BYTES", 30)
+    monkeypatch.setattr(executor, "LOG_TAIL_BYTES", 30)
     content = b"".join(b"line %03d\n" % n for n in range(60))  # 540 bytes
     path = write(tmp_path, "out.log", content)
 
@@ -340,7 +270,7 @@ def test_cut_log_fits_the_dispatchers_log_limit(tmp_path):
     summary = b"\n===== 1 failed, 2 passed in 0.50s =====\n"
     path = tmp_path / "out.log"
     with open(path, "wb") as handle:
-        handle.write(b"x" * (runner.MAX_LOG_BYTES + 1024) + summary)
+        handle.write(b"x" * (protocol.MAX_LOG_BYTES + 1024) + summary)
     sent = read_log(str(path))
     assert sent.endswith(summary)
     assert len(sent) <= keep, "the dispatcher keeps only %d bytes and would cut %d off the tail" % (keep, len(sent) - keep)

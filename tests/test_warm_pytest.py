@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from commit_ci import runner
+from commit_ci import processes, runner
 from commit_ci.client import communicate
 from commit_ci.protocol import request
 from commit_ci.warm_pytest import WarmPytest, WarmPytestError
@@ -43,6 +43,9 @@ def test_probe():
         "sigterm": repr(__import__("signal").getsignal(__import__("signal").SIGTERM)),
         "stdin_is_null": os.path.samefile("/proc/self/fd/0", os.devnull),
         "imported_from_clone": os.path.dirname(os.path.abspath(__import__("helper_module").__file__)),
+        # Nothing of the runner's package, which would hide a module of the same name.
+        "ours": sorted(name for name in sys.modules if name.split(".")[0] in ("commit_ci", "leftovers")
+                       or "zygote" in name),
     }
     with open(os.environ["PROBE_OUT"], "w") as handle:
         json.dump(seen, handle)
@@ -81,9 +84,9 @@ def warm(tmp_path, runner_signals):
 def run_warm(warm: WarmPytest, cwd, output, timeout: float = 60.0, env: dict | None = None, args=PYTEST_ARGS):
     pid = warm.spawn(str(cwd), list(args), env or base_env(), str(output))
     try:
-        return runner.supervise(pid, lambda: warm.wait(pid, timeout + 30), timeout, threading.Event())
+        return processes.supervise(pid, lambda: warm.wait(pid, timeout + 30), timeout, threading.Event())
     finally:
-        runner._signal_group(pid, signal.SIGKILL)
+        processes.signal_group(pid, signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:
@@ -105,8 +108,9 @@ def test_a_job_sees_what_python_m_pytest_would_have_seen(warm, tmp_path):
         env = dict(base_env(), PROBE_MARK="mark", PROBE_OUT=str(tmp_path / (how + ".json")))
         output = tmp_path / (how + ".log")
         if how == "fresh":
-            status, why = runner.run_process_group(
-                [sys.executable, "-m", "pytest", *PYTEST_ARGS], str(clone), env, str(output), 60, threading.Event())
+            ended = processes.run_step([sys.executable, "-m", "pytest", *PYTEST_ARGS], cwd=str(clone), env=env,
+                                       output_path=str(output), timeout=60)
+            status, why = ended.status, ended.killed
         else:
             status, why = run_warm(warm, clone, output, env=env)
         assert (status, why) == (0, None), output.read_text()
@@ -115,6 +119,7 @@ def test_a_job_sees_what_python_m_pytest_would_have_seen(warm, tmp_path):
     assert seen["warm"]["path0"] == str(clone)
     assert seen["warm"]["own_session"] and seen["warm"]["stdin_is_null"]
     assert seen["warm"]["argv0"] == os.path.join("pytest", "__main__.py")
+    assert seen["warm"]["ours"] == []
 
 
 def test_each_job_starts_from_the_zygote_not_from_the_job_before(warm, tmp_path):
@@ -220,7 +225,7 @@ def test_a_zygote_that_dies_mid_job_is_an_error_not_a_hang(warm, tmp_path):
         with pytest.raises(WarmPytestError):
             warm.spawn(str(clone), PYTEST_ARGS, base_env(), str(tmp_path / "out.log"))
     finally:
-        runner._signal_group(pid, signal.SIGKILL)
+        processes.signal_group(pid, signal.SIGKILL)
 
 
 def test_the_zygote_knows_when_what_it_imported_has_changed(tmp_path, runner_signals):

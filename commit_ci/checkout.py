@@ -1,0 +1,94 @@
+"""A runner's clone made an exact, clean checkout of one commit.
+
+The git step is test_runner_script.sh (fetch if need be, reset, clean; users may
+adapt it), run as a bounded step (processes.py). Before it, ``GitDirGuard`` puts back
+what the tests of the job before may have changed in the clone's ``.git``, which the
+reset and the clean do not touch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+from commit_ci.files import atomic_write
+from commit_ci.git_scripts import script_path
+from commit_ci.processes import StepEnd, run_step
+
+
+class GitDirGuard:
+    """Puts back what tests may change in the clone's ``.git`` that the checkout
+    (reset, clean) does not: its configuration (core.autocrlf, sparse checkout,
+    filters...), the ``info`` files (attributes, sparse-checkout patterns, excludes)
+    and the hooks (which git would run during the next checkout).
+
+    The tests run inside the clone and can write there, by accident (a ``git
+    config`` run in the wrong folder) or not; a change would decide the verdicts
+    of the commits after theirs. The state kept is the one found when the runner
+    started, held in memory, where the tests cannot reach it: change the clone's
+    configuration with the runner stopped.
+    """
+
+    #: Files kept as they were, relative to the git folder.
+    FILES = ("config", "info/attributes", "info/sparse-checkout", "info/exclude")
+    #: Folders whose files are kept as they were (none added, none changed).
+    FOLDERS = ("hooks",)
+
+    def __init__(self, git_dir: str):
+        self.git_dir = git_dir
+        self._kept = self._read()
+
+    def _paths(self) -> list[str]:
+        paths = list(self.FILES)
+        for folder in self.FOLDERS:
+            try:
+                paths += [os.path.join(folder, name) for name in os.listdir(os.path.join(self.git_dir, folder))]
+            except FileNotFoundError:
+                pass
+        return paths
+
+    def _read(self) -> dict[str, tuple[bytes, int] | None]:
+        """Each path's (contents, mode), or None where there is no file."""
+        contents: dict[str, tuple[bytes, int] | None] = {}
+        for relative in self._paths():
+            try:
+                with open(os.path.join(self.git_dir, relative), "rb") as handle:
+                    contents[relative] = (handle.read(), os.fstat(handle.fileno()).st_mode & 0o777)
+            except (FileNotFoundError, IsADirectoryError):
+                contents[relative] = None
+        return contents
+
+    def restore(self) -> list[str]:
+        """Put back every file that changed; the relative paths put back."""
+        now = self._read()
+        restored = []
+        for relative in sorted(set(now) | set(self._kept)):
+            was, path = self._kept.get(relative), os.path.join(self.git_dir, relative)
+            if now.get(relative) == was:
+                continue
+            if was is None:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                atomic_write(path, was[0], durable=False)
+                os.chmod(path, was[1])
+            restored.append(relative)
+        return restored
+
+
+def check_out(clone: str, commit: str, output_path: str, timeout: float, stop: threading.Event) -> StepEnd:
+    """Fetch if need be and check ``commit`` out in ``clone``, cleanly, with the output
+    in ``output_path``; how the step ended.
+
+    Like the tests, in a session of its own and under a time limit: a fetch that
+    hangs is killed with everything it started, and a stopping runner does not wait
+    for it. With no terminal to ask for a password on, a fetch that would wait for one
+    fails instead.
+    """
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
+    return run_step([script_path("test_runner_script.sh"), clone, commit], cwd=clone, env=env, timeout=timeout,
+                    stop=stop, output_path=output_path)

@@ -1,0 +1,138 @@
+"""Running one step (a git fetch, a checkout, the tests) as a child process, bounded.
+
+Every command the daemons run goes through ``run_step``: in a session (process group)
+of its own, so that a step that hangs is killed with everything it started; under a
+time limit, after which the group gets SIGTERM and, KILL_GRACE_S later, SIGKILL; with
+its output in a file rather than a pipe, so that it can never block on a reader; with
+the last of that output kept, whose last line is the reason shown when a step fails
+(the shell scripts end with a sentence there). The end is noticed by a blocking wait,
+not by polling, so a result is reported the moment the step ends. ``supervise`` is the
+same watch for a process started some other way (a job forked by the warm pytest).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO, Callable
+
+#: After SIGTERM, how long a step's processes get to exit before SIGKILL.
+KILL_GRACE_S = 5.0
+#: How often a step's watchdog looks at the stop event (a stopping daemon waits at most this).
+STOP_CHECK_S = 0.5
+#: Output kept of a step, from its end: enough for the reason of a failure.
+OUTPUT_TAIL_BYTES = 64 * 1024
+#: Standard output kept of a step that is asked for it (update_repo.sh prints one commit id).
+STDOUT_BYTES = 64 * 1024
+
+#: Never set: the stop event of a step that nothing stops early.
+_NEVER = threading.Event()
+
+
+@dataclass(frozen=True)
+class StepEnd:
+    """How a step ended."""
+
+    status: int  # its exit status; negative: the signal that ended it
+    killed: str | None  # None when it ended by itself; "timeout" or "stopped" when it was killed
+    output: bytes  # the last OUTPUT_TAIL_BYTES of what it wrote (but a captured stdout)
+    stdout: bytes = b""  # what it wrote to standard output, when asked for apart
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == 0 and self.killed is None
+
+    def last_line(self) -> str:
+        """The last line of its output that is not blank, or "no output"."""
+        lines = self.output.decode("utf-8", "replace").strip().splitlines()
+        return lines[-1].strip() if lines else "no output"
+
+
+def run_step(command: list[str] | str, *, timeout: float, cwd: str | None = None, env: dict | None = None,
+             stop: threading.Event | None = None, output_path: str | None = None,
+             capture_stdout: bool = False) -> StepEnd:
+    """Run ``command`` (a string runs in the shell) in a new session, stdin /dev/null,
+    until it ends, ``timeout`` seconds pass, or ``stop`` is set; see ``supervise``.
+
+    Its output (stdout and stderr together, unless ``capture_stdout`` keeps stdout
+    apart) goes to ``output_path``, or to a temporary file. OSError if it cannot start.
+    """
+    with tempfile.TemporaryFile() as scratch, tempfile.TemporaryFile() as stdout_file:
+        with open(output_path, "w+b") if output_path else scratch as output:
+            process = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout_file if capture_stdout else output,
+                stderr=output,
+                shell=isinstance(command, str),
+                start_new_session=True,
+            )
+            status, killed = supervise(process.pid, process.wait, timeout, stop or _NEVER)
+            tail = _read_tail(output, OUTPUT_TAIL_BYTES)
+        stdout = b""
+        if capture_stdout:
+            stdout_file.seek(0)
+            stdout = stdout_file.read(STDOUT_BYTES)
+    return StepEnd(status, killed, tail, stdout)
+
+
+def _read_tail(handle: IO[bytes], size: int) -> bytes:
+    end = handle.seek(0, os.SEEK_END)
+    handle.seek(max(0, end - size))
+    return handle.read()
+
+
+def supervise(pgid: int, wait: Callable[[], int], timeout: float, stop: threading.Event) -> tuple[int, str | None]:
+    """Wait for the process leading group ``pgid`` (``wait()`` blocks until it ends and
+    returns its exit status) under a time limit.
+
+    Returns (exit status, None) when it ends by itself, or (status, "timeout") /
+    (status, "stopped") when it was killed: SIGTERM to the whole group, SIGKILL after
+    KILL_GRACE_S. Whatever is left of the group afterwards (processes it started in
+    the background) is killed too; what left the group (a new session) is for the
+    caller to kill (leftovers.py).
+    """
+    finished = threading.Event()
+    why: list[str] = []
+
+    def watchdog() -> None:
+        deadline = time.monotonic() + timeout
+        while not finished.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                why.append("timeout")
+                break
+            if stop.is_set():
+                why.append("stopped")
+                break
+            finished.wait(min(remaining, STOP_CHECK_S))
+        else:
+            return
+        signal_group(pgid, signal.SIGTERM)
+        if not finished.wait(KILL_GRACE_S):
+            signal_group(pgid, signal.SIGKILL)
+
+    guard = threading.Thread(target=watchdog, name="step-watchdog", daemon=True)
+    guard.start()
+    try:
+        status = wait()
+    finally:
+        finished.set()
+        guard.join()
+        signal_group(pgid, signal.SIGKILL)
+    return status, (why[0] if why else None)
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    """Send ``signum`` to process group ``pgid``, if it still exists."""
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass

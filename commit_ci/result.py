@@ -1,0 +1,86 @@
+"""A result, as one type from the runner that makes it to the files that keep it.
+
+A runner makes a ``Result`` from one attempt (verdict, counts, duration, reason, the
+test output and JUnit XML), keeps it in its outbox and sends it with ``results``; the
+dispatcher reads it back from that message, completes it with what only it knows (the
+runner's name, how many attempts the job took, when it was queued, started and
+finished) and writes it to the results folder (result_files.py), where ``<sha>.json``
+holds its summary. The fields are named as ``<sha>.json`` names them; the protocol's
+``duration`` option is the one name the wire keeps of its own (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from commit_ci.protocol import Message, request
+
+#: The fields of ``<sha>.json``, in the order they are written.
+SUMMARY_FIELDS = (
+    "commit",
+    "status",
+    "passed",
+    "failed",
+    "errors",
+    "skipped",
+    "duration_s",
+    "runner",
+    "attempts",
+    "queued_at",
+    "started_at",
+    "finished_at",
+    "reason",
+)
+#: The test counts, as JUnit XML gives them (junit.counts) and the protocol carries them.
+COUNT_FIELDS = ("passed", "failed", "errors", "skipped")
+
+
+@dataclass
+class Result:
+    """One commit's result; see the module docstring. Times are ISO 8601 UTC text."""
+
+    commit: str
+    status: str  # a runner's ReportedStatus; once final, the job's verdict (states.VERDICTS)
+    passed: int | None = None
+    failed: int | None = None
+    errors: int | None = None
+    skipped: int | None = None
+    duration_s: float | None = None  # how long the tests ran
+    runner: str | None = None
+    attempts: int | None = None  # attempts that reached a runner
+    queued_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    reason: str | None = None
+    # Travel with the result, not in <sha>.json:
+    attempt: int | None = None  # the attempt id the dispatcher gave out
+    log: bytes = b""  # the test output
+    junit: bytes | None = None  # the JUnit XML; the dispatcher keeps only junit.clean's copy
+
+    def summary(self) -> dict:
+        """What ``<sha>.json`` holds: every summary field, in a stable order."""
+        return {name: getattr(self, name) for name in SUMMARY_FIELDS}
+
+    @classmethod
+    def from_summary(cls, summary: dict) -> "Result":
+        """A result from its summary (a ``<sha>.json``, the store's copy, a ``recent``
+        answer); fields it lacks are None, fields this version does not know are left out."""
+        return cls(**{name: summary.get(name) for name in SUMMARY_FIELDS})
+
+    def counts(self) -> dict[str, int | None]:
+        return {name: getattr(self, name) for name in COUNT_FIELDS}
+
+    def to_message(self) -> Message:
+        """The ``results`` request that reports this attempt's result."""
+        return request("results", commit=self.commit, attempt=self.attempt, status=self.status,
+                       **self.counts(), duration=self.duration_s, reason=self.reason, log=self.log,
+                       junit=self.junit)
+
+    @classmethod
+    def from_message(cls, message: Message) -> "Result":
+        """The result a ``results`` request carries (fields already checked by the codec)."""
+        values = message.fields
+        return cls(commit=values["commit"], attempt=values["attempt"], status=values["status"],
+                   **{name: values.get(name) for name in COUNT_FIELDS}, duration_s=values.get("duration"),
+                   reason=values.get("reason"), log=message.sections.get("log", b""),
+                   junit=message.sections.get("junit") or None)

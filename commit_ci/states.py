@@ -1,0 +1,109 @@
+"""The states of a job, of one attempt at it, and of a runner: named here, once.
+
+A job is one commit. It is ``queued`` until the scheduler assigns it to a runner,
+``running`` while an attempt is out, and ends in a verdict: ``passed`` or ``failed``
+(the commit's own), or ``error`` (the infrastructure failed it too often). The moves a
+job may make are the table ``TRANSITIONS``; store.JobStore makes them, inside the
+transaction that records why.
+
+Each assignment of a job to a runner is an attempt. A runner reports how it ended with
+a ``ReportedStatus``; the dispatcher records an ``Outcome`` for it, whose properties
+say what follows (does it count as a fault, did it reach a runner).
+
+Everything else (the wire's field checks, the result files, the page, ci-ctl) takes
+its names from here.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+#: The final states, which are the verdicts a result holds, in the order they are shown.
+VERDICTS = (JobState.PASSED, JobState.FAILED, JobState.ERROR)
+FINAL_STATES = frozenset(VERDICTS)
+
+#: Every move a job may make. Anything else is a bug and raises.
+TRANSITIONS = frozenset(
+    {
+        (JobState.QUEUED, JobState.RUNNING),  # assigned, or re-adopted from a runner after a restart
+        (JobState.RUNNING, JobState.QUEUED),  # attempt lost, refused, handed back, infra fault
+        (JobState.RUNNING, JobState.PASSED),
+        (JobState.RUNNING, JobState.FAILED),
+        (JobState.RUNNING, JobState.ERROR),  # infra fault on the last allowed attempt
+        # A verdict from an earlier attempt that arrives after its job was requeued
+        # (runner presumed dead, dispatcher restarted) still settles the job.
+        (JobState.QUEUED, JobState.PASSED),
+        (JobState.QUEUED, JobState.FAILED),
+        # Only on start-up: a result file found, or a job under an abbreviated id retired.
+        (JobState.QUEUED, JobState.ERROR),
+    }
+)
+
+
+class ReportedStatus(str, enum.Enum):
+    """How a runner says an attempt ended (``results <commit> <attempt> <status>``)."""
+
+    PASSED = "passed"  # the tests ran: the commit's verdict
+    FAILED = "failed"
+    ERROR = "error"  # an infrastructure fault on the runner (checkout failed...): retried elsewhere
+    ABORTED = "aborted"  # the runner handed the job back (it is shutting down)
+
+    @property
+    def verdict(self) -> bool:
+        """The tests ran and decided: the commit's verdict, final."""
+        return self in (ReportedStatus.PASSED, ReportedStatus.FAILED)
+
+
+class Outcome(str, enum.Enum):
+    """How an attempt ended, as the dispatcher records it."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"  # the runner reported an infrastructure fault (checkout failed...)
+    LOST = "lost"  # the runner stopped answering or forgot the job
+    REFUSED = "refused"  # the runner answered BUSY or could not be reached: never started
+    RETURNED = "returned"  # the runner handed the job back while shutting down
+    INTERRUPTED = "interrupted"  # the dispatcher restarted while it was out
+    SUPERSEDED = "superseded"  # another attempt settled the job first
+
+    @property
+    def infra_failure(self) -> bool:
+        """Counts towards the attempt limit: the job was tried and the infrastructure failed."""
+        return self in (Outcome.ERROR, Outcome.LOST)
+
+    @property
+    def started(self) -> bool:
+        """The attempt really reached a runner (counts in the result's ``attempts``)."""
+        return self is not Outcome.REFUSED
+
+
+#: Ends of an attempt that the runner may not know of: the dispatcher lost track of
+#: it, so a runner still running it can be given it back.
+ADOPTABLE = (Outcome.INTERRUPTED, Outcome.LOST, Outcome.REFUSED)
+
+
+class RunnerState(str, enum.Enum):
+    """What a runner is doing. A runner says ``idle`` or ``busy`` in its answer to a
+    ping; the dispatcher adds ``unverified`` for one that has not answered a ping yet."""
+
+    IDLE = "idle"
+    BUSY = "busy"
+    UNVERIFIED = "unverified"
+
+
+def values(states) -> tuple[str, ...]:
+    """The wire names of ``states`` (an enum class or a sequence of members), in order."""
+    return tuple(state.value for state in states)
