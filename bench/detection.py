@@ -10,12 +10,16 @@ most the interval plus 0.1 s.
 
 With the push trigger (push_trigger.py: a post-receive hook that tells the
 dispatcher at once, instead of waiting for the next poll) there is no observer;
-see ``detect_with_push_trigger`` for how that is timed.
+see ``detect_with_push_trigger`` for how that is timed. What the hook's own start
+costs every push (its interpreter and its imports, against a bare interpreter) is
+``hook_start``.
 """
 
 from __future__ import annotations
 
 import random
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -153,10 +157,49 @@ def detect_with_push_trigger(work: Path, samples: int) -> Row:
     )
 
 
+#: The hook's start may cost at most this many times a bare ``python -S -E``.
+HOOK_START_TARGET_RATIO = 2.0
+
+
+def hook_start(work: Path, samples: int) -> Row:
+    """The push hook as git runs it (``python -S -E .../push_hook.py``), in a repository
+    where it finds nothing to report, against ``python -S -E -c pass``, alternating:
+    wall time per run, and what ``-X importtime`` counts for the hook's imports."""
+    from commit_ci import push_hook
+
+    repo = work / "hook-start"
+    repo.mkdir()
+    git(repo, "init", "--quiet", "--initial-branch=main")
+    commit(repo, {"README": "x\n"}, "initial commit")
+    hook = [sys.executable, "-S", "-E", push_hook.__file__, "post-commit", "--dispatcher-server", "127.0.0.1:1",
+            "--branch", "not-this-one"]
+    bare = [sys.executable, "-S", "-E", "-c", "pass"]
+    hook_times, bare_times, imports = [], [], []
+    for _ in range(samples):
+        for command, times in ((hook, hook_times), (bare, bare_times)):
+            started = time.perf_counter()
+            subprocess.run(command, cwd=repo, check=True, capture_output=True, timeout=30)
+            times.append(time.perf_counter() - started)
+        traced = subprocess.run([hook[0], "-X", "importtime", *hook[1:]], cwd=repo, capture_output=True, text=True,
+                                timeout=30)
+        # Top-level lines only (one space after the bar): their cumulative times add up.
+        imports.append(sum(int(match.group(1)) for match in re.finditer(r"\| +(\d+) \| \S", traced.stderr)) / 1e6)
+    ratio = median(hook_times) / median(bare_times)
+    return Row(
+        "detection",
+        "push hook start: python -S -E push_hook.py, median of %d" % samples,
+        "%.1f ms (imports %.1f ms; %.2fx bare)" % (median(hook_times) * 1000, median(imports) * 1000, ratio),
+        "bare python -S -E: %.1f ms" % (median(bare_times) * 1000),
+        "< %gx bare" % HOOK_START_TARGET_RATIO,
+        verdict(ratio < HOOK_START_TARGET_RATIO),
+    )
+
+
 def run(work: Path, quick: bool) -> list[Row]:
     samples = 3 if quick else 20
     (work / "observer").mkdir()
     (work / "trigger").mkdir()
-    return [detect_with_observer(work / "observer", samples), detect_with_push_trigger(work / "trigger", samples)]
+    return [detect_with_observer(work / "observer", samples), detect_with_push_trigger(work / "trigger", samples),
+            hook_start(work, 5 if quick else 40)]
 
 

@@ -10,6 +10,12 @@ import sys
 import threading
 
 
+def add_logging_arguments(parser) -> None:
+    """``--log-file`` and ``-v``, which ``setup_logging`` takes."""
+    parser.add_argument("--log-file", help="write the log here instead of to stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+
+
 def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
     """One line per event: time, daemon, level, message; to stderr or to ``log_file``."""
     handler: logging.Handler

@@ -31,12 +31,12 @@ from typing import Callable
 
 from commit_ci import junit, result_files
 from commit_ci.client import communicate
-from commit_ci.daemon import install_stop_signals, setup_logging
+from commit_ci.daemon import add_logging_arguments, install_stop_signals, setup_logging
 from commit_ci.page import ResultsPage
 from commit_ci.protocol import UNKNOWN_ATTEMPT, Message, error, reply, request
 from commit_ci.result import Result
 from commit_ci.result_files import iso_time
-from commit_ci.security import Security, add_security_arguments, check_bind, security_from_arguments
+from commit_ci.security import Security, add_security_arguments, security_from_arguments
 from commit_ci.server import ProtocolServer, serve_in_thread
 from commit_ci.states import JobState, Outcome, ReportedStatus, RunnerState
 from commit_ci.store import Job, JobStore
@@ -678,8 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a runner's), used only to read commit subjects and authors for the results page "
                         "(index.html); it is fetched into when a commit is not in it yet. Without it the page "
                         "shows commit ids only")
-    parser.add_argument("--log-file", help="write the log here instead of to stderr")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    add_logging_arguments(parser)
     add_security_arguments(parser, serves=True)
     return parser
 
@@ -692,7 +691,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         security = security_from_arguments(args, serves=True)
-        check_bind(args.host, security, args.insecure)
     except ValueError as exc:
         log.error("%s", exc)
         return 2

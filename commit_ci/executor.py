@@ -24,7 +24,7 @@ import time
 from commit_ci import junit
 from commit_ci.checkout import GitDirGuard, check_out
 from commit_ci.leftovers import LEFTOVERS_TIMEOUT_S, kill_leftovers
-from commit_ci.processes import KILL_GRACE_S, run_step, supervise
+from commit_ci.processes import KILL_GRACE_S, STOPPED, TIMEOUT, run_step, supervise
 from commit_ci.protocol import MAX_LOG_BYTES
 from commit_ci.result import Result
 from commit_ci.states import ReportedStatus
@@ -189,9 +189,9 @@ class Executor:
 
     def _judge(self, result: Result, status: int, killed: str | None) -> None:
         """The verdict and its reason, from how the tests ended."""
-        if killed == "stopped":
+        if killed == STOPPED:
             result.status, result.reason = ReportedStatus.ABORTED.value, SHUTTING_DOWN
-        elif killed == "timeout":
+        elif killed == TIMEOUT:
             result.status, result.reason = ReportedStatus.FAILED.value, "timeout"
             result.log += b"\n[runner: tests killed after the %g s time limit]\n" % self.timeout
         elif status != 0:
@@ -211,11 +211,11 @@ class Executor:
         output_path = os.path.join(self.work_dir, "checkout.log")
         ended = check_out(self.clone, commit, output_path, self.checkout_timeout, self.stop)
         self._kill_leftovers(commit, attempt, "checkout")
-        if ended.killed == "stopped":
+        if ended.killed == STOPPED:
             return Result(commit, ReportedStatus.ABORTED.value, attempt=attempt, reason=SHUTTING_DOWN)
         if ended.succeeded:
             return None
-        why = "took more than %g s" % self.checkout_timeout if ended.killed == "timeout" else ended.last_line()
+        why = "took more than %g s" % self.checkout_timeout if ended.killed == TIMEOUT else ended.last_line()
         reason = "checkout failed: %s" % why[:REASON_CHARS]
         log.error("commit %s attempt %d: %s", commit, attempt, reason)
         return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason=reason, log=read_log(output_path))

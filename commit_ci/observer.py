@@ -23,10 +23,10 @@ import threading
 import git
 
 from commit_ci.client import Connection
-from commit_ci.daemon import install_stop_signals, setup_logging
+from commit_ci.daemon import add_logging_arguments, install_stop_signals, setup_logging
 from commit_ci.files import atomic_write
 from commit_ci.git_scripts import script_path
-from commit_ci.processes import run_step
+from commit_ci.processes import TIMEOUT, run_step
 from commit_ci.protocol import request
 from commit_ci.security import Security, add_security_arguments, security_from_arguments
 from commit_ci.wire import ProtocolError, format_address, parse_address, parse_commit
@@ -101,7 +101,7 @@ class RepoObserver:
         ended = run_step([script_path("update_repo.sh"), self.clone, self.remote, self.branch],
                          env=dict(os.environ, GIT_TERMINAL_PROMPT="0"), timeout=FETCH_TIMEOUT_S, stop=stop,
                          capture_stdout=True)
-        if ended.killed == "timeout":
+        if ended.killed == TIMEOUT:
             log.warning("fetch of %s took over %.0f s: killed; will retry", self._key, FETCH_TIMEOUT_S)
             return None
         if not ended.succeeded:
@@ -211,8 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="report only the newest commit of each fetch, not every new one")
     parser.add_argument("--state-file", help="where to remember the last acknowledged commit "
                         "(default: REPO/.git/ci_observer_state.json)")
-    parser.add_argument("--log-file", help="write the log here instead of to stderr")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    add_logging_arguments(parser)
     add_security_arguments(parser, serves=False)
     return parser
 

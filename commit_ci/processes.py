@@ -30,6 +30,10 @@ OUTPUT_TAIL_BYTES = 64 * 1024
 #: Standard output kept of a step that is asked for it (update_repo.sh prints one commit id).
 STDOUT_BYTES = 64 * 1024
 
+#: Why a step was killed (``StepEnd.killed``): it ran past its time limit, or it was told to stop.
+TIMEOUT = "timeout"
+STOPPED = "stopped"
+
 #: Never set: the stop event of a step that nothing stops early.
 _NEVER = threading.Event()
 
@@ -39,7 +43,7 @@ class StepEnd:
     """How a step ended."""
 
     status: int  # its exit status; negative: the signal that ended it
-    killed: str | None  # None when it ended by itself; "timeout" or "stopped" when it was killed
+    killed: str | None  # None when it ended by itself; TIMEOUT or STOPPED when it was killed
     output: bytes  # the last OUTPUT_TAIL_BYTES of what it wrote (but a captured stdout)
     stdout: bytes = b""  # what it wrote to standard output, when asked for apart
 
@@ -93,8 +97,8 @@ def supervise(pgid: int, wait: Callable[[], int], timeout: float, stop: threadin
     """Wait for the process leading group ``pgid`` (``wait()`` blocks until it ends and
     returns its exit status) under a time limit.
 
-    Returns (exit status, None) when it ends by itself, or (status, "timeout") /
-    (status, "stopped") when it was killed: SIGTERM to the whole group, SIGKILL after
+    Returns (exit status, None) when it ends by itself, or (status, TIMEOUT) /
+    (status, STOPPED) when it was killed: SIGTERM to the whole group, SIGKILL after
     KILL_GRACE_S. Whatever is left of the group afterwards (processes it started in
     the background) is killed too; what left the group (a new session) is for the
     caller to kill (leftovers.py).
@@ -107,10 +111,10 @@ def supervise(pgid: int, wait: Callable[[], int], timeout: float, stop: threadin
         while not finished.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                why.append("timeout")
+                why.append(TIMEOUT)
                 break
             if stop.is_set():
-                why.append("stopped")
+                why.append(STOPPED)
                 break
             finished.wait(min(remaining, STOP_CHECK_S))
         else:

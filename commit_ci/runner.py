@@ -35,7 +35,7 @@ import threading
 
 import git
 
-from commit_ci.daemon import install_stop_signals, setup_logging
+from commit_ci.daemon import add_logging_arguments, install_stop_signals, setup_logging
 from commit_ci.dispatcher_link import RESULTS_TIMEOUT_S, DispatcherLink
 from commit_ci.executor import SHUTTING_DOWN, Executor
 from commit_ci.leftovers import become_subreaper
@@ -43,7 +43,7 @@ from commit_ci.outbox import Outbox
 from commit_ci.processes import KILL_GRACE_S
 from commit_ci.protocol import Message, error, reply
 from commit_ci.result import Result
-from commit_ci.security import Security, add_security_arguments, check_bind, security_from_arguments
+from commit_ci.security import Security, add_security_arguments, security_from_arguments
 from commit_ci.server import ProtocolServer, serve_in_thread
 from commit_ci.states import ReportedStatus, RunnerState
 from commit_ci.wire import format_address, parse_address
@@ -259,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the job is then retried, on another runner if there is one (default: %(default)s)")
     parser.add_argument("--state-dir", help="where to keep undelivered results and work files "
                         "(default: REPO/.git/ci_runner)")
-    parser.add_argument("--log-file", help="write the log here instead of to stderr")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    add_logging_arguments(parser)
     add_security_arguments(parser, serves=True)
     return parser
 
@@ -306,7 +305,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         security = security_from_arguments(args, serves=True)
-        check_bind(args.host, security, args.insecure)
     except ValueError as exc:
         log.error("%s", exc)
         return 2

@@ -7,8 +7,8 @@ security options every daemon shares.
 * the secret, read from its file or the environment (never the command line);
 * TLS contexts for serving and for connecting;
 * ``Security``: what one daemon uses of all that, built from its command line
-  (``add_security_arguments``, ``security_from_arguments``), and ``check_bind``, which
-  refuses to listen beyond this machine without a secret.
+  (``add_security_arguments``, ``security_from_arguments``), with ``check_bind``,
+  which refuses to listen beyond this machine without a secret.
 
 The push trigger's hook imports this module on every push, so its top imports only os
 and time (and ``_thread`` for a lock, which is all ``threading.Lock`` is); hmac and
@@ -210,7 +210,9 @@ def add_security_arguments(parser, serves: bool) -> None:
 
 
 def security_from_arguments(args, serves: bool) -> Security:
-    """Read the secret and TLS files named by ``add_security_arguments``; ValueError if wrong."""
+    """Read the secret and TLS files named by ``add_security_arguments``; ValueError if
+    they are wrong, or (for a server) if ``args.host`` may not be listened on
+    (``check_bind``)."""
     secret = read_secret(args.secret_file)
     security = Security(auth=Authenticator(secret) if secret is not None else None)
     try:
@@ -222,6 +224,8 @@ def security_from_arguments(args, serves: bool) -> Security:
             security.server_tls = server_tls_context(args.tls_cert, args.tls_key)
     except OSError as exc:  # ssl.SSLError is an OSError
         raise ValueError("cannot load TLS files: %s" % exc) from None
+    if serves:
+        check_bind(args.host, security, args.insecure)
     return security
 
 

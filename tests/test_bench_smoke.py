@@ -18,6 +18,7 @@ EXPECTED_ROWS = [
     ("latency", "dispatch -> result file"),
     ("detection", "push -> job queued, observer"),
     ("detection", "push -> job queued, with the push trigger"),
+    ("detection", "push hook start"),
     ("scaling", "R=1 runners"),
     ("scaling", "R=2 runners"),
     ("scaling", "R=4 runners"),
