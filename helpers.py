@@ -7,8 +7,8 @@ From a checkout of commit-ci (this file sits beside the ``commit_ci`` package)::
     helpers.communicate("127.0.0.1", 8888, "status")
     # 'OK queued=0 running=1 runners=2 idle=1'
     helpers.communicate("127.0.0.1", 8888, "dispatch " + full_commit_id)
-    # 'OK new=1 job=queued'
-    helpers.query("127.0.0.1", 8888, "result 3f786850e387")["summary"]["status"]
+    # 'OK job=queued new=1'
+    helpers.query("127.0.0.1", 8888, "lookup 3f786850e387")["summary"]["status"]
     # 'passed'
 
 A request is one line as docs/protocol.md writes it; it is checked before it is sent
@@ -47,7 +47,7 @@ def communicate(host: str, port: int, request: str, secret_file: str | None = No
 def query(host: str, port: int, request: str, secret_file: str | None = None, tls_ca: str | None = None,
           timeout: float = IO_TIMEOUT_S) -> dict:
     """The JSON answer of a read-only query (``queue``, ``runners``, ``recent``,
-    ``result <commit>``) as a dict; RuntimeError with the reason if it is refused."""
+    ``lookup <commit>``) as a dict; RuntimeError with the reason if it is refused."""
     answer = _ask(host, port, request, secret_file, tls_ca, timeout)
     if answer.verb != "OK" or "json" not in answer.sections:
         raise RuntimeError("%s: %s" % (request, answer.get("reason") or answer.verb))

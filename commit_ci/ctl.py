@@ -160,7 +160,7 @@ def show_runners(client: Client, as_json: bool) -> None:
 
 
 def show_result(client: Client, as_json: bool, commit: str) -> None:
-    result = client.ask_json("result", commit=commit)
+    result = client.ask_json("lookup", commit=commit)
     if as_json:
         print(json.dumps(result, indent=2))
         return

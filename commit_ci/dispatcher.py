@@ -198,7 +198,7 @@ class Dispatcher:
             "queue": self._on_queue,
             "runners": self._on_runners,
             "recent": self._on_recent,
-            "result": self._on_result,
+            "lookup": self._on_lookup,
         }.get(message.verb)
         if handler is None:
             log.warning("%s sent %s, which is for runners", peer, message.verb)
@@ -260,7 +260,7 @@ class Dispatcher:
             summaries = self.store.recent_summaries(limit)
         return _json_reply({"results": summaries})
 
-    def _on_result(self, message: Message, peer: str) -> Message:
+    def _on_lookup(self, message: Message, peer: str) -> Message:
         # People look commits up by the short ids they see (ci-ctl status prints 12
         # digits): the job is the one whose full id starts with what they typed.
         prefix = message.fields["commit"]

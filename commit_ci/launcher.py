@@ -195,7 +195,7 @@ class LiveView:
         if not summary.get("runner"):
             return []  # settled without running (e.g. its commit was gone)
         try:
-            attempt = self.client.ask_json("result", commit=summary["commit"]).get("attempt")
+            attempt = self.client.ask_json("lookup", commit=summary["commit"]).get("attempt")
         except ctl.Failure:
             return []
         self._seen_started.add(summary["commit"])

@@ -158,7 +158,7 @@ REQUESTS: dict[str, Verb] = {
         Verb("runners"),
         Verb("recent", options=(("limit", parse_count),)),
         # The one verb that takes a commit id prefix: people type ids to look them up.
-        Verb("result", positional=(("commit", parse_commit_prefix),)),
+        Verb("lookup", positional=(("commit", parse_commit_prefix),)),
         Verb(
             "register",
             positional=(("host", parse_host), ("port", parse_port)),

@@ -57,7 +57,7 @@ MIN_COMMIT_PREFIX = 7
 
 def is_commit_id(text: str) -> bool:
     """Whether ``text`` is a full commit id, 40 or 64 lower-case hex digits, as every
-    commit id on the wire is (but the prefix a ``result`` query may give)."""
+    commit id on the wire is (but the prefix a ``lookup`` query may give)."""
     return len(text) in FULL_COMMIT_LENGTHS and _HEX.issuperset(text)
 
 

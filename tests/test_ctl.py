@@ -67,7 +67,7 @@ def test_ctl_errors_are_clear(ci, upstream):
     ci.start_dispatcher()
     unknown = ctl(ci.address, "results", "abcdef12")
     assert unknown.returncode == 1
-    assert "refused result: unknown commit abcdef12" in unknown.stderr
+    assert "refused lookup: unknown commit abcdef12" in unknown.stderr
     bad = ctl(ci.address, "results", "../../etc")
     assert bad.returncode == 2
     assert "invalid commit id" in bad.stderr
@@ -135,9 +135,9 @@ def test_results_says_when_a_prefix_is_ambiguous_or_unknown(ci):
     for prefix in ("0fe6b0e", "0fe6b0ed", "0fe6b0ed1b3d"):
         shown = ctl(ci.address, "results", prefix)
         assert shown.returncode == 1 and shown.stdout == ""
-        assert ("refused result: ambiguous commit prefix %s: more than one commit starts with it; give more digits"
+        assert ("refused lookup: ambiguous commit prefix %s: more than one commit starts with it; give more digits"
                 % prefix) in shown.stderr
-        answer = client.communicate(address, protocol.request("result", commit=prefix), timeout=10)
+        answer = client.communicate(address, protocol.request("lookup", commit=prefix), timeout=10)
         assert answer.verb == "ERR" and answer.get("reason").startswith("ambiguous commit prefix %s:" % prefix)
 
     for prefix, commit in ((twins[0][:13], twins[0]), (twins[1][:13], twins[1]), ("0fe6b0ef", other), (twins[0], twins[0])):
@@ -147,7 +147,7 @@ def test_results_says_when_a_prefix_is_ambiguous_or_unknown(ci):
         assert json.loads(ctl(ci.address, "--json", "results", prefix).stdout)["commit"] == commit
 
     unknown = ctl(ci.address, "results", "0fe6b0ee")
-    assert unknown.returncode == 1 and "refused result: unknown commit 0fe6b0ee" in unknown.stderr
+    assert unknown.returncode == 1 and "refused lookup: unknown commit 0fe6b0ee" in unknown.stderr
     too_short = ctl(ci.address, "results", "0fe6b0")
     assert too_short.returncode == 2 and "invalid commit id or prefix (want 7 to 64 hex digits)" in too_short.stderr
 

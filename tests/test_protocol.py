@@ -264,7 +264,7 @@ def test_request_builder_leaves_out_none_and_turns_bytes_into_sections():
     ],
 )
 def test_full_commit_ids_are_accepted_in_lower_case(text, expected):
-    for line in ("dispatch %s", "runtest %s 1", "results %s 1 passed", "register h 1 commit=%s attempt=1", "result %s"):
+    for line in ("dispatch %s", "runtest %s 1", "results %s 1 passed", "register h 1 commit=%s attempt=1", "lookup %s"):
         decoded, _ = decode_header((line % text).encode(), REQUESTS)
         assert decoded.fields["commit"] == expected, line
     decoded, _ = decode_header(("OK state=busy commit=%s attempt=1" % text).encode(), REPLIES)
@@ -296,7 +296,7 @@ ABBREVIATED_IDS = ["abcdef1", SHA[:12], SHA[:39], SHA + "a", ("a" * 64)[:63]]
 )
 def test_invalid_and_abbreviated_commit_ids_are_refused(text):
     """An abbreviated id would be a second name for a commit: a second job, a second
-    set of result files. Every verb but the ``result`` query wants the full id."""
+    set of result files. Every verb but the ``lookup`` query wants the full id."""
     for line in ("dispatch %s", "runtest %s 1", "results %s 1 passed", "register h 1 commit=%s attempt=1"):
         with pytest.raises(ProtocolError, match=re.escape("invalid commit id (want the full id: 40 or 64 hex digits)")):
             decode_header((line % text).encode(), REQUESTS)
@@ -306,14 +306,14 @@ def test_invalid_and_abbreviated_commit_ids_are_refused(text):
 
 @pytest.mark.parametrize("text", ABBREVIATED_IDS + ["ABCDEF1234"])
 def test_the_result_query_takes_a_prefix_of_7_to_64_hex_digits(text):
-    decoded, _ = decode_header(("result %s" % text).encode(), REQUESTS)
+    decoded, _ = decode_header(("lookup %s" % text).encode(), REQUESTS)
     assert decoded.fields["commit"] == text.lower()
 
 
 @pytest.mark.parametrize("text", ["abcdef", "a" * 65, "xyz1234", "../../x", "abcdef1/", "\uff10" * 7])
-def test_the_result_query_refuses_what_is_no_commit_prefix(text):
+def test_the_lookup_query_refuses_what_is_no_commit_prefix(text):
     with pytest.raises(ProtocolError, match=re.escape("invalid commit id or prefix (want 7 to 64 hex digits)")):
-        decode_header(("result %s" % text).encode(), REQUESTS)
+        decode_header(("lookup %s" % text).encode(), REQUESTS)
 
 
 # --- malformed headers ---------------------------------------------------------------------
