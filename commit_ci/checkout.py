@@ -9,6 +9,7 @@ reset and the clean do not touch.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 
@@ -60,9 +61,10 @@ class GitDirGuard:
         return contents
 
     def restore(self) -> list[str]:
-        """Put back every file that changed; the relative paths put back."""
+        """Put back every file that changed; the relative paths put back, but for what
+        git itself writes there at every checkout (a submodule's registration)."""
         now = self._read()
-        restored = []
+        restored = [relative for relative in self._remove_submodule_hooks()]
         for relative in sorted(set(now) | set(self._kept)):
             was, path = self._kept.get(relative), os.path.join(self.git_dir, relative)
             if now.get(relative) == was:
@@ -76,8 +78,37 @@ class GitDirGuard:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 atomic_write(path, was[0], durable=False)
                 os.chmod(path, was[1])
-            restored.append(relative)
+            if not (relative == "config" and was is not None and now.get(relative) is not None
+                    and _only_submodule_registrations(was[0], now[relative][0])):
+                restored.append(relative)
         return restored
+
+    def _remove_submodule_hooks(self) -> list[str]:
+        """Remove the hooks in the submodules' git folders (``modules/*/hooks``, nested
+        too), which the next checkout would run: git writes only ``.sample`` files there."""
+        removed = []
+        for folder, _subfolders, names in os.walk(os.path.join(self.git_dir, "modules")):
+            if os.path.basename(folder) != "hooks":
+                continue
+            for name in names:
+                if not name.endswith(".sample"):
+                    path = os.path.join(folder, name)
+                    os.unlink(path)
+                    removed.append(os.path.relpath(path, self.git_dir))
+        return removed
+
+
+#: What ``git submodule update --init`` writes into the clone's config for each submodule.
+_SUBMODULE_REGISTRATION = re.compile(r'\s*(\[submodule ".*"\]|(url|active)\s*=.*)\s*\Z')
+
+
+def _only_submodule_registrations(kept: bytes, now: bytes) -> bool:
+    """Whether the config ``now`` differs from the one ``kept`` only by the lines with
+    which git registers submodules (restored all the same: other keys there, such as
+    ``update = !command``, would run at the next checkout)."""
+    before, after = kept.decode("utf-8", "replace").splitlines(), now.decode("utf-8", "replace").splitlines()
+    changed = set(before) ^ set(after)
+    return all(_SUBMODULE_REGISTRATION.match(line) for line in changed)
 
 
 def check_out(clone: str, commit: str, output_path: str, timeout: float, stop: threading.Event) -> StepEnd:
