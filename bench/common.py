@@ -10,6 +10,7 @@ checks a condition; nothing here sleeps for a fixed time to let something happen
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -295,6 +296,28 @@ def run_by_hand(clone_path: Path, commit_id: str, work: Path, command: str | Non
 def result_exists(results: Path, commit_id: str) -> bool:
     """The ``<sha>.json`` is written last: its presence means the result is complete."""
     return (results / (commit_id + ".json")).exists()
+
+
+#: Result files are looked for this often: the resolution of the system's time.
+RESULT_POLL_S = 0.002
+
+
+def dispatch_and_wait(address: tuple[str, int], results: Path, sha: str, timeout: float) -> tuple[float, dict]:
+    """Seconds from ``dispatch`` to the result file of ``sha`` (polled every
+    RESULT_POLL_S), and the result's summary; BenchError unless it passed."""
+    from commit_ci.client import communicate
+    from commit_ci.protocol import request
+
+    started = time.perf_counter()
+    answer = communicate(address, request("dispatch", commit=sha))
+    if answer.verb != "OK" or answer.get("new") != 1:
+        raise BenchError("dispatch of %s answered %s" % (sha[:12], answer))
+    wait_until(lambda: result_exists(results, sha), timeout, RESULT_POLL_S, "result of %s" % sha[:12])
+    elapsed = time.perf_counter() - started
+    summary = json.loads((results / (sha + ".json")).read_text())
+    if summary["status"] != "passed":
+        raise BenchError("commit %s: %s (%s); see %s" % (sha[:12], summary["status"], summary["reason"], results / sha))
+    return elapsed, summary
 
 
 # --- the table ---------------------------------------------------------------------------

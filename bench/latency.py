@@ -18,31 +18,25 @@ figure that other load on the machine barely moves, unlike the ratio.
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 from bench.common import (
-    BenchError,
     Daemons,
     Row,
     clone,
     commit,
+    dispatch_and_wait,
     git,
     median,
     new_repo,
-    result_exists,
     run_by_hand,
     start_dispatcher,
     start_runner,
     verdict,
     wait_runners_ready,
-    wait_until,
 )
 
 TARGET_RATIO = 1.10
-#: Result files are looked for this often: the resolution of the system's time.
-POLL_S = 0.002
 RESULT_TIMEOUT_S = 60.0
 MODULES = 5
 TESTS_PER_MODULE = 4
@@ -63,18 +57,7 @@ def suite(variant: int) -> dict[str, str]:
 def through_ci(address: tuple[str, int], results: Path, sha: str) -> tuple[float, float]:
     """Seconds from ``dispatch`` to the result file, and of those the seconds the
     runner measured its test command to take (``duration_s`` of the result)."""
-    from commit_ci.client import communicate
-    from commit_ci.protocol import request
-
-    started = time.perf_counter()
-    answer = communicate(address, request("dispatch", commit=sha))
-    if answer.verb != "OK" or answer.get("new") != 1:
-        raise BenchError("dispatch of %s answered %s" % (sha[:12], answer))
-    wait_until(lambda: result_exists(results, sha), RESULT_TIMEOUT_S, POLL_S, "result of %s" % sha[:12])
-    elapsed = time.perf_counter() - started
-    summary = json.loads((results / (sha + ".json")).read_text())
-    if summary["status"] != "passed":
-        raise BenchError("commit %s: %s (%s)" % (sha[:12], summary["status"], summary["reason"]))
+    elapsed, summary = dispatch_and_wait(address, results, sha, RESULT_TIMEOUT_S)
     return elapsed, summary["duration_s"]
 
 

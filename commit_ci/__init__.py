@@ -32,7 +32,9 @@ the dispatcher
 
 a runner
     runner          requests, the job held, the worker thread (ci-runner)
-    executor        one job: checkout, tests, leftovers, result
+    executor        one job: checkout, environment, tests, leftovers, result
+    project_config  .commit-ci.toml, read and checked
+    environments    the commit's virtualenv, built once and cached
     checkout        the clone made a clean checkout of a commit
     warm_pytest     the pytest forked for each job
     leftovers       what a job left running, killed

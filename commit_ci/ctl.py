@@ -148,7 +148,8 @@ def show_queue(client: Client, as_json: bool, limit: int) -> None:
     shown = len(queue["queued"])
     print("queued (%d%s), oldest first:" % (queue["queued_total"], ", first %d shown" % shown if shown < queue["queued_total"] else ""))
     for job in queue["queued"]:
-        print("  %s  queued %s" % (short(job["commit"]), age(job["queued_at"])))
+        needs = ", waits for a runner with %s" % job["requires"] if job.get("requires") else ""
+        print("  %s  queued %s%s" % (short(job["commit"]), age(job["queued_at"]), needs))
 
 
 def show_runners(client: Client, as_json: bool) -> None:

@@ -96,6 +96,11 @@ class RunnerRecord:
     #: dispatcher restart) is not available until it says it is idle.
     reported: tuple[str | None, int | None] | None = None
     missed_pings: int = 0
+    #: What it can run that a job may require: "python3.12" for each interpreter it has.
+    offers: frozenset[str] = frozenset()
+
+    def can_run(self, job: Job) -> bool:
+        return job.requires is None or job.requires in self.offers
 
     @property
     def available(self) -> bool:
@@ -145,8 +150,8 @@ class Dispatcher:
         self._retire_abbreviated_jobs()
         self._recover_written_results()
         with self._cond:
-            for name, host, port in self.store.runners():
-                record = RunnerRecord(name, (host, port), since=time.time())
+            for name, host, port, offers in self.store.runners():
+                record = RunnerRecord(name, (host, port), since=time.time(), offers=offers)
                 self._runners[name] = record
                 self._first_pings.append(self._pool.submit(self._verify, record))
             if self._runners:
@@ -229,7 +234,8 @@ class Dispatcher:
             total = self.store.count(JobState.QUEUED)
         return _json_reply({
             "queued_total": total,
-            "queued": [{"commit": job.commit, "queued_at": iso_time(job.queued_at)} for job in queued],
+            "queued": [{"commit": job.commit, "queued_at": iso_time(job.queued_at), "requires": job.requires}
+                       for job in queued],
             "running": [
                 {"commit": job.commit, "attempt": job.current_attempt, "runner": job.runner,
                  "started_at": iso_time(job.started_at)}
@@ -252,7 +258,7 @@ class Dispatcher:
         else:
             state, commit, attempt = RunnerState.IDLE, None, None
         return {"name": record.name, "address": format_address(record.address), "state": state.value,
-                "commit": commit, "attempt": attempt, "since": iso_time(record.since)}
+                "commit": commit, "attempt": attempt, "since": iso_time(record.since), "offers": sorted(record.offers)}
 
     def _on_recent(self, message: Message, peer: str) -> Message:
         limit = min(message.get("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT)
@@ -306,9 +312,10 @@ class Dispatcher:
         address = (message.fields["host"], message.fields["port"])
         name = message.get("name") or format_address(address)
         running = message.get("attempt")
+        offers = frozenset("python" + version for version in message.get("pythons", ()))
         with self._cond:
             old = self._runners.get(name)
-            record = RunnerRecord(name, address, since=time.time())
+            record = RunnerRecord(name, address, since=time.time(), offers=offers)
             if old is not None:
                 kept = old.assignment
                 if kept is not None and not kept.superseded and (old.address != address or kept.attempt_id != running):
@@ -320,8 +327,9 @@ class Dispatcher:
             if running is not None:
                 record.reported = (message.get("commit"), running)
             self._runners[name] = record
-            self.store.save_runner(name, address[0], address[1], time.time())
-        log.info("runner %s registered from %s (address %s)", name, peer, format_address(address))
+            self.store.save_runner(name, address[0], address[1], time.time(), offers)
+        log.info("runner %s registered from %s (address %s%s)", name, peer, format_address(address),
+                 "; offers %s" % " ".join(sorted(offers)) if offers else "")
         # Not available until it answers a ping: that proves the address works.
         self._pool.submit(self._verify, record)
         return reply("OK", runner=name, heartbeat=self.heartbeat_interval)
@@ -392,18 +400,24 @@ class Dispatcher:
                 result.commit, result.attempt, runner, result.status, job.state.value,
             )
             return reply("OK", recorded=0)
+        outcome = _OUTCOMES[ReportedStatus(result.status)]
         current = job.current_attempt == result.attempt
         if not current or job.state is not JobState.RUNNING:
-            outcome = Outcome.ERROR if result.status == ReportedStatus.ERROR else Outcome.RETURNED
             self.store.end_attempt(result.attempt, outcome, time.time())
             log.info(
                 "commit %s attempt %d (runner %s): stale %s ignored",
                 result.commit, result.attempt, runner, result.status,
             )
             return reply("OK", recorded=0)
-        fault = result.status == ReportedStatus.ERROR
-        why = result.reason or ("infrastructure error on runner" if fault else "handed back by runner")
-        outcome = Outcome.ERROR if fault else Outcome.RETURNED
+        if outcome is Outcome.DECLINED:
+            self.store.requeue(result.commit, result.attempt, outcome, time.time(), requires=result.requires)
+            if result.requires is None:  # nothing to wait for: at least not this runner again
+                self._avoid.setdefault(result.commit, set()).add(runner)
+            log.info("commit %s attempt %d (runner %s): declined (%s); waits for a runner that has %s",
+                     result.commit, result.attempt, runner, result.reason, result.requires or "it")
+            self._cond.notify_all()
+            return reply("OK", recorded=1)
+        why = result.reason or ("infrastructure error on runner" if outcome is Outcome.ERROR else "handed back by runner")
         self._requeue(result.commit, result.attempt, runner, why, outcome)
         return reply("OK", recorded=1)
 
@@ -553,22 +567,26 @@ class Dispatcher:
                 self._stop.wait(LOOP_RETRY_S)
 
     def _plan(self) -> list[Assignment]:
-        """Pair queued jobs, oldest first, with available runners, idle longest first."""
+        """Pair queued jobs, oldest first, with available runners that can run them
+        (``requires``), idle longest first."""
         idle = sorted((r for r in self._runners.values() if r.available), key=lambda r: r.since)
         if not idle:
             return []
         planned = []
-        for commit in self.store.queued(limit=len(idle) + 32):
-            if not idle:
-                break
+        offered = frozenset().union(*(runner.offers for runner in idle))
+        for job in self.store.queued_jobs(limit=len(idle) + 32, offered=offered):
+            commit = job.commit
+            able = [runner for runner in idle if runner.can_run(job)]
+            if not able:
+                continue
             avoid = self._avoid.get(commit, set())
-            choice = next((r for r in idle if r.name not in avoid), None)
+            choice = next((r for r in able if r.name not in avoid), None)
             if choice is None:
                 # Every idle runner already failed this job. Use one anyway only if no
                 # runner could take it instead; otherwise leave it for the others.
-                if any(name not in avoid for name in self._runners):
+                if any(name not in avoid and runner.can_run(job) for name, runner in self._runners.items()):
                     continue
-                choice = idle[0]
+                choice = able[0]
             idle.remove(choice)
             attempt_id = self.store.assign(commit, choice.name, time.time())
             assignment = Assignment(commit, attempt_id, choice, self._lease_deadline())
@@ -645,6 +663,11 @@ class Dispatcher:
                 answer = future.result() if future.done() and not future.cancelled() else None
                 self._apply_ping(record, answer)
             self._reap_leases()
+
+
+#: How an attempt ended, by what its runner reported when that was no verdict.
+_OUTCOMES = {ReportedStatus.ERROR: Outcome.ERROR, ReportedStatus.ABORTED: Outcome.RETURNED,
+             ReportedStatus.DECLINED: Outcome.DECLINED}
 
 
 def _json_reply(document: dict) -> Message:

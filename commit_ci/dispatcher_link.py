@@ -41,18 +41,20 @@ EXIT_DISPATCHER_GONE = 3
 class DispatcherLink:
     """Registration and delivery for one runner; see the module docstring.
 
-    ``host``, ``port`` and ``name`` are what the runner registers as; ``current_job()``
+    ``host``, ``port`` and ``name`` are what the runner registers as, ``pythons`` the
+    interpreter versions it offers; ``current_job()``
     says which job it holds, as (commit, attempt) or None, so that a registration names
     it; ``stop`` is the runner's, set here too when the link gives up (``exit_code``).
     """
 
     def __init__(self, dispatcher: tuple[str, int], security: Security, outbox: Outbox, host: str, port: int,
                  name: str, current_job: Callable[[], tuple[str, int] | None], stop: threading.Event,
-                 dispatcher_timeout: float):
+                 dispatcher_timeout: float, pythons: tuple[str, ...] = ()):
         self.dispatcher = dispatcher
         self.security = security
         self.outbox = outbox
         self.host, self.port, self.name = host, port, name
+        self.pythons = pythons
         self.current_job = current_job
         self.stop = stop
         self.dispatcher_timeout = dispatcher_timeout
@@ -129,7 +131,8 @@ class DispatcherLink:
     def _register(self) -> bool:
         job = self.current_job()
         message = request("register", host=self.host, port=self.port, name=self.name,
-                          commit=job[0] if job else None, attempt=job[1] if job else None)
+                          commit=job[0] if job else None, attempt=job[1] if job else None,
+                          pythons=self.pythons or None)
         try:
             answer = communicate(self.dispatcher, message, security=self.security)
         except (OSError, ProtocolError) as exc:

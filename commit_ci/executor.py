@@ -1,30 +1,45 @@
-"""One job on a runner: check the commit out, run its tests, sweep what they left.
+"""One job on a runner: check the commit out, prepare its environment, run its tests,
+sweep what they left.
 
 For each job the executor makes the runner's clone an exact, clean checkout of the
-commit (checkout.py), runs the test command in it -- pytest with JUnit XML by default,
-forked from the warm pytest (warm_pytest.py) when there is one -- in a process group
-of its own under a time limit (processes.py), kills whatever the checkout or the
-tests left running (leftovers.py), and makes the attempt's ``Result``: the verdict,
-the counts from the JUnit XML (junit.py), the output, and why when it is not plain.
+commit (checkout.py); reads what the commit says of itself (project_config.py) and
+prepares the environment it declares (environments.py: reused from the cache, or
+built, and the project installed at this commit); runs the test command in it --
+pytest with JUnit XML by default, forked from a warm pytest (warm_pytest.py) when one
+is ready for that environment -- in a process group of its own under a time limit
+(processes.py); kills whatever the checkout or the tests left running (leftovers.py);
+and makes the attempt's ``Result``: the verdict, the counts from the JUnit XML
+(junit.py), the output, the hash seed, and why when it is not plain.
 
-A test failure, a timeout or tests that cannot be collected are the commit's verdict
-(``failed``); a checkout that fails, or a warm pytest that breaks mid-job, is the
-runner's fault (``error``: the dispatcher retries the job elsewhere); a runner told to
-stop hands the job back (``aborted``).
+Whose fault an ending is decides what follows. A test failure, a timeout, tests that
+cannot be collected, a config file that is wrong and a failed install of the commit's
+own dependencies are the commit's verdict (``failed``). A checkout that fails, a
+package index that cannot be reached, or a warm pytest that breaks mid-job are the
+runner's (``error``: the dispatcher retries the job elsewhere). A commit asking for an
+interpreter this runner lacks is ``declined`` (the dispatcher gives it to a runner that
+has one). A runner told to stop hands the job back (``aborted``).
+
+Every job gets a random hash seed (PYTHONHASHSEED), as a fresh interpreter does,
+reported with its result so that a failure can be reproduced; a warm pytest is
+therefore used for one job only, and the next one is started ahead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from commit_ci import junit
 from commit_ci.checkout import GitDirGuard, check_out
+from commit_ci.environments import Environment, EnvironmentCache, Interpreter, SetupFailure, note, plan
 from commit_ci.leftovers import LEFTOVERS_TIMEOUT_S, kill_leftovers
 from commit_ci.processes import KILL_GRACE_S, STOPPED, TIMEOUT, run_step, supervise
+from commit_ci.project_config import ConfigError, ProjectConfig, read_config
 from commit_ci.protocol import MAX_LOG_BYTES
 from commit_ci.result import Result
 from commit_ci.states import ReportedStatus
@@ -32,16 +47,20 @@ from commit_ci.warm_pytest import END_MARGIN_S, WarmPytest, WarmPytestError
 
 log = logging.getLogger("runner")
 
-#: The warm pytest is given up for good after failing this many jobs in a row.
+#: The warm pytest is given up for good after failing this many times in a row.
 WARM_PYTEST_MAX_FAILURES = 3
 #: Output sent with a result: the head and the tail (where pytest puts its summary)
 #: of a long log, with a marker in between.
 LOG_TAIL_BYTES = 256 * 1024
 #: Output sent per result: what the dispatcher keeps, less room for the notes the
-#: runner appends (a timeout message), so nothing it sends is cut off there.
-LOG_LIMIT_BYTES = MAX_LOG_BYTES - 1024
-#: Characters of the checkout's last line kept in the reason of a failed checkout.
+#: runner adds (a timeout message, the setup's last lines), so nothing it sends is cut off there.
+LOG_LIMIT_BYTES = MAX_LOG_BYTES - 32 * 1024
+#: Of a successful setup, the last bytes of its output shown before the tests' output.
+SETUP_LOG_SHOWN_BYTES = 16 * 1024
+#: Characters of a failed step's last line kept in a result's reason.
 REASON_CHARS = 300
+#: Hash seeds are drawn from the range PYTHONHASHSEED takes.
+MAX_HASH_SEED = 4294967295
 
 #: pytest's exit codes other than 0 and 1, as reasons for a failed verdict.
 PYTEST_EXIT_REASONS = {
@@ -80,18 +99,33 @@ def read_log(path: str, limit: int | None = None) -> bytes:
     return head + marker % (size - len(head) - len(tail), limit) + tail
 
 
+@dataclass
+class Setting:
+    """Where and how one job's tests run."""
+
+    python: str  # the interpreter that runs them
+    env: dict  # their environment variables (hash seed apart)
+    timeout: float
+    test_command: str | None  # None: pytest with JUnit XML
+    environment: Environment | None  # the commit's environment, or None: the runner's own interpreter
+    notes: bytes  # what to show before the tests' output
+
+
 class Executor:
     """Runs jobs, one at a time, in the runner's clone; the runner's worker thread is
     its only user (it alone starts processes, which ``_kill_leftovers`` relies on).
 
-    ``work_dir`` holds the job's output and JUnit XML while it runs; ``stop`` kills
-    a job in progress (it is then handed back). With ``subreaper``, this process is a
-    child subreaper (the runner's ``main`` made it one) and every child that is not
-    the warm pytest is a leftover of the job.
+    ``work_dir`` holds the job's output, setup log and JUnit XML while it runs; ``stop``
+    kills a job in progress (it is then handed back). ``interpreters`` are the Pythons
+    the runner offers, by version; ``cache`` builds and keeps environments (None: no
+    environments, every job runs with the runner's own interpreter, as before). With
+    ``subreaper``, this process is a child subreaper (the runner's ``main`` made it one)
+    and every child that is not a warm pytest is a leftover of the job.
     """
 
     def __init__(self, clone: str, git_dir: str, work_dir: str, test_command: str | None, timeout: float,
-                 checkout_timeout: float, stop: threading.Event, warm_pytest: bool = True, subreaper: bool = False):
+                 checkout_timeout: float, stop: threading.Event, warm_pytest: bool = True, subreaper: bool = False,
+                 interpreters: dict[str, Interpreter] | None = None, cache: EnvironmentCache | None = None):
         self.clone = clone
         self.work_dir = work_dir
         self.test_command = test_command
@@ -99,79 +133,79 @@ class Executor:
         self.checkout_timeout = checkout_timeout
         self.stop = stop
         self.subreaper = subreaper
+        self.interpreters = interpreters or {}
+        self.cache = cache
         self._git_dir_guard = GitDirGuard(git_dir)
-        #: A pytest imported once, forked for each job (only for the default test command).
-        self._warm: WarmPytest | None = None
-        if warm_pytest and not test_command:
-            # Started in the clone, where a fresh ``python -m pytest`` starts: relative
-            # entries of $PYTHONPATH mean the same to both.
-            self._warm = WarmPytest(dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), clone)
+        #: Whether jobs may fork from a warm pytest (only with the default test command).
+        self._warm_enabled = warm_pytest and not test_command
+        #: The warm pytest started ahead for the next job, and the one the job in progress uses.
+        self._spare: WarmPytest | None = None
+        self._in_use: WarmPytest | None = None
         self._warm_failures = 0
+        #: The variables every job starts from: the runner's own.
+        self._base_env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
 
     # --- life cycle ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the warm pytest, if there is to be one (a failure is logged: jobs then
-        start a fresh Python)."""
-        if self._warm is not None:
-            self._start_warm()
+        """Start a warm pytest ahead of the first job, when jobs may use one, and wait
+        until it is ready (or has failed: jobs then start a fresh Python)."""
+        self._start_spare(sys.executable, self._base_env)
+        if self._spare is not None:
+            try:
+                self._spare.wait_ready()
+            except (WarmPytestError, OSError) as exc:
+                self._spare = None
+                self._warm_failed(str(exc))
+                return
+            log.info("warm pytest ready (%s): each job forks one, started ahead", self._spare.description)
 
     def close(self) -> None:
-        if self._warm is not None:
-            self._warm.close()
-
-    def _start_warm(self) -> None:
-        try:
-            self._warm.start()
-        except (WarmPytestError, OSError) as exc:
-            self._warm_failed("%s" % exc)
-            return
-        log.info("warm pytest ready (%s): each job forks it instead of starting Python", self._warm.description)
-
-    def _warm_failed(self, why: str, then: str = "this job runs in a fresh Python") -> None:
-        self._warm_failures += 1
-        self._warm.close()
-        if self._warm_failures >= WARM_PYTEST_MAX_FAILURES:
-            log.warning("%s; warm pytest failed %d times in a row, every job now starts a fresh Python",
-                        why, self._warm_failures)
-            self._warm = None
-        else:
-            log.warning("%s; %s", why, then)
+        for zygote in (self._spare, self._in_use):
+            if zygote is not None:
+                zygote.close()
+        self._spare = self._in_use = None
+        if self.cache is not None:
+            self.cache.release()
 
     # --- a job -----------------------------------------------------------------------
 
     def run(self, commit: str, attempt: int) -> Result:
-        """Check ``commit`` out, test it and sweep up after it; the attempt's result."""
+        """Check ``commit`` out, prepare its environment, test it and sweep up after it;
+        the attempt's result."""
         started = time.monotonic()
-        checkout = self._check_out(commit, attempt)
-        if checkout is not None:
-            checkout.duration_s = round(time.monotonic() - started, 3)
-            return checkout
+        early = self._check_out(commit, attempt)
+        if early is None:
+            setting = self._prepare(commit, attempt)
+            if isinstance(setting, Result):
+                early = setting
+        if early is not None:
+            early.duration_s = round(time.monotonic() - started, 3)
+            return early
         output_path = os.path.join(self.work_dir, "output.log")
         junit_path = os.path.join(self.work_dir, "junit.xml")
         for path in (output_path, junit_path):
             if os.path.exists(path):
                 os.unlink(path)
-        env = dict(os.environ)  # the operator's environment, as documented: part of the runner's setup
-        env.update(CI_COMMIT=commit, CI_ATTEMPT=str(attempt), CI_JUNIT_XML=junit_path, PYTHONDONTWRITEBYTECODE="1")
+        env = dict(setting.env, CI_COMMIT=commit, CI_ATTEMPT=str(attempt), CI_JUNIT_XML=junit_path)
         log.info("commit %s attempt %d: testing", commit, attempt)
         test_started = time.monotonic()
         try:
-            status, killed = self._run_tests(junit_path, env, output_path)
+            status, killed, hash_seed = self._run_tests(commit, attempt, setting, junit_path, env, output_path)
         except JobFault as exc:
             log.error("commit %s attempt %d: %s", commit, attempt, exc)
             return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason=str(exc),
-                          log=read_log(output_path), duration_s=round(time.monotonic() - started, 3))
+                          log=setting.notes + read_log(output_path), duration_s=round(time.monotonic() - started, 3))
         finally:
             # Before the result goes out: the dispatcher may send the next commit at once.
             self._kill_leftovers(commit, attempt, "tests")
         duration = time.monotonic() - test_started
         result = Result(commit, ReportedStatus.PASSED.value, attempt=attempt, duration_s=round(duration, 3),
-                        log=read_log(output_path))
+                        hash_seed=hash_seed, log=setting.notes + read_log(output_path))
         self._add_junit(result, junit_path)
-        self._judge(result, status, killed)
-        log.info("commit %s attempt %d: %s in %.2f s%s", commit, attempt, result.status, duration,
-                 " (%s)" % result.reason if result.reason else "")
+        self._judge(result, status, killed, setting)
+        log.info("commit %s attempt %d: %s in %.2f s%s (PYTHONHASHSEED=%d)", commit, attempt, result.status, duration,
+                 " (%s)" % result.reason if result.reason else "", hash_seed)
         return result
 
     def _add_junit(self, result: Result, path: str) -> None:
@@ -187,18 +221,18 @@ class Executor:
                 setattr(result, name, count)
             result.junit = report[0]
 
-    def _judge(self, result: Result, status: int, killed: str | None) -> None:
+    def _judge(self, result: Result, status: int, killed: str | None, setting: Setting) -> None:
         """The verdict and its reason, from how the tests ended."""
         if killed == STOPPED:
             result.status, result.reason = ReportedStatus.ABORTED.value, SHUTTING_DOWN
         elif killed == TIMEOUT:
             result.status, result.reason = ReportedStatus.FAILED.value, "timeout"
-            result.log += b"\n[runner: tests killed after the %g s time limit]\n" % self.timeout
+            result.log += b"\n[runner: tests killed after the %g s time limit]\n" % setting.timeout
         elif status != 0:
             result.status = ReportedStatus.FAILED.value
             if status < 0:
                 result.reason = "killed by signal %d" % -status
-            elif not self.test_command:
+            elif not setting.test_command:
                 result.reason = PYTEST_EXIT_REASONS.get(status, None if status == 1 else "exit status %d" % status)
 
     def _check_out(self, commit: str, attempt: int) -> Result | None:
@@ -220,55 +254,164 @@ class Executor:
         log.error("commit %s attempt %d: %s", commit, attempt, reason)
         return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason=reason, log=read_log(output_path))
 
-    def _run_tests(self, junit_path: str, env: dict, output_path: str) -> tuple[int, str | None]:
-        """Run the tests in the clone: forked from the warm pytest when there is one,
-        else the test command in a new interpreter. Returns what ``supervise`` returns."""
+    # --- the environment -----------------------------------------------------------
+
+    def _prepare(self, commit: str, attempt: int) -> Setting | Result:
+        """Where the job's tests run, as the commit declares it: a Setting, or the
+        attempt's result when that cannot be made (see the module docstring)."""
+        if self.cache is not None:
+            self.cache.release()
+        try:
+            config = read_config(self.clone)
+        except ConfigError as exc:
+            return self._setup_failed(commit, attempt, SetupFailure(str(exc)), None)
+        interpreter = self._interpreter_for(config)
+        if interpreter is None:
+            log.info("commit %s attempt %d: asks for Python %s, which this runner does not have: declined",
+                     commit, attempt, config.python)
+            return Result(commit, ReportedStatus.DECLINED.value, attempt=attempt, requires="python" + config.python,
+                          reason="this runner has no Python %s" % config.python)
+        env = dict(self._base_env, **config.env)
+        timeout = config.timeout or self.timeout
+        test_command = config.test or self.test_command
+        if self.cache is None:  # no environments: the runner's own interpreter (the one it offers)
+            return Setting(sys.executable, env, timeout, test_command, None, b"")
+        setup_log = os.path.join(self.work_dir, "setup.log")
+        try:
+            recipe = plan(self.clone, config, interpreter, self.cache.installer)
+            if recipe is None:
+                return Setting(sys.executable, env, timeout, test_command, None, b"")
+            environment = self.cache.obtain(recipe, self.clone, env, setup_log, self.stop)
+            if not environment.built:
+                note(setup_log, "environment %s reused: Python %s, %s" % (
+                    environment.key[:12], interpreter.full_version, self.cache.installer.name), append=False)
+            if recipe.project:
+                self.cache.install_project(environment, self.clone, env, setup_log, self.stop)
+        except SetupFailure as exc:
+            return self._setup_failed(commit, attempt, exc, setup_log)
+        notes = read_log(setup_log, SETUP_LOG_SHOWN_BYTES).rstrip(b"\n") + b"\n[runner: tests]\n"
+        return Setting(environment.python, environment.variables(env), timeout, test_command, environment, notes)
+
+    def _interpreter_for(self, config: ProjectConfig) -> Interpreter | None:
+        """The interpreter the commit asks for, or the runner's own; None if it asks for
+        one this runner does not offer (without environments, it offers only its own)."""
+        if config.python:
+            return self.interpreters.get(config.python)
+        own = "%d.%d" % sys.version_info[:2]
+        return self.interpreters.get(own) or Interpreter(os.path.realpath(sys.executable), own,
+                                                         "%d.%d.%d" % sys.version_info[:3])
+
+    def _setup_failed(self, commit: str, attempt: int, failure: SetupFailure, setup_log: str | None) -> Result:
+        if str(failure) == "runner stopping":
+            return Result(commit, ReportedStatus.ABORTED.value, attempt=attempt, reason=SHUTTING_DOWN)
+        status = ReportedStatus.ERROR if failure.infrastructure else ReportedStatus.FAILED
+        reason = "setup failed: %s" % str(failure)[:REASON_CHARS]
+        log.warning("commit %s attempt %d: %s%s", commit, attempt, reason,
+                    " (the infrastructure's fault: retried)" if failure.infrastructure else "")
+        output = read_log(setup_log) if setup_log else b""
+        return Result(commit, status.value, attempt=attempt, reason=reason,
+                      log=output + b"\n[runner: %s]\n" % reason.encode("utf-8", "replace"))
+
+    # --- the tests -------------------------------------------------------------------
+
+    def _run_tests(self, commit: str, attempt: int, setting: Setting, junit_path: str, env: dict,
+                   output_path: str) -> tuple[int, str | None, int]:
+        """Run the tests in the clone: forked from a warm pytest when one is ready for
+        this interpreter, else the test command in a new interpreter. Returns what
+        ``supervise`` returns, and the hash seed the tests ran with."""
         pytest_args = ["--junitxml", junit_path]
-        if self._warm is not None and self._warm.running:
-            changed = self._warm.changed_source()
-            if changed is not None:
-                # A fresh interpreter would import the new one: so must the job.
-                log.info("%s changed since the warm pytest started: starting it again", changed)
-                self._warm.close()
-        if self._warm is not None and not self._warm.running:
-            self._start_warm()  # gives it up for good after too many failures
-        if self._warm is not None and self._warm.running:
+        zygote = self._take_warm(setting) if not setting.test_command and self._warm_enabled else None
+        if zygote is not None:
+            log.info("commit %s attempt %d: forked from a warm pytest (%s)", commit, attempt, zygote.description)
+            env = dict(env, PYTHONHASHSEED=str(zygote.hash_seed))
             try:
-                pid = self._warm.spawn(self.clone, pytest_args, env, output_path)
+                pid = zygote.spawn(self.clone, pytest_args, env, output_path)
             except WarmPytestError as exc:
                 self._warm_failed(str(exc))  # nothing ran yet
             else:
-                limit = self.timeout + KILL_GRACE_S + END_MARGIN_S
+                limit = setting.timeout + KILL_GRACE_S + END_MARGIN_S
                 try:
                     # supervise kills the job's group however wait() ends, this error included.
-                    outcome = supervise(pid, lambda: self._warm.wait(pid, limit), self.timeout, self.stop)
+                    status, killed = supervise(pid, lambda: zygote.wait(pid, limit), setting.timeout, self.stop)
                 except WarmPytestError as exc:
                     # The tests ran, in part: run again here, they would find what they left.
-                    self._warm_failed(str(exc), then="the job is handed back to run from a clean checkout")
+                    self._warm_failed(str(exc))
                     raise JobFault("warm pytest failed during the tests: %s" % exc) from None
                 self._warm_failures = 0
-                return outcome
-        command = self.test_command or [sys.executable, "-m", "pytest", *pytest_args]
-        ended = run_step(command, cwd=self.clone, env=env, timeout=self.timeout, stop=self.stop,
+                return status, killed, zygote.hash_seed
+        hash_seed = int(env["PYTHONHASHSEED"]) if env.get("PYTHONHASHSEED", "").isdigit() else _new_hash_seed()
+        env = dict(env, PYTHONHASHSEED=str(hash_seed))
+        command = setting.test_command or [setting.python, "-m", "pytest", *pytest_args]
+        ended = run_step(command, cwd=self.clone, env=env, timeout=setting.timeout, stop=self.stop,
                          output_path=output_path)
-        return ended.status, ended.killed
+        return ended.status, ended.killed, hash_seed
+
+    def _take_warm(self, setting: Setting) -> WarmPytest | None:
+        """The warm pytest started ahead for this job's interpreter, ready and as it was
+        when it started, or None (the job then starts a fresh one). Starts the next one
+        ahead either way, for the next job, while this one runs."""
+        zygote, self._spare = self._spare, None
+        if zygote is not None and (zygote.python, zygote.base_env) != (setting.python, setting.env):
+            zygote.close()  # started for another environment, or other variables (PYTHONPATH...)
+            zygote = None
+        if zygote is not None:
+            try:
+                zygote.wait_ready()
+            except (WarmPytestError, OSError) as exc:
+                self._warm_failed(str(exc))
+                zygote = None
+        if zygote is not None:
+            # In a project's environment the project was installed again just now;
+            # what matters is whether what the zygote imported changed.
+            changed = zygote.changed_source(folders=setting.environment is None)
+            if changed is not None:
+                log.info("%s changed since the warm pytest started: this job starts a fresh Python", changed)
+                zygote.close()
+                zygote = None
+        self._start_spare(setting.python, setting.env)
+        self._in_use = zygote
+        return zygote
+
+    def _start_spare(self, python: str, env: dict) -> None:
+        if not self._warm_enabled:
+            return
+        spare = WarmPytest(python, env, self.clone, _new_hash_seed())
+        try:
+            spare.start()
+        except OSError as exc:
+            self._warm_failed(str(exc))
+            return
+        self._spare = spare
+
+    def _warm_failed(self, why: str) -> None:
+        self._warm_failures += 1
+        if self._warm_failures >= WARM_PYTEST_MAX_FAILURES:
+            log.warning("%s; warm pytest failed %d times in a row, every job now starts a fresh Python",
+                        why, self._warm_failures)
+            self._warm_enabled = False
+            if self._spare is not None:
+                self._spare.close()
+                self._spare = None
+        else:
+            log.warning("%s; this job runs in a fresh Python", why)
 
     def _kill_leftovers(self, commit: str, attempt: int, step: str) -> None:
         """Kill what ``step`` of the job (its checkout or its tests) left running,
-        whatever session or process group it moved to: what a job forked from the
-        warm pytest left, the zygote has killed already (and says how many); what
-        came back to the runner (a fresh interpreter's leftovers, or a zygote's
-        that died) is killed here. The zygote is the runner's only other child, and
-        the worker thread, which calls this between steps, the only one that starts
+        whatever session or process group it moved to: what a job forked from a warm
+        pytest left, that zygote has killed already (and says how many); what came
+        back to the runner (a fresh interpreter's leftovers, or a zygote's that died)
+        is killed here. The warm pytests are the runner's only other children, and the
+        worker thread, which calls this between steps, the only one that starts
         processes, so any other child of the runner is the job's.
         """
         killed, stuck = 0, []
-        if self._warm is not None and step == "tests":
-            killed, stuck = self._warm.leftovers, self._warm.stuck
-            self._warm.leftovers, self._warm.stuck = 0, []
+        used, self._in_use = self._in_use, None
+        if used is not None and step == "tests":
+            killed, stuck = used.leftovers, used.stuck
+            used.close()  # one job each: see the module docstring
         if self.subreaper:
-            zygote = self._warm.process if self._warm is not None else None
-            more, more_stuck = kill_leftovers({zygote.pid} if zygote is not None else set())
+            keep = {self._spare.process.pid} if self._spare is not None and self._spare.process else set()
+            more, more_stuck = kill_leftovers(keep)
             killed, stuck = killed + more, stuck + more_stuck
         if killed:
             log.warning("commit %s attempt %d: killed %d process%s its %s left running",
@@ -276,3 +419,10 @@ class Executor:
         if stuck:
             log.error("commit %s attempt %d: processes %s left by its %s did not die within %g s",
                       commit, attempt, stuck, step, LEFTOVERS_TIMEOUT_S)
+
+
+def _new_hash_seed() -> int:
+    return secrets.randbelow(MAX_HASH_SEED + 1)
+
+
+

@@ -30,7 +30,8 @@ from commit_ci.wire import is_commit_id
 log = logging.getLogger("runner")
 
 #: The fields a kept result holds besides its output and JUnit XML.
-_PLAIN_FIELDS = ("commit", "attempt", "status", "passed", "failed", "errors", "skipped", "duration_s", "reason")
+_PLAIN_FIELDS = ("commit", "attempt", "status", "passed", "failed", "errors", "skipped", "duration_s", "reason",
+                 "hash_seed", "requires")
 
 
 class Outbox:

@@ -58,16 +58,17 @@ class StepEnd:
 
 
 def run_step(command: list[str] | str, *, timeout: float, cwd: str | None = None, env: dict | None = None,
-             stop: threading.Event | None = None, output_path: str | None = None,
+             stop: threading.Event | None = None, output_path: str | None = None, append: bool = False,
              capture_stdout: bool = False) -> StepEnd:
     """Run ``command`` (a string runs in the shell) in a new session, stdin /dev/null,
     until it ends, ``timeout`` seconds pass, or ``stop`` is set; see ``supervise``.
 
     Its output (stdout and stderr together, unless ``capture_stdout`` keeps stdout
-    apart) goes to ``output_path``, or to a temporary file. OSError if it cannot start.
+    apart) goes to ``output_path`` (after what it holds, with ``append``), or to a
+    temporary file. OSError if it cannot start.
     """
     with tempfile.TemporaryFile() as scratch, tempfile.TemporaryFile() as stdout_file:
-        with open(output_path, "w+b") if output_path else scratch as output:
+        with open(output_path, "a+b" if append else "w+b") if output_path else scratch as output:
             process = subprocess.Popen(
                 command,
                 cwd=cwd,

@@ -110,6 +110,27 @@ def _one_of(names: tuple[str, ...], what: str) -> Callable[[str], str]:
     return parse
 
 
+#: Most interpreter versions a runner may offer.
+MAX_VERSIONS = 16
+_VERSION = re.compile(r"3\.\d{1,2}\Z")
+_REQUIREMENT = re.compile(r"python3\.\d{1,2}\Z")
+
+
+def parse_versions(text: str) -> tuple[str, ...]:
+    """Python versions, ``3.11,3.12``: what a runner can build environments with."""
+    versions = tuple(text.split(",")) if text else ()
+    if len(versions) > MAX_VERSIONS or not all(_VERSION.match(version) for version in versions):
+        raise ProtocolError("invalid versions (want up to %d of 3.N, separated by commas)" % MAX_VERSIONS)
+    return versions
+
+
+def parse_requirement(text: str) -> str:
+    """What a commit asks of the runner that tests it: an interpreter, ``python3.12``."""
+    if not _REQUIREMENT.match(text):
+        raise ProtocolError("invalid requirement (want python3.N)")
+    return text
+
+
 #: What a runner reports for an attempt, says it is doing, and a job's state (states.py).
 parse_status = _one_of(values(ReportedStatus), "status")
 parse_runner_state = _one_of(values((RunnerState.IDLE, RunnerState.BUSY)), "state")
@@ -162,7 +183,8 @@ REQUESTS: dict[str, Verb] = {
         Verb(
             "register",
             positional=(("host", parse_host), ("port", parse_port)),
-            options=(("name", parse_name), ("commit", parse_commit), ("attempt", parse_attempt)),
+            options=(("name", parse_name), ("commit", parse_commit), ("attempt", parse_attempt),
+                     ("pythons", parse_versions)),
         ),
         Verb(
             "results",
@@ -174,6 +196,8 @@ REQUESTS: dict[str, Verb] = {
                 ("skipped", parse_count),
                 ("duration", parse_seconds),
                 ("reason", parse_text),
+                ("hash_seed", parse_count),
+                ("requires", parse_requirement),
             ),
             sections=(LOG_SECTION, JUNIT_SECTION),
         ),
@@ -275,6 +299,8 @@ _SAFE = "-_.:@/+,"
 def _wire_text(value: object) -> str:
     if isinstance(value, float):
         text = repr(round(value, 6))
+    elif isinstance(value, (tuple, list)):
+        text = ",".join(str(item) for item in value)
     else:
         text = str(value)
     return quote(text, safe=_SAFE)

@@ -30,6 +30,7 @@ SUMMARY_FIELDS = (
     "started_at",
     "finished_at",
     "reason",
+    "hash_seed",
 )
 #: The test counts, as JUnit XML gives them (junit.counts) and the protocol carries them.
 COUNT_FIELDS = ("passed", "failed", "errors", "skipped")
@@ -52,8 +53,10 @@ class Result:
     started_at: str | None = None
     finished_at: str | None = None
     reason: str | None = None
+    hash_seed: int | None = None  # the PYTHONHASHSEED the tests ran with: set it to run them the same way
     # Travel with the result, not in <sha>.json:
     attempt: int | None = None  # the attempt id the dispatcher gave out
+    requires: str | None = None  # a declined job: what the commit asks for ("python3.12")
     log: bytes = b""  # the test output
     junit: bytes | None = None  # the JUnit XML; the dispatcher keeps only junit.clean's copy
 
@@ -73,8 +76,8 @@ class Result:
     def to_message(self) -> Message:
         """The ``results`` request that reports this attempt's result."""
         return request("results", commit=self.commit, attempt=self.attempt, status=self.status,
-                       **self.counts(), duration=self.duration_s, reason=self.reason, log=self.log,
-                       junit=self.junit)
+                       **self.counts(), duration=self.duration_s, reason=self.reason, hash_seed=self.hash_seed,
+                       requires=self.requires, log=self.log, junit=self.junit)
 
     @classmethod
     def from_message(cls, message: Message) -> "Result":
@@ -82,5 +85,6 @@ class Result:
         values = message.fields
         return cls(commit=values["commit"], attempt=values["attempt"], status=values["status"],
                    **{name: values.get(name) for name in COUNT_FIELDS}, duration_s=values.get("duration"),
-                   reason=values.get("reason"), log=message.sections.get("log", b""),
+                   reason=values.get("reason"), hash_seed=values.get("hash_seed"), requires=values.get("requires"),
+                   log=message.sections.get("log", b""),
                    junit=message.sections.get("junit") or None)

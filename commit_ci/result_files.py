@@ -3,7 +3,8 @@
 For a commit ``<sha>``:
 
 * ``<sha>``       the report a person reads: a header (commit, verdict, counts,
-                  duration, runner, attempts, reason, times), then the test output;
+                  duration, runner, attempts, reason, times, hash seed), then the
+                  test output;
 * ``<sha>.log``   the test output alone, as the runner sent it;
 * ``<sha>.xml``   the JUnit XML the tests wrote, when they wrote a usable one;
 * ``<sha>.json``  the same facts as the report, for programs (result.SUMMARY_FIELDS).
@@ -64,6 +65,7 @@ def render_report(result: Result, output: str) -> str:
         "queued:    %s" % show(result.queued_at),
         "started:   %s" % show(result.started_at),
         "finished:  %s" % show(result.finished_at),
+        "hash seed: %s" % show(result.hash_seed),
         "",
         "---- test output " + "-" * 50,
         output.rstrip("\n"),

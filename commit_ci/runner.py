@@ -37,6 +37,15 @@ import git
 
 from commit_ci.daemon import add_logging_arguments, install_stop_signals, setup_logging
 from commit_ci.dispatcher_link import RESULTS_TIMEOUT_S, DispatcherLink
+from commit_ci.environments import (
+    DEFAULT_MAX_ENVIRONMENTS,
+    DEFAULT_SETUP_TIMEOUT_S,
+    EnvironmentCache,
+    Installer,
+    Interpreter,
+    default_cache_dir,
+    find_interpreters,
+)
 from commit_ci.executor import SHUTTING_DOWN, Executor
 from commit_ci.leftovers import become_subreaper
 from commit_ci.outbox import Outbox
@@ -81,11 +90,15 @@ class TestRunner:
         security: Security | None = None,
         warm_pytest: bool = True,
         subreaper: bool = False,
+        interpreters: dict[str, Interpreter] | None = None,
+        cache: EnvironmentCache | None = None,
     ):
         """``subreaper``: this process is a child subreaper (``main`` made it one), so the
         processes a job leaves behind come back to it as children, to be killed. Only
         then is a child the runner does not know a leftover; in any other process (a
-        test that embeds a runner) it may be anyone's."""
+        test that embeds a runner) it may be anyone's. ``interpreters`` (by version) and
+        ``cache`` are what environments are built with (executor.py); without a cache
+        every job runs with the runner's own interpreter."""
         self.security = security or Security()
         repo = git.Repo(clone)  # fails early, with git's message, if it is not a clone
         self.clone = repo.working_tree_dir
@@ -93,14 +106,16 @@ class TestRunner:
         os.makedirs(self.state_dir, exist_ok=True)
         self.stop_event = threading.Event()
         self.executor = Executor(self.clone, repo.git_dir, self.state_dir, test_command, timeout, checkout_timeout,
-                                 self.stop_event, warm_pytest=warm_pytest, subreaper=subreaper)
+                                 self.stop_event, warm_pytest=warm_pytest, subreaper=subreaper,
+                                 interpreters=interpreters, cache=cache)
         self.outbox = Outbox(os.path.join(self.state_dir, "pending"))
         self.server = ProtocolServer((host, port), self.handle, log, self.security)
         bound_port = self.server.address[1]
         self.advertise_host = advertise_host or (socket.getfqdn() if host in ("0.0.0.0", "::", "") else host)
         self.name = name or "%s:%d" % (self.advertise_host, bound_port)
         self.link = DispatcherLink(dispatcher, self.security, self.outbox, self.advertise_host, bound_port, self.name,
-                                   self.current_job, self.stop_event, dispatcher_timeout)
+                                   self.current_job, self.stop_event, dispatcher_timeout,
+                                   pythons=tuple(sorted(interpreters or ())))
         self._cond = threading.Condition()
         self._job: tuple[str, int] | None = None  # accepted and not yet reported
         #: The tests of ``_job`` are over and its result is being reported.
@@ -259,6 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "the job is then retried, on another runner if there is one (default: %(default)s)")
     parser.add_argument("--state-dir", help="where to keep undelivered results and work files "
                         "(default: REPO/.git/ci_runner)")
+    environments = parser.add_argument_group(
+        "environments", "a commit that is a Python project (or asks for it in .commit-ci.toml) is tested in a "
+        "virtualenv of its own, with the project and its test dependencies installed; README.md says how")
+    environments.add_argument("--python", action="append", default=[], metavar="PATH",
+                              help="an interpreter to offer to commits that ask for its version (python = \"3.12\" "
+                              "in .commit-ci.toml), besides this runner's own and each python3.N on PATH; repeatable")
+    environments.add_argument("--installer", choices=("auto", "uv", "pip"), default="auto",
+                              help="what builds environments: uv when installed (auto), or pip (default: %(default)s)")
+    environments.add_argument("--env-cache", metavar="DIR", default=default_cache_dir(),
+                              help="where environments are kept, shared by the runners of this user "
+                              "(default: %(default)s)")
+    environments.add_argument("--env-cache-size", type=int, default=DEFAULT_MAX_ENVIRONMENTS, metavar="N",
+                              help="environments kept; the least recently used go first (default: %(default)s)")
+    environments.add_argument("--setup-timeout", type=float, default=DEFAULT_SETUP_TIMEOUT_S, metavar="SECONDS",
+                              help="longest that building an environment or installing the project may take "
+                              "(default: %(default)s)")
+    environments.add_argument("--no-environments", dest="environments", action="store_false",
+                              help="test every commit with this runner's own interpreter and packages, as "
+                              "versions before 0.2 did")
     add_logging_arguments(parser)
     add_security_arguments(parser, serves=True)
     return parser
@@ -285,6 +319,24 @@ def stop_passing_on_ignored_signals() -> None:
             signal.signal(signum, keep_ignoring)
 
 
+def environments_from_arguments(args) -> tuple[dict[str, Interpreter], EnvironmentCache | None]:
+    """The interpreters to offer and the environment cache the options ask for;
+    ValueError if they cannot be had."""
+    if not args.environments:
+        # Only its own, which every job then runs with: it takes no job that asks for another.
+        return {version: interpreter for version, interpreter in find_interpreters().items()
+                if version == "%d.%d" % sys.version_info[:2]}, None
+    interpreters = find_interpreters(args.python)
+    if args.env_cache_size < 1 or args.setup_timeout <= 0:
+        raise ValueError("--env-cache-size must be at least 1 and --setup-timeout positive")
+    installer = Installer.find(args.installer)
+    cache = EnvironmentCache(args.env_cache, installer, args.env_cache_size, args.setup_timeout)
+    log.info("environments: built with %s in %s (at most %d); Pythons %s", installer.description, args.env_cache,
+             args.env_cache_size, ", ".join("%s (%s)" % (version, interpreter.path)
+                                            for version, interpreter in sorted(interpreters.items())))
+    return interpreters, cache
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.log_file)
@@ -305,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         security = security_from_arguments(args, serves=True)
+        interpreters, cache = environments_from_arguments(args)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -324,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             security=security,
             warm_pytest=args.warm_pytest,
             subreaper=subreaper,
+            interpreters=interpreters,
+            cache=cache,
         )
     except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
         log.error("%s is not a git clone: %s", args.repo, exc)

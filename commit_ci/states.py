@@ -60,6 +60,7 @@ class ReportedStatus(str, enum.Enum):
     FAILED = "failed"
     ERROR = "error"  # an infrastructure fault on the runner (checkout failed...): retried elsewhere
     ABORTED = "aborted"  # the runner handed the job back (it is shutting down)
+    DECLINED = "declined"  # the commit asks for what the runner lacks (``requires``): another runner's job
 
     @property
     def verdict(self) -> bool:
@@ -78,6 +79,7 @@ class Outcome(str, enum.Enum):
     RETURNED = "returned"  # the runner handed the job back while shutting down
     INTERRUPTED = "interrupted"  # the dispatcher restarted while it was out
     SUPERSEDED = "superseded"  # another attempt settled the job first
+    DECLINED = "declined"  # the runner lacks what the commit asks for: never ran
 
     @property
     def infra_failure(self) -> bool:
@@ -86,8 +88,8 @@ class Outcome(str, enum.Enum):
 
     @property
     def started(self) -> bool:
-        """The attempt really reached a runner (counts in the result's ``attempts``)."""
-        return self is not Outcome.REFUSED
+        """The attempt really ran on a runner (counts in the result's ``attempts``)."""
+        return self not in (Outcome.REFUSED, Outcome.DECLINED)
 
 
 #: Ends of an attempt that the runner may not know of: the dispatcher lost track of

@@ -38,7 +38,11 @@ from typing import Iterator
 
 from commit_ci.states import ADOPTABLE, TRANSITIONS, JobState, Outcome
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: What turns a file of an older schema version into the next one, by the version it makes.
+MIGRATIONS = {
+    2: ("ALTER TABLE jobs ADD COLUMN requires TEXT", "ALTER TABLE runners ADD COLUMN offers TEXT"),
+}
 
 #: A checkpoint is started after this many write transactions (SQLite's automatic
 #: one comes after 1,000 WAL pages; a dispatch writes about 4)...
@@ -75,7 +79,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     current_attempt INTEGER,            -- latest attempt id, NULL before the first
     runner          TEXT,               -- runner of the latest attempt
     reason          TEXT,               -- why a final state is what it is, when not obvious
-    summary         TEXT                -- the final result as JSON (what <sha>.json holds)
+    summary         TEXT,               -- the final result as JSON (what <sha>.json holds)
+    requires        TEXT                -- what a runner needs to run it ("python3.12"), once one declined it
 );
 -- Only queued and running jobs are ever looked up by state, so index only them:
 -- each index stays as small as the queue (or the runners), however long the
@@ -101,7 +106,8 @@ CREATE TABLE IF NOT EXISTS runners (
     name          TEXT PRIMARY KEY,
     host          TEXT NOT NULL,
     port          INTEGER NOT NULL,
-    registered_at REAL NOT NULL
+    registered_at REAL NOT NULL,
+    offers        TEXT                -- what it can run, space-separated ("python3.11 python3.12")
 );
 """
 
@@ -117,6 +123,7 @@ class Job:
     runner: str | None
     reason: str | None
     summary: str | None
+    requires: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,10 +189,16 @@ class JobStore:
         with self.transaction() as db:
             has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
             row = has_meta and db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row and int(row["value"]) != SCHEMA_VERSION:
+            version = int(row["value"]) if row else SCHEMA_VERSION
+            if version > SCHEMA_VERSION:
                 raise RuntimeError(
                     "%s has schema version %s; this dispatcher knows version %d" % (self.path, row["value"], SCHEMA_VERSION)
                 )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    db.execute(statement)
+            if row:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
         # executescript commits on its own; the statements are idempotent.
         self._db.executescript(SCHEMA)
         self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -295,10 +308,15 @@ class JobStore:
         """Up to ``limit`` queued commits, oldest first."""
         return [job.commit for job in self.queued_jobs(limit)]
 
-    def queued_jobs(self, limit: int) -> list[Job]:
-        """Up to ``limit`` queued jobs, oldest first."""
+    def queued_jobs(self, limit: int, offered: frozenset[str] | None = None) -> list[Job]:
+        """Up to ``limit`` queued jobs, oldest first; with ``offered``, only those that
+        require nothing or one of these (the jobs some runner can take)."""
+        query, values = "SELECT * FROM jobs WHERE state = 'queued'", []
+        if offered is not None:
+            query += " AND (requires IS NULL OR requires IN (%s))" % ",".join("?" * len(offered))
+            values += sorted(offered)
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute(query + " ORDER BY seq LIMIT ?", (*values, limit)).fetchall()
         return [_job(row) for row in rows]
 
     def running(self) -> list[Job]:
@@ -406,11 +424,14 @@ class JobStore:
             db.execute("UPDATE attempts SET ended_at = NULL, outcome = NULL WHERE id = ?", (attempt_id,))
             return True
 
-    def requeue(self, commit: str, attempt_id: int, outcome: Outcome, now: float) -> None:
-        """End a running attempt without a verdict and put its job back in the queue."""
+    def requeue(self, commit: str, attempt_id: int, outcome: Outcome, now: float, requires: str | None = None) -> None:
+        """End a running attempt without a verdict and put its job back in the queue;
+        with ``requires``, only for a runner that has it."""
         with self.transaction() as db:
             self._end_attempt(db, attempt_id, outcome, now)
             self._move(db, commit, JobState.QUEUED)
+            if requires is not None:
+                db.execute("UPDATE jobs SET requires = ? WHERE commit_id = ?", (requires, commit))
 
     def end_attempt(self, attempt_id: int, outcome: Outcome, now: float) -> None:
         """Record how an attempt ended when its job does not move (late answers)."""
@@ -463,22 +484,22 @@ class JobStore:
             self._counted(JobState.RUNNING, JobState.QUEUED, requeued)
             return requeued
 
-    def save_runner(self, name: str, host: str, port: int, now: float) -> None:
+    def save_runner(self, name: str, host: str, port: int, now: float, offers: frozenset[str] = frozenset()) -> None:
         with self.transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO runners (name, host, port, registered_at) VALUES (?, ?, ?, ?)",
-                (name, host, port, now),
+                "INSERT OR REPLACE INTO runners (name, host, port, registered_at, offers) VALUES (?, ?, ?, ?, ?)",
+                (name, host, port, now, " ".join(sorted(offers))),
             )
 
     def forget_runner(self, name: str) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM runners WHERE name = ?", (name,))
 
-    def runners(self) -> list[tuple[str, str, int]]:
-        """(name, host, port) of every runner registered and not dropped."""
+    def runners(self) -> list[tuple[str, str, int, frozenset[str]]]:
+        """(name, host, port, what it offers) of every runner registered and not dropped."""
         with self._lock:
-            rows = self._db.execute("SELECT name, host, port FROM runners ORDER BY registered_at").fetchall()
-        return [(row["name"], row["host"], row["port"]) for row in rows]
+            rows = self._db.execute("SELECT name, host, port, offers FROM runners ORDER BY registered_at").fetchall()
+        return [(row["name"], row["host"], row["port"], frozenset((row["offers"] or "").split())) for row in rows]
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -517,6 +538,7 @@ def _job(row: sqlite3.Row) -> Job:
         runner=row["runner"],
         reason=row["reason"],
         summary=row["summary"],
+        requires=row["requires"],
     )
 
 

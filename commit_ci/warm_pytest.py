@@ -81,14 +81,43 @@ def _stat_key(path: str) -> list | None:
     return [status.st_ino, status.st_mtime_ns, status.st_size]
 
 
+def _process_start_ns() -> int:
+    """When this process started, in ``time.time_ns()`` terms (from /proc, to within a
+    clock tick); the time now where /proc cannot tell."""
+    try:
+        with open("/proc/self/stat", "rb") as handle:
+            ticks = int(handle.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as handle:
+            boot = next(int(line.split()[1]) for line in handle if line.startswith(b"btime "))
+        return boot * 10**9 + ticks * 10**9 // os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time_ns()
+
+
+#: A file written after this may have been imported in its earlier state (the imports
+#: come before the snapshot of what they came from): it counts as changed. A second of
+#: slack covers /proc's clock ticks and /proc/stat's whole seconds.
+_NOT_BEFORE_NS = _process_start_ns() - 10**9
+
+
 def _snapshot(paths) -> list[list]:
-    return [[path, *(_stat_key(path) or [None] * 3)] for path in sorted(set(paths))]
+    """Each path with its stat key; a file or folder written since this process started
+    gets a key that matches no real one, so that it counts as changed at once."""
+    snapshot = []
+    for path in sorted(set(paths)):
+        key = _stat_key(path) or [None] * 3
+        if key[1] is not None and key[1] >= _NOT_BEFORE_NS:
+            key[1] = -1
+        snapshot.append([path, *key])
+    return snapshot
 
 
-def changed_source(snapshot: list[list]) -> str | None:
+def changed_source(snapshot: list[list], folders: bool = True) -> str | None:
     """The first path in ``snapshot`` that is not as it was then (gone, replaced,
-    written), or None."""
+    written), or None; without ``folders``, only files are looked at."""
     for path, *key in snapshot:
+        if not folders and os.path.isdir(path):
+            continue
         if (_stat_key(path) or [None] * 3) != key:
             return path
     return None
@@ -121,6 +150,8 @@ def _preload() -> dict:
     imported (and says so in a warning), so each job loads them as a fresh
     interpreter would.
     """
+    if sys.version_info < (3, 9):  # os.pidfd_open, os.waitstatus_to_exitcode
+        raise RuntimeError("a warm pytest needs Python 3.9 or later; jobs start a fresh one")
     # The folders on the path are taken before the imports, so that a package
     # installed while they run is noticed (a new file changes its folder).
     folders = _snapshot([sys.executable, *(path for path in sys.path if os.path.isdir(path))])
@@ -251,14 +282,26 @@ def serve(requests, replies) -> int:
 
 
 class WarmPytest:
-    """The runner's side: one zygote process, one job at a time (the runner's worker
-    thread is its only user)."""
+    """The runner's side of one zygote, for one job.
 
-    def __init__(self, env: dict, cwd: str):
-        self.env = env
+    A job's hash seed (PYTHONHASHSEED) is fixed when its interpreter starts, and every
+    job must get a random one of its own, as a fresh interpreter does; so a zygote
+    serves one job and is closed. The runner starts the next one ahead, while a job
+    runs or after it (``start`` returns at once), so that the next job only forks.
+    The runner's worker thread is its only user.
+    """
+
+    def __init__(self, python: str, env: dict, cwd: str, hash_seed: int):
+        self.python = python
+        self.hash_seed = hash_seed
+        #: The variables it was started with, but the hash seed: a job with others
+        #: (another PYTHONPATH) would not find what a fresh interpreter finds.
+        self.base_env = env
+        self.env = dict(env, PYTHONHASHSEED=str(hash_seed))
         self.cwd = cwd
         self.process: subprocess.Popen | None = None
         self.description = ""
+        self.ready = False
         self._sources: list[list] = []
         self._buffer = b""
         #: After ``wait``: how many processes the job left running, which the zygote
@@ -267,28 +310,40 @@ class WarmPytest:
         self.stuck: list[int] = []
 
     def start(self) -> None:
-        """Start the zygote and wait until it has imported pytest; WarmPytestError if it cannot."""
+        """Start the zygote; it imports pytest while the caller goes on (``wait_ready``)."""
         self.close()
         self._buffer = b""
+        self.ready = False
         self.process = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__)],
+            [self.python, os.path.abspath(__file__)],
             cwd=self.cwd,
             env=self.env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C in the runner's terminal is the runner's to handle
         )
-        ready = self._read(READY_TIMEOUT_S)
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Wait until the zygote has imported pytest; WarmPytestError if it cannot."""
+        if self.ready:
+            return
+        if self.process is None:
+            raise WarmPytestError("warm pytest is not started")
+        ready = self._read(timeout)
         if not ready.get("ready"):
             self.close()
             raise WarmPytestError("warm pytest could not start: %s" % ready.get("error"))
         self.description = "pytest %s" % ready.get("pytest")
         self._sources = ready.get("sources") if isinstance(ready.get("sources"), list) else []
+        self.ready = True
 
-    def changed_source(self) -> str | None:
+    def changed_source(self, folders: bool = True) -> str | None:
         """A file or folder the zygote's imports came from that has changed since it
-        started (a pytest upgraded, a sitecustomize edited), or None. About 0.3 ms."""
-        return changed_source(self._sources)
+        started (a pytest upgraded, a sitecustomize edited), or None. About 0.3 ms.
+        Without ``folders``, only the files it imported are looked at: in a project's
+        environment, where the project is installed again for every commit, and what
+        the zygote imported is all that matters."""
+        return changed_source(self._sources, folders)
 
     @property
     def running(self) -> bool:
@@ -324,10 +379,13 @@ class WarmPytest:
         return ended["status"]
 
     def close(self) -> None:
-        """Stop the zygote: end of its input, then a kill if it does not exit."""
+        """Stop the zygote: end of its input, then a kill if it does not exit. One that
+        is not ready yet (a spare no job will use) is killed at once."""
         process, self.process = self.process, None
         if process is None:
             return
+        if not self.ready:
+            process.kill()
         try:
             process.stdin.close()
         except OSError:

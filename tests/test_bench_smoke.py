@@ -36,6 +36,9 @@ EXPECTED_ROWS = [
     ("history", "status request"),
     ("recovery", "runner SIGKILLed mid-job"),
     ("recovery", "dispatcher SIGKILLed"),
+    ("environments", "dispatch -> result, environment reused"),
+    ("environments", "dispatch -> result, new environment (uv)"),
+    ("environments", "dispatch -> result, new environment (pip)"),
 ]
 #: "-": a figure reported without a target (recovery times).
 VERDICTS = {"met", "missed", "not available", "-"}

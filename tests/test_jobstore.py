@@ -204,7 +204,7 @@ def test_attempt_counts(store):
 def test_attempt_counts_only_lost_and_error_are_failures(store):
     for outcome in Outcome:
         assert outcome.infra_failure == (outcome in (Outcome.ERROR, Outcome.LOST)), outcome
-        assert outcome.started == (outcome is not Outcome.REFUSED), outcome
+        assert outcome.started == (outcome not in (Outcome.REFUSED, Outcome.DECLINED)), outcome
 
 
 def test_finish_supersedes_other_attempts_still_out(store):
@@ -438,6 +438,38 @@ def test_another_schema_version_is_refused(db_path):
         db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     with pytest.raises(RuntimeError, match="schema version %d" % (SCHEMA_VERSION + 1)):
         JobStore(db_path)
+
+
+#: The tables of schema version 1 (before jobs could require a Python, runners offer one).
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+CREATE TABLE jobs (seq INTEGER PRIMARY KEY, commit_id TEXT NOT NULL UNIQUE, state TEXT NOT NULL,
+    queued_at REAL NOT NULL, started_at REAL, finished_at REAL, current_attempt INTEGER, runner TEXT,
+    reason TEXT, summary TEXT);
+CREATE TABLE attempts (id INTEGER PRIMARY KEY AUTOINCREMENT, commit_id TEXT NOT NULL, runner TEXT NOT NULL,
+    assigned_at REAL NOT NULL, ended_at REAL, outcome TEXT);
+CREATE TABLE runners (name TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL, registered_at REAL NOT NULL);
+INSERT INTO jobs (commit_id, state, queued_at) VALUES ('%s', 'queued', 1.0);
+INSERT INTO runners VALUES ('r1', '127.0.0.1', 8900, 1.0);
+""" % A
+
+
+def test_a_file_of_schema_version_1_is_brought_up_to_date_keeping_its_jobs(db_path):
+    with sqlite3.connect(db_path) as db:
+        db.executescript(SCHEMA_1)
+    store = JobStore(db_path)
+    try:
+        assert [job.commit for job in store.queued_jobs(10)] == [A]
+        assert store.runners() == [("r1", "127.0.0.1", 8900, frozenset())]
+        attempt = store.assign(A, "r1", 2.0)
+        store.requeue(A, attempt, Outcome.DECLINED, 3.0, requires="python3.12")
+        assert store.queued_jobs(10, offered=frozenset({"python3.11"})) == []
+        assert [job.requires for job in store.queued_jobs(10, offered=frozenset({"python3.12"}))] == ["python3.12"]
+    finally:
+        store.close()
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
 
 
 def test_a_new_file_gets_the_current_schema_version(db_path):

@@ -65,6 +65,9 @@ SAMPLE_VALUES: dict[str, object] = {
     "heartbeat": 0.5,
     "recorded": 1,
     "limit": 50,
+    "pythons": ("3.10", "3.12"),
+    "hash_seed": 4294967295,
+    "requires": "python3.12",
 }
 ERR_REASON = "unknown commit or attempt: 100% sure = yes"
 SAMPLE_SECTIONS = {
@@ -137,7 +140,8 @@ def test_sample_values_are_valid_for_every_field_of_every_verb():
                 continue
             for field_name, parser in verb.positional + verb.options:
                 value = SAMPLE_VALUES[field_name]
-                assert parser(str(value)) == value, (verb.name, field_name)
+                text = ",".join(value) if isinstance(value, tuple) else str(value)
+                assert parser(text) == value, (verb.name, field_name)
 
 
 def test_results_with_log_and_junit_sections():

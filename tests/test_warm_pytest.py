@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -70,8 +70,9 @@ def runner_signals():
 @pytest.fixture
 def warm(tmp_path, runner_signals):
     """A started zygote, stopped (and killed by pid if need be) after the test."""
-    zygote = WarmPytest(base_env(), str(tmp_path))
+    zygote = WarmPytest(sys.executable, base_env(), str(tmp_path), hash_seed=12345)
     zygote.start()
+    zygote.wait_ready()
     pid = zygote.process.pid
     yield zygote
     zygote.close()
@@ -228,13 +229,22 @@ def test_a_zygote_that_dies_mid_job_is_an_error_not_a_hang(warm, tmp_path):
         processes.signal_group(pid, signal.SIGKILL)
 
 
+def written_a_while_ago(*paths) -> None:
+    """What was written just before a zygote starts counts as changed for it (it may
+    have been imported before it was written): these were written well before."""
+    for path in paths:
+        os.utime(path, (time.time() - 60, time.time() - 60))
+
+
 def test_the_zygote_knows_when_what_it_imported_has_changed(tmp_path, runner_signals):
     site = tmp_path / "site"
     site.mkdir()
     custom = site / "sitecustomize.py"  # imported by every interpreter that has site on its path
     custom.write_text("MARK = 'one'\n")
-    zygote = WarmPytest(dict(base_env(), PYTHONPATH=str(site)), str(tmp_path))
+    written_a_while_ago(custom, site)
+    zygote = WarmPytest(sys.executable, dict(base_env(), PYTHONPATH=str(site)), str(tmp_path), hash_seed=1)
     zygote.start()
+    zygote.wait_ready()
     try:
         assert zygote.changed_source() is None
         (tmp_path / "elsewhere.py").write_text("")
@@ -242,9 +252,15 @@ def test_the_zygote_knows_when_what_it_imported_has_changed(tmp_path, runner_sig
         custom.write_text("MARK = 'second'\n")  # in place, as an editor may
         assert zygote.changed_source() == str(custom)
         zygote.start()
+        zygote.wait_ready()
+        assert zygote.changed_source() == str(custom), "written just before it started: it may have read the old one"
+        written_a_while_ago(custom, site)
+        zygote.start()
+        zygote.wait_ready()
         assert zygote.changed_source() is None
         (site / "newly_installed.py").write_text("")  # as pip adds a package
         assert zygote.changed_source() == str(site)
+        assert zygote.changed_source(folders=False) is None, "a new package: only its folder changed"
     finally:
         pid = zygote.process.pid
         zygote.close()
@@ -261,22 +277,29 @@ def test_a_job_never_runs_what_was_imported_before_it_changed(ci, tmp_path):
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text("MARK = 'one'\n")
+    written_a_while_ago(site / "sitecustomize.py", site)
     ci.start_dispatcher()
     runner = ci.start_runner(launched_by=("env", "PYTHONPATH=%s" % site))
-    runner.wait_for_log(r"warm pytest ready")
     mark = tmp_path / "mark"
     first = ci.upstream.commit({"test_site.py": SITE_PROBE % str(mark)}, "site probe")
     dispatch(ci, first)
     assert ci.wait_result(first)["status"] == "passed"
     assert mark.read_text() == "one"
+    runner.wait_for_log(r"commit %s attempt \d+: forked from a warm pytest" % first)
 
     (site / "sitecustomize.py").write_text("MARK = 'second'\n")  # as an upgrade would change pytest
+    os.utime(site / "sitecustomize.py", (time.time() - 30, time.time() - 30))  # as long before the next zygote
     second = ci.upstream.commit({"test_site.py": SITE_PROBE % str(mark) + "\n"}, "site probe again")
     dispatch(ci, second)
     assert ci.wait_result(second)["status"] == "passed"
     assert mark.read_text() == "second", "what a fresh interpreter would have imported"
-    runner.wait_for_log(r"sitecustomize\.py changed since the warm pytest started: starting it again")
-    assert len(re.findall(r"warm pytest ready", runner.log())) == 2, "and the job still ran warm"
+    runner.wait_for_log(r"sitecustomize\.py changed since the warm pytest started: this job starts a fresh Python")
+    # The next job forks again, from a warm pytest that imported the new one.
+    third = ci.upstream.commit({"test_site.py": SITE_PROBE % str(mark) + "\n\n"}, "site probe once more")
+    dispatch(ci, third)
+    assert ci.wait_result(third)["status"] == "passed"
+    assert mark.read_text() == "second"
+    runner.wait_for_log(r"commit %s attempt \d+: forked from a warm pytest" % third)
 
 
 def test_a_job_waits_for_its_threads_as_an_interpreter_does(warm, tmp_path):
@@ -329,26 +352,29 @@ def dispatch(ci, commit: str) -> None:
     assert answer.verb == "OK", answer
 
 
-PARENT_PROBE = "import os\n\ndef test_parent():\n    open(%r, 'w').write(str(os.getppid()))\n"
+#: Writes the pid and the command line of the process that started the tests.
+PARENT_PROBE = ("import os\n\ndef test_parent():\n    parent = os.getppid()\n"
+                "    command = open('/proc/%%d/cmdline' %% parent).read().replace('\\0', ' ')\n"
+                "    open(%r, 'w').write('%%d %%s' %% (parent, command))\n")
 
 
 def test_the_runner_forks_its_warm_pytest_unless_told_not_to(ci, tmp_path):
     ci.start_dispatcher()
     warm_runner = ci.start_runner()
-    warm_runner.wait_for_log(r"warm pytest ready \(pytest [\d.]+\)")
-    probe = tmp_path / "parent.pid"
+    probe = tmp_path / "parent"
     commit = ci.upstream.commit({"test_parent.py": PARENT_PROBE % str(probe)}, "parent probe")
     dispatch(ci, commit)
     assert ci.wait_result(commit)["status"] == "passed"
-    parent = int(probe.read_text())
-    assert parent != warm_runner.pid and parent in descendants(warm_runner.pid)
+    warm_runner.wait_for_log(r"commit %s attempt \d+: forked from a warm pytest \(pytest [\d.]+\)" % commit)
+    parent, command = probe.read_text().split(" ", 1)
+    assert int(parent) != warm_runner.pid and "warm_pytest.py" in command
 
     warm_runner.terminate()
     cold_runner = ci.start_runner("--no-warm-pytest")
     again = ci.upstream.commit({"test_parent.py": PARENT_PROBE % str(probe) + "\n"}, "parent probe again")
     dispatch(ci, again)
     assert ci.wait_result(again)["status"] == "passed"
-    assert int(probe.read_text()) == cold_runner.pid
+    assert int(probe.read_text().split(" ", 1)[0]) == cold_runner.pid
     assert "warm pytest" not in cold_runner.log()
 
 
@@ -377,17 +403,42 @@ def test_a_runner_started_with_signals_ignored_does_not_pass_them_on(ci, how):
     assert runner.popen.poll() is None, "still ignores a hang-up, as it was started to"
 
 
+def zygotes_of(runner) -> list[int]:
+    return [pid for pid in descendants(runner.pid) if "warm_pytest" in open("/proc/%d/cmdline" % pid).read()]
+
+
 def test_a_killed_warm_pytest_is_started_again_and_loses_no_verdict(ci):
     ci.start_dispatcher()
     runner = ci.start_runner()
-    runner.wait_for_log(r"warm pytest ready")
-    zygotes = [pid for pid in descendants(runner.pid) if "warm_pytest" in open("/proc/%d/cmdline" % pid).read()]
+    zygotes = wait_until(lambda: zygotes_of(runner), 20, message="the warm pytest started ahead")
     assert len(zygotes) == 1
     os.kill(zygotes[0], signal.SIGKILL)
     passing = ci.upstream.commit({"test_ok.py": PASSING_TEST}, "passes")
     dispatch(ci, passing)
     assert ci.wait_result(passing)["status"] == "passed"
+    runner.wait_for_log(r"warm pytest exited .*; this job runs in a fresh Python")
     failing = ci.upstream.commit({"test_ok.py": "def test_no():\n    assert False\n"}, "fails")
     dispatch(ci, failing)
     assert ci.wait_result(failing)["status"] == "failed"
-    assert len(runner.wait_for_log(r"(?s)warm pytest ready.*warm pytest ready").group(0)) > 0
+    runner.wait_for_log(r"commit %s attempt \d+: forked from a warm pytest" % failing)
+
+
+def test_every_job_gets_a_hash_seed_of_its_own_and_reports_it(ci, tmp_path):
+    """As a fresh interpreter would: a random PYTHONHASHSEED per job, warm or not, in
+    the result so that a failure can be run again the same way."""
+    ci.start_dispatcher()
+    ci.start_runner()
+    seen = tmp_path / "seeds"
+    probe = ("import os, sys\n\ndef test_seed():\n    with open(%r, 'a') as handle:\n"
+             "        handle.write('%%s %%d\\n' %% (os.environ['PYTHONHASHSEED'], sys.flags.hash_randomization))\n"
+             "    assert hash('a') == hash('a')\n" % str(seen))
+    results = []
+    for index in range(4):
+        commit = ci.upstream.commit({"test_seed.py": probe + "\n" * index}, "seed probe %d" % index)
+        dispatch(ci, commit)
+        results.append(ci.wait_result(commit))
+    reported = [result["hash_seed"] for result in results]
+    in_tests = [int(line.split()[0]) for line in seen.read_text().splitlines()]
+    assert reported == in_tests
+    assert len(set(reported)) == 4, "a seed of its own for each job"
+    assert all(0 <= seed <= 4294967295 for seed in reported)
