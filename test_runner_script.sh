@@ -37,7 +37,9 @@ done
 # A fetch may start git's automatic housekeeping (gc --auto), which by default goes
 # on in the background; the runner kills whatever a job leaves running, so it would
 # never finish. Here it runs inside the fetch instead, under the checkout's time limit.
-fetch_origin() { git -c gc.autoDetach=false fetch --quiet --no-tags origin "$@"; }
+# Submodules are fetched by "submodule update" below, for the revisions the commit
+# records: a recursive fetch here would enter their folders before they are checked out.
+fetch_origin() { git -c gc.autoDetach=false fetch --quiet --no-tags --no-recurse-submodules origin "$@"; }
 if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
     fetch_or_fail "could not fetch from origin" fetch_origin
     if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then

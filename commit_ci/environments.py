@@ -54,6 +54,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -68,7 +69,9 @@ import sysconfig
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
+from commit_ci.isolation import Launch
 from commit_ci.processes import TIMEOUT, StepEnd, run_step
 from commit_ci.project_config import CONFIG_NAME, ProjectConfig
 
@@ -78,6 +81,10 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 log = logging.getLogger("runner")
+
+#: How a setup step is started, given the folders it writes besides the clone and the
+#: job's own (isolation.Isolation.launch, bound to the clone).
+Launcher = Callable[[tuple[str, ...]], Launch]
 
 #: Raise when the way an environment is built changes: environments built the old
 #: way are then not reused.
@@ -529,6 +536,10 @@ class Environment:
 
 
 def default_cache_dir() -> str:
+    """Where environments are kept: the user's cache folder; for root, whose jobs run
+    as another user, a folder that user can reach."""
+    if os.geteuid() == 0:
+        return "/var/cache/commit-ci/environments"
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "commit-ci", "environments")
 
@@ -538,19 +549,39 @@ class EnvironmentCache:
     module docstring). One instance per runner; its worker thread is its only user."""
 
     def __init__(self, folder: str, installer: Installer, max_environments: int = DEFAULT_MAX_ENVIRONMENTS,
-                 setup_timeout: float = DEFAULT_SETUP_TIMEOUT_S):
+                 setup_timeout: float = DEFAULT_SETUP_TIMEOUT_S, owner: tuple[int, int] | None = None):
+        """``owner``: the (uid, gid) of the job user, who builds environments when it is
+        not the runner's (isolation.py): it gets the folders a build writes."""
         self.folder = folder
         self.installer = installer
         self.max_environments = max(1, max_environments)
         self.setup_timeout = setup_timeout
-        os.makedirs(folder, exist_ok=True)
+        self.owner = owner
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+        #: The installers' download cache, beside the environments (on the same file
+        #: system, so that uv links files from it), written by the builds.
+        self.installer_cache = os.path.join(folder, "installer-cache")
+        os.makedirs(self.installer_cache, mode=0o755, exist_ok=True)
+        self._give(self.installer_cache)
         #: The lock held on the environment in use (shared), released by ``release``.
         self._held: int | None = None
 
-    def obtain(self, recipe: Recipe, clone: str, env: dict, log_path: str, stop: threading.Event) -> Environment:
-        """The environment for ``recipe``, built (with its output in ``log_path``) if the
-        cache does not have it, and held until ``release()``: another runner does not
-        evict it meanwhile. SetupFailure if it cannot be built."""
+    def _give(self, folder: str) -> None:
+        if self.owner is not None:
+            os.chown(folder, *self.owner)
+
+    def build_variables(self, env: dict) -> dict:
+        """``env`` for a build step: the installers' cache is the cache's own (the job's
+        HOME is emptied after every job)."""
+        return dict(env, UV_CACHE_DIR=os.path.join(self.installer_cache, "uv"),
+                    PIP_CACHE_DIR=os.path.join(self.installer_cache, "pip"))
+
+    def obtain(self, recipe: Recipe, clone: str, env: dict, log_path: str, stop: threading.Event,
+               launcher: Launcher = lambda writable: Launch()) -> Environment:
+        """The environment for ``recipe``, built (with its output in ``log_path``, each
+        step started as ``launcher`` says) if the cache does not have it, and held until
+        ``release()``: another runner does not evict it meanwhile. SetupFailure if it
+        cannot be built."""
         self.release()
         lock = os.open(self._link(recipe.key) + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -562,7 +593,7 @@ class EnvironmentCache:
                 self._wait_for_lock(lock, fcntl.LOCK_EX, stop)
                 folder = self._complete(recipe.key)
                 if folder is None:
-                    folder = self._build(recipe, clone, env, log_path, stop)
+                    folder = self._build(recipe, clone, env, log_path, stop, launcher)
                     built = True
                 fcntl.flock(lock, fcntl.LOCK_SH)  # from exclusive: others may use it now
         except BaseException:
@@ -602,7 +633,8 @@ class EnvironmentCache:
             return target
         return None
 
-    def _build(self, recipe: Recipe, clone: str, env: dict, log_path: str, stop: threading.Event) -> str:
+    def _build(self, recipe: Recipe, clone: str, env: dict, log_path: str, stop: threading.Event,
+               launcher: Launcher) -> str:
         """Build ``recipe``'s environment aside, then put it in place (exclusive lock held)."""
         for stale in glob.glob(self._link(recipe.key) + "-*"):
             shutil.rmtree(stale, ignore_errors=True)  # half-built by a runner that died (none is complete)
@@ -611,22 +643,26 @@ class EnvironmentCache:
         started = time.monotonic()
         note(log_path, "building environment %s with %s, Python %s" % (
             recipe.key[:12], self.installer.name, recipe.interpreter.full_version), append=False)
+        os.mkdir(folder, 0o755)
+        self._give(folder)
+        step = functools.partial(self._step, clone=clone, log_path=log_path, stop=stop,
+                                 launch=lambda: launcher((folder, self.installer_cache)))
         try:
-            self._step(self.installer.create_command(recipe.interpreter, folder), clone, env, log_path, stop,
-                       "could not create the virtualenv")
+            step(self.installer.create_command(recipe.interpreter, folder), env=self.build_variables(env),
+                 what="could not create the virtualenv")
             environment = Environment(recipe.key, folder, True)
-            active = environment.variables(env)
+            active = self.build_variables(environment.variables(env))
             arguments = [*recipe.requirements]
             for path in recipe.requirement_files:
                 arguments += ["-r", os.path.join(clone, path)]
             if recipe.project:
                 arguments.append(clone + ("[%s]" % ",".join(recipe.extras) if recipe.extras else ""))
             if arguments:
-                self._step(self.installer.install_command(environment.python, arguments), clone, active, log_path,
-                           stop, "could not install the dependencies")
+                step(self.installer.install_command(environment.python, arguments), env=active,
+                     what="could not install the dependencies")
             for command in recipe.setup:
                 note(log_path, "setup: %s" % command)
-                self._step(command, clone, active, log_path, stop, "setup command failed: %s" % command[:200])
+                step(command, env=active, what="setup command failed: %s" % command[:200])
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -640,19 +676,22 @@ class EnvironmentCache:
         return folder
 
     def install_project(self, environment: Environment, clone: str, env: dict, log_path: str,
-                        stop: threading.Event) -> None:
+                        stop: threading.Event, launcher: Launcher = lambda writable: Launch()) -> None:
         """Install the commit's project into its environment again, without its
         dependencies (they are the environment's): the project's code and version are
         this commit's."""
         note(log_path, "installing the project at this commit")
         command = self.installer.install_command(
             environment.python, ["--no-deps", *self.installer.reinstall_arguments(), clone])
-        self._step(command, clone, environment.variables(env), log_path, stop, "could not install the project")
+        self._step(command, clone=clone, env=self.build_variables(environment.variables(env)), log_path=log_path,
+                   stop=stop, what="could not install the project",
+                   launch=lambda: launcher((environment.path, self.installer_cache)))
 
-    def _step(self, command, clone: str, env: dict, log_path: str, stop: threading.Event, what: str) -> StepEnd:
+    def _step(self, command, *, clone: str, env: dict, log_path: str, stop: threading.Event, what: str,
+              launch: Callable[[], Launch]) -> StepEnd:
         try:
             ended = run_step(command, cwd=clone, env=env, timeout=self.setup_timeout, stop=stop,
-                             output_path=log_path, append=True)
+                             output_path=log_path, append=True, launch=launch())
         except OSError as exc:
             raise SetupFailure("%s: %s" % (what, exc), infrastructure=True) from None
         if ended.killed == TIMEOUT:

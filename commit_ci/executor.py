@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from commit_ci import junit
 from commit_ci.checkout import GitDirGuard, check_out
 from commit_ci.environments import Environment, EnvironmentCache, Interpreter, SetupFailure, note, plan
+from commit_ci.files import open_untrusted
+from commit_ci.isolation import Isolation, Launch, new_job_root
 from commit_ci.leftovers import LEFTOVERS_TIMEOUT_S, kill_leftovers
 from commit_ci.processes import KILL_GRACE_S, STOPPED, TIMEOUT, run_step, supervise
 from commit_ci.project_config import ConfigError, ProjectConfig, read_config
@@ -84,8 +86,8 @@ def read_log(path: str, limit: int | None = None) -> bytes:
     limit = LOG_LIMIT_BYTES if limit is None else limit
     marker = b"\n[... %d bytes of output cut here: limit %d bytes ...]\n"
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
+        with open_untrusted(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
             if size <= limit:
                 return handle.read()
             tail_size = min(LOG_TAIL_BYTES, limit // 4)
@@ -115,17 +117,20 @@ class Executor:
     """Runs jobs, one at a time, in the runner's clone; the runner's worker thread is
     its only user (it alone starts processes, which ``_kill_leftovers`` relies on).
 
-    ``work_dir`` holds the job's output, setup log and JUnit XML while it runs; ``stop``
-    kills a job in progress (it is then handed back). ``interpreters`` are the Pythons
-    the runner offers, by version; ``cache`` builds and keeps environments (None: no
-    environments, every job runs with the runner's own interpreter, as before). With
-    ``subreaper``, this process is a child subreaper (the runner's ``main`` made it one)
-    and every child that is not a warm pytest is a leftover of the job.
+    ``work_dir`` (the runner's, which jobs cannot reach) holds the job's output and its
+    setup and checkout logs; ``stop`` kills a job in progress (it is then handed back).
+    ``interpreters`` are the Pythons the runner offers, by version; ``cache`` builds and
+    keeps environments (None: no environments, every job runs with the runner's own
+    interpreter, as before). ``isolation`` keeps jobs from the runner (isolation.py; by
+    default, only their variables and folders are their own). With ``subreaper``, this
+    process is a child subreaper (the runner's ``main`` made it one) and every child that
+    is not a warm pytest is a leftover of the job.
     """
 
     def __init__(self, clone: str, git_dir: str, work_dir: str, test_command: str | None, timeout: float,
                  checkout_timeout: float, stop: threading.Event, warm_pytest: bool = True, subreaper: bool = False,
-                 interpreters: dict[str, Interpreter] | None = None, cache: EnvironmentCache | None = None):
+                 interpreters: dict[str, Interpreter] | None = None, cache: EnvironmentCache | None = None,
+                 isolation: Isolation | None = None):
         self.clone = clone
         self.work_dir = work_dir
         self.test_command = test_command
@@ -135,15 +140,17 @@ class Executor:
         self.subreaper = subreaper
         self.interpreters = interpreters or {}
         self.cache = cache
+        self.isolation = isolation or Isolation(new_job_root())
         self._git_dir_guard = GitDirGuard(git_dir)
-        #: Whether jobs may fork from a warm pytest (only with the default test command).
-        self._warm_enabled = warm_pytest and not test_command
+        #: Whether jobs may fork from a warm pytest: only with the default test command,
+        #: and where a process the job can reach may outlive it (the one started ahead).
+        self._warm_enabled = warm_pytest and not test_command and not self.isolation.separate
         #: The warm pytest started ahead for the next job, and the one the job in progress uses.
         self._spare: WarmPytest | None = None
         self._in_use: WarmPytest | None = None
         self._warm_failures = 0
-        #: The variables every job starts from: the runner's own.
-        self._base_env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        #: The variables every job starts from (not all the runner's: isolation.py).
+        self._base_env = self.isolation.test_variables()
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -163,16 +170,28 @@ class Executor:
     def close(self) -> None:
         for zygote in (self._spare, self._in_use):
             if zygote is not None:
-                zygote.close()
+                self._discard(zygote)
         self._spare = self._in_use = None
         if self.cache is not None:
             self.cache.release()
+        self.isolation.close()
 
     # --- a job -----------------------------------------------------------------------
 
     def run(self, commit: str, attempt: int) -> Result:
         """Check ``commit`` out, prepare its environment, test it and sweep up after it;
         the attempt's result."""
+        self.isolation.begin_job()
+        try:
+            return self._run(commit, attempt)
+        finally:
+            # Before the result goes out: the dispatcher may send the next commit at once.
+            self._kill_leftovers(commit, attempt, "job")
+            stuck = self.isolation.end_job()
+            if stuck:
+                log.error("commit %s attempt %d: processes %s did not leave the job's cgroup", commit, attempt, stuck)
+
+    def _run(self, commit: str, attempt: int) -> Result:
         started = time.monotonic()
         early = self._check_out(commit, attempt)
         if early is None:
@@ -183,10 +202,9 @@ class Executor:
             early.duration_s = round(time.monotonic() - started, 3)
             return early
         output_path = os.path.join(self.work_dir, "output.log")
-        junit_path = os.path.join(self.work_dir, "junit.xml")
-        for path in (output_path, junit_path):
-            if os.path.exists(path):
-                os.unlink(path)
+        if os.path.exists(output_path):
+            os.unlink(output_path)
+        junit_path = os.path.join(self.isolation.out, "junit.xml")  # a new folder, as the job's others
         env = dict(setting.env, CI_COMMIT=commit, CI_ATTEMPT=str(attempt), CI_JUNIT_XML=junit_path)
         log.info("commit %s attempt %d: testing", commit, attempt)
         test_started = time.monotonic()
@@ -197,7 +215,6 @@ class Executor:
             return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason=str(exc),
                           log=setting.notes + read_log(output_path), duration_s=round(time.monotonic() - started, 3))
         finally:
-            # Before the result goes out: the dispatcher may send the next commit at once.
             self._kill_leftovers(commit, attempt, "tests")
         duration = time.monotonic() - test_started
         result = Result(commit, ReportedStatus.PASSED.value, attempt=attempt, duration_s=round(duration, 3),
@@ -230,7 +247,10 @@ class Executor:
             result.log += b"\n[runner: tests killed after the %g s time limit]\n" % setting.timeout
         elif status != 0:
             result.status = ReportedStatus.FAILED.value
-            if status < 0:
+            if self.isolation.out_of_memory():
+                result.reason = "out of memory: the job may use %d MiB (--job-memory)" % (
+                    self.isolation.cgroups.memory_limit >> 20)
+            elif status < 0:
                 result.reason = "killed by signal %d" % -status
             elif not setting.test_command:
                 result.reason = PYTEST_EXIT_REASONS.get(status, None if status == 1 else "exit status %d" % status)
@@ -243,11 +263,21 @@ class Executor:
             log.warning("commit %s: put back what changed in the clone's .git since the runner started "
                         "(by the tests before?): %s", commit, ", ".join(restored))
         output_path = os.path.join(self.work_dir, "checkout.log")
+        try:
+            self.isolation.take_back(self.clone)
+        except OSError as exc:
+            log.error("commit %s attempt %d: cannot take the work tree back from the job user: %s", commit, attempt, exc)
+            return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason="checkout failed: %s" % exc)
         ended = check_out(self.clone, commit, output_path, self.checkout_timeout, self.stop)
         self._kill_leftovers(commit, attempt, "checkout")
         if ended.killed == STOPPED:
             return Result(commit, ReportedStatus.ABORTED.value, attempt=attempt, reason=SHUTTING_DOWN)
         if ended.succeeded:
+            try:
+                self.isolation.hand_over(self.clone)
+            except OSError as exc:
+                log.error("commit %s attempt %d: cannot hand the work tree to the job user: %s", commit, attempt, exc)
+                return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason="checkout failed: %s" % exc)
             return None
         why = "took more than %g s" % self.checkout_timeout if ended.killed == TIMEOUT else ended.last_line()
         reason = "checkout failed: %s" % why[:REASON_CHARS]
@@ -277,20 +307,25 @@ class Executor:
         if self.cache is None:  # no environments: the runner's own interpreter (the one it offers)
             return Setting(sys.executable, env, timeout, test_command, None, b"")
         setup_log = os.path.join(self.work_dir, "setup.log")
+        setup_env = self.isolation.setup_variables(env)
         try:
             recipe = plan(self.clone, config, interpreter, self.cache.installer)
             if recipe is None:
                 return Setting(sys.executable, env, timeout, test_command, None, b"")
-            environment = self.cache.obtain(recipe, self.clone, env, setup_log, self.stop)
+            environment = self.cache.obtain(recipe, self.clone, setup_env, setup_log, self.stop, self._launcher)
             if not environment.built:
                 note(setup_log, "environment %s reused: Python %s, %s" % (
                     environment.key[:12], interpreter.full_version, self.cache.installer.name), append=False)
             if recipe.project:
-                self.cache.install_project(environment, self.clone, env, setup_log, self.stop)
+                self.cache.install_project(environment, self.clone, setup_env, setup_log, self.stop, self._launcher)
         except SetupFailure as exc:
             return self._setup_failed(commit, attempt, exc, setup_log)
         notes = read_log(setup_log, SETUP_LOG_SHOWN_BYTES).rstrip(b"\n") + b"\n[runner: tests]\n"
         return Setting(environment.python, environment.variables(env), timeout, test_command, environment, notes)
+
+    def _launcher(self, writable: tuple[str, ...] = ()) -> Launch:
+        """How a step of the job starts (isolation.py), in the clone."""
+        return self.isolation.launch(self.clone, self.clone, writable)
 
     def _interpreter_for(self, config: ProjectConfig) -> Interpreter | None:
         """The interpreter the commit asks for, or the runner's own; None if it asks for
@@ -343,7 +378,7 @@ class Executor:
         env = dict(env, PYTHONHASHSEED=str(hash_seed))
         command = setting.test_command or [setting.python, "-m", "pytest", *pytest_args]
         ended = run_step(command, cwd=self.clone, env=env, timeout=setting.timeout, stop=self.stop,
-                         output_path=output_path)
+                         output_path=output_path, launch=self._launcher())
         return ended.status, ended.killed, hash_seed
 
     def _take_warm(self, setting: Setting) -> WarmPytest | None:
@@ -352,13 +387,14 @@ class Executor:
         ahead either way, for the next job, while this one runs."""
         zygote, self._spare = self._spare, None
         if zygote is not None and (zygote.python, zygote.base_env) != (setting.python, setting.env):
-            zygote.close()  # started for another environment, or other variables (PYTHONPATH...)
+            self._discard(zygote)  # started for another environment, or other variables (PYTHONPATH...)
             zygote = None
         if zygote is not None:
             try:
                 zygote.wait_ready()
             except (WarmPytestError, OSError) as exc:
                 self._warm_failed(str(exc))
+                self._discard(zygote)
                 zygote = None
         if zygote is not None:
             # In a project's environment the project was installed again just now;
@@ -366,22 +402,34 @@ class Executor:
             changed = zygote.changed_source(folders=setting.environment is None)
             if changed is not None:
                 log.info("%s changed since the warm pytest started: this job starts a fresh Python", changed)
-                zygote.close()
+                self._discard(zygote)
                 zygote = None
         self._start_spare(setting.python, setting.env)
         self._in_use = zygote
+        if zygote is not None and zygote.cgroup is not None:
+            self.isolation.adopt(zygote.cgroup)  # the job's, killed and removed with it
         return zygote
 
     def _start_spare(self, python: str, env: dict) -> None:
         if not self._warm_enabled:
             return
         spare = WarmPytest(python, env, self.clone, _new_hash_seed())
+        # A cgroup of its own: the job in progress's is killed when that job ends.
+        spare.cgroup = self.isolation.new_cgroup()
         try:
-            spare.start()
+            spare.start(Launch(cgroup_files=spare.cgroup.join_files() if spare.cgroup else []))
         except OSError as exc:
+            self._discard(spare)
             self._warm_failed(str(exc))
             return
         self._spare = spare
+
+    @staticmethod
+    def _discard(zygote: WarmPytest) -> None:
+        """Close a warm pytest that serves no job, and its cgroup."""
+        zygote.close()
+        if zygote.cgroup is not None:
+            zygote.cgroup.close()
 
     def _warm_failed(self, why: str) -> None:
         self._warm_failures += 1
@@ -390,18 +438,19 @@ class Executor:
                         why, self._warm_failures)
             self._warm_enabled = False
             if self._spare is not None:
-                self._spare.close()
+                self._discard(self._spare)
                 self._spare = None
         else:
             log.warning("%s; this job runs in a fresh Python", why)
 
     def _kill_leftovers(self, commit: str, attempt: int, step: str) -> None:
-        """Kill what ``step`` of the job (its checkout or its tests) left running,
-        whatever session or process group it moved to: what a job forked from a warm
-        pytest left, that zygote has killed already (and says how many); what came
-        back to the runner (a fresh interpreter's leftovers, or a zygote's that died)
-        is killed here. The warm pytests are the runner's only other children, and the
-        worker thread, which calls this between steps, the only one that starts
+        """Kill what ``step`` of the job (its checkout, its tests, or all of it) left
+        running, whatever session or process group it moved to: what a job forked from
+        a warm pytest left, that zygote has killed already (and says how many); what is
+        in the job's cgroup goes at once (even what left the runner's process tree); what
+        came back to the runner (a fresh interpreter's leftovers, or a zygote's that
+        died) is killed here. The warm pytests are the runner's only other children, and
+        the worker thread, which calls this between steps, the only one that starts
         processes, so any other child of the runner is the job's.
         """
         killed, stuck = 0, []
@@ -409,10 +458,14 @@ class Executor:
         if used is not None and step == "tests":
             killed, stuck = used.leftovers, used.stuck
             used.close()  # one job each: see the module docstring
+        # The checkout is the runner's own, in no job cgroup.
+        in_cgroup = self.isolation.kill_job() if step != "checkout" else 0
+        more = 0
         if self.subreaper:
             keep = {self._spare.process.pid} if self._spare is not None and self._spare.process else set()
-            more, more_stuck = kill_leftovers(keep)
-            killed, stuck = killed + more, stuck + more_stuck
+            more, more_stuck = kill_leftovers(keep)  # reaps, among others, what the cgroup's kill ended
+            stuck += more_stuck
+        killed += max(in_cgroup, more)
         if killed:
             log.warning("commit %s attempt %d: killed %d process%s its %s left running",
                         commit, attempt, killed, "" if killed == 1 else "es", step)

@@ -1,8 +1,11 @@
-"""Files that others read, written so that they never see half of one."""
+"""Files that others read, written so that they never see half of one; and files a job
+wrote, read so that it cannot make the reader open another."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 
 
@@ -40,4 +43,20 @@ def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
             os.unlink(temporary)
         except OSError:
             pass
+        raise
+
+
+def open_untrusted(path: str):
+    """A file a job wrote (its JUnit XML, its output), opened to read so that the job
+    cannot make the runner read something else through it: not through a link (at
+    the last step: the folders on the way are the runner's), not a second name of
+    another file, not a FIFO that would block. OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise OSError(errno.EPERM, "not a plain file of its own", path)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
         raise

@@ -21,6 +21,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 
+from commit_ci.files import open_untrusted
+
 #: Largest JUnit XML file read or kept; a larger one is dropped (a cut file is useless).
 MAX_BYTES = 8 * 1024 * 1024
 #: The root elements of the JUnit XML that pytest (and most other tools) write.
@@ -65,7 +67,7 @@ def read(path: str) -> tuple[bytes, ElementTree.Element] | None:
     """The JUnit XML file at ``path`` and its root; None when there is no such file;
     JUnitError saying why when there is one that is not plain JUnit within MAX_BYTES."""
     try:
-        with open(path, "rb") as handle:
+        with open_untrusted(path) as handle:
             data = handle.read(MAX_BYTES + 1)
     except FileNotFoundError:
         return None

@@ -19,7 +19,10 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Callable
+from typing import IO, TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from commit_ci.isolation import Launch
 
 #: After SIGTERM, how long a step's processes get to exit before SIGKILL.
 KILL_GRACE_S = 5.0
@@ -59,27 +62,44 @@ class StepEnd:
 
 def run_step(command: list[str] | str, *, timeout: float, cwd: str | None = None, env: dict | None = None,
              stop: threading.Event | None = None, output_path: str | None = None, append: bool = False,
-             capture_stdout: bool = False) -> StepEnd:
+             capture_stdout: bool = False, launch: Launch | None = None) -> StepEnd:
     """Run ``command`` (a string runs in the shell) in a new session, stdin /dev/null,
     until it ends, ``timeout`` seconds pass, or ``stop`` is set; see ``supervise``.
 
     Its output (stdout and stderr together, unless ``capture_stdout`` keeps stdout
     apart) goes to ``output_path`` (after what it holds, with ``append``), or to a
-    temporary file. OSError if it cannot start.
+    temporary file. A job's step is started as its ``launch`` says (isolation.py:
+    its cgroup, its user, its sandbox), which is closed once it has started. OSError
+    if it cannot start.
     """
     with tempfile.TemporaryFile() as scratch, tempfile.TemporaryFile() as stdout_file:
         with open(output_path, "a+b" if append else "w+b") if output_path else scratch as output:
-            process = subprocess.Popen(
-                command,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout_file if capture_stdout else output,
-                stderr=output,
-                shell=isinstance(command, str),
-                start_new_session=True,
-            )
+            if launch is not None:
+                command = launch.command(command)
+            try:
+                process = subprocess.Popen(
+                    command,
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=stdout_file if capture_stdout else output,
+                    stderr=output,
+                    shell=isinstance(command, str),
+                    start_new_session=True,
+                    **(launch.popen_options() if launch is not None else {}),
+                )
+            except BaseException as exc:
+                if launch is not None:
+                    launch.started()
+                    launch.ended()
+                if isinstance(exc, subprocess.SubprocessError):  # what went wrong between fork and exec
+                    raise OSError("cannot start %s: %s" % (command, exc)) from None
+                raise
+            if launch is not None:
+                launch.started()
             status, killed = supervise(process.pid, process.wait, timeout, stop or _NEVER)
+            if launch is not None:
+                launch.ended()
             tail = _read_tail(output, OUTPUT_TAIL_BYTES)
         stdout = b""
         if capture_stdout:

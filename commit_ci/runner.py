@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pwd
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -47,6 +49,16 @@ from commit_ci.environments import (
     find_interpreters,
 )
 from commit_ci.executor import SHUTTING_DOWN, Executor
+from commit_ci.isolation import (
+    DEFAULT_JOB_USER,
+    Cgroups,
+    Isolation,
+    IsolationError,
+    JobUser,
+    find_sandbox,
+    new_job_root,
+    parse_size,
+)
 from commit_ci.leftovers import become_subreaper
 from commit_ci.outbox import Outbox
 from commit_ci.processes import KILL_GRACE_S
@@ -92,22 +104,28 @@ class TestRunner:
         subreaper: bool = False,
         interpreters: dict[str, Interpreter] | None = None,
         cache: EnvironmentCache | None = None,
+        isolation: Isolation | None = None,
     ):
         """``subreaper``: this process is a child subreaper (``main`` made it one), so the
         processes a job leaves behind come back to it as children, to be killed. Only
         then is a child the runner does not know a leftover; in any other process (a
         test that embeds a runner) it may be anyone's. ``interpreters`` (by version) and
         ``cache`` are what environments are built with (executor.py); without a cache
-        every job runs with the runner's own interpreter."""
+        every job runs with the runner's own interpreter. ``isolation`` keeps jobs from the
+        runner's keys (isolation.py; ``isolation_from_arguments`` builds what ``main``
+        uses); without it, jobs get only their own variables and folders."""
         self.security = security or Security()
         repo = git.Repo(clone)  # fails early, with git's message, if it is not a clone
         self.clone = repo.working_tree_dir
         self.state_dir = state_dir or os.path.join(repo.git_dir, "ci_runner")
         os.makedirs(self.state_dir, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)  # undelivered results and logs: no job may read or forge them
+        if isolation is not None:
+            isolation.prepare_clone(self.clone)
         self.stop_event = threading.Event()
         self.executor = Executor(self.clone, repo.git_dir, self.state_dir, test_command, timeout, checkout_timeout,
                                  self.stop_event, warm_pytest=warm_pytest, subreaper=subreaper,
-                                 interpreters=interpreters, cache=cache)
+                                 interpreters=interpreters, cache=cache, isolation=isolation)
         self.outbox = Outbox(os.path.join(self.state_dir, "pending"))
         self.server = ProtocolServer((host, port), self.handle, log, self.security)
         bound_port = self.server.address[1]
@@ -293,6 +311,23 @@ def build_parser() -> argparse.ArgumentParser:
     environments.add_argument("--no-environments", dest="environments", action="store_false",
                               help="test every commit with this runner's own interpreter and packages, as "
                               "versions before 0.2 did")
+    isolation = parser.add_argument_group(
+        "isolation", "a job never sees this runner's keys: it gets only some of its variables, and runs as another "
+        "user (when the runner is root), in a sandbox (where bubblewrap works) and in a cgroup of its own (where "
+        "cgroup v2 can be written); README.md, Isolation, says what each protects")
+    isolation.add_argument("--job-user", metavar="NAME",
+                           help="for a runner started as root: the user its jobs run as (default: %s; "
+                           "'root' runs them as root, with the keys in reach)" % DEFAULT_JOB_USER)
+    isolation.add_argument("--sandbox", choices=("auto", "on", "off"), default="auto",
+                           help="run each job in a bubblewrap sandbox: read-only file system but for the clone and "
+                           "the job's folders, a private /tmp, the state folder and key file hidden; auto uses it "
+                           "where it works, on refuses to start without it (default: %(default)s)")
+    isolation.add_argument("--job-memory", metavar="SIZE",
+                           help="most memory a job may use, such as 2G: past it the kernel kills the job's processes "
+                           "and the commit fails (needs a cgroup memory controller this runner can write)")
+    isolation.add_argument("--job-env", action="append", default=[], metavar="NAME",
+                           help="pass this variable of the runner's to jobs too (repeatable); README.md lists "
+                           "the ones they get anyway. CI_SECRET never")
     add_logging_arguments(parser)
     add_security_arguments(parser, serves=True)
     return parser
@@ -319,9 +354,68 @@ def stop_passing_on_ignored_signals() -> None:
             signal.signal(signum, keep_ignoring)
 
 
-def environments_from_arguments(args) -> tuple[dict[str, Interpreter], EnvironmentCache | None]:
-    """The interpreters to offer and the environment cache the options ask for;
-    ValueError if they cannot be had."""
+def job_user_from_arguments(args) -> JobUser | None:
+    """The user jobs run as, when it is not the runner's own; IsolationError if the
+    options ask for one that cannot be."""
+    if os.geteuid() != 0:
+        if args.job_user and args.job_user != pwd.getpwuid(os.geteuid()).pw_name:
+            raise IsolationError("--job-user: only a runner started as root can run jobs as another user")
+        return None
+    name = args.job_user or DEFAULT_JOB_USER
+    if name == "root":
+        log.warning("--job-user root: jobs run as root, with this runner's keys in their reach; only for a "
+                    "repository whose every pusher you trust")
+        return None
+    user = JobUser.named(name)
+    if user.uid == 0:
+        raise IsolationError("--job-user %s is root by another name (uid 0)" % name)
+    return user
+
+
+def isolation_from_arguments(args, user: JobUser | None, clone: str, state_dir: str,
+                             interpreters: dict[str, Interpreter], cache: EnvironmentCache | None,
+                             has_key: bool) -> Isolation:
+    """The isolation the options ask for, tried on this machine; IsolationError (or
+    ValueError, for a wrong size) if it cannot be had."""
+    hidden_folders, hidden_files = (state_dir,), ((args.secret_file,) if args.secret_file else ())
+    if user is not None:  # what the job user cannot reach needs no hiding (and bwrap, as that user, could not)
+        hidden_folders = tuple(path for path in hidden_folders if user.can_enter(path) is None)
+        hidden_files = tuple(path for path in hidden_files if user.can_enter(path) is None)
+    needed = [sys.prefix, sys.base_prefix, *(os.path.dirname(os.path.dirname(interpreter.path))
+                                               for interpreter in interpreters.values())]
+    if cache is not None:
+        needed.append(cache.folder)
+    sandbox = find_sandbox(args.sandbox, user, hidden_folders, hidden_files, tuple(needed))
+    cgroups = Cgroups.find(parse_size(args.job_memory) if args.job_memory else None)
+    job_root = new_job_root()
+    try:
+        if user is not None:
+            places = [clone, job_root, sys.executable, *(interpreter.path for interpreter in interpreters.values())]
+            if cache is not None:
+                places.append(cache.folder)
+            blocked = ["%s (stopped at %s)" % (place, why) for place in places if (why := user.can_enter(place))]
+            if blocked:
+                raise IsolationError("the job user %s cannot reach %s; make the folders on the way searchable by "
+                                     "others (chmod o+x), or use another place" % (user.name, "; ".join(blocked)))
+            if hidden_files and sandbox is None:
+                raise IsolationError("the job user %s could read the key file %s: make it readable by root alone "
+                                     "(chmod 600)" % (user.name, hidden_files[0]))
+        elif sandbox is None and has_key:
+            log.warning("jobs run as this runner's user without a sandbox: a commit's tests can read this runner's "
+                        "key (its file, /proc/%d/environ). Install bubblewrap, or start the runner as root (its jobs "
+                        "then run as --job-user)", os.getpid())
+    except BaseException:
+        shutil.rmtree(job_root, ignore_errors=True)
+        if cgroups is not None:
+            cgroups.close()
+        raise
+    return Isolation(job_root, user, sandbox, cgroups, tuple(args.job_env))
+
+
+def environments_from_arguments(args, user: JobUser | None = None
+                                ) -> tuple[dict[str, Interpreter], EnvironmentCache | None]:
+    """The interpreters to offer and the environment cache the options ask for (whose
+    builds run as ``user``); ValueError if they cannot be had."""
     if not args.environments:
         # Only its own, which every job then runs with: it takes no job that asks for another.
         return {version: interpreter for version, interpreter in find_interpreters().items()
@@ -330,7 +424,8 @@ def environments_from_arguments(args) -> tuple[dict[str, Interpreter], Environme
     if args.env_cache_size < 1 or args.setup_timeout <= 0:
         raise ValueError("--env-cache-size must be at least 1 and --setup-timeout positive")
     installer = Installer.find(args.installer)
-    cache = EnvironmentCache(args.env_cache, installer, args.env_cache_size, args.setup_timeout)
+    cache = EnvironmentCache(args.env_cache, installer, args.env_cache_size, args.setup_timeout,
+                             owner=(user.uid, user.gid) if user is not None else None)
     log.info("environments: built with %s in %s (at most %d); Pythons %s", installer.description, args.env_cache,
              args.env_cache_size, ", ".join("%s (%s)" % (version, interpreter.path)
                                             for version, interpreter in sorted(interpreters.items())))
@@ -356,11 +451,22 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--timeout and --checkout-timeout must be positive")
         return 2
     try:
+        repo = git.Repo(args.repo)
+        git_dir, clone = repo.git_dir, repo.working_tree_dir
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
+        log.error("%s is not a git clone: %s", args.repo, exc)
+        return 2
+    state_dir = args.state_dir or os.path.join(git_dir, "ci_runner")
+    try:
         security = security_from_arguments(args, serves=True)
-        interpreters, cache = environments_from_arguments(args)
-    except ValueError as exc:
+        user = job_user_from_arguments(args)
+        interpreters, cache = environments_from_arguments(args, user)
+        isolation = isolation_from_arguments(args, user, clone, state_dir, interpreters, cache,
+                                             security.auth is not None)
+    except (ValueError, IsolationError) as exc:
         log.error("%s", exc)
         return 2
+    log.info("jobs run %s", isolation.describe())
     try:
         runner = TestRunner(
             args.repo,
@@ -373,17 +479,20 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             dispatcher_timeout=args.dispatcher_timeout,
             checkout_timeout=args.checkout_timeout,
-            state_dir=args.state_dir,
+            state_dir=state_dir,
             security=security,
             warm_pytest=args.warm_pytest,
             subreaper=subreaper,
             interpreters=interpreters,
             cache=cache,
+            isolation=isolation,
         )
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError) as exc:
-        log.error("%s is not a git clone: %s", args.repo, exc)
+    except IsolationError as exc:
+        isolation.close()
+        log.error("%s", exc)
         return 2
     except OSError as exc:
+        isolation.close()
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
         return 1
     install_stop_signals(runner.stop_event, log)

@@ -54,6 +54,10 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from commit_ci.isolation import Launch
 
 #: Longest request line the zygote reads (an environment of a few hundred variables).
 MAX_REQUEST_BYTES = 1 << 20
@@ -308,20 +312,30 @@ class WarmPytest:
         #: killed, and the pids of those that would not die.
         self.leftovers = 0
         self.stuck: list[int] = []
+        #: The cgroup it runs in (isolation.JobCgroup), the executor's to remove.
+        self.cgroup = None
 
-    def start(self) -> None:
-        """Start the zygote; it imports pytest while the caller goes on (``wait_ready``)."""
+    def start(self, launch: "Launch | None" = None) -> None:
+        """Start the zygote (as ``launch`` says: in the cgroup of the job it will serve);
+        it imports pytest while the caller goes on (``wait_ready``)."""
         self.close()
         self._buffer = b""
         self.ready = False
-        self.process = subprocess.Popen(
-            [self.python, os.path.abspath(__file__)],
-            cwd=self.cwd,
-            env=self.env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            start_new_session=True,  # Ctrl-C in the runner's terminal is the runner's to handle
-        )
+        try:
+            self.process = subprocess.Popen(
+                [self.python, os.path.abspath(__file__)],
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                start_new_session=True,  # Ctrl-C in the runner's terminal is the runner's to handle
+                **(launch.popen_options() if launch is not None else {}),
+            )
+        except subprocess.SubprocessError as exc:  # what went wrong before exec
+            raise OSError("cannot start the warm pytest: %s" % exc) from None
+        finally:
+            if launch is not None:
+                launch.started()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         """Wait until the zygote has imported pytest; WarmPytestError if it cannot."""

@@ -8,6 +8,7 @@ and checks a condition.
 
 from __future__ import annotations
 
+import hashlib
 import html.parser
 import json
 import os
@@ -31,6 +32,12 @@ sys.path.insert(0, str(ROOT))
 from commit_ci.launcher import module_argv  # noqa: E402,F401 - for the tests
 
 LOOPBACK = "127.0.0.1"
+#: Runner options for jobs that run as the runner's own user, without a sandbox: the
+#: only way a warm pytest is used (a process started ahead must not be within a job's
+#: reach), and a job can write where the test wants it to (a marker in its folder).
+JOBS_AS_RUNNER = ("--job-user", "root", "--sandbox", "off") if os.geteuid() == 0 else ("--sandbox", "off")
+#: Where a root's test session keeps its folders (pytest_configure).
+TESTS_FOLDER = "/var/lib/commit-ci-tests"
 #: Generous bounds: they only matter when something is broken.
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -156,6 +163,36 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, "report_" + report.when, report)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Run as root, the tests' folders go in a folder of this checkout's own, outside
+    /tmp: a runner's sandbox gives its jobs a /tmp of their own, where a test's flag
+    files would not be; and every pytest session of root makes /tmp/pytest-of-root
+    private again (0700), which would lock the job user out of the clones of a test
+    running meanwhile (job_user_can_enter)."""
+    if os.geteuid() == 0 and not config.option.basetemp:
+        checkout = hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]
+        os.makedirs(TESTS_FOLDER, exist_ok=True)
+        config.option.basetemp = os.path.join(TESTS_FOLDER, checkout)
+
+
+def let_the_job_user_in(path: Path) -> Path:
+    """Run as root, a runner's jobs run as another user (nobody), who must reach the
+    clone in a test's folder: pytest makes its folders private (0700), so let others
+    through them (search, not list)."""
+    if os.geteuid() == 0:
+        for folder in (path, *path.parents):
+            info = folder.stat()
+            if info.st_uid == 0 and not info.st_mode & 0o001:
+                folder.chmod(info.st_mode & 0o7777 | 0o001)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def job_user_can_enter(tmp_path):
+    let_the_job_user_in(tmp_path)
 
 
 @pytest.fixture

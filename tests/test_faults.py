@@ -13,7 +13,7 @@ from commit_ci.client import communicate
 from commit_ci.protocol import request
 from commit_ci.wire import parse_address
 
-from conftest import FAILING_TEST, PASSING_TEST, WAITS_FOR_FLAG_TEST, wait_until
+from conftest import FAILING_TEST, JOBS_AS_RUNNER, PASSING_TEST, WAITS_FOR_FLAG_TEST, wait_until
 from proctools import descendants
 from test_end_to_end import SLOW_PASSING_TEST, mixed_commit, push_at_once
 
@@ -216,7 +216,7 @@ def test_kills_the_process_that_forked_it():
 
 def test_a_warm_pytest_dying_mid_job_hands_the_job_back_for_a_clean_run(ci, upstream, tmp_path):
     ci.start_dispatcher()
-    runner = ci.start_runner()
+    runner = ci.start_runner(*JOBS_AS_RUNNER)
     runner.wait_for_log(r"warm pytest ready")
     sha = upstream.commit({"test_parent.py": KILLS_ITS_PARENT % {"flag": str(tmp_path / "killed-once")}}, "kills")
     communicate(parse_address(ci.address), request("dispatch", commit=sha))
@@ -264,9 +264,10 @@ def test_changes_the_runners_git_folder():
 def test_what_a_test_changes_in_the_clones_git_folder_is_put_back(ci, upstream):
     """A test runs in the runner's clone and can write to its .git: a sparse
     checkout that hides the next commit's failing test, a hook that breaks fetches.
-    The next job starts from the .git the runner started with."""
+    The next job starts from the .git the runner started with. (A job run as another
+    user cannot write there at all: test_isolation.py.)"""
     ci.start_dispatcher()
-    runner = ci.start_runner()
+    runner = ci.start_runner(*JOBS_AS_RUNNER)
     meddling = upstream.commit({"test_meddles.py": HIDES_A_TEST}, "changes .git")
     communicate(parse_address(ci.address), request("dispatch", commit=meddling))
     assert ci.wait_result(meddling)["status"] == "passed", ci.report(meddling)

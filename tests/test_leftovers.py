@@ -18,7 +18,7 @@ from commit_ci.client import communicate
 from commit_ci.protocol import request
 from commit_ci.wire import parse_address
 
-from conftest import PASSING_TEST, ROOT, STRAY_CODE, gone, running_strays, stray_pids, wait_until
+from conftest import JOBS_AS_RUNNER, PASSING_TEST, ROOT, STRAY_CODE, gone, running_strays, stray_pids, wait_until
 from proctools import descendants
 
 #: The pieces of a committed test that leaves processes running. Each stray it
@@ -97,7 +97,7 @@ def dispatch(ci, commit: str) -> None:
 @pytest.mark.parametrize("how", ["warm", "fresh"])
 def test_what_the_tests_leave_running_is_killed_before_the_result(ci, strays, how, escape):
     ci.start_dispatcher()
-    runner = ci.start_runner(*(["--no-warm-pytest"] if how == "fresh" else []))
+    runner = ci.start_runner(*JOBS_AS_RUNNER, *(["--no-warm-pytest"] if how == "fresh" else []))
     body = NEW_SESSION_TEST if escape == "new-session" else DOUBLE_FORK_TEST
     commit = ci.upstream.commit({"test_leaves.py": committed_test(strays, body)}, "leaves a process running")
     dispatch(ci, commit)
@@ -120,7 +120,7 @@ def test_what_the_tests_leave_running_is_killed_before_the_result(ci, strays, ho
 @pytest.mark.parametrize("how", ["warm", "fresh"])
 def test_a_daemon_left_by_one_commit_cannot_fail_the_next(ci, strays, how):
     ci.start_dispatcher()
-    ci.start_runner(*(["--no-warm-pytest"] if how == "fresh" else []))
+    ci.start_runner(*JOBS_AS_RUNNER, *(["--no-warm-pytest"] if how == "fresh" else []))
     guilty = ci.upstream.commit({"test_leaves.py": committed_test(strays, PLANTS_A_CONFTEST_TEST)}, "leaves a daemon")
     dispatch(ci, guilty)
     assert ci.wait_result(guilty)["status"] == "passed"
@@ -132,7 +132,7 @@ def test_a_daemon_left_by_one_commit_cannot_fail_the_next(ci, strays, how):
 
 def test_what_a_job_left_is_killed_by_the_runner_when_the_warm_pytest_dies(ci, strays):
     ci.start_dispatcher()
-    runner = ci.start_runner()
+    runner = ci.start_runner(*JOBS_AS_RUNNER)
     commit = ci.upstream.commit({"test_leaves.py": committed_test(strays, LEAVES_ONE_THEN_WAITS_TEST)}, "leaves, waits")
     dispatch(ci, commit)
     [stray] = wait_until(lambda: stray_pids(strays), 30, message="the stray started")

@@ -28,7 +28,17 @@ from commit_ci.security import Authenticator, Security
 from commit_ci.server import ProtocolServer, serve_in_thread
 from commit_ci.wire import ProtocolError
 
-from conftest import PASSING_TEST, ROOT, RUNNER_ENV, Processes, Upstream, free_port, page_rows, wait_until
+from conftest import (
+    PASSING_TEST,
+    ROOT,
+    RUNNER_ENV,
+    Processes,
+    Upstream,
+    free_port,
+    let_the_job_user_in,
+    page_rows,
+    wait_until,
+)
 
 SECRET = b"a-shared-secret-for-the-tests-0123456789"
 SECRET_ENV = {**RUNNER_ENV, "CI_SECRET": SECRET.decode()}
@@ -317,7 +327,7 @@ class LiveSystem:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    system = LiveSystem(tmp_path_factory.mktemp("hostile"))
+    system = LiveSystem(let_the_job_user_in(tmp_path_factory.mktemp("hostile")))
     yield system
     system.processes.stop_all()
     assert "Traceback" not in system.dispatcher.log()

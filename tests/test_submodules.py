@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import GIT_ENV, LOOPBACK, ROOT, RUNNER_ENV, git
+from conftest import GIT_ENV, JOBS_AS_RUNNER, LOOPBACK, ROOT, RUNNER_ENV, git
 
 SCRIPT = ROOT / "test_runner_script.sh"
 
@@ -73,10 +73,10 @@ def start_runner(ci, *extra: str):
     return runner
 
 
-def start_system(ci, upstream, *dispatcher_options: str) -> None:
+def start_system(ci, upstream, *dispatcher_options: str, runner_options: tuple[str, ...] = ()) -> None:
     """Dispatcher, one runner, observer; returns once the initial commit is tested."""
     ci.start_dispatcher(*dispatcher_options)
-    start_runner(ci)
+    start_runner(ci, *runner_options)
     ci.start_observer()
     assert ci.wait_result(upstream.head())["status"] == "passed"
 
@@ -117,7 +117,9 @@ def test_submodule_is_checked_out_at_the_recorded_revision(ci, upstream, tmp_pat
 
 def test_a_hook_planted_in_a_submodules_git_folder_never_runs(ci, upstream, tmp_path):
     library, (three, four) = make_library(tmp_path / "library", [3, 4])
-    start_system(ci, upstream)
+    # Jobs that may write the clone's git folders, as a runner's own user (another
+    # user's cannot: test_isolation.py).
+    start_system(ci, upstream, runner_options=JOBS_AS_RUNNER)
     add_submodule(upstream, library)
     move_submodule(upstream, three)
     marker = tmp_path / "hook-ran"

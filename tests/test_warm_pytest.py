@@ -20,7 +20,7 @@ from commit_ci.protocol import request
 from commit_ci.warm_pytest import WarmPytest, WarmPytestError
 from commit_ci.wire import parse_address
 
-from conftest import PASSING_TEST, RUNNER_ENV, STRAY_CODE, gone, stray_pids, wait_until
+from conftest import JOBS_AS_RUNNER, PASSING_TEST, RUNNER_ENV, STRAY_CODE, gone, stray_pids, wait_until
 from proctools import descendants
 
 PYTEST_ARGS = ["-p", "no:cacheprovider"]
@@ -279,7 +279,7 @@ def test_a_job_never_runs_what_was_imported_before_it_changed(ci, tmp_path):
     (site / "sitecustomize.py").write_text("MARK = 'one'\n")
     written_a_while_ago(site / "sitecustomize.py", site)
     ci.start_dispatcher()
-    runner = ci.start_runner(launched_by=("env", "PYTHONPATH=%s" % site))
+    runner = ci.start_runner(*JOBS_AS_RUNNER, "--job-env", "PYTHONPATH", launched_by=("env", "PYTHONPATH=%s" % site))
     mark = tmp_path / "mark"
     first = ci.upstream.commit({"test_site.py": SITE_PROBE % str(mark)}, "site probe")
     dispatch(ci, first)
@@ -323,7 +323,8 @@ IMPORTS_FROM_SRC = "import mymod\n\ndef test_finds_src():\n    assert mymod.FOUN
 @pytest.mark.parametrize("how", ["warm", "fresh"])
 def test_a_relative_pythonpath_means_the_clone_as_for_a_fresh_interpreter(ci, how):
     ci.start_dispatcher()
-    ci.start_runner(*(["--no-warm-pytest"] if how == "fresh" else []), launched_by=("env", "PYTHONPATH=src"))
+    ci.start_runner(*JOBS_AS_RUNNER, *(["--no-warm-pytest"] if how == "fresh" else []), "--job-env", "PYTHONPATH",
+                    launched_by=("env", "PYTHONPATH=src"))
     commit = ci.upstream.commit({"src/mymod.py": "FOUND = True\n", "test_src.py": IMPORTS_FROM_SRC}, "src layout")
     dispatch(ci, commit)
     assert ci.wait_result(commit)["status"] == "passed", (ci.results_dir / (commit + ".log")).read_text()
@@ -360,7 +361,7 @@ PARENT_PROBE = ("import os\n\ndef test_parent():\n    parent = os.getppid()\n"
 
 def test_the_runner_forks_its_warm_pytest_unless_told_not_to(ci, tmp_path):
     ci.start_dispatcher()
-    warm_runner = ci.start_runner()
+    warm_runner = ci.start_runner(*JOBS_AS_RUNNER)
     probe = tmp_path / "parent"
     commit = ci.upstream.commit({"test_parent.py": PARENT_PROBE % str(probe)}, "parent probe")
     dispatch(ci, commit)
@@ -370,7 +371,7 @@ def test_the_runner_forks_its_warm_pytest_unless_told_not_to(ci, tmp_path):
     assert int(parent) != warm_runner.pid and "warm_pytest.py" in command
 
     warm_runner.terminate()
-    cold_runner = ci.start_runner("--no-warm-pytest")
+    cold_runner = ci.start_runner(*JOBS_AS_RUNNER, "--no-warm-pytest")
     again = ci.upstream.commit({"test_parent.py": PARENT_PROBE % str(probe) + "\n"}, "parent probe again")
     dispatch(ci, again)
     assert ci.wait_result(again)["status"] == "passed"
@@ -393,7 +394,7 @@ def test_a_runner_started_with_signals_ignored_does_not_pass_them_on(ci, how):
     ci.start_dispatcher()
     # What nohup, or a shell without job control running it with &, would do.
     ignoring = ("sh", "-c", 'trap "" HUP INT QUIT; exec "$@"', "sh")
-    runner = ci.start_runner(*(["--no-warm-pytest"] if how == "fresh" else []), launched_by=ignoring)
+    runner = ci.start_runner(*JOBS_AS_RUNNER, *(["--no-warm-pytest"] if how == "fresh" else []), launched_by=ignoring)
     assert open("/proc/%d/cmdline" % runner.pid).read().split("\0")[1].endswith("test_runner.py"), "exec'd"
     commit = ci.upstream.commit({"test_signals.py": SIGNALS_PROBE}, "probe signals")
     dispatch(ci, commit)
@@ -409,7 +410,7 @@ def zygotes_of(runner) -> list[int]:
 
 def test_a_killed_warm_pytest_is_started_again_and_loses_no_verdict(ci):
     ci.start_dispatcher()
-    runner = ci.start_runner()
+    runner = ci.start_runner(*JOBS_AS_RUNNER)
     zygotes = wait_until(lambda: zygotes_of(runner), 20, message="the warm pytest started ahead")
     assert len(zygotes) == 1
     os.kill(zygotes[0], signal.SIGKILL)
@@ -427,7 +428,7 @@ def test_every_job_gets_a_hash_seed_of_its_own_and_reports_it(ci, tmp_path):
     """As a fresh interpreter would: a random PYTHONHASHSEED per job, warm or not, in
     the result so that a failure can be run again the same way."""
     ci.start_dispatcher()
-    ci.start_runner()
+    ci.start_runner(*JOBS_AS_RUNNER)
     seen = tmp_path / "seeds"
     probe = ("import os, sys\n\ndef test_seed():\n    with open(%r, 'a') as handle:\n"
              "        handle.write('%%s %%d\\n' %% (os.environ['PYTHONHASHSEED'], sys.flags.hash_randomization))\n"

@@ -1,0 +1,367 @@
+"""A job never reaches the runner's keys (isolation.py): a hostile commit's tests look
+for the key everywhere a job could, and use whatever they find to forge a verdict.
+
+The runners here run as root, as in CI: their jobs run as nobody, in a bubblewrap
+sandbox where it works, each in a cgroup of its own. One case runs the runner itself
+as nobody, where only the sandbox stands between the job and the key. A control case
+runs the same probe with the key in reach, to show that it would find the key and
+that a forged ``results passed`` would then be recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PASSING_TEST, ROOT, RUNNER_ENV, WAITS_FOR_FLAG_TEST, module_argv, wait_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs runners as root, as CI does")
+
+#: What the key looks like, so that a probe can recognise it wherever it finds it.
+KEY_PATTERN = r"ci-secret-[0-9a-f]{32}"
+
+#: A commit's test that looks for the key everywhere a job can look, and forges a
+#: verdict for the victim's attempts with every key it finds.
+PROBE_TEST = r'''
+import json, os, re, pathlib
+from commit_ci.client import communicate
+from commit_ci.result import Result
+from commit_ci.security import Authenticator, Security
+
+KEY = re.compile(rb"%s")
+CONFIG = json.loads(pathlib.Path(__file__).with_name("probe.json").read_text())
+
+
+def read(path):
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(1 << 20)
+    except OSError:
+        return b""
+
+
+def places():
+    yield "the environment", "\n".join("%%s=%%s" %% item for item in os.environ.items()).encode()
+    yield "the key file", read(CONFIG["key_file"])
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            for name in ("environ", "cmdline"):
+                yield "/proc/%%s/%%s" %% (pid, name), read("/proc/%%s/%%s" %% (pid, name))
+    for top in CONFIG["folders"]:
+        for count, (folder, _subfolders, files) in enumerate(os.walk(top)):
+            if count > 5000:
+                break
+            for name in files:
+                yield os.path.join(folder, name), read(os.path.join(folder, name))
+
+
+def test_no_key_in_reach():
+    found, looked = {}, 0
+    for where, data in places():
+        looked += 1
+        for key in KEY.findall(data):
+            found.setdefault(key, where)
+    forged = []
+    for key in found:
+        security = Security(auth=Authenticator(key))
+        for attempt in (1, 2, 3):
+            message = Result(CONFIG["victim"], "passed", attempt=attempt).to_message()
+            try:
+                answer = communicate(tuple(CONFIG["dispatcher"]), message, security=security)
+            except Exception:
+                continue
+            if answer.verb == "OK":
+                forged.append(attempt)
+    assert not found, "key found in %%s (of %%d places); forged results for attempts %%s" %% (
+        sorted(set(found.values())), looked, forged)
+''' % KEY_PATTERN
+
+#: The victim: it runs until the probe is done (the flag), then fails.
+VICTIM_TEST = WAITS_FOR_FLAG_TEST + "\n\ndef test_fails():\n    assert 1 + 1 == 3\n"
+
+
+def ctl(address: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(module_argv("ctl", "--dispatcher-server", address, *args), capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def make_key(path: Path, owner: str = "root") -> str:
+    key = "ci-secret-" + secrets.token_hex(16)
+    path.write_text(key + "\n")
+    entry = pwd.getpwnam(owner)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    path.chmod(0o600)
+    return key
+
+
+def victim_and_probe(upstream, tmp_path, address: str, key_file: Path, state_dirs: list[str],
+                     folders: list[str]) -> tuple[str, str, Path]:
+    """Commit the victim (which fails once ``flag`` exists), then the probe."""
+    flag = tmp_path / "probe-done"
+    victim = upstream.commit({"test_victim.py": VICTIM_TEST % str(flag)}, "victim: fails, after a while")
+    config = {"key_file": str(key_file), "dispatcher": ["127.0.0.1", int(address.rsplit(":", 1)[1])],
+              "victim": victim, "folders": [*state_dirs, *folders]}
+    probe = upstream.commit({"test_victim.py": None, "test_probe.py": PROBE_TEST, "probe.json": json.dumps(config)},
+                            "probe: looks for the key and forges the victim's verdict")
+    return victim, probe, flag
+
+
+def run_victim_then_probe(ci, env: dict, victim: str, probe: str, flag: Path) -> tuple[dict, dict]:
+    """Dispatch the victim, and once a runner is testing it, the probe (which the other
+    runner takes); release the victim once the probe's verdict is in."""
+    assert ctl(ci.address, "dispatch", victim, env=env).returncode == 0
+    wait_until(lambda: any(re.search("commit %s attempt 1: testing" % victim, runner.log()) for runner in ci.runners),
+               60, message="the victim's tests to start")
+    assert ctl(ci.address, "dispatch", probe, env=env).returncode == 0
+    probed = ci.wait_result(probe, timeout=120)
+    flag.touch()
+    return probed, ci.wait_result(victim, timeout=120)
+
+
+def clone_parents(ci) -> list[str]:
+    """The folders above the runners' clones, up to the test's own."""
+    return [str(ci.folder), str(ci.folder.parent)]
+
+
+@pytest.mark.parametrize("sandbox", ["auto", "off"])
+def test_a_hostile_commit_finds_no_key_and_forges_nothing(ci, upstream, tmp_path, sandbox):
+    key_file = tmp_path / "key"
+    key = make_key(key_file)
+    env = {**RUNNER_ENV, "CI_SECRET": key}
+    ci.dispatcher = ci.processes.start("dispatcher", ci._dispatcher_argv(0, ()), env=env)
+    ci.port = int(ci.dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    state_dirs = [str(ci.folder / ("runner%d-clone" % index) / ".git" / "ci_runner") for index in (1, 2)]
+    victim, probe, flag = victim_and_probe(upstream, tmp_path, ci.address, key_file, state_dirs, clone_parents(ci))
+    for index in (1, 2):
+        clone = upstream.clone(ci.folder / ("runner%d-clone" % index))
+        # The key both ways: in the environment (CI_SECRET) and in a file.
+        runner = ci.processes.start("runner%d" % index, [
+            sys.executable, str(ROOT / "test_runner.py"), "--host", "127.0.0.1", "--dispatcher-server", ci.address,
+            "--secret-file", str(key_file), "--sandbox", sandbox, str(clone)], env=env)
+        runner.wait_for_log(r"registered with dispatcher")
+        ci.runners.append(runner)
+    assert re.search(r"jobs run as nobody, %s" % ("in a bubblewrap sandbox" if sandbox == "auto" and shutil.which("bwrap")
+                                                  else "without a sandbox"), ci.runners[0].log())
+
+    probed, victimized = run_victim_then_probe(ci, env, victim, probe, flag)
+
+    assert probed["status"] == "passed", ci.report(probe)
+    assert victimized["status"] == "failed"
+    assert victimized["attempts"] == 1
+
+
+def test_a_runner_that_is_not_root_hides_its_key_in_the_sandbox(ci, upstream, tmp_path):
+    """Run as nobody, the runner's jobs run as nobody too: only the sandbox keeps them
+    from its key file, its state folder and its /proc."""
+    if not shutil.which("bwrap"):
+        pytest.skip("needs bubblewrap") if not os.environ.get("CI") else pytest.fail("bubblewrap missing in CI")
+    nobody = pwd.getpwnam("nobody")
+    dispatcher_key = tmp_path / "dispatcher-key"
+    key = make_key(dispatcher_key)
+    runner_key = tmp_path / "runner-key"
+    runner_key.write_text(key + "\n")
+    os.chown(runner_key, nobody.pw_uid, nobody.pw_gid)
+    runner_key.chmod(0o600)
+    env = {**RUNNER_ENV, "CI_SECRET": key}
+    ci.dispatcher = ci.processes.start("dispatcher", ci._dispatcher_argv(0, ("--secret-file", str(dispatcher_key))),
+                                       env=RUNNER_ENV)
+    ci.port = int(ci.dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    state_dirs = [str(ci.folder / ("runner%d-clone" % index) / ".git" / "ci_runner") for index in (1, 2)]
+    victim, probe, flag = victim_and_probe(upstream, tmp_path, ci.address, runner_key, state_dirs, clone_parents(ci))
+    for index in (1, 2):
+        clone = upstream.clone(ci.folder / ("runner%d-clone" % index))
+        subprocess.run(["chown", "-R", "nobody:", str(clone)], check=True)
+        runner = ci.processes.start("runner%d" % index, [
+            "setpriv", "--reuid=%d" % nobody.pw_uid, "--regid=%d" % nobody.pw_gid, "--clear-groups",
+            sys.executable, str(ROOT / "test_runner.py"), "--host", "127.0.0.1", "--dispatcher-server", ci.address,
+            "--secret-file", str(runner_key), "--sandbox", "on", "--no-environments", str(clone)],
+            env={**env, "HOME": str(tmp_path)})
+        runner.wait_for_log(r"registered with dispatcher")
+        ci.runners.append(runner)
+    assert "jobs run as this runner's user, in a bubblewrap sandbox" in ci.runners[0].log()
+
+    probed, victimized = run_victim_then_probe(ci, env, victim, probe, flag)
+
+    assert probed["status"] == "passed", ci.report(probe)
+    assert victimized["status"] == "failed"
+
+
+def test_the_probe_finds_a_key_in_reach_and_its_forgery_is_recorded(ci, upstream, tmp_path):
+    """The control: the same probe, run by hand with the key in its environment and its
+    file readable, finds the key, and the verdict it forges is the one recorded."""
+    key_file = tmp_path / "key"
+    key = make_key(key_file)
+    env = {**RUNNER_ENV, "CI_SECRET": key}
+    ci.dispatcher = ci.processes.start("dispatcher", ci._dispatcher_argv(0, ()), env=env)
+    ci.port = int(ci.dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    victim, probe, flag = victim_and_probe(upstream, tmp_path, ci.address, key_file, [], [])
+    clone = upstream.clone(ci.folder / "runner1-clone")
+    runner = ci.processes.start("runner1", [
+        sys.executable, str(ROOT / "test_runner.py"), "--host", "127.0.0.1", "--dispatcher-server", ci.address,
+        "--secret-file", str(key_file), str(clone)], env=env)
+    runner.wait_for_log(r"registered with dispatcher")
+    ci.runners.append(runner)
+    assert ctl(ci.address, "dispatch", victim, env=env).returncode == 0
+    runner.wait_for_log(r"commit %s attempt 1: testing" % victim)
+
+    checkout = upstream.clone(tmp_path / "by-hand")
+    subprocess.run(["git", "checkout", "--quiet", probe], cwd=checkout, check=True)
+    by_hand = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "test_probe.py"], cwd=checkout,
+                             env=env, capture_output=True, text=True, timeout=120)
+    flag.touch()
+
+    assert by_hand.returncode == 1
+    assert "key found in ['the environment'" in by_hand.stdout
+    assert "forged results for attempts [1]" in by_hand.stdout
+    assert ci.wait_result(victim)["status"] == "passed"  # the forgery, recorded
+
+
+ENVIRONMENT_TEST = """import json, os
+
+def test_dump():
+    assert False, "ENV=" + json.dumps(dict(os.environ))
+"""
+
+
+def test_jobs_get_only_the_documented_variables(ci, upstream, tmp_path):
+    env = {**RUNNER_ENV, "CI_SECRET": "ci-secret-" + "0" * 32, "RUNNER_ONLY": "1", "PASSED_ON": "yes",
+           "PIP_INDEX_URL": "https://user:password@index.example/simple", "LC_TIME": "C", "TZ": "UTC"}
+    ci.dispatcher = ci.processes.start("dispatcher", ci._dispatcher_argv(0, ()), env=env)
+    ci.port = int(ci.dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    clone = upstream.clone(ci.folder / "runner1-clone")
+    runner = ci.processes.start("runner1", [
+        sys.executable, str(ROOT / "test_runner.py"), "--host", "127.0.0.1", "--dispatcher-server", ci.address,
+        "--job-env", "PASSED_ON", "--job-env", "CI_SECRET", str(clone)], env=env)
+    runner.wait_for_log(r"registered with dispatcher")
+    sha = upstream.commit({"test_env.py": ENVIRONMENT_TEST}, "dump the environment")
+    assert ctl(ci.address, "dispatch", sha, env=env).returncode == 0
+
+    assert ci.wait_result(sha)["status"] == "failed"  # to show what it saw
+    seen = json.loads(re.search(r"ENV=(\{.*\})", ci.report(sha)).group(1))
+
+    for name in ("CI_SECRET", "RUNNER_ONLY", "PIP_INDEX_URL"):
+        assert name not in seen
+    assert seen["PASSED_ON"] == "yes" and seen["LC_TIME"] == "C" and seen["TZ"] == "UTC"
+    assert seen["PATH"] == env["PATH"]
+    assert seen["USER"] == seen["LOGNAME"] == "nobody"
+    assert re.fullmatch(r"/tmp/commit-ci-job-\d+-\w+/home", seen["HOME"])
+    assert seen["CI_COMMIT"] == sha
+
+
+WORK_TREE_TEST = """import os, pathlib, pytest, subprocess
+
+def test_the_work_tree_is_the_jobs_and_git_is_not():
+    pathlib.Path("made-at-the-top.txt").write_text("ok")
+    pathlib.Path("src/made-inside.txt").write_text("ok")
+    pathlib.Path("src/module.py").write_text("changed = True")
+    with pytest.raises(PermissionError):
+        open(".git/config", "a")
+    with pytest.raises(OSError):
+        os.rename(".git", "moved")
+    # A git folder of its own in the work tree, pointing anywhere: gone before the next checkout.
+    pathlib.Path("src/.git").write_text("gitdir: /tmp/elsewhere")
+    assert subprocess.run(["git", "log", "-1", "--format=%H"], capture_output=True, text=True).stdout.strip()
+"""
+
+NEXT_TEST = """import pathlib
+
+def test_nothing_of_the_job_before_is_left():
+    assert not pathlib.Path("src/.git").exists()
+    assert not pathlib.Path("made-at-the-top.txt").exists()
+    assert pathlib.Path("src/module.py").read_text() == "changed = False"
+"""
+
+
+def test_the_job_user_writes_the_work_tree_but_not_git(ci, upstream):
+    ci.start_dispatcher()
+    ci.start_runner()
+    ci.start_observer()
+    first = upstream.commit({"src/module.py": "changed = False", "test_tree.py": WORK_TREE_TEST}, "a job that writes")
+    second = upstream.commit({"test_tree.py": None, "test_next.py": NEXT_TEST}, "the next job")
+
+    assert ci.wait_result(first)["status"] == "passed", ci.report(first)
+    assert ci.wait_result(second)["status"] == "passed", ci.report(second)
+    clone = ci.folder / "runner1-clone"
+    assert (clone / ".git").stat().st_uid == 0
+    assert oct((clone / ".git" / "ci_runner").stat().st_mode & 0o777) == "0o700"
+
+
+CGROUP_TEST = """import pathlib, subprocess, sys
+
+def test_cgroup():
+    # A daemon in a session of its own, which the job's end must take with it.
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "left-by-the-job"],
+                     start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert False, "CGROUP=" + pathlib.Path("/proc/self/cgroup").read_text().replace(chr(10), " ")
+"""
+
+
+def left_by_the_job() -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and b"left-by-the-job" in open("/proc/%s/cmdline" % entry, "rb").read():
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+MEMORY_HOG_TEST = """def test_hog():
+    hog = bytearray(512 * 1024 * 1024)
+    for offset in range(0, len(hog), 4096):
+        hog[offset] = 1
+"""
+
+
+def test_each_job_has_a_cgroup_of_its_own_and_a_memory_limit(ci, upstream):
+    ci.start_dispatcher()
+    try:
+        runner = ci.start_runner("--job-memory", "128M")
+    except AssertionError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("no cgroup memory controller here")
+    pid = runner.pid
+    ci.start_observer()
+    first = upstream.commit({"test_cgroup.py": CGROUP_TEST}, "where am I")
+    assert ci.wait_result(first)["status"] == "failed"  # to show where it ran
+    assert re.search(r"CGROUP=.*0::/\S*commit-ci-%d/job-\d+ " % pid, ci.report(first))
+    assert left_by_the_job() == []
+    hog = upstream.commit({"test_cgroup.py": None, "test_hog.py": MEMORY_HOG_TEST}, "takes too much memory")
+    result = ci.wait_result(hog)
+    assert result["status"] == "failed"
+    assert "out of memory" in result["reason"]
+    after = upstream.commit({"test_hog.py": None, "test_ok.py": PASSING_TEST}, "fine again")
+    assert ci.wait_result(after)["status"] == "passed"
+    # Each job's cgroup is gone with it.
+    own = [line for line in open("/proc/%d/cgroup" % pid).read().splitlines() if line.startswith("0::")]
+    folder = Path("/sys/fs/cgroup/unified" if Path("/sys/fs/cgroup/unified").is_dir() else "/sys/fs/cgroup")
+    jobs = folder / own[0][3:].lstrip("/") / ("commit-ci-%d" % pid)
+    assert not [entry for entry in jobs.iterdir() if entry.is_dir()]
+
+
+def test_a_runner_refuses_a_key_file_its_jobs_could_read(ci, upstream, tmp_path):
+    ci.start_dispatcher()
+    key_file = tmp_path / "key"
+    key_file.write_text("ci-secret-" + "1" * 32)
+    key_file.chmod(0o644)
+    clone = upstream.clone(ci.folder / "runner1-clone")
+    done = subprocess.run([sys.executable, str(ROOT / "test_runner.py"), "--dispatcher-server", ci.address,
+                           "--secret-file", str(key_file), "--sandbox", "off", str(clone)],
+                          capture_output=True, text=True, timeout=60, env=RUNNER_ENV)
+    assert done.returncode == 2
+    assert "the job user nobody could read the key file %s" % key_file in done.stderr
+    unknown = subprocess.run([sys.executable, str(ROOT / "test_runner.py"), "--dispatcher-server", ci.address,
+                              "--job-user", "no-such-user-here", str(clone)],
+                             capture_output=True, text=True, timeout=60, env=RUNNER_ENV)
+    assert unknown.returncode == 2 and "--job-user no-such-user-here: no such user" in unknown.stderr
+
