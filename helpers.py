@@ -12,11 +12,12 @@ From a checkout of commit-ci (this file sits beside the ``commit_ci`` package)::
     # 'passed'
 
 A request is one line as docs/protocol.md writes it; it is checked before it is sent
-(a typo gets a ProtocolError, not a round trip). Where the daemons share a secret, give
-its file as ``secret_file`` or set CI_SECRET in the environment; ``tls_ca`` connects
-with TLS. Every wait is bounded: OSError when the daemon cannot be reached or does not
-answer in time. Installed (``pip install .``), the same comes from the package:
-``commit_ci.client.communicate`` with ``commit_ci.protocol.request``.
+(a typo gets a ProtocolError, not a round trip). Where the daemons are authenticated,
+give the file of the shared secret or of an operator key (as ``ci-ctl key add NAME
+--role operator`` prints it) as ``secret_file``, or set CI_SECRET in the environment;
+``tls_ca`` connects with TLS. Every wait is bounded: OSError when the daemon cannot be
+reached or does not answer in time. Installed (``pip install .``), the same comes from
+the package: ``commit_ci.client.communicate`` with ``commit_ci.protocol.request``.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ def _ask(host: str, port: int, line: str, secret_file: str | None, tls_ca: str |
     message, sections = protocol.decode_header(line.strip().encode("utf-8"), protocol.REQUESTS)
     if sections:
         raise ProtocolError("%s carries sections; send it with commit_ci.client instead" % message.verb)
-    secret = security.read_secret(secret_file)
+    key = security.read_key(secret_file)
     settings = security.Security(
-        auth=security.Authenticator(secret) if secret is not None else None,
+        auth=security.Authenticator(key) if key is not None else None,
         client_tls=security.client_tls_context(tls_ca) if tls_ca else None,
     )
     return client.communicate((host, port), message, timeout=timeout, security=settings)

@@ -37,8 +37,8 @@ class Connection:
         nonce = self.stream.write_message(message, REQUESTS)
         try:
             answer = self.stream.read_message(REPLIES, first_byte_timeout=timeout, request_nonce=nonce)
-        except ProtocolError as exc:
-            raise ProtocolError("%s: %s" % (format_address(self.address), exc)) from None
+        except ProtocolError as exc:  # Refused stays Refused
+            raise exc.__class__("%s: %s" % (format_address(self.address), exc)) from None
         if answer is None:
             raise ConnectionError("%s closed the connection without a reply" % format_address(self.address))
         return answer

@@ -3,11 +3,13 @@
 Subcommands talk to a running dispatcher over the protocol (docs/protocol.md):
 ``status`` (is it up, queue, what each runner does, last verdicts), ``queue``,
 ``runners``, ``results SHA`` (a commit's verdict and where its report is; the start
-of its id will do, if no other commit starts the same way) and ``dispatch SHA`` (test
-a commit now; its full id only, as the dispatcher takes no other). Output is for
-people by default; ``--json`` prints the dispatcher's JSON answers for scripts. Exit
-status: 0 on success, 1 when the dispatcher is unreachable or refuses, 2 for wrong
-usage.
+of its id will do, if no other commit starts the same way), ``dispatch SHA`` (test
+a commit now; its full id only, as the dispatcher takes no other) and ``key
+add|revoke|list`` (the dispatcher's keys: one per runner, observer or operator; with
+``--keys-file`` the file itself is changed, to make the first operator key). Output
+is for people by default; ``--json`` prints the dispatcher's JSON answers for
+scripts. Exit status: 0 on success, 1 when the dispatcher is unreachable or refuses,
+2 for wrong usage.
 """
 
 from __future__ import annotations
@@ -18,14 +20,25 @@ import json
 import sys
 
 from commit_ci.client import communicate
+from commit_ci.files import atomic_write
 from commit_ci.protocol import request
 from commit_ci.result import Result
-from commit_ci.security import Security, add_security_arguments, security_from_arguments
+from commit_ci.security import (
+    ROLES,
+    Key,
+    Security,
+    add_security_arguments,
+    security_from_arguments,
+    unwrap_secret,
+)
 from commit_ci.states import JobState
 from commit_ci.wire import (
+    MAX_NAME_LENGTH,
     ProtocolError,
+    Refused,
     format_address,
     is_commit_prefix,
+    is_name,
     parse_address,
     parse_commit,
     parse_commit_prefix,
@@ -52,6 +65,8 @@ class Client:
         where = format_address(self.address)
         try:
             answer = communicate(self.address, request(verb, **fields), timeout=QUERY_TIMEOUT_S, security=self.security)
+        except Refused as exc:  # before it could check the request: an unknown key, a skewed clock...
+            raise Failure("the dispatcher at %s refused %s: %s" % (where, verb, str(exc).partition("refused: ")[2]))
         except ProtocolError as exc:
             raise Failure("the dispatcher at %s answered something unexpected: %s" % (where, exc)) from None
         except OSError as exc:
@@ -191,6 +206,82 @@ def do_dispatch(client: Client, as_json: bool, commit: str) -> None:
         print("%s: already known, %s" % (commit, answer.get("job")))
 
 
+# --- keys ---------------------------------------------------------------------------------
+
+
+def add_key(client: Client, as_json: bool, name: str, role: str, output: str | None, keys_file: str | None) -> None:
+    """Have a key made (by the dispatcher, or in ``keys_file`` directly) and print it, or
+    write it to ``output`` (mode 0600): a daemon takes the file with --secret-file."""
+    if keys_file:
+        key = _keyring(keys_file).add(name, role)
+    else:
+        answer = client.ask_json("key-add", name=name, role=role)
+        own = client.security.auth.key if client.security.auth is not None else None
+        if own is None:
+            raise Failure("the dispatcher made key %s, but this command holds no key to read it with" % name)
+        try:
+            key = Key(unwrap_secret(own, answer["salt"], answer["wrapped"]), name, role)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Failure("the dispatcher's answer to key-add is not a key: %s" % exc) from None
+    if output:
+        atomic_write(output, (key.token + "\n").encode("ascii"), mode=0o600)
+    if as_json:
+        print(json.dumps({"name": name, "role": role, **({"file": output} if output else {"key": key.token})}))
+    elif output:
+        print("key %s (role %s) written to %s: give it to the daemon with --secret-file %s" % (name, role, output, output))
+    else:
+        print(key.token)
+        if sys.stdout.isatty():
+            print("ci-ctl: save it in a file only its daemon's user can read (chmod 600) and give that daemon "
+                  "--secret-file FILE, or set CI_SECRET", file=sys.stderr)
+
+
+def revoke_key(client: Client, as_json: bool, name: str, keys_file: str | None) -> None:
+    if keys_file:
+        try:
+            _keyring(keys_file).revoke(name)
+        except KeyError:
+            raise Failure("%s has no key named %s" % (keys_file, name)) from None
+    else:
+        client.ask("key-revoke", name=name)
+    print(json.dumps({"name": name, "revoked": True}) if as_json else "key %s revoked" % name)
+
+
+def list_keys(client: Client, as_json: bool, keys_file: str | None) -> None:
+    if keys_file:
+        keys = _keyring(keys_file)
+        document = {"keys": [{"name": key.name, "role": key.role} for key in keys.keys()], "shared_secret": None}
+    else:
+        document = client.ask_json("key-list")
+    if as_json:
+        print(json.dumps(document, indent=2))
+        return
+    for key in document["keys"]:
+        print("%-30s %s" % (key["name"], key["role"]))
+    if not document["keys"]:
+        print("(no keys)")
+    if document.get("shared_secret"):
+        print("(and the shared secret, which may do everything)")
+
+
+def _keyring(path: str):
+    from commit_ci.keys import Keyring, KeysFileError
+
+    keyring = Keyring(path)
+    try:
+        keyring.load()
+    except KeysFileError as exc:
+        raise Failure(str(exc)) from None
+    return keyring
+
+
+def key_name_argument(text: str) -> str:
+    if not is_name(text):
+        raise argparse.ArgumentTypeError("%r is not a key name: 1 to %d characters of A-Z a-z 0-9 . _ : @ -"
+                                         % (text, MAX_NAME_LENGTH))
+    return text
+
+
 def full_commit_argument(text: str) -> str:
     """A commit to dispatch: its full id. The dispatcher would refuse an abbreviated one
     (it would be a second job for the same commit); say so before asking it."""
@@ -230,7 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the commit id, or its first 7 or more hex digits if no other commit starts with them")
     dispatch = commands.add_parser("dispatch", help="queue a commit for testing now")
     dispatch.add_argument("commit", metavar="SHA", type=full_commit_argument, help="the full commit id (git rev-parse)")
-    for command in (status, queue, runners, results, dispatch):
+    key = commands.add_parser("key", help="the dispatcher's keys: one per runner, observer or operator")
+    key_commands = key.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+    key_add = key_commands.add_parser("add", help="make a key and print it (what a daemon takes with --secret-file)")
+    key_add.add_argument("name", metavar="NAME", type=key_name_argument,
+                         help="the key's name; a runner registers under its key's name")
+    key_add.add_argument("--role", required=True, choices=ROLES, help="what the key may do (docs/security.md)")
+    key_add.add_argument("-o", "--output", metavar="FILE", help="write the key to FILE (mode 0600) instead of printing it")
+    key_revoke = key_commands.add_parser("revoke", help="remove a key: refused from now on, its runner dropped")
+    key_revoke.add_argument("name", metavar="NAME", type=key_name_argument)
+    key_list = key_commands.add_parser("list", help="the keys' names and roles (never their secrets)")
+    for command in (key_add, key_revoke, key_list):
+        command.add_argument("--keys-file", metavar="FILE",
+                             help="change (or read) this keys file directly instead of asking the dispatcher: on "
+                             "its machine, to make the first operator key; the dispatcher reads it within a second")
+    for command in (status, queue, runners, results, dispatch, key_add, key_revoke, key_list):
         # After the command too (`ci-ctl status --json`); SUPPRESS keeps the one given before it.
         command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                              help="print JSON for scripts instead of text")
@@ -255,8 +360,17 @@ def main(argv: list[str] | None = None) -> int:
             show_runners(client, args.json)
         elif args.command == "results":
             show_result(client, args.json, args.commit)
-        else:
+        elif args.command == "dispatch":
             do_dispatch(client, args.json, args.commit)
+        elif args.key_command == "add":
+            add_key(client, args.json, args.name, args.role, args.output, args.keys_file)
+        elif args.key_command == "revoke":
+            revoke_key(client, args.json, args.name, args.keys_file)
+        else:
+            list_keys(client, args.json, args.keys_file)
+    except (ValueError, OSError) as exc:  # from a keys file changed here (--keys-file), or --output
+        print("ci-ctl: %s" % exc, file=sys.stderr)
+        return 1
     except Failure as exc:
         print("ci-ctl: %s" % exc, file=sys.stderr)
         return 1

@@ -11,6 +11,12 @@ runner lost) is retried on another runner, up to ``--max-attempts`` times. Final
 results go to the results folder (result_files.py), written once and atomically, and
 the results page there (page.py) is rebuilt on a thread of its own after each.
 
+Who may ask what: with a keys file (``--keys-file``, keys.py), each request is
+checked against the role of the key it was signed with (protocol.REQUESTS), a runner's
+key registers and reports under that runner's name alone, and the dispatcher talks to
+each runner with the key the runner registered with. Revoking a runner's key drops
+the runner.
+
 Threads and state: one ``Dispatcher`` object owns the runner registry, the
 assignments out and the store, all under one condition. Handlers and the two loops
 decide under it and talk to runners outside it, through a small thread pool.
@@ -33,10 +39,10 @@ from commit_ci import junit, result_files
 from commit_ci.client import communicate
 from commit_ci.daemon import add_logging_arguments, install_stop_signals, setup_logging
 from commit_ci.page import ResultsPage
-from commit_ci.protocol import UNKNOWN_ATTEMPT, Message, error, reply, request
+from commit_ci.protocol import UNKNOWN_ATTEMPT, Message, error, may_send, reply, request
 from commit_ci.result import Result
 from commit_ci.result_files import iso_time
-from commit_ci.security import Security, add_security_arguments, security_from_arguments
+from commit_ci.security import RUNNER, Key, Security, add_security_arguments, security_from_arguments, wrap_secret
 from commit_ci.server import ProtocolServer, serve_in_thread
 from commit_ci.states import JobState, Outcome, ReportedStatus, RunnerState
 from commit_ci.store import Job, JobStore
@@ -89,6 +95,10 @@ class RunnerRecord:
     name: str
     address: tuple[str, int]
     since: float  # wall-clock time of the last change of what it is doing
+    #: The key it registered with (None: no authentication), and the settings that
+    #: sign what is sent to it with that key: a runner accepts its own key alone.
+    key: Key | None = None
+    security: Security | None = None
     verified: bool = False  # answered a ping since it registered
     assignment: Assignment | None = None
     #: What the runner itself last said it runs: (commit, attempt) or None for idle.
@@ -139,6 +149,10 @@ class Dispatcher:
         self._settling: set[str] = set()
         #: The pings to the runners known at start-up: the scheduler waits for them.
         self._first_pings: list[concurrent.futures.Future] = []
+        #: The keys file, if any (its own lock), and the last of its versions whose
+        #: removed keys have had their runners dropped.
+        self.keys = self.security.keyring
+        self._keys_checked = self.keys.generation if self.keys is not None else 0
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -151,7 +165,14 @@ class Dispatcher:
         self._recover_written_results()
         with self._cond:
             for name, host, port, offers in self.store.runners():
-                record = RunnerRecord(name, (host, port), since=time.time(), offers=offers)
+                key = self._restored_runner_key(name)
+                if self.security.auth is not None and key is None:
+                    # No key to talk to it with: it registers again when our pings stop.
+                    self.store.forget_runner(name)
+                    log.info("runner %s known from before the restart has no key here now: forgotten", name)
+                    continue
+                record = RunnerRecord(name, (host, port), since=time.time(), offers=offers, key=key,
+                                      security=self.security.signing_with(key))
                 self._runners[name] = record
                 self._first_pings.append(self._pool.submit(self._verify, record))
             if self._runners:
@@ -168,6 +189,15 @@ class Dispatcher:
         for thread in self._threads:
             thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _restored_runner_key(self, name: str) -> Key | None:
+        """The key to talk to a runner known from before a restart with: the runner key of
+        its name, else the shared secret. (If it registered with the other, our pings
+        fail, it is dropped, and it registers again.)"""
+        key = self.keys.current().get(name) if self.keys is not None else None
+        if key is not None and key.role == RUNNER:
+            return key
+        return self.security.auth.key if self.security.auth is not None else None
 
     def _retire_abbreviated_jobs(self) -> None:
         # A database from before abbreviated ids were refused may still queue one. No
@@ -204,10 +234,18 @@ class Dispatcher:
             "runners": self._on_runners,
             "recent": self._on_recent,
             "lookup": self._on_lookup,
+            "key-add": self._on_key_add,
+            "key-revoke": self._on_key_revoke,
+            "key-list": self._on_key_list,
         }.get(message.verb)
         if handler is None:
             log.warning("%s sent %s, which is for runners", peer, message.verb)
             return error("%s is not a dispatcher request" % message.verb)
+        if not may_send(message.key, message.verb):
+            key = message.key
+            log.warning("%s sent %s, which a key of role %s may not send: refused", _who(message, peer),
+                        message.verb, key.role)
+            return error("key %s (role %s) may not send %s" % (key.name, key.role, message.verb))
         return handler(message, peer)
 
     def _on_status(self, message: Message, peer: str) -> Message:
@@ -286,6 +324,62 @@ class Dispatcher:
                                "json": result_files.result_path(self.results_dir, commit, ".json")}
         return _json_reply(answer)
 
+    # --- keys (the keys file has its own lock: never written under the dispatcher's) -----
+
+    def _on_key_add(self, message: Message, peer: str) -> Message:
+        if self.keys is None:
+            return _no_keys_file(message, peer)
+        name, role = message.fields["name"], message.fields["role"]
+        try:
+            key = self.keys.add(name, role)
+        except ValueError as exc:
+            log.warning("key %s not added for %s: %s", name, _who(message, peer), exc)
+            return error(str(exc))
+        except OSError as exc:
+            log.error("key %s not added for %s: cannot write the keys file %s: %s", name, _who(message, peer),
+                      self.keys.path, exc)
+            return error("cannot write the keys file")
+        log.info("key %s (role %s) added by %s", name, role, _who(message, peer))
+        # The new secret goes back hidden with the key of the request, which only the
+        # asker holds (security.wrap_secret): it never crosses the wire in clear.
+        salt = os.urandom(16).hex()
+        return _json_reply({"name": name, "role": role, "salt": salt,
+                            "wrapped": wrap_secret(message.key, salt, key.secret)})
+
+    def _on_key_revoke(self, message: Message, peer: str) -> Message:
+        if self.keys is None:
+            return _no_keys_file(message, peer)
+        name = message.fields["name"]
+        try:
+            revoked = self.keys.revoke(name)
+        except KeyError:
+            log.warning("key %s not revoked for %s: there is no such key", name, _who(message, peer))
+            return error("no key named %s" % name)
+        except OSError as exc:
+            log.error("key %s not revoked for %s: cannot write the keys file %s: %s", name, _who(message, peer),
+                      self.keys.path, exc)
+            return error("cannot write the keys file")
+        log.info("key %s (role %s) revoked by %s", name, revoked.role if revoked else "unknown", _who(message, peer))
+        self._drop_runners_without_keys()
+        return reply("OK")
+
+    def _on_key_list(self, message: Message, peer: str) -> Message:
+        if self.keys is None:
+            return _no_keys_file(message, peer)
+        return _json_reply({"keys": [{"name": key.name, "role": key.role} for key in self.keys.keys()],
+                            "shared_secret": self.keys.shared is not None})
+
+    def _drop_runners_without_keys(self) -> None:
+        """Drop each runner whose key has been revoked (or changed) since it registered;
+        its job goes back to the queue."""
+        generation, keys = self.keys.generation, self.keys.current()
+        with self._cond:
+            self._keys_checked = max(self._keys_checked, generation)
+            for record in list(self._runners.values()):
+                key = record.key
+                if key is not None and not key.shared and keys.get(key.name) != key:
+                    self._drop(record, "its key %s was revoked" % key.name)
+
     # --- requests that change things --------------------------------------------------
 
     def _on_dispatch(self, message: Message, peer: str) -> Message:
@@ -303,19 +397,31 @@ class Dispatcher:
                 if any(runner.available for runner in self._runners.values()):
                     self._cond.notify_all()
         if new:
-            log.info("commit %s queued (from %s)", commit, peer)
+            log.info("commit %s queued (from %s)", commit, _who(message, peer))
         else:
-            log.info("commit %s dispatched again by %s: already %s", commit, peer, state.value)
+            log.info("commit %s dispatched again by %s: already %s", commit, _who(message, peer), state.value)
         return reply("OK", new=int(new), job=state.value)
 
     def _on_register(self, message: Message, peer: str) -> Message:
         address = (message.fields["host"], message.fields["port"])
         name = message.get("name") or format_address(address)
+        key = message.key
+        if key is not None and not key.shared and name != key.name:
+            # Else a runner's key could take another runner's name, and its jobs.
+            log.warning("%s tried to register as runner %s: refused (a runner key registers under its own name)",
+                        _who(message, peer), name)
+            return error("key %s may register only as the runner named %s, not %s" % (key.name, key.name, name))
         running = message.get("attempt")
         offers = frozenset("python" + version for version in message.get("pythons", ()))
         with self._cond:
+            if self.keys is not None and key is not None and not key.shared and self.keys.current().get(key.name) != key:
+                # Revoked since the request was checked: registered now, the runner would
+                # outlive the revocation (the runners of revoked keys were dropped already).
+                log.warning("runner %s registering from %s: its key was revoked meanwhile: refused", name, peer)
+                return error("unknown key %s (never added, or revoked)" % key.name)
             old = self._runners.get(name)
-            record = RunnerRecord(name, address, since=time.time(), offers=offers)
+            record = RunnerRecord(name, address, since=time.time(), offers=offers, key=key,
+                                  security=self.security.signing_with(key))
             if old is not None:
                 kept = old.assignment
                 if kept is not None and not kept.superseded and (old.address != address or kept.attempt_id != running):
@@ -328,7 +434,7 @@ class Dispatcher:
                 record.reported = (message.get("commit"), running)
             self._runners[name] = record
             self.store.save_runner(name, address[0], address[1], time.time(), offers)
-        log.info("runner %s registered from %s (address %s%s)", name, peer, format_address(address),
+        log.info("runner %s registered from %s (address %s%s)", name, _who(message, peer), format_address(address),
                  "; offers %s" % " ".join(sorted(offers)) if offers else "")
         # Not available until it answers a ping: that proves the address works.
         self._pool.submit(self._verify, record)
@@ -355,6 +461,13 @@ class Dispatcher:
                     "results from %s for unknown commit %s attempt %d: refused", peer, result.commit, result.attempt
                 )
                 return error(UNKNOWN_ATTEMPT)
+            key = message.key
+            if key is not None and not key.shared and attempt.runner != key.name:
+                # A runner's key speaks for that runner's attempts alone.
+                log.warning("commit %s attempt %d: %s result from %s refused: the attempt is runner %s's",
+                            result.commit, result.attempt, result.status, _who(message, peer), attempt.runner)
+                return error("attempt %d of commit %s was given to another runner, not to %s"
+                             % (result.attempt, result.commit, key.name))
             if result.commit in self._settling:
                 # Another verdict for it is being written: this one waits its turn (the
                 # runner keeps it and sends it again), so that the first one wins.
@@ -607,7 +720,7 @@ class Dispatcher:
                 request("runtest", commit=assignment.commit, attempt=assignment.attempt_id),
                 timeout=RUNTEST_TIMEOUT_S,
                 total_timeout=RUNTEST_TIMEOUT_S * 2,
-                security=self.security,
+                security=record.security,
             )
         except (OSError, ProtocolError) as exc:
             answer = error(str(exc) or exc.__class__.__name__)
@@ -635,7 +748,7 @@ class Dispatcher:
             # All of it bounded: a runner that answers a byte at a time must not hold
             # one of the threads every ping and runtest share.
             return communicate(record.address, request("ping"), timeout=PING_TIMEOUT_S,
-                               connect_timeout=PING_TIMEOUT_S, security=self.security,
+                               connect_timeout=PING_TIMEOUT_S, security=record.security,
                                total_timeout=PING_TIMEOUT_S * 2)
         except (OSError, ProtocolError) as exc:
             log.debug("runner %s: ping failed: %s", record.name, exc)
@@ -654,6 +767,12 @@ class Dispatcher:
                 log.exception("heartbeat: unexpected error")
 
     def _heartbeat(self) -> None:
+        if self.keys is not None:
+            # A key removed from the file by hand is heard of here even when no one
+            # sends a message with it: its runner goes now, not at its next message.
+            self.keys.refresh()
+            if self.keys.generation != self._keys_checked:
+                self._drop_runners_without_keys()
         with self._cond:
             records = list(self._runners.values())
         futures = [self._pool.submit(self._ping, record) for record in records]
@@ -672,6 +791,17 @@ _OUTCOMES = {ReportedStatus.ERROR: Outcome.ERROR, ReportedStatus.ABORTED: Outcom
 
 def _json_reply(document: dict) -> Message:
     return reply("OK", json=json.dumps(document).encode("utf-8"))
+
+
+def _who(message: Message, peer: str) -> str:
+    """Who sent ``message``, for log lines: its address, and its key if it is a named one."""
+    key = message.key
+    return peer if key is None or key.shared else "%s (key %s)" % (peer, key.name)
+
+
+def _no_keys_file(message: Message, peer: str) -> Message:
+    log.warning("%s sent %s, but there is no keys file: refused", _who(message, peer), message.verb)
+    return error("no keys file: start the dispatcher with --keys-file to manage keys")
 
 
 # --- command line ----------------------------------------------------------------------
@@ -702,7 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(index.html); it is fetched into when a commit is not in it yet. Without it the page "
                         "shows commit ids only")
     add_logging_arguments(parser)
-    add_security_arguments(parser, serves=True)
+    add_security_arguments(parser, serves=True, keys=True)
     return parser
 
 
@@ -713,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--max-attempts must be at least 1 and --heartbeat-interval positive")
         return 2
     try:
-        security = security_from_arguments(args, serves=True)
+        security = security_from_arguments(args, serves=True, keys=True)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -733,9 +863,10 @@ def main(argv: list[str] | None = None) -> int:
     dispatcher = Dispatcher(store, results_dir, args.max_attempts, args.heartbeat_interval, security,
                             on_final_result=page.notify)
     try:
-        # Recording a result writes files (fsync'd): it gets a thread of its own rather
-        # than hold up the event loop that answers everyone else.
-        server = ProtocolServer((args.host, args.port), dispatcher.handle, log, security, threaded_verbs={"results"})
+        # Recording a result, adding or revoking a key, write files (fsync'd): each gets a
+        # thread of its own rather than hold up the event loop that answers everyone else.
+        server = ProtocolServer((args.host, args.port), dispatcher.handle, log, security,
+                                threaded_verbs={"results", "key-add", "key-revoke"})
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
         page.stop()
@@ -749,8 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info(
         "listening on %s (results in %s, queue in %s; %s, %s)",
         format_address(server.address), os.path.abspath(args.results_dir), db_path,
-        "messages authenticated" if security.auth else "no authentication",
-        "TLS" if security.server_tls else "no TLS",
+        _authentication(security), "TLS" if security.server_tls else "no TLS",
     )
     stop.wait()
     log.info("stopping: no new connections")
@@ -761,6 +891,15 @@ def main(argv: list[str] | None = None) -> int:
     store.close()
     log.info("stopped")
     return 0
+
+
+def _authentication(security: Security) -> str:
+    if security.auth is None:
+        return "no authentication"
+    what = ["the shared secret"] if security.auth.key is not None else []
+    if security.keyring is not None:
+        what.append("the keys of %s" % security.keyring.path)
+    return "messages authenticated with %s" % " and ".join(what)
 
 
 if __name__ == "__main__":

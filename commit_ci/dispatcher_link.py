@@ -21,7 +21,7 @@ from commit_ci.outbox import Outbox
 from commit_ci.protocol import UNKNOWN_ATTEMPT, request
 from commit_ci.result import Result
 from commit_ci.security import Security
-from commit_ci.wire import ProtocolError, format_address
+from commit_ci.wire import ProtocolError, Refused, format_address
 
 log = logging.getLogger("runner")
 
@@ -135,6 +135,9 @@ class DispatcherLink:
                           pythons=self.pythons or None)
         try:
             answer = communicate(self.dispatcher, message, security=self.security)
+        except Refused as exc:  # it heard us, but not our key (revoked?) or our clock
+            log.error("dispatcher refused registration: %s", str(exc).partition("refused: ")[2])
+            return False
         except (OSError, ProtocolError) as exc:
             log.debug("register with %s failed: %s", format_address(self.dispatcher), exc)
             return False

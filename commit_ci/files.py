@@ -20,19 +20,19 @@ def _read_umask() -> int:
 NEW_FILE_MODE = 0o666 & ~_read_umask()
 
 
-def atomic_write(path: str, data: bytes, durable: bool = True) -> None:
+def atomic_write(path: str, data: bytes, durable: bool = True, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never part.
 
     The data goes to a temporary file in the same folder, is flushed (and, with
-    ``durable``, fsync'ed), then renamed over ``path``. The file gets the mode
-    open() would give it (0644 under the usual umask): results are for others
-    to read, a web server for one.
+    ``durable``, fsync'ed), then renamed over ``path``. The file gets ``mode``, or
+    else the mode open() would give it (0644 under the usual umask): results are for
+    others to read, a web server for one. (The temporary file is private until then.)
     """
     folder = os.path.dirname(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), NEW_FILE_MODE)
+            os.fchmod(handle.fileno(), NEW_FILE_MODE if mode is None else mode)
             handle.write(data)
             handle.flush()
             if durable:

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 from urllib.parse import quote, unquote
 
+from commit_ci.security import OBSERVER, OPERATOR, ROLES, RUNNER, Key
 from commit_ci.states import JobState, ReportedStatus, RunnerState, values
 from commit_ci.wire import (
     ProtocolError,
     Stream,
     header_bytes,
     is_decimal,
+    is_name,
     parse_commit,
     parse_commit_prefix,
     parse_host,
@@ -54,8 +56,6 @@ MAX_SECTION_ON_WIRE_BYTES = 256 * 1024 * 1024
 #: could make a server hold MAX_CONNECTIONS times 16 MiB; past it, a message with
 #: sections is refused with ERR (a runner keeps its result and sends it again).
 SECTION_BUDGET_BYTES = 64 * 1024 * 1024
-
-NAME_PATTERN = re.compile(r"[A-Za-z0-9._:@\-]{1,128}\Z")
 
 # --- Field types ---------------------------------------------------------------------
 # Each parser takes the wire text (already percent-decoded) and returns the typed
@@ -87,7 +87,8 @@ def parse_seconds(text: str) -> float:
 
 
 def parse_name(text: str) -> str:
-    if not NAME_PATTERN.match(text):
+    """A runner's or a key's name (wire.is_name)."""
+    if not is_name(text):
         raise ProtocolError("invalid name")
     return text
 
@@ -135,6 +136,8 @@ def parse_requirement(text: str) -> str:
 parse_status = _one_of(values(ReportedStatus), "status")
 parse_runner_state = _one_of(values((RunnerState.IDLE, RunnerState.BUSY)), "state")
 parse_job_state = _one_of(values(JobState), "job state")
+#: What a named key may do (security.py).
+parse_role = _one_of(ROLES, "role")
 
 
 @dataclass(frozen=True)
@@ -161,30 +164,35 @@ class Verb:
     sections: tuple[Section, ...] = ()
     #: The last positional field takes the rest of the line, spaces included.
     rest_of_line: bool = False
+    #: The roles of the named keys that may send it to the dispatcher (the shared
+    #: secret may send anything). A runner takes requests signed with its own key alone.
+    roles: tuple[str, ...] = ()
 
 
 LOG_SECTION = Section("log", MAX_LOG_BYTES, truncate=True)
 JUNIT_SECTION = Section("junit", MAX_JUNIT_BYTES, truncate=False)
 JSON_SECTION = Section("json", MAX_JSON_BYTES, truncate=False)
 
-#: What a peer may send to a server (dispatcher or runner).
+#: What a peer may send to a server (dispatcher or runner), and, for the dispatcher,
+#: which keys may send it (docs/security.md has the same table).
 REQUESTS: dict[str, Verb] = {
     verb.name: verb
     for verb in (
         # to the dispatcher
-        Verb("status"),
-        Verb("dispatch", positional=(("commit", parse_commit),)),
+        Verb("status", roles=(OPERATOR,)),
+        Verb("dispatch", positional=(("commit", parse_commit),), roles=(OBSERVER, OPERATOR)),
         # read-only, for operators (ci-ctl) and the local launcher; answered with JSON
-        Verb("queue", options=(("limit", parse_count),)),
-        Verb("runners"),
-        Verb("recent", options=(("limit", parse_count),)),
+        Verb("queue", options=(("limit", parse_count),), roles=(OPERATOR,)),
+        Verb("runners", roles=(OPERATOR,)),
+        Verb("recent", options=(("limit", parse_count),), roles=(OPERATOR,)),
         # The one verb that takes a commit id prefix: people type ids to look them up.
-        Verb("lookup", positional=(("commit", parse_commit_prefix),)),
+        Verb("lookup", positional=(("commit", parse_commit_prefix),), roles=(OPERATOR,)),
         Verb(
             "register",
             positional=(("host", parse_host), ("port", parse_port)),
             options=(("name", parse_name), ("commit", parse_commit), ("attempt", parse_attempt),
                      ("pythons", parse_versions)),
+            roles=(RUNNER,),
         ),
         Verb(
             "results",
@@ -200,12 +208,24 @@ REQUESTS: dict[str, Verb] = {
                 ("requires", parse_requirement),
             ),
             sections=(LOG_SECTION, JUNIT_SECTION),
+            roles=(RUNNER,),
         ),
+        # the dispatcher's keys file (ci-ctl key ...); key-add answers with the new key, hidden
+        Verb("key-add", positional=(("name", parse_name), ("role", parse_role)), roles=(OPERATOR,)),
+        Verb("key-revoke", positional=(("name", parse_name),), roles=(OPERATOR,)),
+        Verb("key-list", roles=(OPERATOR,)),
         # to a runner
         Verb("ping"),
         Verb("runtest", positional=(("commit", parse_commit), ("attempt", parse_attempt))),
     )
 }
+
+
+def may_send(key: Key | None, verb: str) -> bool:
+    """Whether a request signed with ``key`` (None: not signed, authentication is off)
+    may be ``verb``: the shared secret may send anything, a named key what its role may."""
+    return key is None or key.shared or key.role in REQUESTS[verb].roles
+
 
 #: What a server may answer.
 REPLIES: dict[str, Verb] = {
@@ -249,6 +269,8 @@ class Message:
     truncated: set[str] = field(default_factory=set)
     #: The nonce of the ``auth`` line it came with, when authenticated.
     nonce: str | None = None
+    #: The key it was signed with, when authenticated; a reply to it is signed with it too.
+    key: Key | None = field(default=None, compare=False, repr=False)
 
     def get(self, name: str, default: object = None) -> object:
         return self.fields.get(name, default)
@@ -459,13 +481,16 @@ class MessageStream(Stream):
             _sections_arriving.give_back(held)
         if verification is not None:
             message.nonce = verification.finish()
+            message.key = verification.key
         return message
 
     def write_message(
-        self, message: Message, table: Mapping[str, Verb], request_nonce: str | None = None, signed: bool = True
+        self, message: Message, table: Mapping[str, Verb], request_nonce: str | None = None, signed: bool = True,
+        key: Key | None = None,
     ) -> str | None:
-        """Send ``message`` (behind an ``auth`` line when authenticating and ``signed``).
+        """Send ``message`` (behind an ``auth`` line when authenticating and ``signed``,
+        signed with ``key``: a reply with its request's, by default this side's own).
 
         Returns the nonce of that line, which the reply must name, or None.
         """
-        return self.send(encode(message, table), request_nonce, signed)
+        return self.send(encode(message, table), request_nonce, signed, key)

@@ -13,7 +13,8 @@
   on the watched branch.
 
 Each commit goes to the dispatcher as ``dispatch <sha>``, one connection for the lot,
-signed when a secret is given (``--secret-file``, or CI_SECRET in the environment) and
+signed when a key (an observer's, or the shared secret) is given (``--secret-file``,
+or CI_SECRET in the environment) and
 over TLS with ``--tls-ca``. A hook must never fail or hold up a push: when the
 dispatcher is unreachable, slow or refusing, or anything else goes wrong, the hook
 prints a one-line warning and exits 0, and the observer reports the commit at its
@@ -40,7 +41,7 @@ if __name__ == "__main__":
     # checkout, or site-packages, which -S leaves off the path) holds the package.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from commit_ci.security import Authenticator, client_tls_context, read_secret
+from commit_ci.security import Authenticator, client_tls_context, read_key
 from commit_ci.wire import (
     ProtocolError,
     Stream,
@@ -222,8 +223,8 @@ def run_hook(kind: str, dispatcher_text: str, branch: str, stdin_lines: list[str
     """What a hook runs. Always returns 0: a CI hook must never fail a push or a commit."""
     try:
         dispatcher = parse_address(dispatcher_text)
-        secret = read_secret(secret_file)
-        auth = Authenticator(secret) if secret is not None else None
+        key = read_key(secret_file)
+        auth = Authenticator(key) if key is not None else None
         tls = client_tls_context(tls_ca) if tls_ca else None
         commits = pushed_commits(stdin_lines, branch) if kind == "post-receive" else committed_commit(branch)
         if commits:

@@ -64,7 +64,7 @@ from commit_ci.outbox import Outbox
 from commit_ci.processes import KILL_GRACE_S
 from commit_ci.protocol import Message, error, reply
 from commit_ci.result import Result
-from commit_ci.security import Security, add_security_arguments, security_from_arguments
+from commit_ci.security import Security, add_security_arguments, runner_name, security_from_arguments
 from commit_ci.server import ProtocolServer, serve_in_thread
 from commit_ci.states import ReportedStatus, RunnerState
 from commit_ci.wire import format_address, parse_address
@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--advertise-host", help="address the dispatcher should use to reach this runner (default: --host)")
     parser.add_argument("--dispatcher-server", default=DEFAULT_DISPATCHER, metavar="HOST:PORT",
                         help="where the dispatcher listens (default: %(default)s)")
-    parser.add_argument("--name", help="runner name in logs and results (default: HOST:PORT)")
+    parser.add_argument("--name", help="runner name in logs and results (default: the name of its key, if it holds "
+                        "one, else HOST:PORT)")
     parser.add_argument("--test-command", metavar="COMMAND",
                         help="shell command that runs the tests in the clone; exit status 0 means passed. "
                         "It may write JUnit XML to $CI_JUNIT_XML for counts. "
@@ -459,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = args.state_dir or os.path.join(git_dir, "ci_runner")
     try:
         security = security_from_arguments(args, serves=True)
+        name = runner_name(security, args.name)  # a runner key's results count under its name alone
         user = job_user_from_arguments(args)
         interpreters, cache = environments_from_arguments(args, user)
         isolation = isolation_from_arguments(args, user, clone, state_dir, interpreters, cache,
@@ -474,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             advertise_host=args.advertise_host,
-            name=args.name,
+            name=name,
             test_command=args.test_command,
             timeout=args.timeout,
             dispatcher_timeout=args.dispatcher_timeout,

@@ -19,7 +19,7 @@ import time
 from typing import Callable, Iterable
 
 from commit_ci.protocol import REPLIES, REQUESTS, Message, MessageStream, encode, error
-from commit_ci.security import Security
+from commit_ci.security import Key, Security
 from commit_ci.wire import IO_TIMEOUT_S, ProtocolError
 
 #: A server closes a connection on which no new request starts within this time.
@@ -93,7 +93,8 @@ class ProtocolServer:
     connection waits up to THREAD_IDLE_S for the next.
 
     Malformed or unauthentic input gets ``ERR <reason>``, a log line and a closed
-    connection (after a framing error the stream cannot be trusted); an exception in
+    connection (after a framing error the stream cannot be trusted). A reply is
+    signed with the key its request was signed with; an exception in
     the handler gets ``ERR internal error`` and a traceback in the log. Nothing else is
     affected. At ``max_connections`` the connection idle longest is closed for the new one.
     """
@@ -302,7 +303,7 @@ class ProtocolServer:
             return False
         self._set_waiting(sock, False)
         answer = self._answer(message, peer)
-        data, _ = stream.frame(encode(answer, REPLIES), message.nonce, signed=message.nonce is not None)
+        data, _ = stream.frame(encode(answer, REPLIES), message.nonce, signed=message.nonce is not None, key=message.key)
         try:
             sent = sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -410,7 +411,7 @@ class ProtocolServer:
                     except ProtocolError as exc:
                         self.logger.warning("bad request from %s: %s", peer, exc)
                         # An unauthentic request gets an unsigned answer: there is nothing to bind it to.
-                        self._send(stream, error(str(exc)), peer, None)
+                        self._send(stream, error(str(exc)), peer, None, None)
                         return
                     except (OSError, TimeoutError) as exc:
                         self.logger.debug("connection from %s ended: %s", peer, exc)
@@ -418,7 +419,7 @@ class ProtocolServer:
                     if message is None:
                         return
                 self._set_waiting(sock, False)
-                if not self._send(stream, self._answer(message, peer), peer, message.nonce):
+                if not self._send(stream, self._answer(message, peer), peer, message.nonce, message.key):
                     return
                 message = None
         finally:
@@ -444,9 +445,11 @@ class ProtocolServer:
             return tls, None
         return tls, MessageStream(tls, self.security.auth)
 
-    def _send(self, stream: MessageStream, answer: Message, peer: str, request_nonce: str | None) -> bool:
+    def _send(self, stream: MessageStream, answer: Message, peer: str, request_nonce: str | None,
+              key: Key | None) -> bool:
+        """Send ``answer`` signed with ``key``, the key of its request (unsigned without one)."""
         try:
-            stream.write_message(answer, REPLIES, request_nonce=request_nonce, signed=request_nonce is not None)
+            stream.write_message(answer, REPLIES, request_nonce=request_nonce, signed=request_nonce is not None, key=key)
             return True
         except OSError as exc:
             self.logger.info("could not reply to %s: %s", peer, exc)

@@ -6,11 +6,12 @@ both the hook and the daemons' codec (protocol.py) need lives here, once, cheap 
 import:
 
 * ``ProtocolError``, the one error for input that does not follow the protocol;
-* commit ids (full, or a prefix to look one up) and ``host:port`` addresses, checked;
+* commit ids (full, or a prefix to look one up), names (of runners and keys) and
+  ``host:port`` addresses, checked;
 * header lines: their size cap, and the first split of one into verb and the rest;
 * ``Stream``: lines and byte runs read from a socket, every read under a deadline, and
-  messages written and read behind an ``auth`` line when a secret is in use (the tag
-  itself is security.py's ``Authenticator``);
+  messages written and read behind an ``auth`` line when a secret or key is in use
+  (the tag itself is security.py's ``Authenticator``);
 * ``connect()``: a TCP connection, with TLS when given a context.
 
 It imports only _socket (see ``connect``) and time. Nothing here may import re, logging, dataclasses
@@ -23,7 +24,7 @@ import time
 # For annotations alone (type checkers take the branch; nothing is imported at run time).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from commit_ci.security import Authenticator, _Verification
+    from commit_ci.security import Authenticator, Key, _Verification
 
 #: Longest header line accepted, newline included. Headers carry ids and small
 #: numbers; anything longer is garbage or an attack.
@@ -40,6 +41,11 @@ class ProtocolError(Exception):
     """Input that does not follow the protocol. The text is sent back after ``ERR``."""
 
 
+class Refused(ProtocolError):
+    """An unsigned ``ERR`` where a signed reply was due: the peer refused the request
+    before it could authenticate it (an unknown key, a stale time...)."""
+
+
 # --- Values a client sends ------------------------------------------------------------
 # Checked with sets, not regular expressions: importing re costs the hook more than
 # everything here.
@@ -47,6 +53,10 @@ class ProtocolError(Exception):
 _HEX = frozenset("0123456789abcdef")
 _DECIMAL = frozenset("0123456789")
 _HOST_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+_NAME_CHARACTERS = _HOST_CHARACTERS | {"@"}
+#: Longest name of a runner or a key. A runner's name defaults to ``host:port``, hence
+#: the ':' among the characters a name may have.
+MAX_NAME_LENGTH = 128
 
 
 #: Hex digits of a full commit id: SHA-1 and SHA-256 object names.
@@ -70,6 +80,12 @@ def is_decimal(text: str) -> bool:
     """Whether ``text`` is 1 to 12 ASCII digits (str.isdigit() would let through '²',
     which int() refuses)."""
     return 1 <= len(text) <= 12 and _DECIMAL.issuperset(text)
+
+
+def is_name(text: str) -> bool:
+    """Whether ``text`` is a name (of a runner, of a key): 1 to 128 characters of
+    ``A-Z a-z 0-9 . _ : @ -``."""
+    return 1 <= len(text) <= MAX_NAME_LENGTH and _NAME_CHARACTERS.issuperset(text)
 
 
 def parse_commit(text: str) -> str:
@@ -263,21 +279,26 @@ class Stream:
         verification.update(line + b"\n")
         return line, verification
 
-    def send(self, data: bytes, request_nonce: str | None = None, signed: bool = True) -> str | None:
+    def send(self, data: bytes, request_nonce: str | None = None, signed: bool = True,
+             key: "Key | None" = None) -> str | None:
         """Send the bytes of one message (behind an ``auth`` line when authenticating
         and ``signed``). Returns the nonce of that line, which the reply must name, or None.
         """
-        data, nonce = self.frame(data, request_nonce, signed)
+        data, nonce = self.frame(data, request_nonce, signed, key)
         self.sock.settimeout(IO_TIMEOUT_S)
         self.sock.sendall(data)
         return nonce
 
-    def frame(self, data: bytes, request_nonce: str | None = None, signed: bool = True) -> tuple[bytes, str | None]:
-        """The bytes ``send`` would send for ``data``, and the nonce of their ``auth`` line."""
+    def frame(self, data: bytes, request_nonce: str | None = None, signed: bool = True,
+              key: "Key | None" = None) -> tuple[bytes, str | None]:
+        """The bytes ``send`` would send for ``data``, and the nonce of their ``auth`` line.
+
+        ``key`` signs it: a reply is signed with the key of its request; by default,
+        the authenticator's own key."""
         if self.auth is None or not signed:
             return data, None
         kind = "reply" if request_nonce is not None else "request"
-        auth_line, nonce = self.auth.sign(kind, data, request_nonce)
+        auth_line, nonce = self.auth.sign(kind, data, request_nonce, key)
         return auth_line + data, nonce
 
 

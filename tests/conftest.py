@@ -278,6 +278,28 @@ def upstream(tmp_path) -> Upstream:
     return Upstream(tmp_path / "upstream")
 
 
+# --- keys ------------------------------------------------------------------------------
+
+
+def make_keys(folder: Path, roles: dict[str, str]) -> tuple[Path, dict[str, Path]]:
+    """A keys file in ``folder`` with a new key for each name in ``roles`` (name -> role),
+    and for each name the file of its key, as ``ci-ctl key add -o FILE`` writes it: what
+    its daemon takes with --secret-file."""
+    from commit_ci.keys import HEADER, key_line, new_key
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = {name: new_key(name, role) for name, role in roles.items()}
+    keys_file = folder / "keys"
+    keys_file.write_text(HEADER + "".join(key_line(key) for key in keys.values()))
+    keys_file.chmod(0o600)
+    files = {}
+    for name, key in keys.items():
+        files[name] = folder / ("%s.key" % name.replace(":", "_"))
+        files[name].write_text(key.token + "\n")
+        files[name].chmod(0o600)
+    return keys_file, files
+
+
 # --- the CI system ---------------------------------------------------------------------
 
 #: Runners in tests skip pytest's plugin auto-loading (hypothesis, benchmark...):

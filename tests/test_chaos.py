@@ -3,10 +3,11 @@
 For about a minute, a seeded random schedule SIGKILLs daemons (runners with the
 tests they were running, as if their machine died) and restarts them after a
 random pause, while 50 commits with a known mix of passing and failing tests are
-pushed in waves. Afterwards every commit must have exactly one final result with
-the verdict its tests deserve, nothing may be written outside the results folder,
-and no process may be left behind. Set CHAOS_SEED to replay a run; CHAOS_SECONDS
-to make it longer.
+pushed in waves. Each runner holds a key of its own, and the observer an observer's
+key: restarts and requeues must keep every result with the runner whose key sent it.
+Afterwards every commit must have exactly one final result with the verdict its tests
+deserve, nothing may be written outside the results folder, and no process may be
+left behind. Set CHAOS_SEED to replay a run; CHAOS_SECONDS to make it longer.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import FAILING_TEST, PASSING_TEST, git
+from conftest import FAILING_TEST, PASSING_TEST, git, make_keys
 
 COMMITS = 50
 WAVES = 10
@@ -58,10 +59,12 @@ def test_chaos_every_commit_gets_exactly_one_correct_result(ci, upstream, tmp_pa
 
     # Runners are killed mid-job often enough that one job may be hit several times;
     # the attempt limit is about broken infrastructure, not what is tested here.
-    ci.start_dispatcher("--heartbeat-interval", "0.5", "--max-attempts", "50")
-    for index in range(RUNNERS):
-        ci.start_runner("--name", "chaos%d" % index)
-    ci.start_observer()
+    runner_names = ["chaos%d" % index for index in range(RUNNERS)]
+    keys_file, key_files = make_keys(tmp_path / "keys", {**dict.fromkeys(runner_names, "runner"), "watch": "observer"})
+    ci.start_dispatcher("--heartbeat-interval", "0.5", "--max-attempts", "50", "--keys-file", str(keys_file))
+    for name in runner_names:
+        ci.start_runner("--secret-file", str(key_files[name]))  # named after its key
+    ci.start_observer("--secret-file", str(key_files["watch"]))
     initial = upstream.head()
     expected = {initial: "passed"}
 
@@ -113,10 +116,13 @@ def test_chaos_every_commit_gets_exactly_one_correct_result(ci, upstream, tmp_pa
     settled = re.findall(r"commit ([0-9a-f]{40}): (?:passed|failed|error) \(attempt", ci.dispatcher.log())
     assert sorted(settled) == sorted(expected)
     assert ci.result_files() == ci.expected_files(expected)
+    assert {result["runner"] for result in results.values()} <= set(runner_names)
+    assert not re.search(r"unknown key|may not send|may register only|refused: the attempt is", ci.dispatcher.log()), (
+        "no daemon was refused for its key")
 
     ci.processes.stop_all()
     assert processes_mentioning(str(tmp_path)) == [], "no process left behind"
-    expected_entries = {"upstream", "observer-clone", "test_results", "test_results.queue.sqlite3",
+    expected_entries = {"upstream", "observer-clone", "test_results", "test_results.queue.sqlite3", "keys",
                         *("runner%d-clone" % (i + 1) for i in range(RUNNERS))}
     entries = {path.name for path in tmp_path.iterdir()
                if not path.name.endswith(".log") and not path.name.startswith("test_results.queue.sqlite3-")}

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PASSING_TEST, ROOT, RUNNER_ENV, WAITS_FOR_FLAG_TEST, module_argv, wait_until
+from conftest import PASSING_TEST, ROOT, RUNNER_ENV, WAITS_FOR_FLAG_TEST, make_keys, module_argv, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs runners as root, as CI does")
 
-#: What the key looks like, so that a probe can recognise it wherever it finds it.
-KEY_PATTERN = r"ci-secret-[0-9a-f]{32}"
+#: What a key looks like, so that a probe can recognise it wherever it finds it: the
+#: shared secret of these tests, or a named key as ``ci-ctl key add`` prints it.
+KEY_PATTERN = r"ci-secret-[0-9a-f]{32}|ci-key:[A-Za-z0-9._:@-]+:[0-9a-f]{64}"
 
 #: A commit's test that looks for the key everywhere a job can look, and forges a
 #: verdict for the victim's attempts with every key it finds.
@@ -35,7 +36,7 @@ PROBE_TEST = r'''
 import json, os, re, pathlib
 from commit_ci.client import communicate
 from commit_ci.result import Result
-from commit_ci.security import Authenticator, Security
+from commit_ci.security import Authenticator, Security, key_from_secret
 
 KEY = re.compile(rb"%s")
 CONFIG = json.loads(pathlib.Path(__file__).with_name("probe.json").read_text())
@@ -51,7 +52,8 @@ def read(path):
 
 def places():
     yield "the environment", "\n".join("%%s=%%s" %% item for item in os.environ.items()).encode()
-    yield "the key file", read(CONFIG["key_file"])
+    for path in CONFIG["key_files"]:
+        yield "the key file", read(path)
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             for name in ("environ", "cmdline"):
@@ -72,7 +74,7 @@ def test_no_key_in_reach():
             found.setdefault(key, where)
     forged = []
     for key in found:
-        security = Security(auth=Authenticator(key))
+        security = Security(auth=Authenticator(key_from_secret(key)))
         for attempt in (1, 2, 3):
             message = Result(CONFIG["victim"], "passed", attempt=attempt).to_message()
             try:
@@ -103,12 +105,12 @@ def make_key(path: Path, owner: str = "root") -> str:
     return key
 
 
-def victim_and_probe(upstream, tmp_path, address: str, key_file: Path, state_dirs: list[str],
+def victim_and_probe(upstream, tmp_path, address: str, key_files: list[Path], state_dirs: list[str],
                      folders: list[str]) -> tuple[str, str, Path]:
     """Commit the victim (which fails once ``flag`` exists), then the probe."""
     flag = tmp_path / "probe-done"
     victim = upstream.commit({"test_victim.py": VICTIM_TEST % str(flag)}, "victim: fails, after a while")
-    config = {"key_file": str(key_file), "dispatcher": ["127.0.0.1", int(address.rsplit(":", 1)[1])],
+    config = {"key_files": [str(path) for path in key_files], "dispatcher": ["127.0.0.1", int(address.rsplit(":", 1)[1])],
               "victim": victim, "folders": [*state_dirs, *folders]}
     probe = upstream.commit({"test_victim.py": None, "test_probe.py": PROBE_TEST, "probe.json": json.dumps(config)},
                             "probe: looks for the key and forges the victim's verdict")
@@ -132,21 +134,33 @@ def clone_parents(ci) -> list[str]:
     return [str(ci.folder), str(ci.folder.parent)]
 
 
-@pytest.mark.parametrize("sandbox", ["auto", "off"])
-def test_a_hostile_commit_finds_no_key_and_forges_nothing(ci, upstream, tmp_path, sandbox):
-    key_file = tmp_path / "key"
-    key = make_key(key_file)
-    env = {**RUNNER_ENV, "CI_SECRET": key}
-    ci.dispatcher = ci.processes.start("dispatcher", ci._dispatcher_argv(0, ()), env=env)
+@pytest.mark.parametrize("sandbox,keys", [("auto", "shared"), ("off", "shared"), ("auto", "per runner")])
+def test_a_hostile_commit_finds_no_key_and_forges_nothing(ci, upstream, tmp_path, sandbox, keys):
+    """Two runners as root; the probe runs on one while the other holds the victim's
+    attempt. Each runner has its key in a file and in its environment (CI_SECRET)."""
+    if keys == "shared":
+        key_file = tmp_path / "key"
+        runner_keys = {1: (key_file, make_key(key_file)), 2: (key_file, key_file.read_text().strip())}
+        operator = runner_keys[1][1]
+        dispatcher_options: tuple[str, ...] = ()
+    else:
+        keys_file, files = make_keys(tmp_path / "keys", {"runner1": "runner", "runner2": "runner", "ops": "operator"})
+        runner_keys = {index: (files["runner%d" % index], files["runner%d" % index].read_text().strip())
+                       for index in (1, 2)}
+        operator = files["ops"].read_text().strip()
+        dispatcher_options = ("--keys-file", str(keys_file))
+    env = {**RUNNER_ENV, "CI_SECRET": operator}  # for ci-ctl
+    ci.dispatcher = ci.processes.start("dispatcher", ci._dispatcher_argv(0, dispatcher_options),
+                                       env=env if keys == "shared" else RUNNER_ENV)
     ci.port = int(ci.dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)").group(1))
     state_dirs = [str(ci.folder / ("runner%d-clone" % index) / ".git" / "ci_runner") for index in (1, 2)]
-    victim, probe, flag = victim_and_probe(upstream, tmp_path, ci.address, key_file, state_dirs, clone_parents(ci))
-    for index in (1, 2):
+    victim, probe, flag = victim_and_probe(upstream, tmp_path, ci.address, [path for path, _ in runner_keys.values()],
+                                           state_dirs, clone_parents(ci))
+    for index, (key_file, key) in runner_keys.items():
         clone = upstream.clone(ci.folder / ("runner%d-clone" % index))
-        # The key both ways: in the environment (CI_SECRET) and in a file.
         runner = ci.processes.start("runner%d" % index, [
             sys.executable, str(ROOT / "test_runner.py"), "--host", "127.0.0.1", "--dispatcher-server", ci.address,
-            "--secret-file", str(key_file), "--sandbox", sandbox, str(clone)], env=env)
+            "--secret-file", str(key_file), "--sandbox", sandbox, str(clone)], env={**RUNNER_ENV, "CI_SECRET": key})
         runner.wait_for_log(r"registered with dispatcher")
         ci.runners.append(runner)
     assert re.search(r"jobs run as nobody, %s" % ("in a bubblewrap sandbox" if sandbox == "auto" and shutil.which("bwrap")
@@ -176,7 +190,8 @@ def test_a_runner_that_is_not_root_hides_its_key_in_the_sandbox(ci, upstream, tm
                                        env=RUNNER_ENV)
     ci.port = int(ci.dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)").group(1))
     state_dirs = [str(ci.folder / ("runner%d-clone" % index) / ".git" / "ci_runner") for index in (1, 2)]
-    victim, probe, flag = victim_and_probe(upstream, tmp_path, ci.address, runner_key, state_dirs, clone_parents(ci))
+    victim, probe, flag = victim_and_probe(upstream, tmp_path, ci.address, [runner_key], state_dirs,
+                                           clone_parents(ci))
     for index in (1, 2):
         clone = upstream.clone(ci.folder / ("runner%d-clone" % index))
         subprocess.run(["chown", "-R", "nobody:", str(clone)], check=True)
@@ -203,7 +218,7 @@ def test_the_probe_finds_a_key_in_reach_and_its_forgery_is_recorded(ci, upstream
     env = {**RUNNER_ENV, "CI_SECRET": key}
     ci.dispatcher = ci.processes.start("dispatcher", ci._dispatcher_argv(0, ()), env=env)
     ci.port = int(ci.dispatcher.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)").group(1))
-    victim, probe, flag = victim_and_probe(upstream, tmp_path, ci.address, key_file, [], [])
+    victim, probe, flag = victim_and_probe(upstream, tmp_path, ci.address, [key_file], [], [])
     clone = upstream.clone(ci.folder / "runner1-clone")
     runner = ci.processes.start("runner1", [
         sys.executable, str(ROOT / "test_runner.py"), "--host", "127.0.0.1", "--dispatcher-server", ci.address,

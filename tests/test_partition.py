@@ -3,7 +3,8 @@
 The hosts are Linux network namespaces made by the test: a hub namespace holding a
 bridge, and one namespace each for the dispatcher (with the observer beside it) and
 two runners, joined to the bridge by veth pairs on a private /24. Cutting a runner
-off is taking its link down on the hub side; healing is bringing it up again.
+off is taking its link down on the hub side; healing is bringing it up again. Each
+runner holds a key of its own, the observer an observer's key.
 Needs root and iproute2; where namespaces cannot be made the test says why and
 skips, except in CI (CI_REQUIRE_NETNS=1), where it must run.
 """
@@ -18,7 +19,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, CISystem, wait_until
+from conftest import ROOT, CISystem, make_keys, wait_until
 from test_end_to_end import SLOW_PASSING_TEST
 
 SUBNET = "10.231.%d" % (os.getpid() % 200 + 20)
@@ -86,17 +87,20 @@ def network():
     built.destroy()
 
 
-#: Across hosts the daemons must authenticate (they refuse to listen beyond loopback
-#: without a secret); the secret reaches them through the environment.
-SECRET_ENV = {**os.environ, "CI_SECRET": "partition-test-secret-0123456789"}
+def key_env(key_file) -> dict:
+    """Across hosts the daemons must authenticate (they refuse to listen beyond loopback
+    without a secret or keys): each key reaches its daemon through the environment."""
+    return {**os.environ, "CI_SECRET": key_file.read_text().strip()}
 
 
 @pytest.mark.slow
 def test_runner_cut_off_mid_job_is_replaced_and_its_late_result_ignored(network, ci: CISystem, upstream):
     # `network` comes first so that its namespaces outlive the processes in them.
+    keys_file, key_files = make_keys(ci.folder / "keys", {"r1": "runner", "r2": "runner", "observer": "observer"})
     dispatcher = ci.processes.start("dispatcher", network.run_in("dispatcher", [
         sys.executable, str(ROOT / "dispatcher.py"), "--host", DISPATCHER_IP, "--port", "8888",
-        "--results-dir", str(ci.results_dir), "--heartbeat-interval", "0.5"]), env=SECRET_ENV)
+        "--results-dir", str(ci.results_dir), "--heartbeat-interval", "0.5", "--keys-file", str(keys_file)]),
+        env={name: value for name, value in os.environ.items() if name != "CI_SECRET"})
     dispatcher.wait_for_log(r"listening on %s:8888" % DISPATCHER_IP)
     ci.dispatcher = dispatcher
 
@@ -104,7 +108,7 @@ def test_runner_cut_off_mid_job_is_replaced_and_its_late_result_ignored(network,
         clone = upstream.clone(ci.folder / (role + "-clone"))
         runner = ci.processes.start(role, network.run_in(role, [
             sys.executable, str(ROOT / "test_runner.py"), "--host", RUNNER_IPS[role], "--port", "8900",
-            "--name", role, "--dispatcher-server", "%s:8888" % DISPATCHER_IP, str(clone)]), env=SECRET_ENV)
+            "--name", role, "--dispatcher-server", "%s:8888" % DISPATCHER_IP, str(clone)]), env=key_env(key_files[role]))
         runner.wait_for_log(r"registered with dispatcher")
         return runner
 
@@ -112,7 +116,7 @@ def test_runner_cut_off_mid_job_is_replaced_and_its_late_result_ignored(network,
     observer_clone = upstream.clone(ci.folder / "observer-clone")
     observer = ci.processes.start("observer", network.run_in("dispatcher", [
         sys.executable, str(ROOT / "repo_observer.py"), "--dispatcher-server", "%s:8888" % DISPATCHER_IP,
-        "--interval", "0.2", str(observer_clone)]), env=SECRET_ENV)
+        "--interval", "0.2", str(observer_clone)]), env=key_env(key_files["observer"]))
     ci.wait_result(upstream.head())
 
     slow = upstream.commit({"test_slow.py": SLOW_PASSING_TEST % 3}, "slow test")

@@ -68,6 +68,7 @@ SAMPLE_VALUES: dict[str, object] = {
     "pythons": ("3.10", "3.12"),
     "hash_seed": 4294967295,
     "requires": "python3.12",
+    "role": "observer",
 }
 ERR_REASON = "unknown commit or attempt: 100% sure = yes"
 SAMPLE_SECTIONS = {
@@ -807,6 +808,7 @@ REFERENCE_PATTERNS = {
     "commit prefix": (wire.is_commit_prefix, re.compile(r"[0-9a-f]{7,64}\Z")),
     "decimal": (wire.is_decimal, re.compile(r"[0-9]{1,12}\Z")),
     "host": (lambda text: _accepts(wire.parse_host, text), re.compile(r"[A-Za-z0-9._:\-]{1,253}\Z")),
+    "name": (wire.is_name, re.compile(r"[A-Za-z0-9._:@\-]{1,128}\Z")),
 }
 AUTH_LINE_PATTERN = re.compile(rb"auth ([0-9]{1,16}) ([0-9a-f]{32}) ([0-9a-f]{64})\Z")
 
@@ -829,7 +831,7 @@ def test_set_checks_accept_what_the_regular_expressions_did(name):
     check, pattern = REFERENCE_PATTERNS[name]
     alphabet, low, high = {"commit id": ("0123456789abcdef", 40, 64), "commit prefix": ("0123456789abcdef", 7, 64),
                            "decimal": ("0123456789", 1, 12),
-                           "host": ("aZ09._:-", 1, 253)}[name]
+                           "host": ("aZ09._:-", 1, 253), "name": ("aZ09._:@-", 1, 128)}[name]
 
     @settings(max_examples=1000, deadline=None)
     @given(_near_valid_text(alphabet, low, high))
@@ -855,7 +857,8 @@ def _auth_line_cases() -> list[bytes]:
 def _auth_line_disagreements(lines) -> list[bytes]:
     def expected(line):
         match = AUTH_LINE_PATTERN.match(line)
-        return None if match is None else tuple(group.decode() for group in match.groups())
+        # The four-field form is the shared secret's: no key name.
+        return None if match is None else (*(group.decode() for group in match.groups()), None)
 
     return [line for line in lines if security.parse_auth_line(line) != expected(line)]
 

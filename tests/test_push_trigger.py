@@ -19,7 +19,7 @@ import pytest
 
 from commit_ci import protocol, push_hook, push_trigger, security, wire
 
-from conftest import FAILING_TEST, GIT_ENV, PASSING_TEST, ROOT, CISystem, free_port, git, module_argv
+from conftest import FAILING_TEST, GIT_ENV, PASSING_TEST, ROOT, CISystem, free_port, git, make_keys, module_argv
 
 #: A push with a hook that cannot reach the dispatcher: connect fails at once on
 #: loopback; this bound only matters if the hook hangs.
@@ -261,14 +261,17 @@ def imported_modules(stderr: str) -> set[str]:
         "package"}
 
 
-@pytest.mark.parametrize("secret", [False, True])
+@pytest.mark.parametrize("secret", [False, True, "observer key"])
 def test_hook_runs_python_with_s_and_e_and_imports_only_what_the_wire_needs(processes, served, tmp_path, secret):
     ci = CISystem(processes, served, tmp_path)
-    secret_options = []
-    if secret:
+    secret_options = dispatcher_options = []
+    if secret == "observer key":
+        keys_file, key_files = make_keys(tmp_path / "keys", {"push-hook": "observer"})
+        secret_options, dispatcher_options = ["--secret-file", str(key_files["push-hook"])], ["--keys-file", str(keys_file)]
+    elif secret:
         (tmp_path / "secret").write_text("a-secret-of-enough-length-0123\n")
-        secret_options = ["--secret-file", str(tmp_path / "secret")]
-    ci.start_dispatcher(*secret_options)
+        secret_options = dispatcher_options = ["--secret-file", str(tmp_path / "secret")]
+    ci.start_dispatcher(*dispatcher_options)
     assert install_hooks(served.path, ci.address, *secret_options).returncode == 0
     command = hook_command(served.path / "hooks", "post-receive")
     assert command[:3] == [sys.executable, "-S", "-E"]
@@ -288,7 +291,7 @@ def test_hook_runs_python_with_s_and_e_and_imports_only_what_the_wire_needs(proc
     imported = imported_modules(done.stderr)
     assert {"commit_ci", "commit_ci.wire", "commit_ci.security", "_socket"} <= imported
     assert not imported & SLOW_IMPORTS, "the hook imported %s" % sorted(imported & SLOW_IMPORTS)
-    assert ("hmac" in imported) == secret, "hmac only with a secret"
+    assert ("hmac" in imported) == bool(secret), "hmac only with a secret"
     assert "ssl" not in imported, "ssl only with --tls-ca"
     assert "bad request" not in ci.dispatcher.log()
 
