@@ -29,7 +29,10 @@ project itself is installed again for every commit, without its dependencies
 (hatch-vcs, setuptools-scm), change with every commit, and an editable install would
 not survive the clean checkout, which deletes the files a build generates.
 
-The cache is a folder shared by the runners of one user on one machine. An
+The cache is a folder shared by the runners of one user on one machine (for a root
+runner, of one job user: the job user builds the environments, as every step a commit
+controls runs as that user, and owns them and the installers' download cache kept
+beside them, ``installer-cache/``). An
 environment is built aside, in a folder named after its key and a random suffix, and
 put in place only when complete, by pointing the symlink named after its key at it
 (an atomic rename): a half-built one is never used, and a virtualenv must stay where it
@@ -87,8 +90,8 @@ log = logging.getLogger("runner")
 Launcher = Callable[[tuple[str, ...]], Launch]
 
 #: Raise when the way an environment is built changes: environments built the old
-#: way are then not reused.
-ENV_FORMAT = 1
+#: way are then not reused. 2: built by the job user, with the cache's own installer cache.
+ENV_FORMAT = 2
 #: Environments kept in the cache by default.
 DEFAULT_MAX_ENVIRONMENTS = 8
 #: Longest that building an environment, or installing the project, may take.
@@ -567,8 +570,14 @@ class EnvironmentCache:
         self._held: int | None = None
 
     def _give(self, folder: str) -> None:
-        if self.owner is not None:
-            os.chown(folder, *self.owner)
+        """Make ``folder`` (and all in it, when it was someone else's: a cache a runner
+        with another job user filled) the job user's."""
+        if self.owner is None or os.stat(folder).st_uid == self.owner[0]:
+            return
+        os.chown(folder, *self.owner)
+        for below, subfolders, files in os.walk(folder):
+            for name in subfolders + files:
+                os.chown(os.path.join(below, name), *self.owner, follow_symlinks=False)
 
     def build_variables(self, env: dict) -> dict:
         """``env`` for a build step: the installers' cache is the cache's own (the job's
