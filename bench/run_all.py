@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [name for name in BENCHMARKS if not args.only or name in args.only]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="ci-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # A root runner's jobs run as another user, who must reach the clones in it
+    # (mkdtemp's folders are private): let others through, not list it.
+    work.chmod(work.stat().st_mode & 0o7777 | 0o001)
     print("machine: %s" % machine_summary(), flush=True)
     print("sizes: %s; scratch folder: %s" % ("quick (tiny, figures meaningless)" if args.quick else "full", work), flush=True)
     rows: list[Row] = []

@@ -74,7 +74,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from commit_ci.isolation import Launch
+from commit_ci.isolation import Launch, chown_tree
 from commit_ci.processes import TIMEOUT, StepEnd, run_step
 from commit_ci.project_config import CONFIG_NAME, ProjectConfig
 
@@ -575,9 +575,7 @@ class EnvironmentCache:
         if self.owner is None or os.stat(folder).st_uid == self.owner[0]:
             return
         os.chown(folder, *self.owner)
-        for below, subfolders, files in os.walk(folder):
-            for name in subfolders + files:
-                os.chown(os.path.join(below, name), *self.owner, follow_symlinks=False)
+        chown_tree(folder, *self.owner)
 
     def build_variables(self, env: dict) -> dict:
         """``env`` for a build step: the installers' cache is the cache's own (the job's

@@ -143,12 +143,18 @@ class Executor:
         self.isolation = isolation or Isolation(new_job_root())
         self._git_dir_guard = GitDirGuard(git_dir)
         #: Whether jobs may fork from a warm pytest: only with the default test command,
-        #: and where a process the job can reach may outlive it (the one started ahead).
-        self._warm_enabled = warm_pytest and not test_command and not self.isolation.separate
+        #: and where the one started ahead, a process the job user can reach, can be
+        #: frozen while the runner works in the job's folders (isolation.py).
+        self._warm_enabled = warm_pytest and not test_command and self.isolation.warm_allowed
         #: The warm pytest started ahead for the next job, and the one the job in progress uses.
         self._spare: WarmPytest | None = None
         self._in_use: WarmPytest | None = None
         self._warm_failures = 0
+        #: For a job user: the interpreter and variables of the last job's tests, which
+        #: ``between_jobs`` starts the next warm pytest for, and whether nothing of the
+        #: job user's was left running.
+        self._spare_for: tuple[str, dict] | None = None
+        self._job_user_idle = True
         #: The variables every job starts from (not all the runner's: isolation.py).
         self._base_env = self.isolation.test_variables()
 
@@ -157,7 +163,8 @@ class Executor:
     def start(self) -> None:
         """Start a warm pytest ahead of the first job, when jobs may use one, and wait
         until it is ready (or has failed: jobs then start a fresh Python)."""
-        self._start_spare(sys.executable, self._base_env)
+        self._spare_for = (sys.executable, self._base_env)
+        self._start_spare(*self._spare_for)
         if self._spare is not None:
             try:
                 self._spare.wait_ready()
@@ -181,15 +188,37 @@ class Executor:
     def run(self, commit: str, attempt: int) -> Result:
         """Check ``commit`` out, prepare its environment, test it and sweep up after it;
         the attempt's result."""
-        self.isolation.begin_job()
+        self._freeze_spare()
         try:
+            self.isolation.begin_job()
             return self._run(commit, attempt)
         finally:
+            if self._spare is not None and self.isolation.separate:
+                # Not taken, and the job user's steps may have reached it: it serves no job.
+                self._discard(self._spare)
+                self._spare = None
             # Before the result goes out: the dispatcher may send the next commit at once.
             self._kill_leftovers(commit, attempt, "job")
             stuck = self.isolation.end_job()
+            self._job_user_idle = not stuck
             if stuck:
                 log.error("commit %s attempt %d: processes %s did not leave the job's cgroup", commit, attempt, stuck)
+
+    def between_jobs(self) -> None:
+        """Once a job's result is out: for a job user, start the warm pytest for the
+        next job now. Started while a job ran, it would be a process the job could
+        reach (the same user), change, and so forge the next commit's verdict with;
+        started now, with nothing of the job user's running and the job's folders
+        emptied, it is the next job's alone."""
+        if not self._warm_enabled or not self.isolation.separate or self._spare is not None:
+            return
+        if self._job_user_idle and self._spare_for is not None:
+            try:
+                self.isolation.empty_job_folders()
+            except OSError as exc:
+                log.warning("cannot empty the job's folders (%s): no warm pytest for the next job", exc)
+                return
+            self._start_spare(*self._spare_for)
 
     def _run(self, commit: str, attempt: int) -> Result:
         started = time.monotonic()
@@ -209,7 +238,8 @@ class Executor:
         log.info("commit %s attempt %d: testing", commit, attempt)
         test_started = time.monotonic()
         try:
-            status, killed, hash_seed = self._run_tests(commit, attempt, setting, junit_path, env, output_path)
+            status, killed, hash_seed, output_path = self._run_tests(commit, attempt, setting, junit_path, env,
+                                                                     output_path)
         except JobFault as exc:
             log.error("commit %s attempt %d: %s", commit, attempt, exc)
             return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason=str(exc),
@@ -350,15 +380,19 @@ class Executor:
     # --- the tests -------------------------------------------------------------------
 
     def _run_tests(self, commit: str, attempt: int, setting: Setting, junit_path: str, env: dict,
-                   output_path: str) -> tuple[int, str | None, int]:
+                   output_path: str) -> tuple[int, str | None, int, str]:
         """Run the tests in the clone: forked from a warm pytest when one is ready for
         this interpreter, else the test command in a new interpreter. Returns what
-        ``supervise`` returns, and the hash seed the tests ran with."""
+        ``supervise`` returns, the hash seed the tests ran with, and where their output
+        is: ``output_path``, or, when a warm pytest run as the job user wrote it, a
+        file in the job's own folder (read without following links)."""
         pytest_args = ["--junitxml", junit_path]
         zygote = self._take_warm(setting) if not setting.test_command and self._warm_enabled else None
         if zygote is not None:
             log.info("commit %s attempt %d: forked from a warm pytest (%s)", commit, attempt, zygote.description)
             env = dict(env, PYTHONHASHSEED=str(zygote.hash_seed))
+            if self.isolation.user is not None:
+                output_path = os.path.join(self.isolation.out, "output.log")
             try:
                 pid = zygote.spawn(self.clone, pytest_args, env, output_path)
             except WarmPytestError as exc:
@@ -373,19 +407,22 @@ class Executor:
                     self._warm_failed(str(exc))
                     raise JobFault("warm pytest failed during the tests: %s" % exc) from None
                 self._warm_failures = 0
-                return status, killed, zygote.hash_seed
+                return status, killed, zygote.hash_seed, output_path
         hash_seed = int(env["PYTHONHASHSEED"]) if env.get("PYTHONHASHSEED", "").isdigit() else _new_hash_seed()
         env = dict(env, PYTHONHASHSEED=str(hash_seed))
         command = setting.test_command or [setting.python, "-m", "pytest", *pytest_args]
         ended = run_step(command, cwd=self.clone, env=env, timeout=setting.timeout, stop=self.stop,
                          output_path=output_path, launch=self._launcher())
-        return ended.status, ended.killed, hash_seed
+        return ended.status, ended.killed, hash_seed, output_path
 
     def _take_warm(self, setting: Setting) -> WarmPytest | None:
         """The warm pytest started ahead for this job's interpreter, ready and as it was
         when it started, or None (the job then starts a fresh one). Starts the next one
-        ahead either way, for the next job, while this one runs."""
+        ahead either way, for the next job, while this one runs (for a job user: once
+        this one has ended, ``between_jobs``)."""
         zygote, self._spare = self._spare, None
+        if zygote is not None and zygote.cgroup is not None and self.isolation.separate:
+            zygote.cgroup.freeze(False)  # frozen since the job began (_freeze_spare)
         if zygote is not None and (zygote.python, zygote.base_env) != (setting.python, setting.env):
             self._discard(zygote)  # started for another environment, or other variables (PYTHONPATH...)
             zygote = None
@@ -404,7 +441,10 @@ class Executor:
                 log.info("%s changed since the warm pytest started: this job starts a fresh Python", changed)
                 self._discard(zygote)
                 zygote = None
-        self._start_spare(setting.python, setting.env)
+        if self.isolation.separate:
+            self._spare_for = (setting.python, setting.env)  # between_jobs starts it
+        else:
+            self._start_spare(setting.python, setting.env)
         self._in_use = zygote
         if zygote is not None and zygote.cgroup is not None:
             self.isolation.adopt(zygote.cgroup)  # the job's, killed and removed with it
@@ -417,12 +457,25 @@ class Executor:
         # A cgroup of its own: the job in progress's is killed when that job ends.
         spare.cgroup = self.isolation.new_cgroup()
         try:
-            spare.start(Launch(cgroup_files=spare.cgroup.join_files() if spare.cgroup else []))
+            spare.start(self.isolation.launch(self.clone, self.clone, cgroup=spare.cgroup))
         except OSError as exc:
             self._discard(spare)
             self._warm_failed(str(exc))
             return
         self._spare = spare
+
+    def _freeze_spare(self) -> None:
+        """Freeze the warm pytest started ahead, as the job user, until the job takes
+        it for its tests: the runner empties the job's folders, checks the commit out
+        and hands the work tree over meanwhile, which no process of the job user may
+        change under it. One that cannot be frozen is closed."""
+        spare = self._spare
+        if spare is None or not self.isolation.separate:
+            return
+        if spare.cgroup is None or not spare.cgroup.freeze(True):
+            log.warning("the warm pytest started ahead could not be frozen: closed; this job starts a fresh Python")
+            self._discard(spare)
+            self._spare = None
 
     @staticmethod
     def _discard(zygote: WarmPytest) -> None:

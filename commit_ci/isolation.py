@@ -71,6 +71,8 @@ DEFAULT_JOB_USER = "nobody"
 SANDBOX_TRIAL_TIMEOUT_S = 20.0
 #: How long killing a job's cgroup may take before its processes are reported stuck.
 CGROUP_KILL_TIMEOUT_S = 5.0
+#: How long freezing a warm pytest's cgroup may take before it is given up.
+FREEZE_TIMEOUT_S = 2.0
 #: Where the kernel shows its mounts and a process's cgroups.
 MOUNTINFO = "/proc/self/mountinfo"
 OWN_CGROUPS = "/proc/self/cgroup"
@@ -162,13 +164,18 @@ class Sandbox:
     #: What the job needs (interpreters, the environment cache) that lives in a folder
     #: it gets a private one of: bound back, read-only.
     needed: tuple[str, ...] = ()
+    #: A pid namespace of the job's own, and its own /proc. Needed when the job runs
+    #: as the runner's user, who could otherwise read /proc/<runner>/environ; not for
+    #: a job user, and then left out, so that a warm pytest's pids are the runner's.
+    own_pids: bool = True
 
     def wrap(self, command: list[str], cwd: str, writable: list[str], read_only: list[str]) -> list[str]:
         """``command`` run in the sandbox: the whole file system read-only, a private
         /tmp, /dev and /proc, ``writable`` bound back writable and ``read_only``
         (inside those) bound read-only again, the hidden things covered over."""
-        argv = [self.bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc",
-                "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        argv = [self.bwrap, "--die-with-parent", "--unshare-ipc", "--ro-bind", "/", "/", "--dev", "/dev"]
+        if self.own_pids:
+            argv += ["--unshare-pid", "--proc", "/proc"]
         for folder in PRIVATE_FOLDERS:
             if os.path.isdir(folder):
                 argv += ["--tmpfs", folder]
@@ -199,7 +206,8 @@ def find_sandbox(choice: str, user: JobUser | None, hidden_folders: tuple[str, .
     bwrap = shutil.which("bwrap")
     why = "bubblewrap (bwrap) is not installed" if bwrap is None else None
     if bwrap is not None:
-        sandbox = Sandbox(bwrap, hidden_folders, hidden_files, tuple(os.path.realpath(path) for path in needed))
+        sandbox = Sandbox(bwrap, hidden_folders, hidden_files, tuple(os.path.realpath(path) for path in needed),
+                          own_pids=user is None)
         trial = sandbox.wrap(["true"], "/", [], [])
         try:
             ended = subprocess.run(trial, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -402,6 +410,37 @@ class JobCgroup:
         to write "0" into (``Launch``) before it drops to the job user."""
         return [os.open(os.path.join(folder, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC) for folder in self.folders]
 
+    def freeze(self, frozen: bool) -> bool:
+        """Freeze (or thaw) every process in the cgroup; once frozen (within
+        FREEZE_TIMEOUT_S), True. False where it cannot be done (no v2 freezer)."""
+        if not self.killable:
+            return False
+        folder = self.folders[0]
+        try:
+            with open(os.path.join(folder, "cgroup.freeze"), "w", encoding="ascii") as handle:
+                handle.write("1" if frozen else "0")
+            if not frozen:
+                return True
+            events = os.open(os.path.join(folder, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("cannot %s cgroup %s: %s", "freeze" if frozen else "thaw", folder, exc)
+            return False
+        try:
+            # The kernel signals each change of cgroup.events to poll() (POLLPRI).
+            poller = select.poll()
+            poller.register(events, select.POLLPRI | select.POLLERR)
+            deadline = time.monotonic() + FREEZE_TIMEOUT_S
+            while True:
+                os.lseek(events, 0, os.SEEK_SET)
+                if b"frozen 1" in os.read(events, 4096):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                poller.poll(remaining * 1000)
+        finally:
+            os.close(events)
+
     def out_of_memory(self) -> bool:
         """Whether the kernel killed a process of the job for going past the limit."""
         for folder in self.folders:
@@ -486,6 +525,8 @@ class Launch:
     def command(self, command: list[str] | str) -> list[str] | str:
         if not self.wrap:
             return command
+        if "--unshare-pid" not in self.wrap:  # no init of its own to wait for
+            return [*self.wrap, *(["/bin/sh", "-c", command] if isinstance(command, str) else command)]
         self._info = os.pipe()
         os.set_inheritable(self._info[1], True)
         at = self.wrap.index("--chdir")
@@ -569,8 +610,19 @@ class Isolation:
     @property
     def separate(self) -> bool:
         """Whether the job runs apart from the runner (another user, or a sandbox): a
-        process the job can reach must not outlive it, so no warm pytest is started ahead."""
+        process the job can reach must not outlive it, nor run beside the next job."""
         return self.user is not None or self.sandbox is not None
+
+    @property
+    def warm_allowed(self) -> bool:
+        """Whether a warm pytest may be started ahead of a job: where jobs run as the
+        runner's own user without a sandbox (nothing of the runner's to keep from
+        them), or as a job user whose processes the runner can freeze (cgroup v2)
+        while it works in the job's folders and checks the next commit out. (The
+        executor starts one for a job user only between jobs: see ``Executor``.)"""
+        if not self.separate:
+            return True
+        return self.user is not None and self.cgroups is not None and self.cgroups.v2 is not None
 
     def describe(self) -> str:
         parts = ["as %s" % (self.user.name if self.user else "this runner's user"),
@@ -603,6 +655,13 @@ class Isolation:
     def begin_job(self) -> None:
         """Empty the job's folders (nothing of the job before is running: ``end_job``)
         and give it a cgroup."""
+        self.empty_job_folders()
+        if self.cgroups is not None:
+            self._cgroups.append(self.cgroups.new_job())
+
+    def empty_job_folders(self) -> None:
+        """Empty the job's home, temporary and output folders (while nothing of the job
+        user's runs): what the job before left there is gone."""
         for entry in os.listdir(self.job_root):
             path = os.path.join(self.job_root, entry)
             if os.path.isdir(path) and not os.path.islink(path):
@@ -613,23 +672,24 @@ class Isolation:
             os.mkdir(folder, 0o700)
             if self.user is not None:
                 os.chown(folder, self.user.uid, self.user.gid)
-        if self.cgroups is not None:
-            self._cgroups.append(self.cgroups.new_job())
 
     def adopt(self, cgroup: JobCgroup) -> None:
         """Make ``cgroup`` (a warm pytest's) one of the job's."""
         self._cgroups.append(cgroup)
 
-    def launch(self, cwd: str, clone: str, writable: tuple[str, ...] = ()) -> Launch:
-        """How to start a step of the job in ``cwd``: in the job's cgroup, as the job
-        user, in the sandbox with ``clone``'s work tree, the job's folders and
-        ``writable`` writable (the clone's .git read-only). Close it once started."""
+    def launch(self, cwd: str, clone: str, writable: tuple[str, ...] = (),
+               cgroup: JobCgroup | None = None) -> Launch:
+        """How to start a step of the job in ``cwd``: in the job's cgroup (or
+        ``cgroup``: a warm pytest's), as the job user, in the sandbox with ``clone``'s
+        work tree, the job's folders and ``writable`` writable (the clone's .git
+        read-only). ``started()`` it once started, ``ended()`` once it has ended."""
         launch = Launch(user=self.user)
         if self.sandbox is not None:
             launch.wrap = self.sandbox.wrap([], cwd, [clone, self.job_root, *writable],
                                             [os.path.join(clone, ".git")])
-        if self._cgroups:
-            launch.cgroup_files = self._cgroups[0].join_files()
+        cgroup = cgroup or (self._cgroups[0] if self._cgroups else None)
+        if cgroup is not None:
+            launch.cgroup_files = cgroup.join_files()
         return launch
 
     def out_of_memory(self) -> bool:
@@ -669,17 +729,18 @@ class Isolation:
         os.chmod(git_dir, 0o755)
 
     def take_back(self, clone: str) -> None:
-        """Before root's checkout: remove every nested git folder or link in the work
-        tree (a submodule's, or one the job made); git would follow it into a folder
-        the job controls. The checkout puts the submodules back."""
+        """Before root's checkout: empty every folder of the work tree that holds a git
+        folder, file or link of its own (a submodule's, or one the job made): git would
+        follow it into a folder the job controls. The checkout puts the submodules back."""
         if self.user is None:
             return
-        for folder, subfolders, files in os.walk(clone):
+        for folder, subfolders, files, folder_fd in os.fwalk(clone):
             if folder == clone:
                 subfolders[:] = [name for name in subfolders if name != ".git"]
                 continue
             if ".git" in subfolders or ".git" in files:
-                shutil.rmtree(folder)
+                for name in subfolders + files:
+                    _remove(name, folder_fd)
                 subfolders[:] = []
 
     def hand_over(self, clone: str) -> None:
@@ -687,26 +748,51 @@ class Isolation:
         every ``.git`` (so that it cannot point one elsewhere)."""
         if self.user is None:
             return
-        uid, gid = self.user.uid, self.user.gid
-        for folder, subfolders, files in os.walk(clone):
-            subfolders[:] = [name for name in subfolders if name != ".git"]
-            if folder != clone:
-                os.chown(folder, uid, gid, follow_symlinks=False)
-            for name in files + [name for name in subfolders if os.path.islink(os.path.join(folder, name))]:
-                if name != ".git":
-                    os.chown(os.path.join(folder, name), uid, gid, follow_symlinks=False)
+        chown_tree(clone, self.user.uid, self.user.gid, keep=".git")
         # git refuses a repository another user owns unless told it is safe, in
         # configuration the repository cannot set: the job's global one.
-        config = os.path.join(self.home, ".gitconfig")
-        with open(config, "x", encoding="utf-8") as handle:
+        with open(os.path.join(self.home, ".gitconfig"), "x", encoding="utf-8") as handle:
             handle.write("[safe]\n\tdirectory = %s\n" % clone)
-        os.chown(config, uid, gid)
+            os.fchown(handle.fileno(), self.user.uid, self.user.gid)
 
     def close(self) -> None:
         self.end_job()
         if self.cgroups is not None:
             self.cgroups.close()
         shutil.rmtree(self.job_root, ignore_errors=True)
+
+
+def chown_tree(top: str, uid: int, gid: int, keep: str | None = None) -> None:
+    """Give everything below ``top`` (not ``top`` itself, nor what is named ``keep``) to
+    ``uid``:``gid``. Safe while another process of that user changes the tree: every
+    change goes through a descriptor of a folder opened without following links
+    (os.fwalk), to an entry by name, never following a link at its last step."""
+    for _folder, subfolders, files, folder_fd in os.fwalk(top):
+        if keep is not None:
+            subfolders[:] = [name for name in subfolders if name != keep]
+        for name in subfolders + files:
+            if name != keep:
+                try:
+                    os.chown(name, uid, gid, dir_fd=folder_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass  # gone meanwhile
+
+
+def _remove(name: str, folder_fd: int) -> None:
+    """Remove ``name`` in the folder open as ``folder_fd``, whatever it is, without
+    following a link."""
+    info = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    if not stat.S_ISDIR(info.st_mode):
+        os.unlink(name, dir_fd=folder_fd)
+        return
+    # What shutil.rmtree(dir_fd=) does from Python 3.11 on.
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+    try:
+        for entry in os.listdir(fd):
+            _remove(entry, fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=folder_fd)
 
 
 def new_job_root() -> str:

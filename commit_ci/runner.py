@@ -238,6 +238,7 @@ class TestRunner:
                 with self._cond:
                     self._job, self._next = self._next, None
                     self._reporting = False
+            self.executor.between_jobs()
         if job is not None:
             # Accepted but never started: hand it back so it runs elsewhere now.
             self.link.deliver(Result(job[0], ReportedStatus.ABORTED.value, attempt=job[1], reason=SHUTTING_DOWN))
@@ -384,6 +385,7 @@ def isolation_from_arguments(args, user: JobUser | None, clone: str, state_dir: 
         hidden_files = tuple(path for path in hidden_files if user.can_enter(path) is None)
     needed = [sys.prefix, sys.base_prefix, *(os.path.dirname(os.path.dirname(interpreter.path))
                                                for interpreter in interpreters.values())]
+    needed.append(os.path.dirname(os.path.abspath(__file__)))  # warm_pytest.py, which a job user runs as a script
     if cache is not None:
         needed.append(cache.folder)
     sandbox = find_sandbox(args.sandbox, user, hidden_folders, hidden_files, tuple(needed))

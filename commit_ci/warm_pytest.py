@@ -316,14 +316,16 @@ class WarmPytest:
         self.cgroup = None
 
     def start(self, launch: "Launch | None" = None) -> None:
-        """Start the zygote (as ``launch`` says: in the cgroup of the job it will serve);
-        it imports pytest while the caller goes on (``wait_ready``)."""
+        """Start the zygote (as ``launch`` says: in the cgroup of the job it will serve,
+        as the job user, in the sandbox); it imports pytest while the caller goes on
+        (``wait_ready``)."""
         self.close()
         self._buffer = b""
         self.ready = False
+        command = [self.python, os.path.abspath(__file__)]
         try:
             self.process = subprocess.Popen(
-                [self.python, os.path.abspath(__file__)],
+                launch.command(command) if launch is not None else command,
                 cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.PIPE,

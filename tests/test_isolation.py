@@ -18,6 +18,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -285,6 +286,23 @@ def test_the_work_tree_is_the_jobs_and_git_is_not():
     # A git folder of its own in the work tree, pointing anywhere: gone before the next checkout.
     pathlib.Path("src/.git").write_text("gitdir: /tmp/elsewhere")
     assert subprocess.run(["git", "log", "-1", "--format=%H"], capture_output=True, text=True).stdout.strip()
+
+
+def test_no_pytest_started_ahead_is_within_reach():
+    # One running as this user beside the job could be changed by it, and fork the next commit's tests.
+    ancestors, pid = set(), os.getpid()
+    while pid > 1:
+        ancestors.add(pid)
+        pid = int(open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[1])
+    others = []
+    for entry in os.listdir("/proc"):
+        try:
+            mine = os.stat("/proc/" + entry).st_uid == os.getuid()
+            if entry.isdigit() and mine and int(entry) not in ancestors:
+                others.append(open("/proc/%s/cmdline" % entry, "rb").read())
+        except OSError:
+            pass
+    assert not [cmdline for cmdline in others if b"warm_pytest" in cmdline]
 """
 
 NEXT_TEST = """import pathlib
@@ -305,6 +323,9 @@ def test_the_job_user_writes_the_work_tree_but_not_git(ci, upstream):
 
     assert ci.wait_result(first)["status"] == "passed", ci.report(first)
     assert ci.wait_result(second)["status"] == "passed", ci.report(second)
+    # As nobody, in the sandbox: still forked from a pytest started ahead (frozen while
+    # the runner checked the commit out).
+    ci.runners[0].wait_for_log(r"commit %s attempt \d+: forked from a warm pytest" % second)
     clone = ci.folder / "runner1-clone"
     assert (clone / ".git").stat().st_uid == 0
     assert oct((clone / ".git" / "ci_runner").stat().st_mode & 0o777) == "0o700"
@@ -357,11 +378,22 @@ def test_each_job_has_a_cgroup_of_its_own_and_a_memory_limit(ci, upstream):
     assert "out of memory" in result["reason"]
     after = upstream.commit({"test_hog.py": None, "test_ok.py": PASSING_TEST}, "fine again")
     assert ci.wait_result(after)["status"] == "passed"
-    # Each job's cgroup is gone with it.
+    # Each job's cgroup is gone with it; what is left is the warm pytest's started for
+    # the next job (once it has started: its cgroup is made first).
     own = [line for line in open("/proc/%d/cgroup" % pid).read().splitlines() if line.startswith("0::")]
     folder = Path("/sys/fs/cgroup/unified" if Path("/sys/fs/cgroup/unified").is_dir() else "/sys/fs/cgroup")
     jobs = folder / own[0][3:].lstrip("/") / ("commit-ci-%d" % pid)
-    assert not [entry for entry in jobs.iterdir() if entry.is_dir()]
+
+    def only_a_warm_pytest_is_left():
+        cgroups = [entry for entry in jobs.iterdir() if entry.is_dir()]
+        members = [member for cgroup in cgroups for member in (cgroup / "cgroup.procs").read_text().split()]
+        try:
+            commands = [Path("/proc/%s/cmdline" % member).read_bytes() for member in members]
+        except FileNotFoundError:
+            return False  # ended meanwhile
+        return len(cgroups) == 1 and commands and all(b"warm_pytest" in command for command in commands)
+
+    wait_until(only_a_warm_pytest_is_left, 20, message="only the next job's warm pytest to be left")
 
 
 def test_a_runner_refuses_a_key_file_its_jobs_could_read(ci, upstream, tmp_path):
@@ -380,3 +412,80 @@ def test_a_runner_refuses_a_key_file_its_jobs_could_read(ci, upstream, tmp_path)
                              capture_output=True, text=True, timeout=60, env=RUNNER_ENV)
     assert unknown.returncode == 2 and "--job-user no-such-user-here: no such user" in unknown.stderr
 
+
+
+def test_the_work_tree_is_handed_over_and_taken_back_without_following_links(tmp_path):
+    """What a job leaves in the work tree is the job user's: the runner, as root, changes
+    owners and removes git folders there without ever following a link the job made."""
+    from commit_ci.isolation import Isolation, JobUser, new_job_root
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("root's")
+    tree = tmp_path / "tree"
+    (tree / ".git").mkdir(parents=True)
+    (tree / "src").mkdir()
+    (tree / "src" / "module.py").write_text("x = 1")
+    (tree / "src" / "link-to-file").symlink_to(outside / "precious")
+    (tree / "link-to-folder").symlink_to(outside)
+    (tree / "sub").mkdir()
+    (tree / "sub" / ".git").write_text("gitdir: %s" % outside)
+    (tree / "planted").mkdir()
+    (tree / "planted" / ".git").symlink_to(outside)
+    isolation = Isolation(new_job_root(), JobUser.named("nobody"))
+    try:
+        isolation.begin_job()
+        isolation.hand_over(str(tree))
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert (tree / "src" / "module.py").stat().st_uid == nobody
+        assert os.lstat(tree / "src" / "link-to-file").st_uid == nobody
+        assert (outside / "precious").stat().st_uid == 0, "followed a link"
+        assert outside.stat().st_uid == 0, "followed a link"
+        assert (tree / ".git").stat().st_uid == 0 and (tree / "sub" / ".git").stat().st_uid == 0
+        isolation.take_back(str(tree))
+        assert list((tree / "sub").iterdir()) == [] and list((tree / "planted").iterdir()) == []
+        assert (outside / "precious").read_text() == "root's", "followed a link"
+        assert (tree / "src" / "module.py").exists() and (tree / ".git").is_dir()
+    finally:
+        isolation.close()
+
+
+COUNTER = """import sys, time
+path = sys.argv[1]
+count = 0
+while True:
+    count += 1
+    with open(path, "w") as handle:
+        handle.write(str(count))
+    time.sleep(0.001)
+"""
+
+
+def test_a_frozen_cgroup_makes_no_progress_until_thawed(tmp_path):
+    """What keeps a warm pytest started ahead (a process of the job user) still while the
+    runner checks the next commit out."""
+    from commit_ci.isolation import Cgroups, Launch
+
+    cgroups = Cgroups.find(None)
+    if cgroups is None or cgroups.v2 is None:
+        pytest.skip("no writable cgroup v2") if not os.environ.get("CI") else pytest.fail("no cgroup v2 in CI")
+    counter = tmp_path / "count"
+    cgroup = cgroups.new_job()
+    launch = Launch(cgroup_files=cgroup.join_files())
+    process = subprocess.Popen([sys.executable, "-c", COUNTER, str(counter)], **launch.popen_options())
+    launch.started()
+    try:
+        wait_until(lambda: counter.exists() and counter.read_text(), 10, message="the counter to count")
+        assert cgroup.freeze(True)
+        still = counter.read_text()
+        # Frozen, it cannot write: however long this takes, the count stays.
+        for _ in range(20):
+            assert counter.read_text() == still
+            time.sleep(0.01)
+        assert cgroup.freeze(False)
+        wait_until(lambda: counter.read_text() != still, 10, message="the counter to count again")
+    finally:
+        process.kill()
+        process.wait()
+        cgroup.close()
+        cgroups.close()
