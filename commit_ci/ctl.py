@@ -3,8 +3,10 @@
 Subcommands talk to a running dispatcher over the protocol (docs/protocol.md):
 ``status`` (is it up, queue, what each runner does, last verdicts), ``queue``,
 ``runners``, ``results SHA`` (a commit's verdict and where its report is; the start
-of its id will do, if no other commit starts the same way), ``dispatch SHA`` (test
-a commit now; its full id only, as the dispatcher takes no other) and ``key
+of its id will do, if no other commit starts the same way, and its earlier runs),
+``dispatch SHA`` (test a commit now; its full id only, as the dispatcher takes no
+other), ``rerun SHA`` (run a judged commit again), ``cancel SHA`` (stop a queued or
+running one) and ``key
 add|revoke|list`` (the dispatcher's keys: one per runner, observer or operator; with
 ``--keys-file`` the file itself is changed, to make the first operator key). Output
 is for people by default; ``--json`` prints the dispatcher's JSON answers for
@@ -187,6 +189,8 @@ def show_result(client: Client, as_json: bool, commit: str) -> None:
         return
     final = Result.from_summary(result["summary"])
     print("%s: %s" % (final.commit, final.status))
+    if not JobState(result["state"]).final:
+        print("  now:      run %s %s (the verdict above is run %s's)" % (result["run"], result["state"], final.run or 1))
     print("  tests:    %s" % counts(final))
     print("  duration: %s" % duration(final))
     print("  runner:   %s, %s attempt(s)" % (final.runner, final.attempts))
@@ -194,6 +198,30 @@ def show_result(client: Client, as_json: bool, commit: str) -> None:
         print("  reason:   %s" % final.reason)
     print("  report:   %s" % result["files"]["report"])
     print("  json:     %s" % result["files"]["json"])
+    if len(result.get("runs", ())) > 1:
+        print("  runs:")
+        for run in result["runs"]:
+            print("    %-4s %-9s %s  %s" % (run["run"], run["status"], age(run["finished_at"]),
+                                        run["files"].get("report", "(no files)")))
+
+
+def do_rerun(client: Client, as_json: bool, commit: str) -> None:
+    commit = client.ask_json("lookup", commit=commit)["commit"]
+    answer = client.ask("rerun", commit=commit)
+    if as_json:
+        print(json.dumps({"commit": commit, "run": answer.get("run")}))
+    else:
+        print("%s: run %s queued" % (commit, answer.get("run")))
+
+
+def do_cancel(client: Client, as_json: bool, commit: str) -> None:
+    commit = client.ask_json("lookup", commit=commit)["commit"]
+    answer = client.ask("cancel", commit=commit)
+    if as_json:
+        print(json.dumps({"commit": commit, "state": answer.get("job"), "stopped": answer.get("stopped")}))
+    else:
+        stopped = " (its runner was told to stop)" if answer.get("stopped") else ""
+        print("%s: cancelled%s; now %s" % (commit, stopped, answer.get("job")))
 
 
 def do_dispatch(client: Client, as_json: bool, commit: str) -> None:
@@ -321,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the commit id, or its first 7 or more hex digits if no other commit starts with them")
     dispatch = commands.add_parser("dispatch", help="queue a commit for testing now")
     dispatch.add_argument("commit", metavar="SHA", type=full_commit_argument, help="the full commit id (git rev-parse)")
+    rerun = commands.add_parser("rerun", help="run a commit that has a verdict again; its earlier files are kept "
+                                "in RESULTS_DIR/runs/SHA/RUN/")
+    cancel = commands.add_parser("cancel", help="stop a queued or running commit: a first run ends 'cancelled', "
+                                 "a rerun leaves the verdict the commit had")
+    for command in (rerun, cancel):
+        command.add_argument("commit", metavar="SHA", type=commit_prefix_argument,
+                             help="the commit id, or its first 7 or more hex digits if no other commit starts with them")
     key = commands.add_parser("key", help="the dispatcher's keys: one per runner, observer or operator")
     key_commands = key.add_subparsers(dest="key_command", metavar="ACTION", required=True)
     key_add = key_commands.add_parser("add", help="make a key and print it (what a daemon takes with --secret-file)")
@@ -335,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--keys-file", metavar="FILE",
                              help="change (or read) this keys file directly instead of asking the dispatcher: on "
                              "its machine, to make the first operator key; the dispatcher reads it within a second")
-    for command in (status, queue, runners, results, dispatch, key_add, key_revoke, key_list):
+    for command in (status, queue, runners, results, dispatch, rerun, cancel, key_add, key_revoke, key_list):
         # After the command too (`ci-ctl status --json`); SUPPRESS keeps the one given before it.
         command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                              help="print JSON for scripts instead of text")
@@ -362,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
             show_result(client, args.json, args.commit)
         elif args.command == "dispatch":
             do_dispatch(client, args.json, args.commit)
+        elif args.command == "rerun":
+            do_rerun(client, args.json, args.commit)
+        elif args.command == "cancel":
+            do_cancel(client, args.json, args.commit)
         elif args.key_command == "add":
             add_key(client, args.json, args.name, args.role, args.output, args.keys_file)
         elif args.key_command == "revoke":

@@ -6,10 +6,13 @@ It listens for the observer's ``dispatch`` (a commit to test) and the runners'
 commit to an idle runner the moment both exist (woken by a condition variable, never
 by a timer), and a heartbeat that pings every runner about once a second, drops
 runners that stop answering and puts their jobs back in the queue. A test failure
-is the commit's verdict and is final; an infrastructure fault (checkout failed,
-runner lost) is retried on another runner, up to ``--max-attempts`` times. Final
-results go to the results folder (result_files.py), written once and atomically, and
-the results page there (page.py) is rebuilt on a thread of its own after each.
+is the commit's verdict; an infrastructure fault (checkout failed, runner lost) is
+retried on another runner, up to ``--max-attempts`` times. Final results go to the
+results folder (result_files.py), written once per run and atomically, and the
+results page there (page.py) is rebuilt on a thread of its own after each. An
+operator may run a judged commit again (``rerun``: a new run, the earlier run's
+files kept) or cancel a queued or running one (``cancel``: its runner is told to
+``stop``).
 
 Who may ask what: with a keys file (``--keys-file``, keys.py), each request is
 checked against the role of the key it was signed with (protocol.REQUESTS), a runner's
@@ -213,10 +216,11 @@ class Dispatcher:
     def _recover_written_results(self) -> None:
         # A crash between writing a result's files and recording it leaves a queued
         # job whose <sha>.json exists: the file wins, so the result is never written twice.
-        for commit in self.store.queued(limit=1_000_000):
+        for job in self.store.queued_jobs(limit=1_000_000):
+            commit = job.commit
             result = result_files.read_result(self.results_dir, commit)
-            if result is None:
-                continue
+            if result is None or (result.run or 1) != job.run:
+                continue  # none, or the verdict of the run before a rerun
             state = JobState(result.status)
             self.store.finish(commit, None, state, Outcome(state.value), result.reason, json.dumps(result.summary()),
                               time.time())
@@ -234,6 +238,8 @@ class Dispatcher:
             "runners": self._on_runners,
             "recent": self._on_recent,
             "lookup": self._on_lookup,
+            "rerun": self._on_rerun,
+            "cancel": self._on_cancel,
             "key-add": self._on_key_add,
             "key-revoke": self._on_key_revoke,
             "key-list": self._on_key_list,
@@ -316,13 +322,25 @@ class Dispatcher:
             return error("ambiguous commit prefix %s: more than one commit starts with it; give more digits" % prefix)
         job = jobs[0]
         commit = job.commit
+        with self._cond:
+            runs = self.store.runs(commit)
         answer = {"commit": commit, "state": job.state.value, "runner": job.runner, "attempt": job.current_attempt,
-                  "queued_at": iso_time(job.queued_at), "summary": None, "files": {}}
-        if job.state.final and job.summary:
+                  "run": job.run, "queued_at": iso_time(job.queued_at), "summary": None, "files": {}, "runs": []}
+        if job.summary:
+            # The current verdict: while a rerun is queued or running, the one before.
             answer["summary"] = json.loads(job.summary)
-            answer["files"] = {"report": result_files.result_path(self.results_dir, commit),
-                               "json": result_files.result_path(self.results_dir, commit, ".json")}
+            answer["files"] = self._files(commit, None)
+        current = answer["summary"].get("run") if answer["summary"] else None
+        for run in runs:
+            answer["runs"].append({"run": run.run, "status": run.status.value, "finished_at": iso_time(run.finished_at),
+                                   "files": self._files(commit, None if run.run == (current or 1) else run.run)
+                                   if run.summary else {}})
         return _json_reply(answer)
+
+    def _files(self, commit: str, run: int | None) -> dict:
+        """Where the report and the summary of ``commit``'s run ``run`` are (None: the current one)."""
+        folder = result_files.run_folder(self.results_dir, commit, run) if run else self.results_dir
+        return {"report": os.path.join(folder, commit), "json": os.path.join(folder, commit + ".json")}
 
     # --- keys (the keys file has its own lock: never written under the dispatcher's) -----
 
@@ -381,6 +399,66 @@ class Dispatcher:
                     self._drop(record, "its key %s was revoked" % key.name)
 
     # --- requests that change things --------------------------------------------------
+
+    def _on_rerun(self, message: Message, peer: str) -> Message:
+        commit = message.fields["commit"]
+        with self._cond:
+            job = self.store.job(commit)
+            if job is None:
+                return error("unknown commit %s: dispatch it to test it" % commit)
+            if not job.state.final or commit in self._settling:
+                return error("commit %s is %s: its run is not over (cancel it first)" % (commit, job.state.value))
+            run = self.store.rerun(commit, time.time())
+            self._avoid.pop(commit, None)
+            self._cond.notify_all()
+        log.info("commit %s: run %d queued (rerun asked by %s; its verdict stays %s until then)",
+                 commit, run, _who(message, peer), job.state.value)
+        return reply("OK", run=run)
+
+    def _on_cancel(self, message: Message, peer: str) -> Message:
+        commit = message.fields["commit"]
+        who = _who(message, peer)
+        with self._cond:
+            job = self.store.job(commit)
+            if job is None:
+                return error("unknown commit %s" % commit)
+            if job.state.final or commit in self._settling:
+                return error("commit %s is %s already: nothing to cancel" % (commit, job.state.value))
+            running = [assignment for assignment in self._assignments.values()
+                       if assignment.commit == commit and not assignment.superseded]
+            for assignment in running:
+                # Its runner stays busy (not given another job) until it says it is idle.
+                assignment.superseded = True
+            if job.summary:
+                verdict = self.store.cancel_rerun(commit, time.time())
+                self.on_final_result()
+                log.info("commit %s: run %d cancelled by %s; its verdict stays %s", commit, job.run, who, verdict.value)
+                state = verdict
+            else:
+                reason = "cancelled by %s" % (message.key.name if message.key and not message.key.shared else "an operator")
+                self._settle(Result(commit, JobState.CANCELLED.value, reason=reason), JobState.CANCELLED, job.runner
+                             if running else None)
+                state = JobState.CANCELLED
+        for assignment in running:
+            self._pool.submit(self._send_cancel, assignment)
+        return reply("OK", job=state.value, stopped=len(running))
+
+    def _send_cancel(self, assignment: Assignment) -> None:
+        """Tell a runner to stop an attempt whose job was cancelled (it answers at once;
+        whatever it reports for it later is a late result)."""
+        record = assignment.runner
+        try:
+            answer = communicate(record.address,
+                                 request("stop", commit=assignment.commit, attempt=assignment.attempt_id),
+                                 timeout=RUNTEST_TIMEOUT_S, total_timeout=RUNTEST_TIMEOUT_S * 2,
+                                 security=record.security)
+        except (OSError, ProtocolError) as exc:
+            answer = error(str(exc) or exc.__class__.__name__)
+        if answer.verb == "OK":
+            log.info("commit %s attempt %d: runner %s stops it", assignment.commit, assignment.attempt_id, record.name)
+        else:
+            log.warning("commit %s attempt %d: runner %s was not told to stop (%s); its result will be ignored",
+                        assignment.commit, assignment.attempt_id, record.name, answer.get("reason"))
 
     def _on_dispatch(self, message: Message, peer: str) -> Message:
         commit = message.fields["commit"]
@@ -461,6 +539,13 @@ class Dispatcher:
                     "results from %s for unknown commit %s attempt %d: refused", peer, result.commit, result.attempt
                 )
                 return error(UNKNOWN_ATTEMPT)
+            if attempt.run != job.run:
+                # Of a run before a rerun, that run settled meanwhile: it judges nothing now.
+                self.store.end_attempt(result.attempt, Outcome.SUPERSEDED, time.time())
+                self._free_runner_of(result.attempt)
+                log.info("commit %s attempt %d (runner %s): late %s result of run %d ignored, run %d is on",
+                         result.commit, result.attempt, attempt.runner, result.status, attempt.run, job.run)
+                return reply("OK", recorded=0)
             key = message.key
             if key is not None and not key.shared and attempt.runner != key.name:
                 # A runner's key speaks for that runner's attempts alone.
@@ -550,6 +635,7 @@ class Dispatcher:
         with the lock held."""
         job = self.store.job(result.commit)
         result.attempts, _ = self.store.attempt_counts(result.commit)
+        result.run = job.run
         now = time.time()
         started = self.store.attempt(result.attempt).assigned_at if result.attempt else job.started_at
         result.status, result.runner = state.value, runner

@@ -38,7 +38,7 @@ from commit_ci import junit
 from commit_ci.commit_metadata import CommitMetadata, cut
 from commit_ci.files import atomic_write
 from commit_ci.result import Result
-from commit_ci.result_files import result_path
+from commit_ci.result_files import RUNS_FOLDER, result_path
 from commit_ci.states import VERDICTS, JobState, values
 from commit_ci.store import JobStore
 from commit_ci.wire import is_commit_id
@@ -104,6 +104,10 @@ class Row:
     reason: str | None
     finished: str
     files: CommitFiles
+    #: The run shown (1, then one more per rerun), and the other runs: (number,
+    #: status, link to its report or None when it has no files), the first first.
+    run: int = 1
+    other_runs: list[tuple[int, str, str | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -213,7 +217,7 @@ class ResultsPage:
         self.store = store
         self.limit = limit
         self.metadata = CommitMetadata(repo) if repo else None
-        self._files: dict[str, CommitFiles] = {}
+        self._files: dict[tuple[str, int], CommitFiles] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -284,12 +288,15 @@ class ResultsPage:
                     attempts=str(result.attempts if result.attempts is not None else "\u2013"),
                     reason=cut(str(result.reason), REASON_CHARS) if result.reason else None,
                     finished=format_time(result.finished_at),
-                    files=self._commit_files(commit, status),
+                    files=self._commit_files(commit, status, result.run or 1),
+                    run=result.run or 1,
+                    other_runs=self._other_runs(commit, result.run or 1),
                 )
             )
             duration = result.duration_s
             durations[commit] = float(duration) if isinstance(duration, (int, float)) else None
-        self._files = {commit: self._files[commit] for commit in commits if commit in self._files}
+        shown = set(commits)
+        self._files = {key: files for key, files in self._files.items() if key[0] in shown}
         generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         page = render_page(rows, durations, generated)
         # Not fsync'ed: the page is rebuilt from the store at every start-up.
@@ -297,10 +304,24 @@ class ResultsPage:
         log.debug("results page written: %d results in %.0f ms", len(rows), (time.monotonic() - started) * 1000)
         return len(rows)
 
-    def _commit_files(self, commit: str, status: str) -> CommitFiles:
+    def _other_runs(self, commit: str, shown: int) -> list[tuple[int, str, str | None]]:
+        """The runs of ``commit`` other than the one shown (read only for a commit run
+        more than once), with links to the reports of the earlier ones."""
+        if shown == 1:
+            job = self.store.job(commit)
+            if job is None or job.run == 1:
+                return []
+        others = []
+        for run in self.store.runs(commit):
+            if run.run != shown:
+                link = "%s/%s/%d/%s" % (RUNS_FOLDER, commit, run.run, commit) if run.summary and run.run < shown else None
+                others.append((run.run, run.status.value, link))
+        return others
+
+    def _commit_files(self, commit: str, status: str, run: int) -> CommitFiles:
         """Which of the commit's files exist, and its failing tests; read once per
-        commit (a final result's files never change)."""
-        known = self._files.get(commit)
+        run of a commit (a final result's files never change)."""
+        known = self._files.get((commit, run))
         if known is None:
             xml = result_path(self.results_dir, commit, ".xml")
             failures, total = self._failures(xml) if status == JobState.FAILED else ((), 0)
@@ -311,7 +332,7 @@ class ResultsPage:
                 failures=failures,
                 failures_total=total,
             )
-            self._files[commit] = known
+            self._files[(commit, run)] = known
         return known
 
     @staticmethod

@@ -214,9 +214,13 @@ REQUESTS: dict[str, Verb] = {
         Verb("key-add", positional=(("name", parse_name), ("role", parse_role)), roles=(OPERATOR,)),
         Verb("key-revoke", positional=(("name", parse_name),), roles=(OPERATOR,)),
         Verb("key-list", roles=(OPERATOR,)),
+        # an operator's: run a judged commit again; stop a queued or running one
+        Verb("rerun", positional=(("commit", parse_commit),), roles=(OPERATOR,)),
+        Verb("cancel", positional=(("commit", parse_commit),), roles=(OPERATOR,)),
         # to a runner
         Verb("ping"),
         Verb("runtest", positional=(("commit", parse_commit), ("attempt", parse_attempt))),
+        Verb("stop", positional=(("commit", parse_commit), ("attempt", parse_attempt))),
     )
 }
 
@@ -246,6 +250,8 @@ REPLIES: dict[str, Verb] = {
                 ("runner", parse_name),
                 ("heartbeat", parse_seconds),
                 ("recorded", parse_count),
+                ("run", parse_count),
+                ("stopped", parse_count),
             ),
             sections=(JSON_SECTION,),
         ),

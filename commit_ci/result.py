@@ -26,6 +26,7 @@ SUMMARY_FIELDS = (
     "duration_s",
     "runner",
     "attempts",
+    "run",
     "queued_at",
     "started_at",
     "finished_at",
@@ -48,7 +49,8 @@ class Result:
     skipped: int | None = None
     duration_s: float | None = None  # how long the tests ran
     runner: str | None = None
-    attempts: int | None = None  # attempts that reached a runner
+    attempts: int | None = None  # attempts that reached a runner (in this run)
+    run: int | None = None  # which run of the commit: 1, then one more per rerun (None: before reruns, 1)
     queued_at: str | None = None
     started_at: str | None = None
     finished_at: str | None = None

@@ -11,7 +11,12 @@ For a commit ``<sha>``:
 
 Each file is written atomically; ``<sha>.json`` is written last and is the mark that
 a commit's result is complete: on start-up the dispatcher trusts it over its own
-database (it may have died between writing the files and recording the job).
+database (it may have died between writing the files and recording the job), when it
+is of the run the job is at.
+
+They are the commit's current run's. When a rerun ends, the files of the run before
+move first to ``runs/<sha>/<run>/`` (same names), ``<sha>.json`` last, so that
+every run's files are kept and the top folder always holds one complete result.
 The page that lists the results, ``index.html``, is page.py's.
 Nothing here knows about sockets or threads.
 """
@@ -43,6 +48,17 @@ def result_path(results_dir: str, commit: str, suffix: str = "") -> str:
     return os.path.join(results_dir, commit + suffix)
 
 
+#: The folder, in the results folder, that keeps the files of earlier runs.
+RUNS_FOLDER = "runs"
+#: The files of one result, ``<sha>.json`` last (the mark that the rest is there).
+SUFFIXES = ("", ".log", ".xml", ".json")
+
+
+def run_folder(results_dir: str, commit: str, run: int) -> str:
+    """Where the files of ``commit``'s run ``run`` go once a later run has a verdict."""
+    return os.path.join(os.path.dirname(result_path(results_dir, commit)), RUNS_FOLDER, commit, str(int(run)))
+
+
 def render_report(result: Result, output: str) -> str:
     """The report a person reads: the facts of ``<sha>.json``, then the test ``output``."""
 
@@ -61,6 +77,7 @@ def render_report(result: Result, output: str) -> str:
         "duration:  %s" % duration,
         "runner:    %s" % show(result.runner),
         "attempts:  %s" % show(result.attempts),
+        "run:       %s" % show(result.run),
         "reason:    %s" % show(result.reason),
         "queued:    %s" % show(result.queued_at),
         "started:   %s" % show(result.started_at),
@@ -76,8 +93,10 @@ def render_report(result: Result, output: str) -> str:
 
 def write_result(results_dir: str, result: Result) -> None:
     """Write the report, the log, the JUnit XML if there is one (already passed
-    through junit.clean), then the JSON summary (the completion mark)."""
+    through junit.clean), then the JSON summary (the completion mark); the files of an
+    earlier run are moved to its folder first."""
     commit = result.commit
+    keep_earlier_run(results_dir, commit, result.run or 1)
     # As the runner sent it, with what is not UTF-8 replaced: the files are text.
     output = result.log.decode("utf-8", errors="replace")
     atomic_write(result_path(results_dir, commit), render_report(result, output).encode("utf-8"))
@@ -99,3 +118,19 @@ def read_result(results_dir: str, commit: str) -> Result | None:
     if not isinstance(summary, dict) or summary.get("status") not in values(VERDICTS) or summary.get("commit") != commit:
         return None
     return Result.from_summary(summary)
+
+
+def keep_earlier_run(results_dir: str, commit: str, run: int) -> None:
+    """Move ``commit``'s files to their run's folder if they are of a run before
+    ``run``. A move cut short (the dispatcher killed) is finished by the next call:
+    ``<sha>.json``, which says the run, moves last."""
+    current = read_result(results_dir, commit)
+    if current is None or (current.run or 1) >= run:
+        return
+    folder = run_folder(results_dir, commit, current.run or 1)
+    os.makedirs(folder, exist_ok=True)
+    for suffix in SUFFIXES:
+        try:
+            os.replace(result_path(results_dir, commit, suffix), os.path.join(folder, commit + suffix))
+        except FileNotFoundError:
+            pass  # no JUnit XML in that run, or moved before a crash

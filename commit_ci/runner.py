@@ -1,8 +1,9 @@
 """Test runner: tests one commit at a time in its own clone and reports the verdict.
 
 A runner listens for the dispatcher's ``ping`` (answered at once, even mid-job, with
-what it is doing) and ``runtest`` (answered ``OK`` or ``BUSY`` at once; the job runs
-on the worker thread). The runner is in parts, one job each:
+what it is doing), ``runtest`` (answered ``OK`` or ``BUSY`` at once; the job runs
+on the worker thread) and ``stop`` (a job cancelled: its steps are killed and it is
+handed back, or, not started yet, never starts). The runner is in parts, one job each:
 
 * this module: the requests, the one job held (and one offered while the last
   result is on its way), the worker thread, starting and stopping;
@@ -79,6 +80,8 @@ DEFAULT_DISPATCHER_TIMEOUT_S = 120.0
 #: Longest the checkout (fetch, reset, clean) may take before it is killed (an
 #: infrastructure error: the job is retried elsewhere).
 DEFAULT_CHECKOUT_TIMEOUT_S = 10 * 60.0
+#: The reason a job the dispatcher cancelled is handed back with.
+CANCELLED = "cancelled by the dispatcher"
 
 
 class TestRunner:
@@ -123,8 +126,10 @@ class TestRunner:
         if isolation is not None:
             isolation.prepare_clone(self.clone)
         self.stop_event = threading.Event()
+        #: Stops the job in progress: set on shutdown, or when the dispatcher cancels it.
+        self.job_stop = threading.Event()
         self.executor = Executor(self.clone, repo.git_dir, self.state_dir, test_command, timeout, checkout_timeout,
-                                 self.stop_event, warm_pytest=warm_pytest, subreaper=subreaper,
+                                 self.job_stop, warm_pytest=warm_pytest, subreaper=subreaper,
                                  interpreters=interpreters, cache=cache, isolation=isolation)
         self.outbox = Outbox(os.path.join(self.state_dir, "pending"))
         self.server = ProtocolServer((host, port), self.handle, log, self.security)
@@ -140,6 +145,11 @@ class TestRunner:
         self._reporting = False
         #: A job accepted while ``_job``'s result was on its way; started next.
         self._next: tuple[str, int] | None = None
+        #: The job the executor runs now, and the one of it the dispatcher cancelled.
+        self._started: tuple[str, int] | None = None
+        self._stopped: tuple[str, int] | None = None
+        #: Jobs accepted and cancelled before they started (at most ``_job`` and ``_next``).
+        self._cancelled: set[tuple[str, int]] = set()
         self._threads: list[threading.Thread] = []
 
     @property
@@ -185,6 +195,20 @@ class TestRunner:
                 self._cond.notify_all()
             log.info("commit %s attempt %d accepted from %s", commit, attempt, peer)
             return reply("OK")
+        if message.verb == "stop":
+            job = (message.fields["commit"], message.fields["attempt"])
+            with self._cond:
+                if job == self._started:
+                    self._stopped = job
+                    self.job_stop.set()
+                    what = "stopping it"
+                elif job in (self._job, self._next):
+                    self._cancelled.add(job)
+                    what = "it will not start"
+                else:
+                    what = "not running it"
+            log.info("commit %s attempt %d cancelled by %s: %s", job[0], job[1], peer, what)
+            return reply("OK")
         log.warning("%s sent %s, which is for the dispatcher", peer, message.verb)
         return error("%s is not a runner request" % message.verb)
 
@@ -202,6 +226,7 @@ class TestRunner:
         self.stop_event.set()
         self.link.shutdown()
         with self._cond:
+            self.job_stop.set()  # under the lock: the worker clears it only before it starts a job
             self._cond.notify_all()
         for thread in self._threads:
             if thread.name == "worker":
@@ -222,13 +247,19 @@ class TestRunner:
                     self._job = self._next = None
                     break
                 commit, attempt = self._job
-            try:
-                result = self.executor.run(commit, attempt)
-            except Exception as exc:  # noqa: BLE001 - a fault of this runner, not a verdict: retried elsewhere
-                log.exception("commit %s attempt %d: the runner failed", commit, attempt)
-                result = Result(commit, ReportedStatus.ERROR.value, attempt=attempt,
-                                reason="runner fault: %s" % (str(exc) or type(exc).__name__))
+                cancelled = self._job in self._cancelled
+                self._cancelled.discard(self._job)
+                if not cancelled:
+                    self.job_stop.clear()
+                    self._started = self._job
+            if cancelled:
+                result = Result(commit, ReportedStatus.ABORTED.value, attempt=attempt, reason=CANCELLED)
+            else:
+                result = self._run(commit, attempt)
             with self._cond:
+                if self._stopped == (commit, attempt) and result.status == ReportedStatus.ABORTED:
+                    result.reason = CANCELLED
+                self._started = self._stopped = None
                 self._reporting = True
             try:
                 self._report(result)
@@ -243,6 +274,14 @@ class TestRunner:
             # Accepted but never started: hand it back so it runs elsewhere now.
             self.link.deliver(Result(job[0], ReportedStatus.ABORTED.value, attempt=job[1], reason=SHUTTING_DOWN))
         self.executor.close()
+
+    def _run(self, commit: str, attempt: int) -> Result:
+        try:
+            return self.executor.run(commit, attempt)
+        except Exception as exc:  # noqa: BLE001 - a fault of this runner, not a verdict: retried elsewhere
+            log.exception("commit %s attempt %d: the runner failed", commit, attempt)
+            return Result(commit, ReportedStatus.ERROR.value, attempt=attempt,
+                          reason="runner fault: %s" % (str(exc) or type(exc).__name__))
 
     def _report(self, result: Result) -> None:
         """Keep a result in the outbox, then deliver it with any others still kept."""

@@ -2,9 +2,12 @@
 
 A job is one commit. It is ``queued`` until the scheduler assigns it to a runner,
 ``running`` while an attempt is out, and ends in a verdict: ``passed`` or ``failed``
-(the commit's own), or ``error`` (the infrastructure failed it too often). The moves a
-job may make are the table ``TRANSITIONS``; store.JobStore makes them, inside the
-transaction that records why.
+(the commit's own), ``error`` (the infrastructure failed it too often), or
+``cancelled`` (an operator stopped it before it had one). An operator may run a
+commit that has a verdict again (a *rerun*): its job goes back to the queue, with the
+verdict it had still the current one until the new run ends; a cancelled rerun leaves
+that verdict as it was. The moves a job may make are the table ``TRANSITIONS``;
+store.JobStore makes them, inside the transaction that records why.
 
 Each assignment of a job to a runner is an attempt. A runner reports how it ended with
 a ``ReportedStatus``; the dispatcher records an ``Outcome`` for it, whose properties
@@ -25,6 +28,7 @@ class JobState(str, enum.Enum):
     PASSED = "passed"
     FAILED = "failed"
     ERROR = "error"
+    CANCELLED = "cancelled"
 
     @property
     def final(self) -> bool:
@@ -32,7 +36,7 @@ class JobState(str, enum.Enum):
 
 
 #: The final states, which are the verdicts a result holds, in the order they are shown.
-VERDICTS = (JobState.PASSED, JobState.FAILED, JobState.ERROR)
+VERDICTS = (JobState.PASSED, JobState.FAILED, JobState.ERROR, JobState.CANCELLED)
 FINAL_STATES = frozenset(VERDICTS)
 
 #: Every move a job may make. Anything else is a bug and raises.
@@ -49,6 +53,11 @@ TRANSITIONS = frozenset(
         (JobState.QUEUED, JobState.FAILED),
         # Only on start-up: a result file found, or a job under an abbreviated id retired.
         (JobState.QUEUED, JobState.ERROR),
+        # An operator's cancel (or, for a rerun, back to the verdict it had).
+        (JobState.QUEUED, JobState.CANCELLED),
+        (JobState.RUNNING, JobState.CANCELLED),
+        # An operator's rerun of a commit that has a verdict.
+        *((verdict, JobState.QUEUED) for verdict in VERDICTS),
     }
 )
 
@@ -79,6 +88,7 @@ class Outcome(str, enum.Enum):
     RETURNED = "returned"  # the runner handed the job back while shutting down
     INTERRUPTED = "interrupted"  # the dispatcher restarted while it was out
     SUPERSEDED = "superseded"  # another attempt settled the job first
+    CANCELLED = "cancelled"  # an operator cancelled the job while it was out
     DECLINED = "declined"  # the runner lacks what the commit asks for: never ran
 
     @property

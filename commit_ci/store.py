@@ -2,9 +2,13 @@
 
 Every job is a commit. It is ``queued`` until the scheduler assigns it to a runner,
 ``running`` while an attempt is out, and ends ``passed``, ``failed`` (the commit's
-verdict) or ``error`` (the infrastructure failed it too often). Each assignment is
-a row in ``attempts`` whose id travels with ``runtest`` and comes back with
-``results``, so a late answer from an old attempt is recognised as such.
+verdict), ``error`` (the infrastructure failed it too often) or ``cancelled``. Each
+assignment is a row in ``attempts`` whose id travels with ``runtest`` and comes back
+with ``results``, so a late answer from an old attempt is recognised as such.
+
+A job may run more than once (an operator's rerun): ``jobs.run`` numbers its latest
+run, each attempt belongs to one run, and ``runs`` keeps how each run ended. The job's
+``summary`` and state are its current verdict: the latest run that had one.
 
 Durability: the database runs in WAL mode with ``synchronous=NORMAL``. A
 transaction is on disk (in the WAL) when ``commit`` returns, so killing the
@@ -38,10 +42,24 @@ from typing import Iterator
 
 from commit_ci.states import ADOPTABLE, TRANSITIONS, JobState, Outcome
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: The table of runs, which version 3 added (in SCHEMA too, for new files).
+RUNS_TABLE = """CREATE TABLE IF NOT EXISTS runs (
+    commit_id   TEXT NOT NULL,
+    run         INTEGER NOT NULL,
+    status      TEXT NOT NULL,          -- a verdict (states.VERDICTS)
+    finished_at REAL NOT NULL,
+    summary     TEXT,                   -- what <sha>.json held for it; NULL for a cancelled rerun
+    PRIMARY KEY (commit_id, run)
+)"""
 #: What turns a file of an older schema version into the next one, by the version it makes.
 MIGRATIONS = {
     2: ("ALTER TABLE jobs ADD COLUMN requires TEXT", "ALTER TABLE runners ADD COLUMN offers TEXT"),
+    3: ("ALTER TABLE jobs ADD COLUMN run INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE attempts ADD COLUMN run INTEGER NOT NULL DEFAULT 1",
+        RUNS_TABLE,
+        "INSERT INTO runs (commit_id, run, status, finished_at, summary)"
+        " SELECT commit_id, 1, state, finished_at, summary FROM jobs WHERE summary IS NOT NULL"),
 }
 
 #: A checkpoint is started after this many write transactions (SQLite's automatic
@@ -79,8 +97,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     current_attempt INTEGER,            -- latest attempt id, NULL before the first
     runner          TEXT,               -- runner of the latest attempt
     reason          TEXT,               -- why a final state is what it is, when not obvious
-    summary         TEXT,               -- the final result as JSON (what <sha>.json holds)
-    requires        TEXT                -- what a runner needs to run it ("python3.12"), once one declined it
+    summary         TEXT,               -- the current verdict's result as JSON (what <sha>.json holds)
+    requires        TEXT,               -- what a runner needs to run it ("python3.12"), once one declined it
+    run             INTEGER NOT NULL DEFAULT 1  -- the latest run: 1, then one more for each rerun
 );
 -- Only queued and running jobs are ever looked up by state, so index only them:
 -- each index stays as small as the queue (or the runners), however long the
@@ -97,7 +116,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     runner      TEXT NOT NULL,
     assigned_at REAL NOT NULL,
     ended_at    REAL,
-    outcome     TEXT                    -- NULL while out; see Outcome
+    outcome     TEXT,                   -- NULL while out; see Outcome
+    run         INTEGER NOT NULL DEFAULT 1  -- the job's run it belongs to
 );
 CREATE INDEX IF NOT EXISTS attempts_by_commit ON attempts (commit_id);
 -- Runners registered and not dropped: after a restart the dispatcher pings them at
@@ -109,7 +129,8 @@ CREATE TABLE IF NOT EXISTS runners (
     registered_at REAL NOT NULL,
     offers        TEXT                -- what it can run, space-separated ("python3.11 python3.12")
 );
-"""
+-- How each run of a commit ended, earlier ones included (their files are kept too).
+""" + RUNS_TABLE + ";\n"
 
 
 @dataclass(frozen=True)
@@ -124,6 +145,7 @@ class Job:
     reason: str | None
     summary: str | None
     requires: str | None = None
+    run: int = 1
 
 
 @dataclass(frozen=True)
@@ -134,6 +156,18 @@ class Attempt:
     assigned_at: float
     ended_at: float | None
     outcome: Outcome | None
+    run: int = 1
+
+
+@dataclass(frozen=True)
+class Run:
+    """How one run of a commit ended."""
+
+    commit: str
+    run: int
+    status: JobState
+    finished_at: float
+    summary: str | None
 
 
 class InvalidTransition(Exception):
@@ -360,7 +394,8 @@ class JobStore:
             return self._counts[JobState(state).value]
 
     def attempt_counts(self, commit: str) -> tuple[int, int]:
-        """(attempts that reached a runner, attempts that the infrastructure failed)."""
+        """Of the job's latest run: (attempts that reached a runner, attempts that the
+        infrastructure failed)."""
         started = [o.value for o in Outcome if o.started]
         failures = [o.value for o in Outcome if o.infra_failure]
         with self._lock:
@@ -368,11 +403,18 @@ class JobStore:
                 "SELECT"
                 " SUM(outcome IS NULL OR outcome IN (%s)),"
                 " SUM(outcome IN (%s))"
-                " FROM attempts WHERE commit_id = ?"
+                " FROM attempts WHERE commit_id = ? AND run = (SELECT run FROM jobs WHERE commit_id = ?)"
                 % (",".join("?" * len(started)), ",".join("?" * len(failures))),
-                (*started, *failures, commit),
+                (*started, *failures, commit, commit),
             ).fetchone()
         return int(row[0] or 0), int(row[1] or 0)
+
+    def runs(self, commit: str) -> list[Run]:
+        """How each run of ``commit`` that has ended ended, the first first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM runs WHERE commit_id = ? ORDER BY run", (commit,)).fetchall()
+        return [Run(row["commit_id"], row["run"], JobState(row["status"]), row["finished_at"], row["summary"])
+                for row in rows]
 
     # --- writes ----------------------------------------------------------------------
 
@@ -398,7 +440,8 @@ class JobStore:
         with self.transaction() as db:
             self._move(db, commit, JobState.RUNNING)
             attempt_id = db.execute(
-                "INSERT INTO attempts (commit_id, runner, assigned_at) VALUES (?, ?, ?)", (commit, runner, now)
+                "INSERT INTO attempts (commit_id, runner, assigned_at, run)"
+                " SELECT ?, ?, ?, run FROM jobs WHERE commit_id = ?", (commit, runner, now, commit)
             ).lastrowid
             db.execute(
                 "UPDATE jobs SET current_attempt = ?, runner = ?, started_at = ? WHERE commit_id = ?",
@@ -464,14 +507,41 @@ class JobStore:
                     " started_at = (SELECT assigned_at FROM attempts WHERE id = ?) WHERE commit_id = ?",
                     (attempt_id, attempt_id, attempt_id, commit),
                 )
+            others = Outcome.CANCELLED if state is JobState.CANCELLED else Outcome.SUPERSEDED
             db.execute(
                 "UPDATE attempts SET ended_at = ?, outcome = ? WHERE commit_id = ? AND outcome IS NULL",
-                (now, Outcome.SUPERSEDED.value, commit),
+                (now, others.value, commit),
             )
             db.execute(
                 "UPDATE jobs SET finished_at = ?, reason = ?, summary = ? WHERE commit_id = ?",
                 (now, reason, summary, commit),
             )
+            if summary is not None:
+                db.execute("INSERT OR REPLACE INTO runs (commit_id, run, status, finished_at, summary)"
+                           " SELECT commit_id, run, state, ?, summary FROM jobs WHERE commit_id = ?", (now, commit))
+
+    def rerun(self, commit: str, now: float) -> int:
+        """Queue a job that has a verdict again, as its next run (its verdict stays the
+        current one until that run has one); returns the run's number."""
+        with self.transaction() as db:
+            self._move(db, commit, JobState.QUEUED)
+            db.execute("UPDATE jobs SET run = run + 1, queued_at = ?, requires = NULL WHERE commit_id = ?",
+                       (now, commit))
+            return db.execute("SELECT run FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["run"]
+
+    def cancel_rerun(self, commit: str, now: float) -> JobState:
+        """Cancel the queued or running rerun of a job that has a verdict: the job goes
+        back to that verdict, the run is recorded as cancelled, and any attempt of it
+        still out ends so. Returns the verdict it is back to."""
+        with self.transaction() as db:
+            row = db.execute("SELECT summary, run FROM jobs WHERE commit_id = ?", (commit,)).fetchone()
+            verdict = JobState(json.loads(row["summary"])["status"])
+            self._move(db, commit, verdict)
+            db.execute("UPDATE attempts SET ended_at = ?, outcome = ? WHERE commit_id = ? AND outcome IS NULL",
+                       (now, Outcome.CANCELLED.value, commit))
+            db.execute("INSERT OR REPLACE INTO runs (commit_id, run, status, finished_at, summary) VALUES (?, ?, ?, ?, NULL)",
+                       (commit, row["run"], JobState.CANCELLED.value, now))
+            return verdict
 
     def recover(self, now: float) -> int:
         """After a restart: every running job goes back to the queue. Returns how many."""
@@ -539,6 +609,7 @@ def _job(row: sqlite3.Row) -> Job:
         reason=row["reason"],
         summary=row["summary"],
         requires=row["requires"],
+        run=row["run"],
     )
 
 
@@ -550,4 +621,5 @@ def _attempt(row: sqlite3.Row) -> Attempt:
         assigned_at=row["assigned_at"],
         ended_at=row["ended_at"],
         outcome=Outcome(row["outcome"]) if row["outcome"] else None,
+        run=row["run"],
     )

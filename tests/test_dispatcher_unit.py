@@ -71,3 +71,32 @@ def test_junit_xml_a_browser_would_run_scripts_from_is_not_kept_whoever_sends_it
     assert (tmp_path / "results" / (SHA + ".log")).read_text() == "1 failed\n"
     assert any("JUnit XML not kept: it uses XML namespaces" in record.getMessage() for record in caplog.records)
     store.close()
+
+
+def test_a_late_verdict_of_a_run_before_a_rerun_judges_nothing(tmp_path):
+    """An attempt of run 1 that was presumed lost reports after the commit was judged and
+    run again: it must not settle run 2, nor move run 1's files."""
+    store = JobStore(str(tmp_path / "queue.sqlite3"))
+    results = tmp_path / "results"
+    results.mkdir()
+    handler = dispatcher.Dispatcher(store, str(results))
+    store.enqueue(SHA, 1.0)
+    lost = store.assign(SHA, "r1", 2.0)
+    store.requeue(SHA, lost, dispatcher.Outcome.LOST, 3.0)
+    settling = store.assign(SHA, "r2", 4.0)
+    first = handler.handle(request("results", commit=SHA, attempt=settling, status="failed", log=b"1 failed\n"), "r2")
+    assert (first.verb, first.get("recorded")) == ("OK", 1)
+    assert handler.handle(request("rerun", commit=SHA), "ctl").get("run") == 2
+    late = handler.handle(request("results", commit=SHA, attempt=lost, status="passed", log=b"1 passed\n"), "r1")
+    assert (late.verb, late.get("recorded")) == ("OK", 0)
+    job = store.job(SHA)
+    assert (job.state, job.run) == (JobState.QUEUED, 2)
+    assert result_files.read_result(str(results), SHA).status == "failed"
+    assert not (results / "runs").exists()
+    # Run 2's own verdict moves run 1's files aside.
+    second = store.assign(SHA, "r2", 5.0)
+    handler.handle(request("results", commit=SHA, attempt=second, status="passed", log=b"1 passed\n"), "r2")
+    assert result_files.read_result(str(results), SHA).run == 2
+    assert (results / "runs" / SHA / "1" / (SHA + ".log")).read_text() == "1 failed\n"
+    assert '"run": 1' in (results / "runs" / SHA / "1" / (SHA + ".json")).read_text()
+    store.close()

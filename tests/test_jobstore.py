@@ -311,10 +311,44 @@ def test_unknown_commit_cannot_move(store):
 
 
 def test_final_states_are_final():
-    assert FINAL_STATES == {JobState.PASSED, JobState.FAILED, JobState.ERROR}
-    for source, _target in TRANSITIONS:
-        assert not source.final, "no move out of a final state"
+    assert FINAL_STATES == {JobState.PASSED, JobState.FAILED, JobState.ERROR, JobState.CANCELLED}
+    for source, target in TRANSITIONS:
+        assert not source.final or target is JobState.QUEUED, "out of a final state only by a rerun"
     assert not JobState.QUEUED.final and not JobState.RUNNING.final
+
+
+def test_a_rerun_is_a_new_run_and_the_verdict_stays_until_it_has_one(store):
+    store.enqueue(A, 1.0)
+    first = store.assign(A, "r1", 2.0)
+    store.finish(A, first, JobState.FAILED, Outcome.FAILED, None, '{"status": "failed", "run": 1}', 3.0)
+    with pytest.raises(InvalidTransition):
+        store.rerun(B, 4.0)
+    assert store.rerun(A, 4.0) == 2
+    job = store.job(A)
+    assert (job.state, job.run, job.queued_at) == (JobState.QUEUED, 2, 4.0)
+    assert job.summary == '{"status": "failed", "run": 1}', "the current verdict until run 2 has one"
+    assert store.attempt_counts(A) == (0, 0), "attempts are counted per run"
+    second = store.assign(A, "r2", 5.0)
+    assert store.attempt(second).run == 2 and store.attempt(first).run == 1
+    store.finish(A, second, JobState.PASSED, Outcome.PASSED, None, '{"status": "passed", "run": 2}', 6.0)
+    assert [(run.run, run.status) for run in store.runs(A)] == [(1, JobState.FAILED), (2, JobState.PASSED)]
+    assert store.count(JobState.PASSED) == 1 and store.count(JobState.FAILED) == 0
+
+
+def test_a_cancelled_rerun_leaves_the_verdict_the_job_had(store):
+    store.enqueue(A, 1.0)
+    first = store.assign(A, "r1", 2.0)
+    store.finish(A, first, JobState.PASSED, Outcome.PASSED, None, '{"status": "passed", "run": 1}', 3.0)
+    store.rerun(A, 4.0)
+    second = store.assign(A, "r2", 5.0)
+    assert store.cancel_rerun(A, 6.0) is JobState.PASSED
+    job = store.job(A)
+    assert (job.state, job.run) == (JobState.PASSED, 2)
+    assert store.attempt(second).outcome is Outcome.CANCELLED
+    assert [(run.run, run.status, run.summary) for run in store.runs(A)] == [
+        (1, JobState.PASSED, '{"status": "passed", "run": 1}'), (2, JobState.CANCELLED, None)]
+    assert store.rerun(A, 7.0) == 3
+    assert store.count(JobState.QUEUED) == 1 and store.count(JobState.PASSED) == 0
 
 
 # --- restart: recover and adopt ------------------------------------------------------------
@@ -451,8 +485,9 @@ CREATE TABLE attempts (id INTEGER PRIMARY KEY AUTOINCREMENT, commit_id TEXT NOT 
     assigned_at REAL NOT NULL, ended_at REAL, outcome TEXT);
 CREATE TABLE runners (name TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL, registered_at REAL NOT NULL);
 INSERT INTO jobs (commit_id, state, queued_at) VALUES ('%s', 'queued', 1.0);
+INSERT INTO jobs (commit_id, state, queued_at, finished_at, summary) VALUES ('%s', 'failed', 1.0, 2.0, '{"status": "failed"}');
 INSERT INTO runners VALUES ('r1', '127.0.0.1', 8900, 1.0);
-""" % A
+""" % (A, B)
 
 
 def test_a_file_of_schema_version_1_is_brought_up_to_date_keeping_its_jobs(db_path):
@@ -466,6 +501,9 @@ def test_a_file_of_schema_version_1_is_brought_up_to_date_keeping_its_jobs(db_pa
         store.requeue(A, attempt, Outcome.DECLINED, 3.0, requires="python3.12")
         assert store.queued_jobs(10, offered=frozenset({"python3.11"})) == []
         assert [job.requires for job in store.queued_jobs(10, offered=frozenset({"python3.12"}))] == ["python3.12"]
+        # Version 3: a job judged before reruns existed is its first run, and can be run again.
+        assert [(run.run, run.status) for run in store.runs(B)] == [(1, JobState.FAILED)]
+        assert store.rerun(B, 3.0) == 2
     finally:
         store.close()
     with sqlite3.connect(db_path) as db:

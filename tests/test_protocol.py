@@ -64,6 +64,8 @@ SAMPLE_VALUES: dict[str, object] = {
     "runner": "127.0.0.1:4242",
     "heartbeat": 0.5,
     "recorded": 1,
+    "run": 2,
+    "stopped": 1,
     "limit": 50,
     "pythons": ("3.10", "3.12"),
     "hash_seed": 4294967295,
