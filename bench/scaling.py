@@ -13,11 +13,12 @@ Both sides run the runner's default pytest command with plugin auto-loading off
 by-hand run): on this machine the installed plugins (hypothesis) cost about 1
 CPU-second per run, which would turn "tests that mostly wait" into tests that need
 more than 2 cores at R = 8, and measure the machine rather than the system. By
-hand, pytest starts in a new Python each time; so does a runner whose jobs run apart
-from it (as another user, in a sandbox: isolation.py), which is what a runner started
-with no options gets where it can, and the cost of that isolation is in the numbers. A
-runner whose jobs run as its own user without a sandbox forks theirs from its warm
-pytest (warm_pytest.py).
+hand, pytest starts in a new Python each time; a runner forks each job's from a warm
+pytest (warm_pytest.py) where it can: as root, with its jobs run as another user in
+a sandbox (isolation.py, what a runner started with no options gets), one started
+between jobs and frozen while the runner checks out; as its own user, one started
+while the job before runs. Without cgroup v2 a root runner's jobs start a fresh
+Python, and the cost of that is in the numbers.
 
 One dispatcher serves every level; runners are added as R grows (1, 2, 4, 8), each
 with its own clone, which already holds the commits (so, as by hand, no fetch).
@@ -78,10 +79,9 @@ def run(work: Path, quick: bool) -> list[Row]:
                 runner = start_runner(daemons, "runner-%d" % started, clones[started - 1], address,
                                       env=dict(os.environ, **NO_PLUGINS))
                 # A runner is started once and serves for long: time it once it is ready
-                # (with its warm pytest, where its jobs run as its own user unsandboxed).
+                # (with its warm pytest, or knowing it has none).
                 runner.wait_for_log(r"registered with dispatcher")
-                if "without a sandbox" in runner.log() and "as this runner's user" in runner.log():
-                    runner.wait_for_log(r"warm pytest ready")
+                runner.wait_for_log(r"warm pytest ready|fresh Python")
             wait_runners_ready(address, runners)
             baseline = median([run_by_hand(hand_clone, commits[-1], work, extra_env=NO_PLUGINS) for _ in range(2)])
             batch = [next(queue) for _ in range(per_runner * runners)]

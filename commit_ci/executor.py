@@ -146,6 +146,9 @@ class Executor:
         #: and where the one started ahead, a process the job user can reach, can be
         #: frozen while the runner works in the job's folders (isolation.py).
         self._warm_enabled = warm_pytest and not test_command and self.isolation.warm_allowed
+        #: Why not, for the log line at start.
+        self._no_warm_because = ("--no-warm-pytest" if not warm_pytest else "--test-command" if test_command
+                                 else "no cgroup v2 to freeze it with while the runner checks out")
         #: The warm pytest started ahead for the next job, and the one the job in progress uses.
         self._spare: WarmPytest | None = None
         self._in_use: WarmPytest | None = None
@@ -165,6 +168,8 @@ class Executor:
         until it is ready (or has failed: jobs then start a fresh Python)."""
         self._spare_for = (sys.executable, self._base_env)
         self._start_spare(*self._spare_for)
+        if not self._warm_enabled:
+            log.info("every job starts a fresh Python (no warm pytest: %s)", self._no_warm_because)
         if self._spare is not None:
             try:
                 self._spare.wait_ready()

@@ -236,7 +236,8 @@ def test_the_probe_finds_a_key_in_reach_and_its_forgery_is_recorded(ci, upstream
     flag.touch()
 
     assert by_hand.returncode == 1
-    assert "key found in ['the environment'" in by_hand.stdout
+    # (Keys of other CI installations on the machine may be found too, in /proc.)
+    assert re.search(r"key found in \[[^]]*'the environment'", by_hand.stdout), by_hand.stdout
     assert "forged results for attempts [1]" in by_hand.stdout
     assert ci.wait_result(victim)["status"] == "passed"  # the forgery, recorded
 
@@ -289,20 +290,24 @@ def test_the_work_tree_is_the_jobs_and_git_is_not():
 
 
 def test_no_pytest_started_ahead_is_within_reach():
-    # One running as this user beside the job could be changed by it, and fork the next commit's tests.
-    ancestors, pid = set(), os.getpid()
+    # One running as this user beside the job could be changed by it, and fork the next
+    # commit's tests. (This runner's: its warm_pytest.py, the one this test was forked
+    # from. Other installations on the machine with the same job user are the
+    # documented exception.)
+    ancestors, pid = {}, os.getpid()
     while pid > 1:
-        ancestors.add(pid)
+        ancestors[pid] = open("/proc/%d/cmdline" % pid, "rb").read().split(b"\\0")
         pid = int(open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[1])
+    ours = {word for words in ancestors.values() for word in words if word.endswith(b"warm_pytest.py")}
+    assert ours, "forked from a warm pytest"
     others = []
     for entry in os.listdir("/proc"):
         try:
-            mine = os.stat("/proc/" + entry).st_uid == os.getuid()
-            if entry.isdigit() and mine and int(entry) not in ancestors:
-                others.append(open("/proc/%s/cmdline" % entry, "rb").read())
+            if entry.isdigit() and int(entry) not in ancestors and os.stat("/proc/" + entry).st_uid == os.getuid():
+                others.append(open("/proc/%s/cmdline" % entry, "rb").read().split(b"\\0"))
         except OSError:
             pass
-    assert not [cmdline for cmdline in others if b"warm_pytest" in cmdline]
+    assert not [words for words in others if ours & set(words)]
 """
 
 NEXT_TEST = """import pathlib

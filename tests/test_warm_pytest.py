@@ -376,7 +376,8 @@ def test_the_runner_forks_its_warm_pytest_unless_told_not_to(ci, tmp_path):
     dispatch(ci, again)
     assert ci.wait_result(again)["status"] == "passed"
     assert int(probe.read_text().split(" ", 1)[0]) == cold_runner.pid
-    assert "warm pytest" not in cold_runner.log()
+    assert "every job starts a fresh Python (no warm pytest: --no-warm-pytest)" in cold_runner.log()
+    assert "forked from a warm pytest" not in cold_runner.log()
 
 
 SIGNALS_PROBE = """import signal
