@@ -427,6 +427,9 @@ class Dispatcher:
                      tip, _who(message, peer), where)
         if done.new:
             log.info("commit %s queued (from %s%s)", commit, _who(message, peer), where)
+        elif done.caught_up:
+            log.info("commit %s reported by %s as the tip of branch %s, after the commits before it: %s since the "
+                     "first of them", commit, _who(message, peer), branch or "(unnamed)", done.state.value)
         else:
             log.info("commit %s dispatched again by %s: already %s%s", commit, _who(message, peer), done.state.value,
                      " (branch %s)" % branch if branch else "")

@@ -255,6 +255,7 @@ class RepoObserver:
         """Send one branch's new commits, oldest first, each with the branch and its
         tip (which the dispatcher queues with the first, ahead of them). True if all
         were acknowledged."""
+        ahead = False  # the tip was queued with an earlier commit of this round
         for sha in commits:
             answer = self._dispatch(connection, sha, branch, tip)
             if answer.verb != "OK":
@@ -266,8 +267,12 @@ class RepoObserver:
             boundary = [known for known in self.boundary(branch) or [] if not self._covered(known, sha)]
             self.remember(boundary + [sha], branch)
             summary = self.repo.commit(sha).summary
-            log.info("commit %s reported on %s (%s)%s", sha, self.key(branch), summary[:60],
-                     "" if answer.get("new") else " - already known")
+            if sha == tip and ahead:
+                known = " - queued with the first commit of the round"
+            else:
+                known = "" if answer.get("new") else " - already known"
+            ahead = ahead or (answer.get("new") or 0) > 1
+            log.info("commit %s reported on %s (%s)%s", sha, self.key(branch), summary[:60], known)
         # Everything up to the tip is reported: the tip alone says so. What the list
         # held besides (commits a force-push left behind) would only grow, and cost
         # an ancestry check per commit reported.

@@ -119,9 +119,6 @@ BRANCH_STATE_OF_VERDICT = {
     JobState.PASSED: "green",
     JobState.FAILED: "red",
 }
-#: Every state a branch can be in, in the order they are explained.
-BRANCH_STATES = (*dict.fromkeys(BRANCH_STATE_OF_VERDICT.values()), BRANCH_PENDING)
-
 
 def values(states) -> tuple[str, ...]:
     """The wire names of ``states`` (an enum class or a sequence of members), in order."""

@@ -138,12 +138,14 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_by_commit ON attempts (commit_id);
 -- Every branch each commit came on, in the order the branch got them (seq): its
 -- branch_history index is a branch's history, newest last; the unique index finds a
--- commit's branches. A commit reported again as its branch's tip moves to the end
--- (see report). Each index costs every dispatch a page written: no more than these.
+-- commit's branches. A tip recorded ahead of its round (named by its first commit)
+-- moves to the end when it is reported itself (see report). Each index costs every
+-- dispatch a page written: no more than these.
 CREATE TABLE IF NOT EXISTS branch_commits (
     seq       INTEGER PRIMARY KEY,
     branch    TEXT NOT NULL,
     commit_id TEXT NOT NULL,
+    ahead     INTEGER NOT NULL DEFAULT 0,  -- 1: recorded as the tip, not reported itself yet
     UNIQUE (commit_id, branch)
 );
 CREATE INDEX IF NOT EXISTS branch_history ON branch_commits (branch, seq);
@@ -182,12 +184,14 @@ class Job:
 
 @dataclass(frozen=True)
 class Enqueued:
-    """What a ``dispatch`` did: whether its commit is a new job and the job's state, and
-    whether the tip it named was queued with it (new too)."""
+    """What a ``dispatch`` did: whether its commit is a new job and the job's state,
+    whether the tip it named was queued with it (new too), and whether the commit is a
+    tip queued so, ahead of its round, reported itself at the round's end."""
 
     new: bool
     state: JobState
     tip_queued: bool = False
+    caught_up: bool = False
 
 
 @dataclass(frozen=True)
@@ -525,21 +529,23 @@ class JobStore:
         with self.transaction() as db:
             new = self._insert_job(db, commit, now)
             joined = self._join_branch(db, name, commit)
-            tip_queued = False
+            tip_queued = caught_up = False
             if tip is not None and tip != commit:
                 tip_queued = self._insert_job(db, tip, now)
-                self._join_branch(db, name, tip)
+                self._join_branch(db, name, tip, ahead=True)
             elif tip == commit and not joined:
-                # The tip's own report, at the end of its round: it was recorded with
-                # the round's first commit, and moves after the commits older than it.
-                db.execute("DELETE FROM branch_commits WHERE branch = ? AND commit_id = ?", (name, commit))
-                self._join_branch(db, name, commit)
+                # The tip's own report, at the end of its round: recorded with the
+                # round's first commit, it moves after the commits older than it.
+                caught_up = bool(db.execute("DELETE FROM branch_commits WHERE branch = ? AND commit_id = ? AND ahead = 1",
+                                            (name, commit)).rowcount)
+                if caught_up:
+                    self._join_branch(db, name, commit)
             newest = tip if tip is not None else commit if joined else None
             if newest is not None:
                 self._set_tip(db, name, newest)
             state = JobState.QUEUED if new else JobState(
                 db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["state"])
-        return Enqueued(new, state, tip_queued)
+        return Enqueued(new, state, tip_queued, caught_up)
 
     def assign(self, commit: str, runner: str, now: float) -> int:
         """Move a queued job to running on ``runner``; returns the new attempt id."""
@@ -659,10 +665,12 @@ class JobStore:
         return bool(inserted)
 
     @staticmethod
-    def _join_branch(db: sqlite3.Connection, branch: str, commit: str) -> bool:
-        """Record that ``commit`` came on ``branch`` unless it is recorded; True if it was
-        new to it. Its job (if any) is then among the newest of the queue."""
-        cursor = db.execute("INSERT OR IGNORE INTO branch_commits (branch, commit_id) VALUES (?, ?)", (branch, commit))
+    def _join_branch(db: sqlite3.Connection, branch: str, commit: str, ahead: bool = False) -> bool:
+        """Record that ``commit`` came on ``branch`` (``ahead``: as the tip, before its
+        own report) unless it is recorded; True if it was new to it. Its job (if any) is
+        then among the newest of the queue."""
+        cursor = db.execute("INSERT OR IGNORE INTO branch_commits (branch, commit_id, ahead) VALUES (?, ?, ?)",
+                            (branch, commit, int(ahead)))
         if not cursor.rowcount:
             return False
         db.execute("UPDATE jobs SET last_seen = ? WHERE commit_id = ?", (cursor.lastrowid, commit))

@@ -724,7 +724,8 @@ def test_the_state_follows_the_order_the_branch_got_its_commits(store):
 #: The tables of schema version 2, with a queue of three jobs and a finished one.
 SCHEMA_2 = SCHEMA_1.replace("'schema_version', '1'", "'schema_version', '2'").replace(
     "reason TEXT, summary TEXT)", "reason TEXT, summary TEXT, requires TEXT)").replace(
-    "registered_at REAL NOT NULL)", "registered_at REAL NOT NULL, offers TEXT)") + """
+    "registered_at REAL NOT NULL)", "registered_at REAL NOT NULL, offers TEXT)").replace(
+    "8900, 1.0)", "8900, 1.0, '')") + """
 INSERT INTO jobs (commit_id, state, queued_at, summary) VALUES ('%s', 'passed', 1.0, '{}');
 INSERT INTO jobs (commit_id, state, queued_at) VALUES ('%s', 'queued', 1.0);
 INSERT INTO jobs (commit_id, state, queued_at) VALUES ('%s', 'running', 1.0);
