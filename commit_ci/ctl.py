@@ -1,7 +1,8 @@
 """ci-ctl: ask the dispatcher what the CI system is doing, or give it a commit.
 
 Subcommands talk to a running dispatcher over the protocol (docs/protocol.md):
-``status`` (is it up, queue, what each runner does, last verdicts), ``queue``,
+``status`` (is it up, queue, what each runner does, each branch's state, last
+verdicts), ``queue``,
 ``runners``, ``results SHA`` (a commit's verdict and where its report is; the start
 of its id will do, if no other commit starts the same way, and its earlier runs),
 ``dispatch SHA`` (test a commit now; its full id only, as the dispatcher takes no
@@ -49,6 +50,8 @@ from commit_ci.wire import (
 DEFAULT_DISPATCHER = "localhost:8888"
 #: Results shown by ``status``.
 STATUS_RECENT = 5
+#: Branches shown by ``status``, the most recently changed first.
+STATUS_BRANCHES = 20
 #: Seconds to wait for the dispatcher's answer: it answers queries without waiting on anything.
 QUERY_TIMEOUT_S = 5.0
 
@@ -124,6 +127,17 @@ def result_line(summary: dict) -> str:
                                        result.runner or "-", reason)
 
 
+def branch_lines(branches: list[dict]) -> list[str]:
+    """One line per branch: its state, since which commit, and its tip."""
+    lines = []
+    for branch in branches:
+        state = branch["state"] + (" since %s" % short(branch["since"]) if branch["state"] == "red" else "")
+        judged = " (%s)" % short(branch["commit"]) if branch["commit"] and branch["state"] != "red" else ""
+        lines.append("  %-20s %s%s, tip %s %s" % (branch["branch"], state, judged, short(branch["tip"]),
+                                                branch["tip_state"] or "unknown"))
+    return lines or ["  (none reported yet)"]
+
+
 def runner_lines(runners: list[dict]) -> list[str]:
     if not runners:
         return ["  (none registered)"]
@@ -141,15 +155,19 @@ def show_status(client: Client, as_json: bool) -> None:
     status = client.ask("status")
     runners = client.ask_json("runners")["runners"]
     recent = client.ask_json("recent", limit=STATUS_RECENT)["results"]
+    branches = client.ask_json("branches", limit=STATUS_BRANCHES)["branches"]
     if as_json:
         document = {key: status.get(key) for key in ("queued", "running", "runners", "idle")}
-        document.update(dispatcher=format_address(client.address), up=True, runner_list=runners, recent=recent)
+        document.update(dispatcher=format_address(client.address), up=True, runner_list=runners, recent=recent,
+                        branches=branches)
         print(json.dumps(document, indent=2))
         return
     print("dispatcher %s: up" % format_address(client.address))
     print("queue: %d queued, %d running" % (status.get("queued"), status.get("running")))
     print("runners: %d registered, %d idle" % (status.get("runners"), status.get("idle")))
     print("\n".join(runner_lines(runners)))
+    print("branches:")
+    print("\n".join(branch_lines(branches)))
     print("last results:")
     print("\n".join("  " + result_line(summary) for summary in recent) or "  (none yet)")
 
@@ -163,7 +181,10 @@ def show_queue(client: Client, as_json: bool, limit: int) -> None:
     for job in queue["running"]:
         print("  %s  attempt %s on %s, started %s" % (short(job["commit"]), job["attempt"], job["runner"], age(job["started_at"])))
     shown = len(queue["queued"])
-    print("queued (%d%s), oldest first:" % (queue["queued_total"], ", first %d shown" % shown if shown < queue["queued_total"] else ""))
+    order = "in the order they run: each branch's newest first, then the others newest first" \
+        if queue.get("order") == "tip" else "oldest first"
+    print("queued (%d%s), %s:" % (queue["queued_total"], ", first %d shown" % shown if shown < queue["queued_total"] else "",
+                                  order))
     for job in queue["queued"]:
         needs = ", waits for a runner with %s" % job["requires"] if job.get("requires") else ""
         print("  %s  queued %s%s" % (short(job["commit"]), age(job["queued_at"]), needs))
@@ -191,6 +212,8 @@ def show_result(client: Client, as_json: bool, commit: str) -> None:
     print("%s: %s" % (final.commit, final.status))
     if not JobState(result["state"]).final:
         print("  now:      run %s %s (the verdict above is run %s's)" % (result["run"], result["state"], final.run or 1))
+    if result.get("branches"):
+        print("  branches: %s" % ", ".join(result["branches"]))
     print("  tests:    %s" % counts(final))
     print("  duration: %s" % duration(final))
     print("  runner:   %s, %s attempt(s)" % (final.runner, final.attempts))

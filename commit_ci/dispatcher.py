@@ -5,14 +5,16 @@ It listens for the observer's ``dispatch`` (a commit to test) and the runners'
 (jobstore.py), and runs two threads of its own: a scheduler that hands each queued
 commit to an idle runner the moment both exist (woken by a condition variable, never
 by a timer), and a heartbeat that pings every runner about once a second, drops
-runners that stop answering and puts their jobs back in the queue. A test failure
-is the commit's verdict; an infrastructure fault (checkout failed, runner lost) is
-retried on another runner, up to ``--max-attempts`` times. Final results go to the
-results folder (result_files.py), written once per run and atomically, and the
-results page there (page.py) is rebuilt on a thread of its own after each. An
-operator may run a judged commit again (``rerun``: a new run, the earlier run's
-files kept) or cancel a queued or running one (``cancel``: its runner is told to
-``stop``).
+runners that stop answering and puts their jobs back in the queue. When jobs wait
+for a runner, each branch's newest commit goes first, then the others newest first
+(``--order tip``; ``--order fifo``: oldest first); a commit is one job whichever
+branches bring it, and the store records each (store.py). A test failure is the
+commit's verdict; an infrastructure fault (checkout failed, runner lost) is retried
+on another runner, up to ``--max-attempts`` times. Final results go to the results
+folder (result_files.py), written once per run and atomically, and the results page
+there (page.py) is rebuilt on a thread of its own after each. An operator may run a
+judged commit again (``rerun``: a new run, the earlier run's files kept) or cancel a
+queued or running one (``cancel``: its runner is told to ``stop``).
 
 Who may ask what: with a keys file (``--keys-file``, keys.py), each request is
 checked against the role of the key it was signed with (protocol.REQUESTS), a runner's
@@ -48,7 +50,7 @@ from commit_ci.result_files import iso_time
 from commit_ci.security import RUNNER, Key, Security, add_security_arguments, security_from_arguments, wrap_secret
 from commit_ci.server import ProtocolServer, serve_in_thread
 from commit_ci.states import JobState, Outcome, ReportedStatus, RunnerState
-from commit_ci.store import Job, JobStore
+from commit_ci.store import QUEUE_ORDERS, Job, JobStore
 from commit_ci.wire import ProtocolError, format_address
 
 log = logging.getLogger("dispatcher")
@@ -131,6 +133,8 @@ class Dispatcher:
         heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
         security: Security | None = None,
         on_final_result: Callable[[], None] | None = None,
+        order: str = "tip",
+        on_branch_change: Callable[[], None] | None = None,
     ):
         self.store = store
         self.security = security or Security()
@@ -140,6 +144,11 @@ class Dispatcher:
         #: Called, with the lock held, after each final result is recorded: it must
         #: not block (the results page only sets an event).
         self.on_final_result = on_final_result or (lambda: None)
+        #: The order queued jobs are given to runners in (store.QUEUE_ORDERS).
+        self.order = order
+        #: Called after a commit is reported on a named branch (a tip, a branch new to
+        #: the page); must not block either.
+        self.on_branch_change = on_branch_change or (lambda: None)
         self._cond = threading.Condition()
         self._runners: dict[str, RunnerRecord] = {}
         self._assignments: dict[int, Assignment] = {}
@@ -235,6 +244,7 @@ class Dispatcher:
             "register": self._on_register,
             "results": self._on_results,
             "queue": self._on_queue,
+            "branches": self._on_branches,
             "runners": self._on_runners,
             "recent": self._on_recent,
             "lookup": self._on_lookup,
@@ -273,10 +283,11 @@ class Dispatcher:
     def _on_queue(self, message: Message, peer: str) -> Message:
         limit = min(message.get("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT)
         with self._cond:
-            queued = self.store.queued_jobs(limit)
+            queued = self.store.queued_jobs(limit, order=self.order)
             running = self.store.running()
             total = self.store.count(JobState.QUEUED)
         return _json_reply({
+            "order": self.order,
             "queued_total": total,
             "queued": [{"commit": job.commit, "queued_at": iso_time(job.queued_at), "requires": job.requires}
                        for job in queued],
@@ -286,6 +297,17 @@ class Dispatcher:
                 for job in running
             ],
         })
+
+    def _on_branches(self, message: Message, peer: str) -> Message:
+        limit = min(message.get("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT)
+        # The store's lock alone: reading a branch's history takes a few milliseconds,
+        # which the scheduler and the other handlers need not wait for.
+        states = self.store.branch_states(limit)
+        return _json_reply({"branches": [
+            {"branch": state.branch, "state": state.state, "since": state.since, "commit": state.commit,
+             "tip": state.tip, "tip_state": state.tip_state.value if state.tip_state else None}
+            for state in states
+        ]})
 
     def _on_runners(self, message: Message, peer: str) -> Message:
         with self._cond:
@@ -325,7 +347,8 @@ class Dispatcher:
         with self._cond:
             runs = self.store.runs(commit)
         answer = {"commit": commit, "state": job.state.value, "runner": job.runner, "attempt": job.current_attempt,
-                  "run": job.run, "queued_at": iso_time(job.queued_at), "summary": None, "files": {}, "runs": []}
+                  "run": job.run, "queued_at": iso_time(job.queued_at), "branches": self.store.branches_of(commit),
+                  "summary": None, "files": {}, "runs": []}
         if job.summary:
             # The current verdict: while a rerun is queued or running, the one before.
             answer["summary"] = json.loads(job.summary)
@@ -461,24 +484,36 @@ class Dispatcher:
                         assignment.commit, assignment.attempt_id, record.name, answer.get("reason"))
 
     def _on_dispatch(self, message: Message, peer: str) -> Message:
-        commit = message.fields["commit"]
+        commit, branch, tip = message.fields["commit"], message.get("branch"), message.get("tip")
         # Saved outside the dispatcher's lock (the store has its own), so that many
         # observers or a burst of commits do not queue up behind one another's SQLite
         # writes while holding everything else up. No wake-up is lost: the scheduler
         # reads the queue under the lock, and the notification below comes after the
         # job is committed.
-        new, state = self.store.enqueue(commit, time.time())
-        if new:
+        # In fifo order the tip is queued when it is itself dispatched, last of its round.
+        done = self.store.report(commit, time.time(), branch, tip if self.order == "tip" else None)
+        if done.new or done.tip_queued:
             with self._cond:
                 # Waking the scheduler when no runner is free would only make it
                 # contend for the lock to find nothing to do.
                 if any(runner.available for runner in self._runners.values()):
                     self._cond.notify_all()
-        if new:
-            log.info("commit %s queued (from %s)", commit, _who(message, peer))
+        where = ", branch %s" % branch if branch else ""
+        if done.tip_queued:
+            log.info("commit %s queued (from %s%s): the branch's tip, ahead of the commits before it",
+                     tip, _who(message, peer), where)
+        if done.new:
+            log.info("commit %s queued (from %s%s)", commit, _who(message, peer), where)
+        elif done.caught_up:
+            log.info("commit %s reported by %s as the tip of branch %s, after the commits before it: %s since the "
+                     "first of them", commit, _who(message, peer), branch or "(unnamed)", done.state.value)
         else:
-            log.info("commit %s dispatched again by %s: already %s", commit, _who(message, peer), state.value)
-        return reply("OK", new=int(new), job=state.value)
+            log.info("commit %s dispatched again by %s: already %s%s", commit, _who(message, peer), done.state.value,
+                     " (branch %s)" % branch if branch else "")
+        if branch:
+            self.on_branch_change()
+        # new counts the jobs this dispatch queued: its commit, and the tip it named.
+        return reply("OK", new=int(done.new) + int(done.tip_queued), job=done.state.value)
 
     def _on_register(self, message: Message, peer: str) -> Message:
         address = (message.fields["host"], message.fields["port"])
@@ -766,14 +801,14 @@ class Dispatcher:
                 self._stop.wait(LOOP_RETRY_S)
 
     def _plan(self) -> list[Assignment]:
-        """Pair queued jobs, oldest first, with available runners that can run them
-        (``requires``), idle longest first."""
+        """Pair queued jobs, in the queue's order (``self.order``: tips first, or oldest
+        first), with available runners that can run them (``requires``), idle longest first."""
         idle = sorted((r for r in self._runners.values() if r.available), key=lambda r: r.since)
         if not idle:
             return []
         planned = []
         offered = frozenset().union(*(runner.offers for runner in idle))
-        for job in self.store.queued_jobs(limit=len(idle) + 32, offered=offered):
+        for job in self.store.queued_jobs(limit=len(idle) + 32, offered=offered, order=self.order):
             commit = job.commit
             able = [runner for runner in idle if runner.can_run(job)]
             if not able:
@@ -912,6 +947,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="infrastructure failures (runner lost, checkout failed) before a commit's verdict is 'error' (default: %(default)s)")
     parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S,
                         help="seconds between pings to each runner; a runner missing %d in a row is dropped (default: %%(default)s)" % MISSED_PINGS_LIMIT)
+    parser.add_argument("--order", choices=QUEUE_ORDERS, default="tip",
+                        help="which queued commit a free runner gets: 'tip', each branch's newest commit first "
+                        "(the branches' in the order they got them), then the others newest first; 'fifo', the "
+                        "oldest dispatched first (default: %(default)s)")
     parser.add_argument("--repo", metavar="PATH",
                         help="a clone of the watched repository for the dispatcher alone (not the observer's or "
                         "a runner's), used only to read commit subjects and authors for the results page "
@@ -947,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
         return 2
     dispatcher = Dispatcher(store, results_dir, args.max_attempts, args.heartbeat_interval, security,
-                            on_final_result=page.notify)
+                            on_final_result=page.notify, order=args.order, on_branch_change=page.notify)
     try:
         # Recording a result, adding or revoking a key, write files (fsync'd): each gets a
         # thread of its own rather than hold up the event loop that answers everyone else.
@@ -964,8 +1003,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("results page: %s (commit subjects from %s)", page.path, args.repo or "nowhere: no --repo")
     serve_in_thread(server, "server")
     log.info(
-        "listening on %s (results in %s, queue in %s; %s, %s)",
-        format_address(server.address), os.path.abspath(args.results_dir), db_path,
+        "listening on %s (results in %s, queue in %s, order %s; %s, %s)",
+        format_address(server.address), os.path.abspath(args.results_dir), db_path, args.order,
         _authentication(security), "TLS" if security.server_tls else "no TLS",
     )
     stop.wait()

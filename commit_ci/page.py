@@ -5,8 +5,10 @@ commit id, subject and author, verdict in colour, test counts, duration, runner,
 attempts and reason, links to the commit's report, log and JUnit XML, and the
 failing tests with the first lines of their messages (from ``<sha>.xml``). Above
 the list, a bar chart shows the verdicts and durations of the last
-``CHART_RESULTS`` commits. It is a single static file: no script, no external
-asset, nothing fetched, so it works opened from the file system.
+``CHART_RESULTS`` commits, and above it each branch's state: green, red since the
+commit that broke it, or pending (store.JobStore.branch_states). It is a single
+static file: no script, no external asset, nothing fetched, so it works opened from
+the file system.
 
 Everything on it that comes from a commit or its tests (subjects, author names,
 reasons, test names, failure messages) is untrusted, so the page is rendered by
@@ -40,7 +42,7 @@ from commit_ci.files import atomic_write
 from commit_ci.result import Result
 from commit_ci.result_files import RUNS_FOLDER, result_path
 from commit_ci.states import VERDICTS, JobState, values
-from commit_ci.store import JobStore
+from commit_ci.store import BranchState, JobStore
 from commit_ci.wire import is_commit_id
 
 log = logging.getLogger("dispatcher.page")
@@ -51,6 +53,8 @@ PAGE_NAME = "index.html"
 PAGE_RESULTS = 200
 #: Commits in the chart of verdicts and durations.
 CHART_RESULTS = 50
+#: Branches whose state is shown, the most recently changed first.
+BRANCHES_SHOWN = 50
 #: Failing tests listed per commit; the rest are counted.
 FAILURES_SHOWN = 25
 #: Longer reasons are cut, with an ellipsis (subjects and authors: commit_metadata.py).
@@ -108,6 +112,25 @@ class Row:
     #: status, link to its report or None when it has no files), the first first.
     run: int = 1
     other_runs: list[tuple[int, str, str | None]] = field(default_factory=list)
+
+
+@dataclass
+class BranchRow:
+    name: str
+    state: str
+    since: str | None  # full id, the row it links to
+    since_short: str | None
+    commit_short: str | None  # the newest judged commit
+    tip_short: str
+    tip_state: str
+
+
+def branch_row(state: BranchState) -> BranchRow:
+    def short(commit: str | None) -> str | None:
+        return commit[:SHORT_SHA_CHARS] if commit else None
+
+    return BranchRow(state.branch, state.state, state.since, short(state.since), short(state.commit),
+                     short(state.tip), state.tip_state.value if state.tip_state else "unknown")
 
 
 @dataclass
@@ -184,7 +207,8 @@ _template = jinja2.Environment(
 ).get_template("index.html")
 
 
-def render_page(rows: list[Row], durations: dict[str, float | None], generated: str) -> str:
+def render_page(rows: list[Row], durations: dict[str, float | None], generated: str,
+                branches: list[BranchRow] = ()) -> str:
     """The whole page. Every value is escaped by the template: none is trusted."""
     counts = {verdict: sum(1 for row in rows if row.status == verdict) for verdict in VERDICT_NAMES}
     # The newest failure's tests are shown unfolded: it is the one people come to look at.
@@ -197,6 +221,7 @@ def render_page(rows: list[Row], durations: dict[str, float | None], generated: 
         verdicts=VERDICT_NAMES,
         generated=generated,
         bar_width=BAR_WIDTH,
+        branches=branches,
     )
 
 
@@ -298,7 +323,8 @@ class ResultsPage:
         shown = set(commits)
         self._files = {key: files for key, files in self._files.items() if key[0] in shown}
         generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        page = render_page(rows, durations, generated)
+        branches = [branch_row(state) for state in self.store.branch_states(BRANCHES_SHOWN)]
+        page = render_page(rows, durations, generated, branches)
         # Not fsync'ed: the page is rebuilt from the store at every start-up.
         atomic_write(self.path, page.encode("utf-8"), durable=False)
         log.debug("results page written: %d results in %.0f ms", len(rows), (time.monotonic() - started) * 1000)

@@ -31,6 +31,7 @@ from commit_ci.wire import (
     header_bytes,
     is_decimal,
     is_name,
+    parse_branch,
     parse_commit,
     parse_commit_prefix,
     parse_host,
@@ -180,9 +181,12 @@ REQUESTS: dict[str, Verb] = {
     for verb in (
         # to the dispatcher
         Verb("status", roles=(OPERATOR,)),
-        Verb("dispatch", positional=(("commit", parse_commit),), roles=(OBSERVER, OPERATOR)),
+        # branch: where the commit came from; tip: that branch's newest commit, queued too
+        Verb("dispatch", positional=(("commit", parse_commit),),
+             options=(("branch", parse_branch), ("tip", parse_commit)), roles=(OBSERVER, OPERATOR)),
         # read-only, for operators (ci-ctl) and the local launcher; answered with JSON
         Verb("queue", options=(("limit", parse_count),), roles=(OPERATOR,)),
+        Verb("branches", options=(("limit", parse_count),), roles=(OPERATOR,)),
         Verb("runners", roles=(OPERATOR,)),
         Verb("recent", options=(("limit", parse_count),), roles=(OPERATOR,)),
         # The one verb that takes a commit id prefix: people type ids to look them up.

@@ -12,7 +12,9 @@
 * ``post-commit``, in a repository that people commit in: HEAD is reported when it is
   on the watched branch.
 
-Each commit goes to the dispatcher as ``dispatch <sha>``, one connection for the lot,
+Each commit goes to the dispatcher as ``dispatch <sha> branch=<branch> tip=<new tip>``
+(the dispatcher queues the tip with the first commit, so that it runs first), one
+connection for the lot,
 signed when a key (an observer's, or the shared secret) is given (``--secret-file``,
 or CI_SECRET in the environment) and
 over TLS with ``--tls-ca``. A hook must never fail or hold up a push: when the
@@ -51,6 +53,7 @@ from commit_ci.wire import (
     is_decimal,
     parse_address,
     parse_commit,
+    quote_field,
     split_header,
 )
 
@@ -159,13 +162,16 @@ def committed_commit(branch: str) -> list[str]:
     return [parse_commit(git_output(["rev-parse", "HEAD"]))]
 
 
-def dispatch(stream: Stream, sha: str) -> tuple[str, str]:
-    """Send ``dispatch <sha>`` and return the reply's verb and the rest of its header.
+def dispatch(stream: Stream, sha: str, branch: str | None = None, tip: str | None = None) -> tuple[str, str]:
+    """Send ``dispatch <sha>`` (with its branch and the branch's tip, when given) and
+    return the reply's verb and the rest of its header.
 
     OSError if the connection fails or times out, ProtocolError if the reply is not
     one (or, with a secret, not an authentic answer to this request).
     """
-    nonce = stream.send(header_bytes("dispatch %s" % sha))
+    options = "".join(" %s=%s" % (name, quote_field(value)) for name, value in (("branch", branch), ("tip", tip))
+                      if value is not None)
+    nonce = stream.send(header_bytes("dispatch %s%s" % (sha, options)))
     header = stream.read_header(REPLY_TIMEOUT_S, request_nonce=nonce)
     if header is None:
         raise ConnectionError("closed the connection without a reply")
@@ -184,9 +190,11 @@ def reply_option(rest: str, name: str) -> str | None:
     return None
 
 
-def report(dispatcher: tuple[str, int], commits: list[str], auth: Authenticator | None = None, tls=None) -> str:
-    """Send each commit to the dispatcher, oldest first, over one connection; returns
-    the line to show.
+def report(dispatcher: tuple[str, int], commits: list[str], auth: Authenticator | None = None, tls=None,
+           branch: str | None = None) -> str:
+    """Send each commit to the dispatcher, oldest first, over one connection, with
+    ``branch`` and the newest of them as its tip when ``branch`` is given; returns the
+    line to show.
 
     Never raises for a dispatcher that is down, slow or refusing: that is a
     warning, because the observer will report the commits anyway.
@@ -204,7 +212,12 @@ def report(dispatcher: tuple[str, int], commits: list[str], auth: Authenticator 
             try:
                 if stream is None:
                     stream = Stream(connect(dispatcher, CONNECT_TIMEOUT_S, tls), auth)
-                verb, rest = dispatch(stream, sha)
+                verb, rest = dispatch(stream, sha, branch, commits[-1] if branch else None)
+                if verb == "ERR" and rest.startswith("unknown option") and branch is not None:
+                    # A dispatcher older than branches, which closed the connection: without them.
+                    stream.sock.close()
+                    stream, branch = Stream(connect(dispatcher, CONNECT_TIMEOUT_S, tls), auth), None
+                    verb, rest = dispatch(stream, sha)
             except (OSError, ProtocolError) as exc:
                 return "ci-trigger: warning: CI dispatcher %s unreachable (%s); its observer will report %d commit(s) later" % (
                     where, str(exc) or exc.__class__.__name__, left)
@@ -228,7 +241,7 @@ def run_hook(kind: str, dispatcher_text: str, branch: str, stdin_lines: list[str
         tls = client_tls_context(tls_ca) if tls_ca else None
         commits = pushed_commits(stdin_lines, branch) if kind == "post-receive" else committed_commit(branch)
         if commits:
-            print(report(dispatcher, commits, auth, tls), file=sys.stderr)
+            print(report(dispatcher, commits, auth, tls, branch), file=sys.stderr)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the push itself succeeded
         print("ci-trigger: warning: %s: %s; the CI observer will report new commits" % (exc.__class__.__name__, exc),
               file=sys.stderr)

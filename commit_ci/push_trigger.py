@@ -8,7 +8,8 @@ absolute Python path and ``-S -E``:
 
 * ``post-receive``, for a repository that is pushed to (a served, usually bare,
   repository): each new commit of the watched branch is reported, oldest first, or
-  only the tip of a newly created branch;
+  only the tip of a newly created branch, with the branch's name and its new tip
+  (which the dispatcher then runs first);
 * ``post-commit``, for a repository that people commit in: HEAD is reported when
   it is on the watched branch.
 

@@ -13,6 +13,9 @@ Each assignment of a job to a runner is an attempt. A runner reports how it ende
 a ``ReportedStatus``; the dispatcher records an ``Outcome`` for it, whose properties
 say what follows (does it count as a fault, did it reach a runner).
 
+A branch's state (``green``, ``red``, ``pending``) comes from the verdicts of its
+commits through ``BRANCH_STATE_OF_VERDICT`` (store.JobStore.branch_states).
+
 Everything else (the wire's field checks, the result files, the page, ci-ctl) takes
 its names from here.
 """
@@ -115,6 +118,17 @@ class RunnerState(str, enum.Enum):
     BUSY = "busy"
     UNVERIFIED = "unverified"
 
+
+#: A branch none of whose commits has a verdict that says anything yet.
+BRANCH_PENDING = "pending"
+#: What a verdict makes of the state of a branch whose newest judged commit has it;
+#: the oldest commit of the unbroken run of such commits is the state's ``since``
+#: ("red since <sha>"). A verdict not listed (``error``: the infrastructure's fault,
+#: not the code's) says nothing about the branch: its commits are passed over.
+BRANCH_STATE_OF_VERDICT = {
+    JobState.PASSED: "green",
+    JobState.FAILED: "red",
+}
 
 def values(states) -> tuple[str, ...]:
     """The wire names of ``states`` (an enum class or a sequence of members), in order."""

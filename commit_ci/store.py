@@ -10,6 +10,17 @@ A job may run more than once (an operator's rerun): ``jobs.run`` numbers its lat
 run, each attempt belongs to one run, and ``runs`` keeps how each run ended. The job's
 ``summary`` and state are its current verdict: the latest run that had one.
 
+Branches: every ``dispatch`` says which branch brought its commit (none: the unnamed
+branch ``""``, as older observers and ``ci-ctl dispatch`` send). A commit is one job
+whichever branches bring it; ``branch_commits`` records each branch it came on, in
+the order the branch got them, and ``branches`` each branch's newest commit, its tip.
+The queue's order comes from them (``QUEUE_ORDERS``): ``tip`` runs the tips first,
+the branches' in the order they became tips, then the other queued commits, newest
+first; ``fifo`` runs the oldest dispatch first. Both read a partial index of their
+own, so that planning reads as many rows as it plans, however long the history or
+the queue. A branch's state (green, red since <sha>, pending) is read from the
+verdicts of its commits, newest first (``branch_states``).
+
 Durability: the database runs in WAL mode with ``synchronous=NORMAL``. A
 transaction is on disk (in the WAL) when ``commit`` returns, so killing the
 dispatcher at any moment loses nothing it has acknowledged; a power failure or OS
@@ -40,9 +51,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from commit_ci.states import ADOPTABLE, TRANSITIONS, JobState, Outcome
+from commit_ci.states import ADOPTABLE, BRANCH_PENDING, BRANCH_STATE_OF_VERDICT, TRANSITIONS, JobState, Outcome
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The table of runs, which version 3 added (in SCHEMA too, for new files).
 RUNS_TABLE = """CREATE TABLE IF NOT EXISTS runs (
     commit_id   TEXT NOT NULL,
@@ -59,11 +70,30 @@ MIGRATIONS = {
         "ALTER TABLE attempts ADD COLUMN run INTEGER NOT NULL DEFAULT 1",
         RUNS_TABLE,
         "INSERT INTO runs (commit_id, run, status, finished_at, summary)"
-        " SELECT commit_id, 1, state, finished_at, summary FROM jobs WHERE summary IS NOT NULL"),
+        " SELECT commit_id, 1, state, COALESCE(finished_at, queued_at), summary FROM jobs WHERE summary IS NOT NULL"),
+    # Jobs still to run came on no known branch: they keep their order among
+    # themselves, behind every commit reported from now on (whose marks are positive).
+    4: (
+        "ALTER TABLE jobs ADD COLUMN tip_since INTEGER",
+        "ALTER TABLE jobs ADD COLUMN last_seen INTEGER",
+        "UPDATE jobs SET last_seen = seq - (SELECT MAX(seq) FROM jobs) WHERE state IN ('queued', 'running')",
+    ),
 }
 
+#: The orders the queue can be taken in (the dispatcher's ``--order``): ``tip``, each
+#: branch's newest commit first, then the others newest first; ``fifo``, oldest first.
+QUEUE_ORDERS = ("tip", "fifo")
+#: The branch of commits dispatched without one (older observers, ``ci-ctl dispatch``):
+#: it has a tip like any other, and is not shown among the branches.
+UNNAMED_BRANCH = ""
+#: Most commits of one branch read to find its state: a run of one verdict longer than
+#: this reports the oldest commit read as its ``since``. It bounds the cost of a state
+#: (a few milliseconds) however long a branch's history is.
+BRANCH_WALK_ROWS = 10_000
+
 #: A checkpoint is started after this many write transactions (SQLite's automatic
-#: one comes after 1,000 WAL pages; a dispatch writes about 4)...
+#: one comes after 1,000 WAL pages; a dispatch writes about 10: the job, its branch,
+#: their indexes)...
 CHECKPOINT_EVERY_COMMITS = 250
 #: ... or after this many seconds with at least one write, so that a quiet queue's
 #: last writes reach the database file soon too.
@@ -99,13 +129,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason          TEXT,               -- why a final state is what it is, when not obvious
     summary         TEXT,               -- the current verdict's result as JSON (what <sha>.json holds)
     requires        TEXT,               -- what a runner needs to run it ("python3.12"), once one declined it
-    run             INTEGER NOT NULL DEFAULT 1  -- the latest run: 1, then one more for each rerun
+    run             INTEGER NOT NULL DEFAULT 1, -- the latest run: 1, then one more for each rerun
+    tip_since       INTEGER,            -- while it is some branch's tip: the branch_commits.seq that made it one
+    last_seen       INTEGER             -- branch_commits.seq of its latest arrival on a branch: newer runs first
 );
 -- Only queued and running jobs are ever looked up by state, so index only them:
 -- each index stays as small as the queue (or the runners), however long the
 -- history grows. Queries name the state literally so that SQLite uses them.
 CREATE INDEX IF NOT EXISTS queued_jobs ON jobs (seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS running_jobs ON jobs (seq) WHERE state = 'running';
+-- The queue in tip order: the queued tips (a few: one per branch at most), then the
+-- other queued jobs, newest first.
+CREATE INDEX IF NOT EXISTS queued_tips ON jobs (tip_since) WHERE state = 'queued' AND tip_since IS NOT NULL;
+CREATE INDEX IF NOT EXISTS queued_newest ON jobs (last_seen) WHERE state = 'queued' AND tip_since IS NULL;
 -- The results page and operators read the newest final results: an index over
 -- finished jobs only, so they read just the rows they show, however long the
 -- history grows. (IF NOT EXISTS adds it to files made before it existed.)
@@ -120,6 +156,26 @@ CREATE TABLE IF NOT EXISTS attempts (
     run         INTEGER NOT NULL DEFAULT 1  -- the job's run it belongs to
 );
 CREATE INDEX IF NOT EXISTS attempts_by_commit ON attempts (commit_id);
+-- Every branch each commit came on, in the order the branch got them (seq): its
+-- branch_history index is a branch's history, newest last; the unique index finds a
+-- commit's branches. A tip recorded ahead of its round (named by its first commit)
+-- moves to the end when it is reported itself (see report). Each index costs every
+-- dispatch a page written: no more than these.
+CREATE TABLE IF NOT EXISTS branch_commits (
+    seq       INTEGER PRIMARY KEY,
+    branch    TEXT NOT NULL,
+    commit_id TEXT NOT NULL,
+    ahead     INTEGER NOT NULL DEFAULT 0,  -- 1: recorded as the tip, not reported itself yet
+    UNIQUE (commit_id, branch)
+);
+CREATE INDEX IF NOT EXISTS branch_history ON branch_commits (branch, seq);
+-- Each branch's newest commit; updated: the branch_commits.seq of its last change.
+-- A few rows (one per branch), read whole: no index but the name.
+CREATE TABLE IF NOT EXISTS branches (
+    name    TEXT PRIMARY KEY,
+    tip     TEXT NOT NULL,
+    updated INTEGER NOT NULL
+) WITHOUT ROWID;
 -- Runners registered and not dropped: after a restart the dispatcher pings them at
 -- once instead of waiting for each to notice the silence and register again.
 CREATE TABLE IF NOT EXISTS runners (
@@ -146,6 +202,33 @@ class Job:
     summary: str | None
     requires: str | None = None
     run: int = 1
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """What a ``dispatch`` did: whether its commit is a new job and the job's state,
+    whether the tip it named was queued with it (new too), and whether the commit is a
+    tip queued so, ahead of its round, reported itself at the round's end."""
+
+    new: bool
+    state: JobState
+    tip_queued: bool = False
+    caught_up: bool = False
+
+
+@dataclass(frozen=True)
+class BranchState:
+    """A branch's state (states.BRANCH_STATE_OF_VERDICT), from its newest judged commit
+    (``commit``; None while ``pending``); ``since``: the oldest commit of the unbroken
+    run of that state up to it, in the order the branch got them; ``tip``: its newest
+    commit, and that job's state."""
+
+    branch: str
+    state: str
+    since: str | None
+    commit: str | None
+    tip: str
+    tip_state: JobState | None
 
 
 @dataclass(frozen=True)
@@ -342,16 +425,70 @@ class JobStore:
         """Up to ``limit`` queued commits, oldest first."""
         return [job.commit for job in self.queued_jobs(limit)]
 
-    def queued_jobs(self, limit: int, offered: frozenset[str] | None = None) -> list[Job]:
-        """Up to ``limit`` queued jobs, oldest first; with ``offered``, only those that
-        require nothing or one of these (the jobs some runner can take)."""
-        query, values = "SELECT * FROM jobs WHERE state = 'queued'", []
+    def queued_jobs(self, limit: int, offered: frozenset[str] | None = None, order: str = "fifo") -> list[Job]:
+        """Up to ``limit`` queued jobs in ``order`` (QUEUE_ORDERS; oldest first by
+        default); with ``offered``, only those that require nothing or one of these
+        (the jobs some runner can take). Each part of the order is a range of a
+        partial index, read no further than ``limit`` rows."""
+        condition, values = "", []
         if offered is not None:
-            query += " AND (requires IS NULL OR requires IN (%s))" % ",".join("?" * len(offered))
-            values += sorted(offered)
+            condition = " AND (requires IS NULL OR requires IN (%s))" % ",".join("?" * len(offered))
+            values = sorted(offered)
+        if order == "fifo":
+            parts = ["WHERE state = 'queued'%s ORDER BY seq"]
+        elif order == "tip":
+            parts = ["WHERE state = 'queued' AND tip_since IS NOT NULL%s ORDER BY tip_since",
+                     "WHERE state = 'queued' AND tip_since IS NULL%s ORDER BY last_seen DESC"]
+        else:
+            raise ValueError("unknown queue order %r (want one of %s)" % (order, ", ".join(QUEUE_ORDERS)))
+        rows: list[sqlite3.Row] = []
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY seq LIMIT ?", (*values, limit)).fetchall()
+            for part in parts:
+                if len(rows) < limit:
+                    rows += self._db.execute("SELECT * FROM jobs " + part % condition + " LIMIT ?",
+                                             (*values, limit - len(rows))).fetchall()
         return [_job(row) for row in rows]
+
+    def branches_of(self, commit: str) -> list[str]:
+        """The named branches ``commit`` came on, in the order it came on them."""
+        with self._lock:
+            rows = self._db.execute("SELECT branch FROM branch_commits WHERE commit_id = ? AND branch != ? ORDER BY seq",
+                                    (commit, UNNAMED_BRANCH)).fetchall()
+        return [row["branch"] for row in rows]
+
+    def branch_states(self, limit: int) -> list[BranchState]:
+        """The state of up to ``limit`` named branches, the most recently changed first.
+
+        Each walks its branch's commits from the newest (``branch_history`` index) to
+        the first whose verdict maps to another state, passing over commits without a
+        verdict or with one that says nothing (states.BRANCH_STATE_OF_VERDICT), and at
+        most BRANCH_WALK_ROWS of them.
+        """
+        states = []
+        with self._lock:
+            branches = self._db.execute("SELECT name, tip FROM branches WHERE name != ? ORDER BY updated DESC LIMIT ?",
+                                        (UNNAMED_BRANCH, limit)).fetchall()
+            for branch in branches:
+                state = since = newest = None
+                cursor = self._db.execute(
+                    "SELECT b.commit_id, j.state FROM branch_commits b JOIN jobs j ON j.commit_id = b.commit_id"
+                    " WHERE b.branch = ? ORDER BY b.seq DESC LIMIT ?", (branch["name"], BRANCH_WALK_ROWS))
+                try:
+                    for commit, job_state in cursor:
+                        verdict = BRANCH_STATE_OF_VERDICT.get(JobState(job_state))
+                        if verdict is None:
+                            continue
+                        if state is None:
+                            state, newest = verdict, commit
+                        elif verdict != state:
+                            break
+                        since = commit
+                finally:
+                    cursor.close()
+                tip = self._db.execute("SELECT state FROM jobs WHERE commit_id = ?", (branch["tip"],)).fetchone()
+                states.append(BranchState(branch["name"], state or BRANCH_PENDING, since, newest, branch["tip"],
+                                          JobState(tip["state"]) if tip else None))
+        return states
 
     def running(self) -> list[Job]:
         with self._lock:
@@ -419,21 +556,38 @@ class JobStore:
     # --- writes ----------------------------------------------------------------------
 
     def enqueue(self, commit: str, now: float) -> tuple[bool, JobState]:
-        """Queue ``commit`` unless it is known. Returns (newly queued, its state)."""
-        with self._lock:
-            # One statement is its own transaction: one call into SQLite instead of
-            # three (BEGIN, INSERT, COMMIT), each of which lets go of the GIL and has
-            # to win it back from the other request threads.
-            inserted = self._db.execute(
-                "INSERT OR IGNORE INTO jobs (commit_id, state, queued_at) VALUES (?, 'queued', ?)",
-                (commit, now),
-            ).rowcount
-            if inserted:
-                self._counts[JobState.QUEUED.value] += 1
-                self._wrote()
-                return True, JobState.QUEUED
-            state = self._db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["state"]
-            return False, JobState(state)
+        """Queue ``commit`` unless it is known, on no named branch. Returns (newly
+        queued, its state)."""
+        done = self.report(commit, now)
+        return done.new, done.state
+
+    def report(self, commit: str, now: float, branch: str | None = None, tip: str | None = None) -> Enqueued:
+        """``commit`` came on ``branch`` (None: the unnamed branch): queue it unless it is
+        known, and record the branch. ``tip``, when given, is the branch's newest commit,
+        which the reporter sends with each commit of a round, oldest first: it is queued
+        now too, ahead of them in tip order, instead of after them all. Without ``tip``,
+        a commit new to the branch is its newest."""
+        name = branch or UNNAMED_BRANCH
+        with self.transaction() as db:
+            new = self._insert_job(db, commit, now)
+            joined = self._join_branch(db, name, commit)
+            tip_queued = caught_up = False
+            if tip is not None and tip != commit:
+                tip_queued = self._insert_job(db, tip, now)
+                self._join_branch(db, name, tip, ahead=True)
+            elif tip == commit and not joined:
+                # The tip's own report, at the end of its round: recorded with the
+                # round's first commit, it moves after the commits older than it.
+                caught_up = bool(db.execute("DELETE FROM branch_commits WHERE branch = ? AND commit_id = ? AND ahead = 1",
+                                            (name, commit)).rowcount)
+                if caught_up:
+                    self._join_branch(db, name, commit)
+            newest = tip if tip is not None else commit if joined else None
+            if newest is not None:
+                self._set_tip(db, name, newest)
+            state = JobState.QUEUED if new else JobState(
+                db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["state"])
+        return Enqueued(new, state, tip_queued, caught_up)
 
     def assign(self, commit: str, runner: str, now: float) -> int:
         """Move a queued job to running on ``runner``; returns the new attempt id."""
@@ -572,6 +726,39 @@ class JobStore:
         return [(row["name"], row["host"], row["port"], frozenset((row["offers"] or "").split())) for row in rows]
 
     # --- helpers ---------------------------------------------------------------------
+
+    def _insert_job(self, db: sqlite3.Connection, commit: str, now: float) -> bool:
+        inserted = db.execute("INSERT OR IGNORE INTO jobs (commit_id, state, queued_at) VALUES (?, 'queued', ?)",
+                              (commit, now)).rowcount
+        if inserted:
+            self._counted(None, JobState.QUEUED)
+        return bool(inserted)
+
+    @staticmethod
+    def _join_branch(db: sqlite3.Connection, branch: str, commit: str, ahead: bool = False) -> bool:
+        """Record that ``commit`` came on ``branch`` (``ahead``: as the tip, before its
+        own report) unless it is recorded; True if it was new to it. Its job (if any) is
+        then among the newest of the queue."""
+        cursor = db.execute("INSERT OR IGNORE INTO branch_commits (branch, commit_id, ahead) VALUES (?, ?, ?)",
+                            (branch, commit, int(ahead)))
+        if not cursor.rowcount:
+            return False
+        db.execute("UPDATE jobs SET last_seen = ? WHERE commit_id = ?", (cursor.lastrowid, commit))
+        return True
+
+    @staticmethod
+    def _set_tip(db: sqlite3.Connection, branch: str, tip: str) -> None:
+        """Make ``tip`` (recorded on ``branch``) the branch's newest commit: its job runs
+        among the tips, and the tip before it, unless another branch's tip too, among
+        the others (where its last_seen keeps it ahead of the commits before it)."""
+        mark = db.execute("SELECT seq FROM branch_commits WHERE branch = ? AND commit_id = ?", (branch, tip)).fetchone()[0]
+        row = db.execute("SELECT tip FROM branches WHERE name = ?", (branch,)).fetchone()
+        db.execute("INSERT OR REPLACE INTO branches (name, tip, updated) VALUES (?, ?, ?)", (branch, tip, mark))
+        if row is not None and row["tip"] == tip:
+            return
+        db.execute("UPDATE jobs SET tip_since = ? WHERE commit_id = ? AND tip_since IS NULL", (mark, tip))
+        if row is not None and not db.execute("SELECT 1 FROM branches WHERE tip = ?", (row["tip"],)).fetchone():
+            db.execute("UPDATE jobs SET tip_since = NULL WHERE commit_id = ?", (row["tip"],))
 
     def _counted(self, source: JobState | None, target: JobState, jobs: int = 1) -> None:
         """Note, inside a transaction, that ``jobs`` jobs moved from ``source`` (None: new) to ``target``."""

@@ -6,8 +6,8 @@ both the hook and the daemons' codec (protocol.py) need lives here, once, cheap 
 import:
 
 * ``ProtocolError``, the one error for input that does not follow the protocol;
-* commit ids (full, or a prefix to look one up), names (of runners and keys) and
-  ``host:port`` addresses, checked;
+* commit ids (full, or a prefix to look one up), names (of runners and keys), branch
+  names and ``host:port`` addresses, checked, and a field's value percent-encoded;
 * header lines: their size cap, and the first split of one into verb and the rest;
 * ``Stream``: lines and byte runs read from a socket, every read under a deadline, and
   messages written and read behind an ``auth`` line when a secret or key is in use
@@ -114,6 +114,47 @@ def parse_host(text: str) -> str:
     if not 1 <= len(text) <= 253 or not _HOST_CHARACTERS.issuperset(text):
         raise ProtocolError("invalid host")
     return text
+
+
+#: Longest branch name accepted, in UTF-8 bytes: git allows longer, but a name travels
+#: in every ``dispatch`` of its commits and is shown on the results page.
+MAX_BRANCH_BYTES = 200
+#: What git refuses anywhere in a branch name (git check-ref-format), besides control
+#: characters.
+_BRANCH_FORBIDDEN = frozenset(" ~^:?*[\\")
+
+
+def is_branch_name(text: str) -> bool:
+    """Whether ``text`` is a name git accepts for a branch (``git check-ref-format
+    --branch``), of at most MAX_BRANCH_BYTES bytes: no control character, space or any
+    of ``~ ^ : ? * [ \\``; no ``..``, ``//`` or ``@{``; no part (between slashes) that
+    starts with a dot or ends with ``.lock``; not starting with ``-`` or ``/``, not
+    ending with ``/`` or ``.``; not ``@`` nor ``HEAD``."""
+    if not text or len(text.encode("utf-8", "surrogatepass")) > MAX_BRANCH_BYTES or text in ("@", "HEAD"):
+        return False
+    if any(ord(c) < 32 or ord(c) == 127 or c in _BRANCH_FORBIDDEN for c in text):
+        return False
+    if ".." in text or "//" in text or "@{" in text or text[0] in "-/" or text[-1] in "/.":
+        return False
+    return not any(part.startswith(".") or part.endswith(".lock") for part in text.split("/"))
+
+
+def parse_branch(text: str) -> str:
+    """A branch name (``is_branch_name``), as the observer and the push hook send it."""
+    if not is_branch_name(text):
+        raise ProtocolError("invalid branch name (want a git branch name of at most %d bytes)" % MAX_BRANCH_BYTES)
+    return text
+
+
+#: Characters a field's value carries as they are; everything else is %XX of its UTF-8.
+FIELD_SAFE_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:@/+,")
+
+
+def quote_field(text: str) -> str:
+    """``text`` percent-encoded as a header's field value (what protocol.py's encoder
+    does with urllib, which the push hook does not import)."""
+    return "".join(c if c in FIELD_SAFE_CHARACTERS else "".join("%%%02X" % b for b in c.encode("utf-8"))
+                   for c in text)
 
 
 def parse_port(text: str) -> int:

@@ -39,6 +39,8 @@ EXPECTED_ROWS = [
     ("environments", "dispatch -> result, environment reused"),
     ("environments", "dispatch -> result, new environment (uv)"),
     ("environments", "dispatch -> result, new environment (pip)"),
+    ("tip_first", "tip of 4 commits pushed at once, 2 runners"),
+    ("tip_first", "tip of 4 commits pushed at once with --order fifo"),
 ]
 #: "-": a figure reported without a target (recovery times).
 VERDICTS = {"met", "missed", "not available", "-"}

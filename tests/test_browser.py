@@ -211,7 +211,8 @@ def near(colour: tuple[int, int, int], target: tuple[int, int, int], tolerance: 
 
 def test_results_page_renders_in_chromium_from_the_file_system(ci, upstream, chromium, tmp_path):
     # A real run: a handful of passed and failed commits, one with a hostile subject.
-    ci.start_dispatcher("--repo", str(upstream.clone(tmp_path / "dispatcher-clone")))
+    # One runner, oldest first: results arrive in commit order.
+    ci.start_dispatcher("--repo", str(upstream.clone(tmp_path / "dispatcher-clone")), "--order", "fifo")
     ci.start_runner()
     ci.start_observer()
     initial = upstream.head()

@@ -474,6 +474,8 @@ def test_another_schema_version_is_refused(db_path):
         JobStore(db_path)
 
 
+#: A commit judged in a file from before reruns existed.
+JUDGED_BEFORE_RERUNS = "0f" * 20
 #: The tables of schema version 1 (before jobs could require a Python, runners offer one).
 SCHEMA_1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -487,7 +489,7 @@ CREATE TABLE runners (name TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NO
 INSERT INTO jobs (commit_id, state, queued_at) VALUES ('%s', 'queued', 1.0);
 INSERT INTO jobs (commit_id, state, queued_at, finished_at, summary) VALUES ('%s', 'failed', 1.0, 2.0, '{"status": "failed"}');
 INSERT INTO runners VALUES ('r1', '127.0.0.1', 8900, 1.0);
-""" % (A, B)
+""" % (A, JUDGED_BEFORE_RERUNS)
 
 
 def test_a_file_of_schema_version_1_is_brought_up_to_date_keeping_its_jobs(db_path):
@@ -502,8 +504,8 @@ def test_a_file_of_schema_version_1_is_brought_up_to_date_keeping_its_jobs(db_pa
         assert store.queued_jobs(10, offered=frozenset({"python3.11"})) == []
         assert [job.requires for job in store.queued_jobs(10, offered=frozenset({"python3.12"}))] == ["python3.12"]
         # Version 3: a job judged before reruns existed is its first run, and can be run again.
-        assert [(run.run, run.status) for run in store.runs(B)] == [(1, JobState.FAILED)]
-        assert store.rerun(B, 3.0) == 2
+        assert [(run.run, run.status) for run in store.runs(JUDGED_BEFORE_RERUNS)] == [(1, JobState.FAILED)]
+        assert store.rerun(JUDGED_BEFORE_RERUNS, 3.0) == 2
     finally:
         store.close()
     with sqlite3.connect(db_path) as db:
@@ -599,9 +601,10 @@ def test_the_wal_starts_over_after_a_checkpoint_even_with_a_write_in_progress(db
                 checkpointer.join(timeout=30)
         connection.close()
         store.enqueue("f" * 40, 1.0)
-        # The WAL was written from its start again: it holds only that last write.
+        # The WAL was written from its start again: it holds only that last write (a
+        # dispatch writes a dozen pages or so: the job, its branch, their indexes).
         pages_after, _ = wal_pages(db_path)
-        assert pages_after < 10 < pages
+        assert pages_after < 30 < pages
     finally:
         store.close()
 
@@ -620,3 +623,168 @@ def test_a_closed_store_leaves_everything_in_the_database_file(db_path):
         assert reopened.count(JobState.QUEUED) == 50
     finally:
         reopened.close()
+
+
+# --- branches: tip order and branch states -------------------------------------------------
+
+E = "e" * 40
+F = "f" * 40
+
+
+def in_tip_order(store: JobStore, limit: int = 10) -> list[str]:
+    return [job.commit for job in store.queued_jobs(limit, order="tip")]
+
+
+def report_round(store: JobStore, branch: str, commits: list[str]) -> None:
+    """As the observer reports a round: oldest first, each with the branch's new tip."""
+    for commit in commits:
+        store.report(commit, 1.0, branch, tip=commits[-1])
+
+
+def test_a_round_queues_its_tip_with_its_first_commit_and_runs_it_first(store):
+    done = store.report(A, 1.0, "main", tip=D)
+    assert (done.new, done.state, done.tip_queued) == (True, JobState.QUEUED, True)
+    assert in_tip_order(store) == [D, A], "the tip is queued with the first commit, ahead of it"
+    report_round(store, "main", [A, B, C, D])
+    assert in_tip_order(store) == [D, C, B, A], "the tip, then the others newest first"
+    assert store.queued(10) == [A, D, B, C], "fifo: the order they were dispatched in"
+    assert store.count(JobState.QUEUED) == 4
+
+
+def test_a_commit_without_a_tip_is_its_branch_s_newest(store):
+    for commit in (A, B, C):
+        store.enqueue(commit, 1.0)  # older observers, ci-ctl dispatch: the unnamed branch
+    assert in_tip_order(store) == [C, B, A]
+    assert store.branch_states(10) == [], "the unnamed branch is not shown"
+
+
+def test_tips_of_several_branches_run_in_the_order_they_became_tips(store):
+    report_round(store, "main", [A, B])
+    report_round(store, "release", [C, D])
+    report_round(store, "main", [E])
+    assert in_tip_order(store) == [D, E, C, B, A], "then the others by when they came, newest first"
+    # A commit that is the tip of two branches stays a tip until neither has it.
+    store.report(D, 1.0, "feature")
+    report_round(store, "release", [F])
+    assert in_tip_order(store)[:3] == [D, E, F]
+
+
+def test_a_requeued_job_keeps_its_place_in_tip_order(store):
+    report_round(store, "main", [A, B, C])
+    attempt = store.assign(C, "r1", 2.0)
+    report_round(store, "main", [D])
+    store.requeue(C, attempt, Outcome.LOST, 3.0)
+    assert in_tip_order(store) == [D, C, B, A]
+
+
+def test_the_tip_order_survives_reopening(db_path):
+    store = JobStore(db_path)
+    report_round(store, "main", [A, B, C])
+    report_round(store, "other", [D])
+    before = in_tip_order(store)
+    store.close()
+    store = JobStore(db_path)
+    try:
+        assert in_tip_order(store) == before == [C, D, B, A]
+    finally:
+        store.close()
+
+
+def test_a_commit_is_one_job_and_records_every_branch_it_came_on(store):
+    assert store.report(A, 1.0, "main").new
+    assert not store.report(A, 1.0, "release/1.0").new
+    assert not store.report(A, 1.0, "main").new
+    assert store.count(JobState.QUEUED) == 1
+    assert store.branches_of(A) == ["main", "release/1.0"]
+    assert {state.branch: state.tip for state in store.branch_states(10)} == {"main": A, "release/1.0": A}
+
+
+def test_a_commit_reported_again_does_not_become_the_tip_again(store):
+    report_round(store, "main", [A, B, C])
+    store.report(A, 1.0, "main")  # the push hook and the observer both report it
+    assert in_tip_order(store) == [C, B, A]
+
+
+def test_the_planning_queries_read_their_own_indexes(store):
+    for order, indexes in (("fifo", {"queued_jobs"}), ("tip", {"queued_tips", "queued_newest"})):
+        plans = []
+        original = store._db
+
+        class Explaining:
+            def execute(self, sql, values=()):
+                if sql.startswith("SELECT * FROM jobs"):
+                    plans.extend(row[3] for row in original.execute("EXPLAIN QUERY PLAN " + sql, values))
+                return original.execute(sql, values)
+
+        store._db = Explaining()
+        try:
+            store.queued_jobs(10, offered=frozenset({"python3.12"}), order=order)
+        finally:
+            store._db = original
+        assert plans and all(any(index in plan for index in indexes) for plan in plans), (order, plans)
+        assert not any("TEMP B-TREE" in plan for plan in plans), "no sort: the index gives the order"
+
+
+def judge(store: JobStore, commit: str, state: JobState) -> None:
+    attempt = store.assign(commit, "r1", 2.0)
+    store.finish(commit, attempt, state, Outcome(state.value), None, "{}", 3.0)
+
+
+def state_of(store: JobStore, branch: str):
+    (found,) = [state for state in store.branch_states(10) if state.branch == branch]
+    return found.state, found.since, found.commit
+
+
+def test_a_branch_goes_green_then_red_since_the_breaking_commit_then_green_again(store):
+    report_round(store, "main", [A])
+    assert state_of(store, "main") == ("pending", None, None)
+    judge(store, A, JobState.PASSED)
+    assert state_of(store, "main") == ("green", A, A)
+    report_round(store, "main", [B, C, D])
+    judge(store, D, JobState.FAILED)
+    assert state_of(store, "main") == ("red", D, D)
+    judge(store, B, JobState.FAILED)
+    assert state_of(store, "main") == ("red", B, D), "C is not judged yet: it does not break the run"
+    judge(store, C, JobState.ERROR)
+    assert state_of(store, "main") == ("red", B, D), "an infrastructure error says nothing of the code"
+    report_round(store, "main", [E])
+    judge(store, E, JobState.PASSED)
+    assert state_of(store, "main") == ("green", E, E)
+
+
+def test_the_state_follows_the_order_the_branch_got_its_commits(store):
+    # The tip is recorded with the round's first commit, and moves after the others
+    # when it is reported itself: the newest judged commit is the tip.
+    report_round(store, "main", [A, B, C])
+    judge(store, C, JobState.FAILED)
+    judge(store, B, JobState.PASSED)
+    assert state_of(store, "main") == ("red", C, C)
+
+
+#: The tables of schema version 2, with a queue of three jobs and a finished one.
+SCHEMA_2 = SCHEMA_1.replace("'schema_version', '1'", "'schema_version', '2'").replace(
+    "reason TEXT, summary TEXT)", "reason TEXT, summary TEXT, requires TEXT)").replace(
+    "registered_at REAL NOT NULL)", "registered_at REAL NOT NULL, offers TEXT)").replace(
+    "8900, 1.0)", "8900, 1.0, '')") + """
+INSERT INTO jobs (commit_id, state, queued_at, summary) VALUES ('%s', 'passed', 1.0, '{}');
+INSERT INTO jobs (commit_id, state, queued_at) VALUES ('%s', 'queued', 1.0);
+INSERT INTO jobs (commit_id, state, queued_at) VALUES ('%s', 'running', 1.0);
+""" % (B, C, D)
+
+
+def test_a_file_of_schema_version_2_opens_with_its_queue_behind_new_commits(db_path):
+    with sqlite3.connect(db_path) as db:
+        db.executescript(SCHEMA_2)
+    store = JobStore(db_path)
+    try:
+        assert store.recover(2.0) == 1
+        assert in_tip_order(store) == [D, C, A], "the old queue, newest first"
+        report_round(store, "main", [E, F])
+        assert in_tip_order(store) == [F, E, D, C, A], "behind what is reported from now on"
+        assert store.queued(10) == [A, C, D, E, F]
+        judge(store, F, JobState.PASSED)
+        assert state_of(store, "main") == ("green", F, F)
+    finally:
+        store.close()
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)

@@ -71,6 +71,8 @@ SAMPLE_VALUES: dict[str, object] = {
     "hash_seed": 4294967295,
     "requires": "python3.12",
     "role": "observer",
+    "branch": "release/1.0-\u00fc+x",
+    "tip": "b" * 40,
 }
 ERR_REASON = "unknown commit or attempt: 100% sure = yes"
 SAMPLE_SECTIONS = {
@@ -931,6 +933,12 @@ BAD_FOR_DISPATCHER = [
     ("dispatch a path", b"dispatch ../../x\n", False, b"invalid commit id"),
     ("dispatch an escaped path", b"dispatch ..%2f..%2fabcdef12abcdef12abcdef12abcdef12abcdef12\n", False, b"invalid commit id"),
     ("dispatch an abbreviated id", b"dispatch abcdef12abcd\n", False, b"invalid commit id (want the full id"),
+    ("dispatch on a branch git refuses", b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12 branch=a..b\n", False,
+     b"invalid branch name"),
+    ("dispatch on a branch too long", b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12 branch=" + b"b" * 201 + b"\n",
+     False, b"invalid branch name (want a git branch name of at most 200 bytes)"),
+    ("dispatch with an abbreviated tip", b"dispatch abcdef12abcdef12abcdef12abcdef12abcdef12 tip=abcdef1\n", False,
+     b"invalid commit id"),
     ("results for an abbreviated id", b"results abcdef12abcd 1 passed log=5\nhello", False, b"invalid commit id (want the full id"),
     ("register without port", b"register 127.0.0.1\n", False, b"needs"),
     ("oversized section", b"results abcdef12abcdef12abcdef12abcdef12abcdef12 1 passed log=999999999999\n", False, b"too large"),

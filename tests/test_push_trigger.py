@@ -101,9 +101,10 @@ def test_post_receive_reports_pushed_commits_before_the_observer_polls(processes
     pushed = served.push()
 
     assert hook_lines(pushed) == ["remote: ci-trigger: 2 commit(s) sent to the CI dispatcher at %s (2 new)" % ci.address]
-    # The hook ran before the push returned, so both are queued already, oldest first.
-    queued = re.findall(r"commit ([0-9a-f]{40}) queued", ci.dispatcher.log())
-    assert queued[-2:] == [first, second]
+    # The hook ran before the push returned, so both are queued already: the branch's
+    # tip with the first commit, ahead of it.
+    queued = re.findall(r"commit ([0-9a-f]{40}) queued \(from \S+, branch main\)", ci.dispatcher.log())
+    assert queued[-2:] == [second, first]
     results = ci.wait_results([first, second], timeout=60)
     assert (results[first]["status"], results[second]["status"]) == ("passed", "failed")
     assert not re.search("%s|%s" % (first, second), ci.observer.log()), "the observer has not polled again"

@@ -31,8 +31,9 @@ XSS_AUTHOR = "Eve \"Mallory\" & Co <eve@example.invalid>"
 def test_page_lists_commits_newest_first_with_subjects_verdicts_and_failing_tests(ci, upstream, tmp_path):
     # The dispatcher's clone is made now: every later commit must be fetched into it.
     metadata_clone = upstream.clone(tmp_path / "dispatcher-clone")
-    ci.start_dispatcher("--repo", str(metadata_clone))
-    ci.start_runner()  # one runner: results arrive in commit order
+    # One runner, oldest first: results arrive in commit order.
+    ci.start_dispatcher("--repo", str(metadata_clone), "--order", "fifo")
+    ci.start_runner()
     ci.start_observer()
     initial = upstream.head()
     passing = upstream.commit({"test_more.py": PASSING_TEST.replace("passes", "more")}, "add another passing test")
@@ -235,6 +236,9 @@ class _BlockingStore:
         self.reads += 1
         self.reading.set()
         assert self.release.wait(20), "test did not release the store"
+        return []
+
+    def branch_states(self, limit):
         return []
 
 
