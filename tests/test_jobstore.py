@@ -311,7 +311,7 @@ def test_unknown_commit_cannot_move(store):
 
 
 def test_final_states_are_final():
-    assert FINAL_STATES == {JobState.PASSED, JobState.FAILED, JobState.ERROR, JobState.CANCELLED}
+    assert FINAL_STATES == {JobState.PASSED, JobState.FAILED, JobState.FLAKY, JobState.ERROR, JobState.CANCELLED}
     for source, target in TRANSITIONS:
         assert not source.final or target is JobState.QUEUED, "out of a final state only by a rerun"
     assert not JobState.QUEUED.final and not JobState.RUNNING.final
