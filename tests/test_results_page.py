@@ -237,6 +237,9 @@ class _BlockingStore:
         assert self.release.wait(20), "test did not release the store"
         return []
 
+    def flakiest(self, window, limit):
+        return 0, []
+
 
 def test_notify_never_blocks_and_a_burst_makes_one_more_build(tmp_path):
     store = _BlockingStore()
