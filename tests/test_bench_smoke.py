@@ -39,6 +39,8 @@ EXPECTED_ROWS = [
     ("environments", "dispatch -> result, environment reused"),
     ("environments", "dispatch -> result, new environment (uv)"),
     ("environments", "dispatch -> result, new environment (pip)"),
+    ("flaky", "random test (fails 1 run in 2)"),
+    ("flaky", "deterministic failure"),
 ]
 #: "-": a figure reported without a target (recovery times).
 VERDICTS = {"met", "missed", "not available", "-"}
