@@ -30,7 +30,8 @@ if __package__ in (None, ""):
 from bench.common import Row, format_table, machine_summary  # noqa: E402
 
 #: In the order they run; each module has ``run(work: Path, quick: bool) -> list[Row]``.
-BENCHMARKS = ("latency", "detection", "scaling", "capacity", "history", "recovery", "environments", "tip_first")
+BENCHMARKS = ("latency", "detection", "scaling", "capacity", "history", "recovery", "environments", "tip_first",
+              "flaky")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ verdicts), ``queue``,
 ``runners``, ``results SHA`` (a commit's verdict and where its report is; the start
 of its id will do, if no other commit starts the same way, and its earlier runs),
 ``dispatch SHA`` (test a commit now; its full id only, as the dispatcher takes no
-other), ``rerun SHA`` (run a judged commit again), ``cancel SHA`` (stop a queued or
+other), ``flaky`` (the tests most often flaky over recent runs), ``rerun SHA`` (run a judged commit again), ``cancel SHA`` (stop a queued or
 running one) and ``key
 add|revoke|list`` (the dispatcher's keys: one per runner, observer or operator; with
 ``--keys-file`` the file itself is changed, to make the first operator key). Output
@@ -24,6 +24,7 @@ import sys
 
 from commit_ci.client import communicate
 from commit_ci.files import atomic_write
+from commit_ci.flaky import DEFAULT_WINDOW
 from commit_ci.protocol import request
 from commit_ci.result import Result
 from commit_ci.security import (
@@ -131,7 +132,7 @@ def branch_lines(branches: list[dict]) -> list[str]:
     """One line per branch: its state, since which commit, and its tip."""
     lines = []
     for branch in branches:
-        state = branch["state"] + (" since %s" % short(branch["since"]) if branch["state"] == "red" else "")
+        state = branch["state"] + (" since %s" % short(branch["since"]) if branch["state"] in ("red", "flaky") else "")
         judged = " (%s)" % short(branch["commit"]) if branch["commit"] and branch["state"] != "red" else ""
         lines.append("  %-20s %s%s, tip %s %s" % (branch["branch"], state, judged, short(branch["tip"]),
                                                 branch["tip_state"] or "unknown"))
@@ -206,7 +207,8 @@ def show_result(client: Client, as_json: bool, commit: str) -> None:
     if result["summary"] is None:
         running = result["state"] == JobState.RUNNING
         where = " on %s (attempt %s)" % (result["runner"], result["attempt"]) if running else ""
-        print("%s: %s%s, queued %s" % (result["commit"], result["state"], where, age(result["queued_at"])))
+        again = ", rerun %s of its failing tests" % result["round"] if result.get("round") else ""
+        print("%s: %s%s%s, queued %s" % (result["commit"], result["state"], where, again, age(result["queued_at"])))
         return
     final = Result.from_summary(result["summary"])
     print("%s: %s" % (final.commit, final.status))
@@ -219,6 +221,12 @@ def show_result(client: Client, as_json: bool, commit: str) -> None:
     print("  runner:   %s, %s attempt(s)" % (final.runner, final.attempts))
     if final.reason:
         print("  reason:   %s" % final.reason)
+    for entry in final.reruns or ():
+        tests = entry.get("tests")
+        print("  rerun %s:  %s on %s, %s" % (entry.get("rerun"), entry.get("status"), entry.get("runner"),
+                                           "the whole test command" if tests is None else ", ".join(tests)))
+    if final.flaky_tests:
+        print("  flaky:    %s" % ", ".join(final.flaky_tests))
     print("  report:   %s" % result["files"]["report"])
     print("  json:     %s" % result["files"]["json"])
     if len(result.get("runs", ())) > 1:
@@ -226,6 +234,22 @@ def show_result(client: Client, as_json: bool, commit: str) -> None:
         for run in result["runs"]:
             print("    %-4s %-9s %s  %s" % (run["run"], run["status"], age(run["finished_at"]),
                                         run["files"].get("report", "(no files)")))
+
+
+def show_flaky(client: Client, as_json: bool, limit: int, window: int) -> None:
+    document = client.ask_json("flaky", limit=limit, window=window)
+    if as_json:
+        print(json.dumps(document, indent=2))
+        return
+    runs = document["runs"]
+    print("flakiest tests in the last %d run%s that ran tests (rate: runs in which the test was flaky, of those):"
+          % (runs, "" if runs == 1 else "s"))
+    for test in document["tests"]:
+        print("  %5.1f%%  %d of %d  %s  (last: %s run %s, %s, %s)" % (
+            test["rate"] * 100, test["flaky"], runs, test["test"], short(test["commit"]), test["run"],
+            " ".join(test["outcomes"]), age(test["finished_at"])))
+    if not document["tests"]:
+        print("  (none was flaky)")
 
 
 def do_rerun(client: Client, as_json: bool, commit: str) -> None:
@@ -372,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the commit id, or its first 7 or more hex digits if no other commit starts with them")
     dispatch = commands.add_parser("dispatch", help="queue a commit for testing now")
     dispatch.add_argument("commit", metavar="SHA", type=full_commit_argument, help="the full commit id (git rev-parse)")
+    flaky = commands.add_parser("flaky", help="the tests most often flaky (failed, then passed when run again) "
+                                "in recent runs, with their rate")
+    flaky.add_argument("--limit", type=int, default=20, help="tests to list (default: %(default)s)")
+    flaky.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                       help="the rate is over this many newest runs that ran tests (default: %(default)s)")
     rerun = commands.add_parser("rerun", help="run a commit that has a verdict again; its earlier files are kept "
                                 "in RESULTS_DIR/runs/SHA/RUN/")
     cancel = commands.add_parser("cancel", help="stop a queued or running commit: a first run ends 'cancelled', "
@@ -393,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--keys-file", metavar="FILE",
                              help="change (or read) this keys file directly instead of asking the dispatcher: on "
                              "its machine, to make the first operator key; the dispatcher reads it within a second")
-    for command in (status, queue, runners, results, dispatch, rerun, cancel, key_add, key_revoke, key_list):
+    for command in (status, queue, runners, results, dispatch, flaky, rerun, cancel, key_add, key_revoke, key_list):
         # After the command too (`ci-ctl status --json`); SUPPRESS keeps the one given before it.
         command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                              help="print JSON for scripts instead of text")
@@ -420,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             show_result(client, args.json, args.commit)
         elif args.command == "dispatch":
             do_dispatch(client, args.json, args.commit)
+        elif args.command == "flaky":
+            show_flaky(client, args.json, max(1, args.limit), max(1, args.window))
         elif args.command == "rerun":
             do_rerun(client, args.json, args.commit)
         elif args.command == "cancel":

@@ -10,7 +10,9 @@ for a runner, each branch's newest commit goes first, then the others newest fir
 (``--order tip``; ``--order fifo``: oldest first); a commit is one job whichever
 branches bring it, and the store records each (store.py). A test failure is the
 commit's verdict; an infrastructure fault (checkout failed, runner lost) is retried
-on another runner, up to ``--max-attempts`` times. Final results go to the results
+on another runner, up to ``--max-attempts`` times. When tests fail, the failing tests
+alone run again (up to ``--flaky-reruns`` times, on another runner when one is free):
+if they pass, the verdict is ``flaky`` (flaky.py). Final results go to the results
 folder (result_files.py), written once per run and atomically, and the results page
 there (page.py) is rebuilt on a thread of its own after each. An operator may run a
 judged commit again (``rerun``: a new run, the earlier run's files kept) or cancel a
@@ -40,7 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from commit_ci import junit, result_files
+from commit_ci import flaky, junit, result_files
 from commit_ci.client import communicate
 from commit_ci.daemon import add_logging_arguments, install_stop_signals, setup_logging
 from commit_ci.page import ResultsPage
@@ -50,7 +52,7 @@ from commit_ci.result_files import iso_time
 from commit_ci.security import RUNNER, Key, Security, add_security_arguments, security_from_arguments, wrap_secret
 from commit_ci.server import ProtocolServer, serve_in_thread
 from commit_ci.states import JobState, Outcome, ReportedStatus, RunnerState
-from commit_ci.store import QUEUE_ORDERS, Job, JobStore
+from commit_ci.store import QUEUE_ORDERS, Job, JobStore, Round
 from commit_ci.wire import ProtocolError, format_address
 
 log = logging.getLogger("dispatcher")
@@ -93,6 +95,7 @@ class Assignment:
     lease_expires: float
     acknowledged: bool = False  # the runner answered OK to runtest (or reported it busy)
     superseded: bool = False  # the job was settled by another attempt meanwhile
+    tests: tuple[str, ...] | None = None  # a rerun of these failing tests alone (flaky.py)
 
 
 @dataclass(eq=False)
@@ -135,8 +138,11 @@ class Dispatcher:
         on_final_result: Callable[[], None] | None = None,
         order: str = "tip",
         on_branch_change: Callable[[], None] | None = None,
+        flaky_reruns: int = flaky.DEFAULT_RERUNS,
     ):
         self.store = store
+        #: How many times the tests still failing run again (0: never; flaky.py).
+        self.flaky_reruns = flaky_reruns
         self.security = security or Security()
         self.results_dir = results_dir
         self.max_attempts = max_attempts
@@ -154,6 +160,9 @@ class Dispatcher:
         self._assignments: dict[int, Assignment] = {}
         #: Runners on which a job met an infrastructure fault: tried last for it.
         self._avoid: dict[str, set[str]] = {}
+        #: Runners that ran a round of a job's run whose failing tests run again: the
+        #: next round goes to another runner when one is free (kept in memory only).
+        self._ran: dict[str, set[str]] = {}
         self._stop = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="runner-io")
         self._threads: list[threading.Thread] = []
@@ -231,8 +240,9 @@ class Dispatcher:
             if result is None or (result.run or 1) != job.run:
                 continue  # none, or the verdict of the run before a rerun
             state = JobState(result.status)
-            self.store.finish(commit, None, state, Outcome(state.value), result.reason, json.dumps(result.summary()),
-                              time.time())
+            summary = result.summary()
+            self.store.finish(commit, None, state, Outcome(state.value), result.reason, json.dumps(summary),
+                              time.time(), flaky=flaky.records(summary))
             log.info("commit %s: result file found on start-up (%s); recorded", commit, state.value)
 
     # --- requests ------------------------------------------------------------------
@@ -248,6 +258,7 @@ class Dispatcher:
             "runners": self._on_runners,
             "recent": self._on_recent,
             "lookup": self._on_lookup,
+            "flaky": self._on_flaky,
             "rerun": self._on_rerun,
             "cancel": self._on_cancel,
             "key-add": self._on_key_add,
@@ -347,8 +358,8 @@ class Dispatcher:
         with self._cond:
             runs = self.store.runs(commit)
         answer = {"commit": commit, "state": job.state.value, "runner": job.runner, "attempt": job.current_attempt,
-                  "run": job.run, "queued_at": iso_time(job.queued_at), "branches": self.store.branches_of(commit),
-                  "summary": None, "files": {}, "runs": []}
+                  "run": job.run, "round": job.round, "queued_at": iso_time(job.queued_at),
+                  "branches": self.store.branches_of(commit), "summary": None, "files": {}, "runs": []}
         if job.summary:
             # The current verdict: while a rerun is queued or running, the one before.
             answer["summary"] = json.loads(job.summary)
@@ -359,6 +370,16 @@ class Dispatcher:
                                    "files": self._files(commit, None if run.run == (current or 1) else run.run)
                                    if run.summary else {}})
         return _json_reply(answer)
+
+    def _on_flaky(self, message: Message, peer: str) -> Message:
+        limit = min(message.get("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT)
+        window = min(max(1, message.get("window", flaky.DEFAULT_WINDOW)), flaky.MAX_WINDOW)
+        # The store's own lock: a read through two small indexes, no need for the dispatcher's.
+        runs, tests = self.store.flakiest(window, limit)
+        for test in tests:
+            test["rate"] = round(test["flaky"] / runs, 4) if runs else 0.0
+            test["finished_at"] = iso_time(test["finished_at"])
+        return _json_reply({"window": window, "runs": runs, "tests": tests})
 
     def _files(self, commit: str, run: int | None) -> dict:
         """Where the report and the summary of ``commit``'s run ``run`` are (None: the current one)."""
@@ -433,6 +454,7 @@ class Dispatcher:
                 return error("commit %s is %s: its run is not over (cancel it first)" % (commit, job.state.value))
             run = self.store.rerun(commit, time.time())
             self._avoid.pop(commit, None)
+            self._ran.pop(commit, None)
             self._cond.notify_all()
         log.info("commit %s: run %d queued (rerun asked by %s; its verdict stays %s until then)",
                  commit, run, _who(message, peer), job.state.value)
@@ -574,12 +596,15 @@ class Dispatcher:
                     "results from %s for unknown commit %s attempt %d: refused", peer, result.commit, result.attempt
                 )
                 return error(UNKNOWN_ATTEMPT)
-            if attempt.run != job.run:
-                # Of a run before a rerun, that run settled meanwhile: it judges nothing now.
+            if (attempt.run, attempt.round) != (job.run, job.round):
+                # Of a run before a rerun, that run settled meanwhile; or of a round of this
+                # run whose failing tests run again already (its result sent twice, or
+                # another attempt of that round settled it first): it judges nothing now.
                 self.store.end_attempt(result.attempt, Outcome.SUPERSEDED, time.time())
                 self._free_runner_of(result.attempt)
-                log.info("commit %s attempt %d (runner %s): late %s result of run %d ignored, run %d is on",
-                         result.commit, result.attempt, attempt.runner, result.status, attempt.run, job.run)
+                log.info("commit %s attempt %d (runner %s): late %s result of run %d round %d ignored, run %d round "
+                         "%d is on", result.commit, result.attempt, attempt.runner, result.status, attempt.run,
+                         attempt.round, job.run, job.round)
                 return reply("OK", recorded=0)
             key = message.key
             if key is not None and not key.shared and attempt.runner != key.name:
@@ -601,10 +626,21 @@ class Dispatcher:
                 return answer
             # A verdict: its files (the output may be megabytes, fsync'ed) are written
             # without the lock, which every request and the scheduler need meanwhile.
-            state = JobState(result.status)
-            now = self._complete(result, state, attempt.runner)
+            # A failure may instead be a round whose failing tests run again (flaky.py),
+            # kept in the store, also without the lock.
+            step = self._step(job, result)
+            state = JobState(step.status or result.status)
+            now = self._complete(result, JobState(result.status), attempt.runner)
             self._settling.add(result.commit)
         try:
+            if step.again:
+                self._keep_round(job, result, step)
+                with self._cond:
+                    self._next_round(job, result, step, attempt.runner)
+                    self._free_runner_of(result.attempt)
+                return reply("OK", recorded=1)
+            if job.round > 0:
+                result = self._with_reruns(job, result, step, state)
             result_files.write_result(self.results_dir, result)
             with self._cond:
                 self._record_settled(result, state, now)
@@ -613,6 +649,65 @@ class Dispatcher:
             with self._cond:
                 self._settling.discard(result.commit)
         return reply("OK", recorded=1)
+
+    # --- failing tests run again (flaky.py) --------------------------------------------
+
+    def _step(self, job: Job, result: Result) -> flaky.Step:
+        """What follows the verdict ``result`` of the job's current round (lock held)."""
+        if job.round == 0:
+            return flaky.first_step(result.status, result.retry, result.failing, self.flaky_reruns)
+        kept = self.store.round_summaries(job.commit, job.run)
+        first = kept[0].get("failing") if kept else None  # none kept: a broken store; the whole command then
+        return flaky.next_step(job.round, self.flaky_reruns, None if first is None else tuple(first), job.retest,
+                               result.status, result.retry, result.failing)
+
+    def _round_entry(self, job: Job, result: Result, step: flaky.Step) -> dict:
+        """What a round's result keeps in the store: round 0's summary, with its failing
+        tests (None: a whole-command run); of a rerun, its entry of ``reruns``."""
+        if job.round == 0:
+            return dict(result.summary(), attempt=result.attempt,
+                        failing=None if step.tests is None else list(step.tests))
+        entry = {"rerun": job.round, "tests": None if job.retest is None else list(job.retest),
+                 "status": result.status, "failing": None if step.failing is None else list(step.failing),
+                 "attempt": result.attempt}
+        entry.update((name, getattr(result, name)) for name in (
+            "passed", "failed", "errors", "skipped", "duration_s", "runner", "attempts", "started_at", "finished_at",
+            "reason", "hash_seed"))
+        return entry
+
+    def _keep_round(self, job: Job, result: Result, step: flaky.Step) -> None:
+        """Keep a round whose failing tests run again, with its output (lock not held)."""
+        self.store.keep_round(job.commit, job.run, job.round, json.dumps(self._round_entry(job, result, step)),
+                              result.log, result.junit)
+
+    def _next_round(self, job: Job, result: Result, step: flaky.Step, runner: str) -> None:
+        """Queue the job's next round, for the tests still failing (lock held)."""
+        commit = job.commit
+        self.store.next_round(commit, result.attempt, job.round + 1, step.tests, time.time())
+        self._ran.setdefault(commit, set()).add(runner)
+        for other in self._assignments.values():
+            if other.commit == commit and other.attempt_id != result.attempt:
+                other.superseded = True
+        what = "the whole test command" if step.tests is None else "%d failing test(s): %s" % (
+            len(step.tests), ", ".join(step.tests))
+        log.info("commit %s attempt %d (runner %s): tests failed; rerun %d of %d queued: %s", commit, result.attempt,
+                 runner, job.round + 1, self.flaky_reruns, what)
+        self._cond.notify_all()
+
+    def _with_reruns(self, job: Job, result: Result, step: flaky.Step, state: JobState) -> Result:
+        """The result of a run that ends after reruns of its failing tests: the first
+        round's, with every rerun's (lock not held: the run's rounds change no more)."""
+        rounds: list[Round] = self.store.rounds(job.commit, job.run)
+        if not rounds or rounds[0].round != 0:
+            log.error("commit %s: the first round of run %d is not in the store: the result is the last rerun's",
+                      job.commit, job.run)
+            rounds = [Round(0, result.summary(), result.log, result.junit)]
+        first = Result.from_summary(rounds[0].summary)
+        first.log, first.junit, first.attempt = rounds[0].log, rounds[0].junit, result.attempt
+        first.finished_at, first.run = result.finished_at, result.run
+        reruns = [(entry.summary, entry.log) for entry in rounds[1:] if entry.round < job.round]
+        reruns.append((self._round_entry(job, result, step), result.log))
+        return result_files.with_reruns(first, reruns, state.value, list(step.flaky), max(self.flaky_reruns, job.round))
 
     def _free_runner_of(self, attempt_id: int) -> None:
         """The runner of ``attempt_id`` has reported: it is free again now, not at its
@@ -669,21 +764,26 @@ class Dispatcher:
         runner, the attempts it took, its times); returns when it became final. Called
         with the lock held."""
         job = self.store.job(result.commit)
-        result.attempts, _ = self.store.attempt_counts(result.commit)
+        result.attempts, _ = self.store.attempt_counts(result.commit, job.round)
         result.run = job.run
         now = time.time()
         started = self.store.attempt(result.attempt).assigned_at if result.attempt else job.started_at
         result.status, result.runner = state.value, runner
+        # Every new summary has both lists, empty when no failing test ran again.
+        result.flaky_tests = [] if result.flaky_tests is None else result.flaky_tests
+        result.reruns = [] if result.reruns is None else result.reruns
         result.queued_at, result.started_at, result.finished_at = iso_time(job.queued_at), iso_time(started), iso_time(now)
         return now
 
     def _record_settled(self, result: Result, state: JobState, now: float) -> None:
         """Record a job whose result files are written as final; called with the lock held."""
         commit = result.commit
+        summary = result.summary()
         self.store.finish(commit, result.attempt, state, Outcome(state.value), result.reason,
-                          json.dumps(result.summary()), now)
+                          json.dumps(summary), now, flaky=flaky.records(summary))
         self.on_final_result()
         self._avoid.pop(commit, None)
+        self._ran.pop(commit, None)
         for other in self._assignments.values():
             if other.commit == commit:
                 other.superseded = True
@@ -813,6 +913,8 @@ class Dispatcher:
             able = [runner for runner in idle if runner.can_run(job)]
             if not able:
                 continue
+            if job.round:  # failing tests run again: on another runner when one is free
+                able.sort(key=lambda runner: runner.name in self._ran.get(commit, ()))
             avoid = self._avoid.get(commit, set())
             choice = next((r for r in able if r.name not in avoid), None)
             if choice is None:
@@ -823,7 +925,7 @@ class Dispatcher:
                 choice = able[0]
             idle.remove(choice)
             attempt_id = self.store.assign(commit, choice.name, time.time())
-            assignment = Assignment(commit, attempt_id, choice, self._lease_deadline())
+            assignment = Assignment(commit, attempt_id, choice, self._lease_deadline(), tests=job.retest)
             choice.assignment = assignment
             choice.since = time.time()
             self._assignments[attempt_id] = assignment
@@ -838,7 +940,8 @@ class Dispatcher:
         try:
             answer = communicate(
                 record.address,
-                request("runtest", commit=assignment.commit, attempt=assignment.attempt_id),
+                request("runtest", commit=assignment.commit, attempt=assignment.attempt_id,
+                        tests=None if assignment.tests is None else flaky.encode_test_ids(assignment.tests)),
                 timeout=RUNTEST_TIMEOUT_S,
                 total_timeout=RUNTEST_TIMEOUT_S * 2,
                 security=record.security,
@@ -945,6 +1048,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", help="SQLite file of the job queue (default: beside the results folder, RESULTS_DIR.queue.sqlite3)")
     parser.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
                         help="infrastructure failures (runner lost, checkout failed) before a commit's verdict is 'error' (default: %(default)s)")
+    parser.add_argument("--flaky-reruns", type=int, default=flaky.DEFAULT_RERUNS, metavar="N",
+                        help="when tests fail, run the failing tests again up to N times (at most %d), on another "
+                        "runner when one is free; if they pass, the commit's verdict is 'flaky'. 0: never "
+                        "(default: %%(default)s)" % flaky.MAX_RERUNS)
     parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S,
                         help="seconds between pings to each runner; a runner missing %d in a row is dropped (default: %%(default)s)" % MISSED_PINGS_LIMIT)
     parser.add_argument("--order", choices=QUEUE_ORDERS, default="tip",
@@ -967,6 +1074,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_attempts < 1 or args.heartbeat_interval <= 0:
         log.error("--max-attempts must be at least 1 and --heartbeat-interval positive")
         return 2
+    if not 0 <= args.flaky_reruns <= flaky.MAX_RERUNS:
+        log.error("--flaky-reruns must be 0 to %d", flaky.MAX_RERUNS)
+        return 2
     try:
         security = security_from_arguments(args, serves=True, keys=True)
     except ValueError as exc:
@@ -986,7 +1096,8 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
         return 2
     dispatcher = Dispatcher(store, results_dir, args.max_attempts, args.heartbeat_interval, security,
-                            on_final_result=page.notify, order=args.order, on_branch_change=page.notify)
+                            on_final_result=page.notify, order=args.order, on_branch_change=page.notify,
+                            flaky_reruns=args.flaky_reruns)
     try:
         # Recording a result, adding or revoking a key, write files (fsync'd): each gets a
         # thread of its own rather than hold up the event loop that answers everyone else.

@@ -11,6 +11,11 @@ is ready for that environment -- in a process group of its own under a time limi
 and makes the attempt's ``Result``: the verdict, the counts from the JUnit XML
 (junit.py), the output, the hash seed, and why when it is not plain.
 
+A job may be a rerun of some failing tests (``tests``: their pytest node ids, which
+it passes to pytest alone). After a failed run, the executor reads the failing tests'
+node ids from the JUnit XML while the clone is still the commit's checkout, and says
+what may run again (flaky.py: ``retry``, ``failing``).
+
 Whose fault an ending is decides what follows. A test failure, a timeout, tests that
 cannot be collected, a config file that is wrong and a failed install of the commit's
 own dependencies are the commit's verdict (``failed``). A checkout that fails, a
@@ -34,10 +39,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from commit_ci import junit
+from commit_ci import flaky, junit
 from commit_ci.checkout import GitDirGuard, check_out
 from commit_ci.environments import Environment, EnvironmentCache, Interpreter, SetupFailure, note, plan
 from commit_ci.files import open_untrusted
+from commit_ci.flaky import Retry
 from commit_ci.isolation import Isolation, Launch, new_job_root
 from commit_ci.leftovers import LEFTOVERS_TIMEOUT_S, kill_leftovers
 from commit_ci.processes import KILL_GRACE_S, STOPPED, TIMEOUT, run_step, supervise
@@ -190,13 +196,14 @@ class Executor:
 
     # --- a job -----------------------------------------------------------------------
 
-    def run(self, commit: str, attempt: int) -> Result:
+    def run(self, commit: str, attempt: int, tests: tuple[str, ...] | None = None) -> Result:
         """Check ``commit`` out, prepare its environment, test it and sweep up after it;
-        the attempt's result."""
+        the attempt's result. ``tests``: node ids of failing tests to run again, alone
+        (flaky.py); the whole test command runs when there is one."""
         self._freeze_spare()
         try:
             self.isolation.begin_job()
-            return self._run(commit, attempt)
+            return self._run(commit, attempt, tests)
         finally:
             if self._spare is not None and self.isolation.separate:
                 # Not taken, and the job user's steps may have reached it: it serves no job.
@@ -225,7 +232,7 @@ class Executor:
                 return
             self._start_spare(*self._spare_for)
 
-    def _run(self, commit: str, attempt: int) -> Result:
+    def _run(self, commit: str, attempt: int, tests: tuple[str, ...] | None) -> Result:
         started = time.monotonic()
         early = self._check_out(commit, attempt)
         if early is None:
@@ -240,11 +247,15 @@ class Executor:
             os.unlink(output_path)
         junit_path = os.path.join(self.isolation.out, "junit.xml")  # a new folder, as the job's others
         env = dict(setting.env, CI_COMMIT=commit, CI_ATTEMPT=str(attempt), CI_JUNIT_XML=junit_path)
-        log.info("commit %s attempt %d: testing", commit, attempt)
+        if tests is not None and setting.test_command:
+            log.info("commit %s attempt %d: testing again, with its test command (it has no test ids)", commit, attempt)
+            tests = None
+        log.info("commit %s attempt %d: testing%s", commit, attempt,
+                 "" if tests is None else " again: %d failing test(s) alone" % len(tests))
         test_started = time.monotonic()
         try:
             status, killed, hash_seed, output_path = self._run_tests(commit, attempt, setting, junit_path, env,
-                                                                     output_path)
+                                                                     output_path, tests)
         except JobFault as exc:
             log.error("commit %s attempt %d: %s", commit, attempt, exc)
             return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason=str(exc),
@@ -256,6 +267,7 @@ class Executor:
                         hash_seed=hash_seed, log=setting.notes + read_log(output_path))
         self._add_junit(result, junit_path)
         self._judge(result, status, killed, setting)
+        self._add_retry(result, setting, tests)
         log.info("commit %s attempt %d: %s in %.2f s%s (PYTHONHASHSEED=%d)", commit, attempt, result.status, duration,
                  " (%s)" % result.reason if result.reason else "", hash_seed)
         return result
@@ -272,6 +284,36 @@ class Executor:
             for name, count in counts.items():
                 setattr(result, name, count)
             result.junit = report[0]
+
+    def _add_retry(self, result: Result, setting: Setting, tests: tuple[str, ...] | None) -> None:
+        """What may run again (flaky.py): of a rerun of ``tests``, those it did not see
+        pass; of a plain test failure, the failing tests' node ids, read from the JUnit
+        XML while the checkout is the commit's, or else the whole test command."""
+        if result.status not in (ReportedStatus.PASSED, ReportedStatus.FAILED):
+            return
+        root = None
+        if result.junit and not setting.test_command:
+            try:
+                root = junit.parse(result.junit)
+            except junit.JUnitError:
+                root = None
+        if tests is not None:
+            result.retry, result.failing = Retry.TESTS.value, flaky.still_failing(tests, root, self._is_test_file)
+            return
+        if result.status != ReportedStatus.FAILED or result.reason is not None:
+            return  # passed; or it did not get to judge its tests (time-out, collection error, setup...)
+        failing = flaky.failing_ids(root, self._is_test_file) if root is not None else None
+        if failing:
+            result.retry, result.failing = Retry.TESTS.value, failing
+        elif root is not None and len([case for case in junit.cases(root) if case[2] == junit.FAILED]) > flaky.MAX_TESTS:
+            log.info("commit %s attempt %d: more than %d tests failed: none runs again", result.commit,
+                     result.attempt, flaky.MAX_TESTS)
+        else:
+            result.retry = Retry.COMMAND.value
+
+    def _is_test_file(self, path: str) -> bool:
+        """Whether the checkout has a ``.py`` file at ``path`` (relative, checked by flaky.node_id)."""
+        return os.path.isfile(os.path.join(self.clone, path))
 
     def _judge(self, result: Result, status: int, killed: str | None, setting: Setting) -> None:
         """The verdict and its reason, from how the tests ended."""
@@ -385,13 +427,14 @@ class Executor:
     # --- the tests -------------------------------------------------------------------
 
     def _run_tests(self, commit: str, attempt: int, setting: Setting, junit_path: str, env: dict,
-                   output_path: str) -> tuple[int, str | None, int, str]:
+                   output_path: str, tests: tuple[str, ...] | None = None) -> tuple[int, str | None, int, str]:
         """Run the tests in the clone: forked from a warm pytest when one is ready for
         this interpreter, else the test command in a new interpreter. Returns what
         ``supervise`` returns, the hash seed the tests ran with, and where their output
         is: ``output_path``, or, when a warm pytest run as the job user wrote it, a
         file in the job's own folder (read without following links)."""
-        pytest_args = ["--junitxml", junit_path]
+        # Node ids are checked (flaky.is_test_id): none can be taken for an option.
+        pytest_args = ["--junitxml", junit_path, *(tests or ())]
         zygote = self._take_warm(setting) if not setting.test_command and self._warm_enabled else None
         if zygote is not None:
             log.info("commit %s attempt %d: forked from a warm pytest (%s)", commit, attempt, zygote.description)

@@ -101,6 +101,25 @@ def counts(root: ElementTree.Element) -> dict[str, int] | None:
     }
 
 
+#: How a test case ended, as ``cases`` says it.
+PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+
+
+def cases(root: ElementTree.Element) -> list[tuple[str, str, str]]:
+    """Every test case as (classname, name, how it ended: PASSED, FAILED -- a failure or
+    an error -- or SKIPPED), in the file's order."""
+    found = []
+    for case in root.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            outcome = FAILED
+        elif case.find("skipped") is not None:
+            outcome = SKIPPED
+        else:
+            outcome = PASSED
+        found.append((case.get("classname") or "", case.get("name") or "", outcome))
+    return found
+
+
 def failures(root: ElementTree.Element, limit: int) -> tuple[tuple[FailedTest, ...], int]:
     """The test cases that failed or errored: (the first ``limit``, how many there are)."""
     shown: list[FailedTest] = []

@@ -31,7 +31,7 @@ log = logging.getLogger("runner")
 
 #: The fields a kept result holds besides its output and JUnit XML.
 _PLAIN_FIELDS = ("commit", "attempt", "status", "passed", "failed", "errors", "skipped", "duration_s", "reason",
-                 "hash_seed", "requires")
+                 "hash_seed", "requires", "retry")
 
 
 class Outbox:
@@ -102,6 +102,7 @@ def encode(result: Result) -> bytes:
     record = {name: getattr(result, name) for name in _PLAIN_FIELDS}
     record["log"] = base64.b64encode(result.log).decode("ascii")
     record["junit"] = None if result.junit is None else base64.b64encode(result.junit).decode("ascii")
+    record["failing"] = None if result.failing is None else list(result.failing)
     return json.dumps(record).encode("utf-8")
 
 
@@ -123,4 +124,8 @@ def decode(data: bytes) -> Result:
         junit = None if record.get("junit") is None else base64.b64decode(record["junit"], validate=True)
     except (binascii.Error, TypeError):
         raise ValueError("output or JUnit XML not in base64") from None
-    return Result(**{name: record.get(name) for name in _PLAIN_FIELDS}, log=log_bytes, junit=junit)
+    failing = record.get("failing")
+    if failing is not None and not (isinstance(failing, list) and all(isinstance(test, str) for test in failing)):
+        raise ValueError("failing tests not a list of ids")
+    return Result(**{name: record.get(name) for name in _PLAIN_FIELDS}, log=log_bytes, junit=junit,
+                  failing=None if failing is None else tuple(failing))

@@ -3,12 +3,13 @@
 The page lists the newest ``PAGE_RESULTS`` final results, newest first: short
 commit id, subject and author, verdict in colour, test counts, duration, runner,
 attempts and reason, links to the commit's report, log and JUnit XML, and the
-failing tests with the first lines of their messages (from ``<sha>.xml``). Above
-the list, a bar chart shows the verdicts and durations of the last
-``CHART_RESULTS`` commits, and above it each branch's state: green, red since the
-commit that broke it, or pending (store.JobStore.branch_states). It is a single
-static file: no script, no external asset, nothing fetched, so it works opened from
-the file system.
+failing tests with the first lines of their messages (from ``<sha>.xml``), and the
+tests found flaky (failed, then passed when run again: flaky.py). Above the list, a
+bar chart shows the verdicts and durations of the last ``CHART_RESULTS`` commits, a
+table the ``FLAKY_SHOWN`` flakiest tests over the last ``flaky.DEFAULT_WINDOW`` runs,
+and above them each branch's state: green, red since the commit that broke it, or
+pending (store.JobStore.branch_states). It is a single static file: no script, no
+external asset, nothing fetched, so it works opened from the file system.
 
 Everything on it that comes from a commit or its tests (subjects, author names,
 reasons, test names, failure messages) is untrusted, so the page is rendered by
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 
 import jinja2
 
-from commit_ci import junit
+from commit_ci import flaky, junit
 from commit_ci.commit_metadata import CommitMetadata, cut
 from commit_ci.files import atomic_write
 from commit_ci.result import Result
@@ -57,6 +58,8 @@ CHART_RESULTS = 50
 BRANCHES_SHOWN = 50
 #: Failing tests listed per commit; the rest are counted.
 FAILURES_SHOWN = 25
+#: Tests in the table of the flakiest.
+FLAKY_SHOWN = 10
 #: Longer reasons are cut, with an ellipsis (subjects and authors: commit_metadata.py).
 REASON_CHARS = 300
 SHORT_SHA_CHARS = 10
@@ -112,6 +115,21 @@ class Row:
     #: status, link to its report or None when it has no files), the first first.
     run: int = 1
     other_runs: list[tuple[int, str, str | None]] = field(default_factory=list)
+    #: Tests that failed and then passed when run again, and how many reruns there were.
+    flaky_tests: list[str] = field(default_factory=list)
+    reruns: int = 0
+
+
+@dataclass
+class FlakyTest:
+    """A line of the table of the flakiest tests."""
+
+    test: str
+    flaky: int
+    rate: str
+    commit: str
+    short: str
+    outcomes: str
 
 
 @dataclass
@@ -208,7 +226,7 @@ _template = jinja2.Environment(
 
 
 def render_page(rows: list[Row], durations: dict[str, float | None], generated: str,
-                branches: list[BranchRow] = ()) -> str:
+                branches: list[BranchRow] = (), flakiest: tuple[int, list[FlakyTest]] = (0, [])) -> str:
     """The whole page. Every value is escaped by the template: none is trusted."""
     counts = {verdict: sum(1 for row in rows if row.status == verdict) for verdict in VERDICT_NAMES}
     # The newest failure's tests are shown unfolded: it is the one people come to look at.
@@ -222,6 +240,8 @@ def render_page(rows: list[Row], durations: dict[str, float | None], generated: 
         generated=generated,
         bar_width=BAR_WIDTH,
         branches=branches,
+        flaky_runs=flakiest[0],
+        flakiest=flakiest[1],
     )
 
 
@@ -316,6 +336,8 @@ class ResultsPage:
                     files=self._commit_files(commit, status, result.run or 1),
                     run=result.run or 1,
                     other_runs=self._other_runs(commit, result.run or 1),
+                    flaky_tests=[str(test) for test in result.flaky_tests or ()],
+                    reruns=len(result.reruns or ()),
                 )
             )
             duration = result.duration_s
@@ -324,11 +346,18 @@ class ResultsPage:
         self._files = {key: files for key, files in self._files.items() if key[0] in shown}
         generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         branches = [branch_row(state) for state in self.store.branch_states(BRANCHES_SHOWN)]
-        page = render_page(rows, durations, generated, branches)
+        page = render_page(rows, durations, generated, branches, self._flakiest())
         # Not fsync'ed: the page is rebuilt from the store at every start-up.
         atomic_write(self.path, page.encode("utf-8"), durable=False)
         log.debug("results page written: %d results in %.0f ms", len(rows), (time.monotonic() - started) * 1000)
         return len(rows)
+
+    def _flakiest(self) -> tuple[int, list[FlakyTest]]:
+        """The flakiest tests, and how many runs their rate is over (flaky.py)."""
+        runs, tests = self.store.flakiest(flaky.DEFAULT_WINDOW, FLAKY_SHOWN)
+        return runs, [FlakyTest(test["test"], test["flaky"], "%.1f%%" % (100.0 * test["flaky"] / runs),
+                                test["commit"], test["commit"][:SHORT_SHA_CHARS], " ".join(test["outcomes"]))
+                      for test in tests if runs and is_commit_id(test["commit"])]
 
     def _other_runs(self, commit: str, shown: int) -> list[tuple[int, str, str | None]]:
         """The runs of ``commit`` other than the one shown (read only for a commit run

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 from urllib.parse import quote, unquote
 
+from commit_ci.flaky import MAX_TEST_IDS_BYTES, Retry
 from commit_ci.security import OBSERVER, OPERATOR, ROLES, RUNNER, Key
 from commit_ci.states import JobState, ReportedStatus, RunnerState, values
 from commit_ci.wire import (
@@ -137,6 +138,8 @@ def parse_requirement(text: str) -> str:
 parse_status = _one_of(values(ReportedStatus), "status")
 parse_runner_state = _one_of(values((RunnerState.IDLE, RunnerState.BUSY)), "state")
 parse_job_state = _one_of(values(JobState), "job state")
+#: What a runner says may run again after a failed run (flaky.py).
+parse_retry = _one_of(values(Retry), "retry")
 #: What a named key may do (security.py).
 parse_role = _one_of(ROLES, "role")
 
@@ -173,6 +176,10 @@ class Verb:
 LOG_SECTION = Section("log", MAX_LOG_BYTES, truncate=True)
 JUNIT_SECTION = Section("junit", MAX_JUNIT_BYTES, truncate=False)
 JSON_SECTION = Section("json", MAX_JSON_BYTES, truncate=False)
+#: Node ids, one per line (flaky.py): the tests a rerun runs, the tests that failed.
+#: A longer list is dropped whole (a cut list would rerun only some of them).
+TESTS_SECTION = Section("tests", MAX_TEST_IDS_BYTES, truncate=False)
+FAILING_SECTION = Section("failing", MAX_TEST_IDS_BYTES, truncate=False)
 
 #: What a peer may send to a server (dispatcher or runner), and, for the dispatcher,
 #: which keys may send it (docs/security.md has the same table).
@@ -191,6 +198,7 @@ REQUESTS: dict[str, Verb] = {
         Verb("recent", options=(("limit", parse_count),), roles=(OPERATOR,)),
         # The one verb that takes a commit id prefix: people type ids to look them up.
         Verb("lookup", positional=(("commit", parse_commit_prefix),), roles=(OPERATOR,)),
+        Verb("flaky", options=(("limit", parse_count), ("window", parse_count)), roles=(OPERATOR,)),
         Verb(
             "register",
             positional=(("host", parse_host), ("port", parse_port)),
@@ -210,8 +218,9 @@ REQUESTS: dict[str, Verb] = {
                 ("reason", parse_text),
                 ("hash_seed", parse_count),
                 ("requires", parse_requirement),
+                ("retry", parse_retry),
             ),
-            sections=(LOG_SECTION, JUNIT_SECTION),
+            sections=(LOG_SECTION, JUNIT_SECTION, FAILING_SECTION),
             roles=(RUNNER,),
         ),
         # the dispatcher's keys file (ci-ctl key ...); key-add answers with the new key, hidden
@@ -223,7 +232,8 @@ REQUESTS: dict[str, Verb] = {
         Verb("cancel", positional=(("commit", parse_commit),), roles=(OPERATOR,)),
         # to a runner
         Verb("ping"),
-        Verb("runtest", positional=(("commit", parse_commit), ("attempt", parse_attempt))),
+        Verb("runtest", positional=(("commit", parse_commit), ("attempt", parse_attempt)),
+             sections=(TESTS_SECTION,)),
         Verb("stop", positional=(("commit", parse_commit), ("attempt", parse_attempt))),
     )
 }

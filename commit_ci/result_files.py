@@ -9,6 +9,13 @@ For a commit ``<sha>``:
 * ``<sha>.xml``   the JUnit XML the tests wrote, when they wrote a usable one;
 * ``<sha>.json``  the same facts as the report, for programs (result.SUMMARY_FIELDS).
 
+A run whose failing tests ran again (flaky.py) has the same four files: the report,
+``<sha>.log`` and ``<sha>.xml`` are the first run's -- the whole suite, with the first
+failure -- and the report and the log then have a section per rerun, marked by a line
+``==== rerun K of N ...`` that says what ran again, where, and how it ended, followed
+by that rerun's output; ``<sha>.json`` lists the reruns (``reruns``) and the tests
+found flaky (``flaky_tests``). The reruns' JUnit XML is read for their outcomes, not kept.
+
 Each file is written atomically; ``<sha>.json`` is written last and is the mark that
 a commit's result is complete: on start-up the dispatcher trusts it over its own
 database (it may have died between writing the files and recording the job), when it
@@ -59,6 +66,44 @@ def run_folder(results_dir: str, commit: str, run: int) -> str:
     return os.path.join(os.path.dirname(result_path(results_dir, commit)), RUNS_FOLDER, commit, str(int(run)))
 
 
+#: Of each rerun's output, what the log keeps (its head and tail): a rerun runs a few tests.
+RERUN_LOG_BYTES = 1024 * 1024
+#: Longest reason written (a list of flaky tests can be long; the JSON has them all).
+REASON_CHARS = 300
+
+
+def rerun_heading(entry: dict, reruns: int) -> str:
+    """The line that starts a rerun's section in the report and the log."""
+    tests = entry.get("tests")
+    what = "the whole test command" if tests is None else "%d failing test%s" % (len(tests), "" if len(tests) == 1 else "s")
+    return "==== rerun %s of %d: %s, runner %s, attempt %s: %s ====" % (
+        entry.get("rerun"), reruns, what, entry.get("runner"), entry.get("attempt"), entry.get("status"))
+
+
+def with_reruns(first: Result, reruns: list[tuple[dict, bytes]], status: str, flaky: list[str],
+                planned: int) -> Result:
+    """The result of a run whose failing tests ran again: ``first`` (the whole suite's
+    run, with its output and JUnit XML), the verdict ``status`` the reruns decided, the
+    ``flaky`` tests, and each rerun's entry and output, as sections of the log.
+    ``planned``: how many reruns the dispatcher allowed (``--flaky-reruns``)."""
+    log = first.log
+    for entry, output in reruns:
+        if len(output) > RERUN_LOG_BYTES:
+            half = RERUN_LOG_BYTES // 2
+            output = output[:half] + b"\n[... %d bytes of this rerun's output cut here ...]\n" % (len(output) - 2 * half) + output[-half:]
+        log = log.rstrip(b"\n") + b"\n\n" + rerun_heading(entry, planned).encode("utf-8", "replace") + b"\n" + output
+    first.status, first.flaky_tests, first.log = status, list(flaky), log
+    first.reruns = [entry for entry, _ in reruns]
+    if flaky and status == "flaky":
+        first.reason = "passed when run again: %s" % ", ".join(flaky)
+    elif status == "failed":
+        first.reason = "failed again in %d rerun%s%s" % (len(reruns), "" if len(reruns) == 1 else "s",
+                                                         "; flaky: %s" % ", ".join(flaky) if flaky else "")
+    if first.reason and len(first.reason) > REASON_CHARS:
+        first.reason = first.reason[: REASON_CHARS - 1] + "\u2026"
+    return first
+
+
 def render_report(result: Result, output: str) -> str:
     """The report a person reads: the facts of ``<sha>.json``, then the test ``output``."""
 
@@ -83,6 +128,17 @@ def render_report(result: Result, output: str) -> str:
         "started:   %s" % show(result.started_at),
         "finished:  %s" % show(result.finished_at),
         "hash seed: %s" % show(result.hash_seed),
+    ]
+    if result.reruns:
+        lines.append("reruns:    %d (the failing tests run again at this commit)" % len(result.reruns))
+        for entry in result.reruns:
+            tests = entry.get("tests")
+            lines.append("  rerun %s: %s on runner %s (attempt %s), %s%s" % (
+                entry.get("rerun"), entry.get("status"), entry.get("runner"), entry.get("attempt"),
+                "the whole test command" if tests is None else ", ".join(tests),
+                "; still failing: %s" % ", ".join(entry["failing"]) if entry.get("failing") else ""))
+        lines.append("flaky:     %s" % (", ".join(result.flaky_tests) if result.flaky_tests else "-"))
+    lines += [
         "",
         "---- test output " + "-" * 50,
         output.rstrip("\n"),

@@ -2,7 +2,7 @@
 
 A runner listens for the dispatcher's ``ping`` (answered at once, even mid-job, with
 what it is doing), ``runtest`` (answered ``OK`` or ``BUSY`` at once; the job runs
-on the worker thread) and ``stop`` (a job cancelled: its steps are killed and it is
+on the worker thread; with a ``tests`` section, it reruns only those failing tests) and ``stop`` (a job cancelled: its steps are killed and it is
 handed back, or, not started yet, never starts). The runner is in parts, one job each:
 
 * this module: the requests, the one job held (and one offered while the last
@@ -50,6 +50,7 @@ from commit_ci.environments import (
     find_interpreters,
 )
 from commit_ci.executor import SHUTTING_DOWN, Executor
+from commit_ci.flaky import MAX_TEST_IDS_BYTES, decode_test_ids
 from commit_ci.isolation import (
     DEFAULT_JOB_USER,
     Cgroups,
@@ -150,6 +151,8 @@ class TestRunner:
         self._stopped: tuple[str, int] | None = None
         #: Jobs accepted and cancelled before they started (at most ``_job`` and ``_next``).
         self._cancelled: set[tuple[str, int]] = set()
+        #: Of ``_job`` and ``_next``, those that rerun failing tests: the tests' node ids.
+        self._tests: dict[tuple[str, int], tuple[str, ...]] = {}
         self._threads: list[threading.Thread] = []
 
     @property
@@ -179,6 +182,12 @@ class TestRunner:
         if message.verb == "runtest":
             self.link.heard_from_dispatcher()
             commit, attempt = message.fields["commit"], message.fields["attempt"]
+            try:
+                tests = self._tests_asked(message)
+            except ValueError as exc:
+                log.warning("commit %s attempt %d offered by %s with tests to run that are not test ids: %s",
+                            commit, attempt, peer, exc)
+                return error("invalid tests: %s" % exc)
             with self._cond:
                 if self.stop_event.is_set() or self._next is not None or (self._job is not None and not self._reporting):
                     log.info("commit %s attempt %d offered by %s: busy", commit, attempt, peer)
@@ -192,8 +201,11 @@ class TestRunner:
                     # it once the report is done, rather than answer BUSY and sit idle until
                     # the dispatcher's next ping.
                     self._next = (commit, attempt)
+                if tests is not None:
+                    self._tests[(commit, attempt)] = tests
                 self._cond.notify_all()
-            log.info("commit %s attempt %d accepted from %s", commit, attempt, peer)
+            log.info("commit %s attempt %d accepted from %s%s", commit, attempt, peer,
+                     "" if tests is None else ": a rerun of %d failing test(s)" % len(tests))
             return reply("OK")
         if message.verb == "stop":
             job = (message.fields["commit"], message.fields["attempt"])
@@ -211,6 +223,21 @@ class TestRunner:
             return reply("OK")
         log.warning("%s sent %s, which is for the dispatcher", peer, message.verb)
         return error("%s is not a runner request" % message.verb)
+
+    @staticmethod
+    def _tests_asked(message: Message) -> tuple[str, ...] | None:
+        """The node ids a ``runtest`` asks to run (a rerun of failing tests), or None for
+        the whole test suite; ValueError if they are not test ids (flaky.py): they came
+        from a commit's tests, and become pytest's arguments here."""
+        if "tests" in message.truncated:
+            raise ValueError("the list is longer than %d bytes" % MAX_TEST_IDS_BYTES)
+        data = message.sections.get("tests")
+        if data is None:
+            return None
+        tests = decode_test_ids(data)
+        if not tests:
+            raise ValueError("the list is empty")
+        return tests
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -245,17 +272,19 @@ class TestRunner:
                 if self.stop_event.is_set():
                     job = self._job
                     self._job = self._next = None
+                    self._tests.clear()
                     break
                 commit, attempt = self._job
                 cancelled = self._job in self._cancelled
                 self._cancelled.discard(self._job)
+                tests = self._tests.pop(self._job, None)
                 if not cancelled:
                     self.job_stop.clear()
                     self._started = self._job
             if cancelled:
                 result = Result(commit, ReportedStatus.ABORTED.value, attempt=attempt, reason=CANCELLED)
             else:
-                result = self._run(commit, attempt)
+                result = self._run(commit, attempt, tests)
             with self._cond:
                 if self._stopped == (commit, attempt) and result.status == ReportedStatus.ABORTED:
                     result.reason = CANCELLED
@@ -275,9 +304,9 @@ class TestRunner:
             self.link.deliver(Result(job[0], ReportedStatus.ABORTED.value, attempt=job[1], reason=SHUTTING_DOWN))
         self.executor.close()
 
-    def _run(self, commit: str, attempt: int) -> Result:
+    def _run(self, commit: str, attempt: int, tests: tuple[str, ...] | None) -> Result:
         try:
-            return self.executor.run(commit, attempt)
+            return self.executor.run(commit, attempt, tests)
         except Exception as exc:  # noqa: BLE001 - a fault of this runner, not a verdict: retried elsewhere
             log.exception("commit %s attempt %d: the runner failed", commit, attempt)
             return Result(commit, ReportedStatus.ERROR.value, attempt=attempt,

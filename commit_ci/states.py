@@ -1,12 +1,15 @@
 """The states of a job, of one attempt at it, and of a runner: named here, once.
 
 A job is one commit. It is ``queued`` until the scheduler assigns it to a runner,
-``running`` while an attempt is out, and ends in a verdict: ``passed`` or ``failed``
-(the commit's own), ``error`` (the infrastructure failed it too often), or
+``running`` while an attempt is out, and ends in a verdict: ``passed``, ``failed`` or
+``flaky`` (the commit's own: ``flaky`` when its failing tests passed when run again,
+flaky.py), ``error`` (the infrastructure failed it too often), or
 ``cancelled`` (an operator stopped it before it had one). An operator may run a
 commit that has a verdict again (a *rerun*): its job goes back to the queue, with the
 verdict it had still the current one until the new run ends; a cancelled rerun leaves
-that verdict as it was. The moves a job may make are the table ``TRANSITIONS``;
+that verdict as it was. Within a run, a job whose tests failed goes back to the queue
+for a rerun of its failing tests (a new round of the same run, flaky.py) before it
+has its verdict. The moves a job may make are the table ``TRANSITIONS``;
 store.JobStore makes them, inside the transaction that records why.
 
 Each assignment of a job to a runner is an attempt. A runner reports how it ended with
@@ -30,6 +33,7 @@ class JobState(str, enum.Enum):
     RUNNING = "running"
     PASSED = "passed"
     FAILED = "failed"
+    FLAKY = "flaky"  # tests failed, then passed when run again (flaky.py)
     ERROR = "error"
     CANCELLED = "cancelled"
 
@@ -39,21 +43,23 @@ class JobState(str, enum.Enum):
 
 
 #: The final states, which are the verdicts a result holds, in the order they are shown.
-VERDICTS = (JobState.PASSED, JobState.FAILED, JobState.ERROR, JobState.CANCELLED)
+VERDICTS = (JobState.PASSED, JobState.FAILED, JobState.FLAKY, JobState.ERROR, JobState.CANCELLED)
 FINAL_STATES = frozenset(VERDICTS)
 
 #: Every move a job may make. Anything else is a bug and raises.
 TRANSITIONS = frozenset(
     {
         (JobState.QUEUED, JobState.RUNNING),  # assigned, or re-adopted from a runner after a restart
-        (JobState.RUNNING, JobState.QUEUED),  # attempt lost, refused, handed back, infra fault
+        (JobState.RUNNING, JobState.QUEUED),  # attempt lost, refused, handed back, infra fault; failing tests to rerun
         (JobState.RUNNING, JobState.PASSED),
         (JobState.RUNNING, JobState.FAILED),
+        (JobState.RUNNING, JobState.FLAKY),  # the failing tests passed when run again
         (JobState.RUNNING, JobState.ERROR),  # infra fault on the last allowed attempt
         # A verdict from an earlier attempt that arrives after its job was requeued
         # (runner presumed dead, dispatcher restarted) still settles the job.
         (JobState.QUEUED, JobState.PASSED),
         (JobState.QUEUED, JobState.FAILED),
+        (JobState.QUEUED, JobState.FLAKY),
         # Only on start-up: a result file found, or a job under an abbreviated id retired.
         (JobState.QUEUED, JobState.ERROR),
         # An operator's cancel (or, for a rerun, back to the verdict it had).
@@ -84,7 +90,8 @@ class Outcome(str, enum.Enum):
     """How an attempt ended, as the dispatcher records it."""
 
     PASSED = "passed"
-    FAILED = "failed"
+    FAILED = "failed"  # (in a run with failing tests to rerun: the job goes back to the queue for them)
+    FLAKY = "flaky"  # a rerun of the failing tests that made the job's verdict flaky
     ERROR = "error"  # the runner reported an infrastructure fault (checkout failed...)
     LOST = "lost"  # the runner stopped answering or forgot the job
     REFUSED = "refused"  # the runner answered BUSY or could not be reached: never started
@@ -128,7 +135,9 @@ BRANCH_PENDING = "pending"
 BRANCH_STATE_OF_VERDICT = {
     JobState.PASSED: "green",
     JobState.FAILED: "red",
+    JobState.FLAKY: "flaky",
 }
+
 
 def values(states) -> tuple[str, ...]:
     """The wire names of ``states`` (an enum class or a sequence of members), in order."""

@@ -21,6 +21,15 @@ own, so that planning reads as many rows as it plans, however long the history o
 the queue. A branch's state (green, red since <sha>, pending) is read from the
 verdicts of its commits, newest first (``branch_states``).
 
+A run whose tests fail goes on in rounds (flaky.py): ``jobs.round`` is the run's
+current one (0: the whole suite, then one per rerun of the failing tests) and
+``jobs.retest`` the tests it runs (NULL: the whole test command); each attempt belongs
+to a round. ``rounds`` keeps each ended round of a run in progress -- its summary,
+output and JUnit XML, from which the run's result is made when it ends -- and is
+emptied for that run when it has its verdict, so it holds only runs in progress.
+``flaky_tests`` keeps, for good, each test that failed and then passed when run again,
+with its commit and how it ended in each round: what ``flakiest`` reads.
+
 Durability: the database runs in WAL mode with ``synchronous=NORMAL``. A
 transaction is on disk (in the WAL) when ``commit`` returns, so killing the
 dispatcher at any moment loses nothing it has acknowledged; a power failure or OS
@@ -49,11 +58,11 @@ import threading
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from commit_ci.states import ADOPTABLE, BRANCH_PENDING, BRANCH_STATE_OF_VERDICT, TRANSITIONS, JobState, Outcome
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: The table of runs, which version 3 added (in SCHEMA too, for new files).
 RUNS_TABLE = """CREATE TABLE IF NOT EXISTS runs (
     commit_id   TEXT NOT NULL,
@@ -62,6 +71,24 @@ RUNS_TABLE = """CREATE TABLE IF NOT EXISTS runs (
     finished_at REAL NOT NULL,
     summary     TEXT,                   -- what <sha>.json held for it; NULL for a cancelled rerun
     PRIMARY KEY (commit_id, run)
+)"""
+#: The tables of rounds and flaky tests, which version 5 added (in SCHEMA too, for new files).
+ROUNDS_TABLE = """CREATE TABLE IF NOT EXISTS rounds (
+    commit_id   TEXT NOT NULL,
+    run         INTEGER NOT NULL,
+    round       INTEGER NOT NULL,       -- 0: the whole suite; k: the k-th rerun of its failing tests
+    summary     TEXT NOT NULL,          -- the round's result as JSON (result.SUMMARY_FIELDS, tests, failing)
+    log         BLOB,                   -- its output and JUnit XML, until the run's result files have them
+    junit       BLOB,
+    PRIMARY KEY (commit_id, run, round)
+)"""
+FLAKY_TESTS_TABLE = """CREATE TABLE IF NOT EXISTS flaky_tests (
+    commit_id   TEXT NOT NULL,
+    run         INTEGER NOT NULL,
+    test        TEXT NOT NULL,          -- a pytest node id, or flaky.WHOLE_COMMAND
+    outcomes    TEXT NOT NULL,          -- how it ended in each round, as JSON: ["failed", "passed"]
+    finished_at REAL NOT NULL,          -- when its run got its verdict
+    PRIMARY KEY (commit_id, run, test)
 )"""
 #: What turns a file of an older schema version into the next one, by the version it makes.
 MIGRATIONS = {
@@ -78,6 +105,10 @@ MIGRATIONS = {
         "ALTER TABLE jobs ADD COLUMN last_seen INTEGER",
         "UPDATE jobs SET last_seen = seq - (SELECT MAX(seq) FROM jobs) WHERE state IN ('queued', 'running')",
     ),
+    5: ("ALTER TABLE jobs ADD COLUMN round INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN retest TEXT",
+        "ALTER TABLE attempts ADD COLUMN round INTEGER NOT NULL DEFAULT 0",
+        ROUNDS_TABLE, FLAKY_TESTS_TABLE),
 }
 
 #: The orders the queue can be taken in (the dispatcher's ``--order``): ``tip``, each
@@ -131,7 +162,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     requires        TEXT,               -- what a runner needs to run it ("python3.12"), once one declined it
     run             INTEGER NOT NULL DEFAULT 1, -- the latest run: 1, then one more for each rerun
     tip_since       INTEGER,            -- while it is some branch's tip: the branch_commits.seq that made it one
-    last_seen       INTEGER             -- branch_commits.seq of its latest arrival on a branch: newer runs first
+    last_seen       INTEGER,            -- branch_commits.seq of its latest arrival on a branch: newer runs first
+    round           INTEGER NOT NULL DEFAULT 0, -- the run's round: 0, then one per rerun of failing tests
+    retest          TEXT                -- the round's tests to run again, JSON node ids; NULL: all of them
 );
 -- Only queued and running jobs are ever looked up by state, so index only them:
 -- each index stays as small as the queue (or the runners), however long the
@@ -153,7 +186,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     assigned_at REAL NOT NULL,
     ended_at    REAL,
     outcome     TEXT,                   -- NULL while out; see Outcome
-    run         INTEGER NOT NULL DEFAULT 1  -- the job's run it belongs to
+    run         INTEGER NOT NULL DEFAULT 1, -- the job's run it belongs to
+    round       INTEGER NOT NULL DEFAULT 0  -- and the run's round
 );
 CREATE INDEX IF NOT EXISTS attempts_by_commit ON attempts (commit_id);
 -- Every branch each commit came on, in the order the branch got them (seq): its
@@ -186,7 +220,11 @@ CREATE TABLE IF NOT EXISTS runners (
     offers        TEXT                -- what it can run, space-separated ("python3.11 python3.12")
 );
 -- How each run of a commit ended, earlier ones included (their files are kept too).
-""" + RUNS_TABLE + ";\n"
+""" + RUNS_TABLE + ";\n" + ROUNDS_TABLE + ";\n" + FLAKY_TESTS_TABLE + """;
+CREATE INDEX IF NOT EXISTS flaky_tests_by_time ON flaky_tests (finished_at);
+-- The newest runs, which the rate of a flaky test is over (flakiest), read by time.
+CREATE INDEX IF NOT EXISTS runs_by_time ON runs (finished_at);
+"""
 
 
 @dataclass(frozen=True)
@@ -202,6 +240,8 @@ class Job:
     summary: str | None
     requires: str | None = None
     run: int = 1
+    round: int = 0
+    retest: tuple[str, ...] | None = None  # the round's tests (None: the whole test command)
 
 
 @dataclass(frozen=True)
@@ -240,6 +280,17 @@ class Attempt:
     ended_at: float | None
     outcome: Outcome | None
     run: int = 1
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class Round:
+    """An ended round of a run in progress (flaky.py)."""
+
+    round: int
+    summary: dict
+    log: bytes
+    junit: bytes | None
 
 
 @dataclass(frozen=True)
@@ -530,21 +581,55 @@ class JobStore:
         with self._lock:
             return self._counts[JobState(state).value]
 
-    def attempt_counts(self, commit: str) -> tuple[int, int]:
-        """Of the job's latest run: (attempts that reached a runner, attempts that the
-        infrastructure failed)."""
+    def attempt_counts(self, commit: str, round_: int | None = None) -> tuple[int, int]:
+        """Of the job's latest run: (attempts that reached a runner -- in its round
+        ``round_`` alone, when given --, attempts that the infrastructure failed, in
+        all its rounds: the attempt limit is per run)."""
         started = [o.value for o in Outcome if o.started]
         failures = [o.value for o in Outcome if o.infra_failure]
         with self._lock:
             row = self._db.execute(
                 "SELECT"
-                " SUM(outcome IS NULL OR outcome IN (%s)),"
+                " SUM((outcome IS NULL OR outcome IN (%s)) AND (? IS NULL OR round = ?)),"
                 " SUM(outcome IN (%s))"
                 " FROM attempts WHERE commit_id = ? AND run = (SELECT run FROM jobs WHERE commit_id = ?)"
                 % (",".join("?" * len(started)), ",".join("?" * len(failures))),
-                (*started, *failures, commit, commit),
+                (*started, round_, round_, *failures, commit, commit),
             ).fetchone()
         return int(row[0] or 0), int(row[1] or 0)
+
+    def rounds(self, commit: str, run: int) -> list[Round]:
+        """The ended rounds of ``commit``'s run ``run`` (in progress), the first first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM rounds WHERE commit_id = ? AND run = ? ORDER BY round",
+                                    (commit, run)).fetchall()
+        return [Round(row["round"], json.loads(row["summary"]), row["log"] or b"", row["junit"]) for row in rows]
+
+    def round_summaries(self, commit: str, run: int) -> list[dict]:
+        """The summaries alone of ``rounds``: what decides the next round, without the output."""
+        with self._lock:
+            rows = self._db.execute("SELECT summary FROM rounds WHERE commit_id = ? AND run = ? ORDER BY round",
+                                    (commit, run)).fetchall()
+        return [json.loads(row["summary"]) for row in rows]
+
+    def flakiest(self, window: int, limit: int) -> tuple[int, list[dict]]:
+        """The tests flaky most often in the newest ``window`` runs that ran the tests
+        (verdict passed, failed or flaky): (how many such runs there are, up to ``limit``
+        tests, each with ``test``, ``flaky`` -- in how many of those runs it was --,
+        and its newest ``commit``, ``run``, ``outcomes`` and ``finished_at``), most
+        often first. Read through the runs' and flaky tests' time indexes."""
+        judged = (JobState.PASSED.value, JobState.FAILED.value, JobState.FLAKY.value)
+        recent = ("SELECT commit_id, run FROM runs WHERE status IN (?, ?, ?) ORDER BY finished_at DESC LIMIT ?")
+        with self._lock:
+            runs = self._db.execute("SELECT COUNT(*) FROM (%s)" % recent, (*judged, window)).fetchone()[0]
+            rows = self._db.execute(
+                "SELECT f.test, COUNT(*) AS flaky, MAX(f.finished_at) AS finished_at, f.commit_id, f.run, f.outcomes"
+                " FROM flaky_tests f JOIN (%s) r ON f.commit_id = r.commit_id AND f.run = r.run"
+                " GROUP BY f.test ORDER BY flaky DESC, finished_at DESC, f.test LIMIT ?" % recent,
+                (*judged, window, limit),
+            ).fetchall()
+        return runs, [{"test": row["test"], "flaky": row["flaky"], "commit": row["commit_id"], "run": row["run"],
+                       "outcomes": json.loads(row["outcomes"]), "finished_at": row["finished_at"]} for row in rows]
 
     def runs(self, commit: str) -> list[Run]:
         """How each run of ``commit`` that has ended ended, the first first."""
@@ -594,8 +679,8 @@ class JobStore:
         with self.transaction() as db:
             self._move(db, commit, JobState.RUNNING)
             attempt_id = db.execute(
-                "INSERT INTO attempts (commit_id, runner, assigned_at, run)"
-                " SELECT ?, ?, ?, run FROM jobs WHERE commit_id = ?", (commit, runner, now, commit)
+                "INSERT INTO attempts (commit_id, runner, assigned_at, run, round)"
+                " SELECT ?, ?, ?, run, round FROM jobs WHERE commit_id = ?", (commit, runner, now, commit)
             ).lastrowid
             db.execute(
                 "UPDATE jobs SET current_attempt = ?, runner = ?, started_at = ? WHERE commit_id = ?",
@@ -630,6 +715,27 @@ class JobStore:
             if requires is not None:
                 db.execute("UPDATE jobs SET requires = ? WHERE commit_id = ?", (requires, commit))
 
+    def keep_round(self, commit: str, run: int, round_: int, summary: str, log: bytes, junit: bytes | None) -> None:
+        """Keep an ended round of a run in progress (again: the same round kept twice,
+        when its result was sent again, is the same)."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO rounds (commit_id, run, round, summary, log, junit)"
+                       " VALUES (?, ?, ?, ?, ?, ?)", (commit, run, round_, summary, log, junit))
+
+    def next_round(self, commit: str, attempt_id: int, round_: int, tests: tuple[str, ...] | None,
+                   now: float) -> None:
+        """The round of ``attempt_id`` (kept with keep_round) ended with failing tests:
+        the job goes back to the queue for round ``round_``, to run ``tests`` again (None:
+        the whole test command). Any other attempt still out is superseded."""
+        with self.transaction() as db:
+            self._end_attempt(db, attempt_id, Outcome.FAILED, now)
+            db.execute("UPDATE attempts SET ended_at = ?, outcome = ? WHERE commit_id = ? AND outcome IS NULL",
+                       (now, Outcome.SUPERSEDED.value, commit))
+            if db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["state"] != "queued":
+                self._move(db, commit, JobState.QUEUED)
+            db.execute("UPDATE jobs SET round = ?, retest = ? WHERE commit_id = ?",
+                       (round_, None if tests is None else json.dumps(list(tests)), commit))
+
     def end_attempt(self, attempt_id: int, outcome: Outcome, now: float) -> None:
         """Record how an attempt ended when its job does not move (late answers)."""
         with self.transaction() as db:
@@ -644,12 +750,14 @@ class JobStore:
         reason: str | None,
         summary: str | None,
         now: float,
+        flaky: Iterable[tuple[str, list[str]]] = (),
     ) -> None:
         """Settle a job for good. The attempt that settled it ends with ``outcome`` and
         becomes the job's own (a late verdict from an earlier attempt is that
         attempt's, on its runner); any other attempt still out is marked superseded.
         ``summary`` is None only for a job that gets no result at all (one retired on
-        start-up)."""
+        start-up). ``flaky``: the run's flaky tests, with how each ended in each
+        round, kept for good; the run's rounds, now in its result files, are dropped."""
         assert state.final
         with self.transaction() as db:
             self._move(db, commit, state)
@@ -673,14 +781,18 @@ class JobStore:
             if summary is not None:
                 db.execute("INSERT OR REPLACE INTO runs (commit_id, run, status, finished_at, summary)"
                            " SELECT commit_id, run, state, ?, summary FROM jobs WHERE commit_id = ?", (now, commit))
+            db.executemany("INSERT OR REPLACE INTO flaky_tests (commit_id, run, test, outcomes, finished_at)"
+                           " SELECT commit_id, run, ?, ?, ? FROM jobs WHERE commit_id = ?",
+                           [(test, json.dumps(outcomes), now, commit) for test, outcomes in flaky])
+            db.execute("DELETE FROM rounds WHERE commit_id = ?", (commit,))
 
     def rerun(self, commit: str, now: float) -> int:
         """Queue a job that has a verdict again, as its next run (its verdict stays the
         current one until that run has one); returns the run's number."""
         with self.transaction() as db:
             self._move(db, commit, JobState.QUEUED)
-            db.execute("UPDATE jobs SET run = run + 1, queued_at = ?, requires = NULL WHERE commit_id = ?",
-                       (now, commit))
+            db.execute("UPDATE jobs SET run = run + 1, queued_at = ?, requires = NULL, round = 0, retest = NULL"
+                       " WHERE commit_id = ?", (now, commit))
             return db.execute("SELECT run FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["run"]
 
     def cancel_rerun(self, commit: str, now: float) -> JobState:
@@ -695,6 +807,7 @@ class JobStore:
                        (now, Outcome.CANCELLED.value, commit))
             db.execute("INSERT OR REPLACE INTO runs (commit_id, run, status, finished_at, summary) VALUES (?, ?, ?, ?, NULL)",
                        (commit, row["run"], JobState.CANCELLED.value, now))
+            db.execute("DELETE FROM rounds WHERE commit_id = ?", (commit,))
             return verdict
 
     def recover(self, now: float) -> int:
@@ -797,6 +910,8 @@ def _job(row: sqlite3.Row) -> Job:
         summary=row["summary"],
         requires=row["requires"],
         run=row["run"],
+        round=row["round"],
+        retest=None if row["retest"] is None else tuple(json.loads(row["retest"])),
     )
 
 
@@ -809,4 +924,5 @@ def _attempt(row: sqlite3.Row) -> Attempt:
         ended_at=row["ended_at"],
         outcome=Outcome(row["outcome"]) if row["outcome"] else None,
         run=row["run"],
+        round=row["round"],
     )

@@ -41,6 +41,8 @@ EXPECTED_ROWS = [
     ("environments", "dispatch -> result, new environment (pip)"),
     ("tip_first", "tip of 4 commits pushed at once, 2 runners"),
     ("tip_first", "tip of 4 commits pushed at once with --order fifo"),
+    ("flaky", "random test (fails 1 run in 2)"),
+    ("flaky", "deterministic failure"),
 ]
 #: "-": a figure reported without a target (recovery times).
 VERDICTS = {"met", "missed", "not available", "-"}

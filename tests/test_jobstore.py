@@ -311,7 +311,7 @@ def test_unknown_commit_cannot_move(store):
 
 
 def test_final_states_are_final():
-    assert FINAL_STATES == {JobState.PASSED, JobState.FAILED, JobState.ERROR, JobState.CANCELLED}
+    assert FINAL_STATES == {JobState.PASSED, JobState.FAILED, JobState.FLAKY, JobState.ERROR, JobState.CANCELLED}
     for source, target in TRANSITIONS:
         assert not source.final or target is JobState.QUEUED, "out of a final state only by a rerun"
     assert not JobState.QUEUED.final and not JobState.RUNNING.final
@@ -750,6 +750,9 @@ def test_a_branch_goes_green_then_red_since_the_breaking_commit_then_green_again
     report_round(store, "main", [E])
     judge(store, E, JobState.PASSED)
     assert state_of(store, "main") == ("green", E, E)
+    report_round(store, "main", [F])
+    judge(store, F, JobState.FLAKY)
+    assert state_of(store, "main") == ("flaky", F, F), "flaky: a state of its own"
 
 
 def test_the_state_follows_the_order_the_branch_got_its_commits(store):

@@ -73,12 +73,16 @@ SAMPLE_VALUES: dict[str, object] = {
     "role": "observer",
     "branch": "release/1.0-\u00fc+x",
     "tip": "b" * 40,
+    "retry": "tests",
+    "window": 100,
 }
 ERR_REASON = "unknown commit or attempt: 100% sure = yes"
 SAMPLE_SECTIONS = {
     "log": b"collected 3 items\n\x00\xff\xfe binary \r\n tail\n",
     "junit": b'<?xml version="1.0"?><testsuites><testsuite tests="1"/></testsuites>',
     "json": b'{"queued": ["abc"], "note": "\\u20ac"}',
+    "tests": b"tests/test_a.py::TestX::test_y[a b]\ntest_b.py::test_z\n",
+    "failing": b"tests/test_a.py::TestX::test_y[a b]\n",
 }
 
 

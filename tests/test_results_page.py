@@ -241,6 +241,9 @@ class _BlockingStore:
     def branch_states(self, limit):
         return []
 
+    def flakiest(self, window, limit):
+        return 0, []
+
 
 def test_notify_never_blocks_and_a_burst_makes_one_more_build(tmp_path):
     store = _BlockingStore()
