@@ -419,20 +419,27 @@ class JobCgroup:
         try:
             with open(os.path.join(folder, "cgroup.freeze"), "w", encoding="ascii") as handle:
                 handle.write("1" if frozen else "0")
-            if not frozen:
-                return True
-            events = os.open(os.path.join(folder, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             log.warning("cannot %s cgroup %s: %s", "freeze" if frozen else "thaw", folder, exc)
             return False
+        return not frozen or self._wait_for_event(b"frozen 1", FREEZE_TIMEOUT_S)
+
+    def _wait_for_event(self, line: bytes, timeout: float) -> bool:
+        """Whether the v2 cgroup's ``cgroup.events`` holds ``line`` (``frozen 1``,
+        ``populated 0``) within ``timeout`` seconds: the kernel signals each change of
+        that file to poll() (POLLPRI), so this waits for the change, not a timer."""
         try:
-            # The kernel signals each change of cgroup.events to poll() (POLLPRI).
+            events = os.open(os.path.join(self.folders[0], "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("cannot read %s's events: %s", self.folders[0], exc)
+            return False
+        try:
             poller = select.poll()
             poller.register(events, select.POLLPRI | select.POLLERR)
-            deadline = time.monotonic() + FREEZE_TIMEOUT_S
+            deadline = time.monotonic() + timeout
             while True:
                 os.lseek(events, 0, os.SEEK_SET)
-                if b"frozen 1" in os.read(events, 4096):
+                if line in os.read(events, 4096):
                     return True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -487,11 +494,15 @@ class JobCgroup:
         cgroup, and remove it; the pids that would not leave."""
         self.kill()
         deadline = time.monotonic() + CGROUP_KILL_TIMEOUT_S
-        pause = 0.001
         remaining = self._members()
+        if remaining and self.killable:
+            # A killed process leaves once it has exited: cgroup.events says when.
+            self._wait_for_event(b"populated 0", CGROUP_KILL_TIMEOUT_S)
+            remaining = self._members()
+        pause = 0.001
         while remaining and time.monotonic() < deadline:
-            # A killed process leaves once its parent (this runner as their subreaper,
-            # or init) has reaped it; nothing but inotify on cgroup.events says when.
+            # Cgroup v1 alone, with no events to wait on (cgroup.kill does not exist
+            # there either: processes forked meanwhile are signalled again).
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
             self.kill()
