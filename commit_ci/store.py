@@ -678,7 +678,7 @@ class JobStore:
         ``skipped`` instead (culprit.py)."""
         name = branch or UNNAMED_BRANCH
         with self.transaction() as db:
-            before = db.execute("SELECT tip FROM branches WHERE name = ?", (name,)).fetchone()
+            before = coalesce and db.execute("SELECT tip FROM branches WHERE name = ?", (name,)).fetchone()
             new = self._insert_job(db, commit, now)
             joined = self._join_branch(db, name, commit)
             tip_queued = caught_up = False
