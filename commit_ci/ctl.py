@@ -227,6 +227,8 @@ def show_result(client: Client, as_json: bool, commit: str) -> None:
                                            "the whole test command" if tests is None else ", ".join(tests)))
     if final.flaky_tests:
         print("  flaky:    %s" % ", ".join(final.flaky_tests))
+    if final.first_failing:
+        print("  broken by: %s" % final.first_failing)
     print("  report:   %s" % result["files"]["report"])
     print("  json:     %s" % result["files"]["json"])
     if len(result.get("runs", ())) > 1:

@@ -12,7 +12,10 @@ branches bring it, and the store records each (store.py). A test failure is the
 commit's verdict; an infrastructure fault (checkout failed, runner lost) is retried
 on another runner, up to ``--max-attempts`` times. When tests fail, the failing tests
 alone run again (up to ``--flaky-reruns`` times, on another runner when one is free):
-if they pass, the verdict is ``flaky`` (flaky.py). Final results go to the results
+if they pass, the verdict is ``flaky`` (flaky.py). When a commit fails, the untested
+commits between it and its branch's last pass run in bisection order, right after the
+tips, and the failed commits' results name the first failing one (``first_failing``,
+culprit.py); ``--coalesce`` tests only the tips and what a bisection needs. Final results go to the results
 folder (result_files.py), written once per run and atomically, and the results page
 there (page.py) is rebuilt on a thread of its own after each. An operator may run a
 judged commit again (``rerun``: a new run, the earlier run's files kept) or cancel a
@@ -139,8 +142,13 @@ class Dispatcher:
         order: str = "tip",
         on_branch_change: Callable[[], None] | None = None,
         flaky_reruns: int = flaky.DEFAULT_RERUNS,
+        coalesce: bool = False,
     ):
         self.store = store
+        #: --coalesce: only branch tips are tested, and the commits a bisection needs (culprit.py).
+        self.coalesce = coalesce
+        #: Held while result files are rewritten to name their first failing commit.
+        self._naming = threading.Lock()
         #: How many times the tests still failing run again (0: never; flaky.py).
         self.flaky_reruns = flaky_reruns
         self.security = security or Security()
@@ -184,6 +192,8 @@ class Dispatcher:
             log.info("recovered %d running job(s) from before the restart: back in the queue", requeued)
         self._retire_abbreviated_jobs()
         self._recover_written_results()
+        # Killed between recording a first failing commit and telling the files: now.
+        self._name_first_failing(self.store.first_failing_pending())
         with self._cond:
             for name, host, port, offers in self.store.runners():
                 key = self._restored_runner_key(name)
@@ -513,7 +523,13 @@ class Dispatcher:
         # reads the queue under the lock, and the notification below comes after the
         # job is committed.
         # In fifo order the tip is queued when it is itself dispatched, last of its round.
-        done = self.store.report(commit, time.time(), branch, tip if self.order == "tip" else None)
+        done = self.store.report(commit, time.time(), branch, tip if self.order == "tip" else None,
+                                 coalesce=self.coalesce)
+        if done.caught_up and done.state.final:
+            # A tip judged before the commits older than it were reported: its place in
+            # its branch is known only now, and with it the commits to bisect.
+            with self._cond:
+                self._find_culprit(commit)
         if done.new or done.tip_queued:
             with self._cond:
                 # Waking the scheduler when no runner is free would only make it
@@ -631,6 +647,8 @@ class Dispatcher:
             step = self._step(job, result)
             state = JobState(step.status or result.status)
             now = self._complete(result, JobState(result.status), attempt.runner)
+            # Its result names its branch's first failing commit if that is known already.
+            named = self.store.known_first_failing(result.commit) if state is JobState.FAILED else None
             self._settling.add(result.commit)
         try:
             if step.again:
@@ -641,6 +659,7 @@ class Dispatcher:
                 return reply("OK", recorded=1)
             if job.round > 0:
                 result = self._with_reruns(job, result, step, state)
+            result.first_failing = named
             result_files.write_result(self.results_dir, result)
             with self._cond:
                 self._record_settled(result, state, now)
@@ -788,9 +807,52 @@ class Dispatcher:
             if other.commit == commit:
                 other.superseded = True
         log.info(
-            "commit %s: %s (attempt %s, runner %s)%s",
+            "commit %s: %s (attempt %s, runner %s)%s%s",
             commit, state.value, result.attempt, result.runner, ": %s" % result.reason if result.reason else "",
+            "; first failing commit %s" % result.first_failing if result.first_failing else "",
         )
+        if state is not JobState.CANCELLED:
+            self._find_culprit(commit)
+
+    # --- culprit finding (culprit.py) -----------------------------------------------
+
+    def _find_culprit(self, commit: str) -> None:
+        """After ``commit``'s verdict (lock held): rank the commits a bisection needs, or
+        record the first failing commit on the failed commits it was found for; their
+        files are told on a thread of the pool, outside the lock."""
+        before = {job.commit for job in self.store.queued_jobs(limit=8, order=self.order) if job.bisect is not None}
+        rewrite = self.store.culprit_step(commit, self.coalesce)
+        probes = [job.commit for job in self.store.queued_jobs(limit=8, order=self.order) if job.bisect is not None]
+        if probes and set(probes) != before:
+            log.info("commit %s: bisection for the first failing commit; next: %s", commit,
+                     ", ".join(probe[:12] for probe in probes))
+        self._cond.notify_all()
+        if rewrite:
+            self._pool.submit(self._name_first_failing, rewrite)
+
+    def _name_first_failing(self, commits: list[str]) -> None:
+        """Rewrite the files of failed ``commits`` to name the first failing commit the
+        store has for each (lock not held), then tell the store they do."""
+        named = 0
+        with self._naming:
+            for commit in commits:
+                with self._cond:
+                    job = self.store.job(commit)
+                    if job is None or job.state is not JobState.FAILED or commit in self._settling:
+                        continue
+                try:
+                    done = job.first_failing is not None and result_files.name_first_failing(
+                        self.results_dir, commit, job.first_failing, job.run)
+                except OSError as exc:
+                    log.error("commit %s: result files not rewritten to name first failing commit %s: %s",
+                              commit, job.first_failing, exc)
+                    continue
+                self.store.first_failing_written(commit, job.first_failing)
+                if done:
+                    named += 1
+                    log.info("commit %s: first failing commit %s named in its result files", commit, job.first_failing)
+        if named:
+            self.on_final_result()
 
     def _lose(self, assignment: Assignment, why: str, outcome: Outcome) -> None:
         """An attempt out on a runner ended without a verdict: free the runner, requeue the job."""
@@ -1058,6 +1120,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which queued commit a free runner gets: 'tip', each branch's newest commit first "
                         "(the branches' in the order they got them), then the others newest first; 'fifo', the "
                         "oldest dispatched first (default: %(default)s)")
+    parser.add_argument("--coalesce", action="store_true",
+                        help="for busy teams: test only each branch's tip (when a runner is free) and the commits "
+                        "a bisection needs to find the first failing one; the others are 'skipped' (no result). "
+                        "Default: every commit is tested")
     parser.add_argument("--repo", metavar="PATH",
                         help="a clone of the watched repository for the dispatcher alone (not the observer's or "
                         "a runner's), used only to read commit subjects and authors for the results page "
@@ -1097,7 +1163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dispatcher = Dispatcher(store, results_dir, args.max_attempts, args.heartbeat_interval, security,
                             on_final_result=page.notify, order=args.order, on_branch_change=page.notify,
-                            flaky_reruns=args.flaky_reruns)
+                            flaky_reruns=args.flaky_reruns, coalesce=args.coalesce)
     try:
         # Recording a result, adding or revoking a key, write files (fsync'd): each gets a
         # thread of its own rather than hold up the event loop that answers everyone else.
@@ -1114,8 +1180,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("results page: %s (commit subjects from %s)", page.path, args.repo or "nowhere: no --repo")
     serve_in_thread(server, "server")
     log.info(
-        "listening on %s (results in %s, queue in %s, order %s; %s, %s)",
+        "listening on %s (results in %s, queue in %s, order %s%s; %s, %s)",
         format_address(server.address), os.path.abspath(args.results_dir), db_path, args.order,
+        ", coalesce: tips and bisections only" if args.coalesce else ", every commit",
         _authentication(security), "TLS" if security.server_tls else "no TLS",
     )
     stop.wait()

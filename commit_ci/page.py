@@ -118,6 +118,9 @@ class Row:
     #: Tests that failed and then passed when run again, and how many reruns there were.
     flaky_tests: list[str] = field(default_factory=list)
     reruns: int = 0
+    #: Of a failed commit: "broken by <short sha> <subject> (<author>)", its first failing commit.
+    broken_by: str | None = None
+    first_failing: str | None = None
 
 
 @dataclass
@@ -168,6 +171,16 @@ class Chart:
     width: int = 0
     height: int = CHART_HEIGHT
     longest: str = ""
+
+
+def broken_by(result: Result, infos: dict) -> str | None:
+    """"broken by <short sha> <subject> (<author>)" for a failed result that names its
+    first failing commit (the subject and author when they are known)."""
+    culprit = result.first_failing
+    if result.status != JobState.FAILED or not culprit or not is_commit_id(str(culprit)):
+        return None
+    info = infos.get(culprit)
+    return "broken by %s%s" % (culprit[:SHORT_SHA_CHARS], " %s (%s)" % (info.subject, info.author) if info else "")
 
 
 def format_duration(seconds: object) -> str:
@@ -314,7 +327,9 @@ class ResultsPage:
         results = [Result.from_summary(summary) for summary in self.store.recent_summaries(self.limit)]
         results = [result for result in results if is_commit_id(str(result.commit))]
         commits = [result.commit for result in results]
-        infos = self.metadata.lookup(commits) if self.metadata is not None else {}
+        culprits = {str(result.first_failing) for result in results
+                    if result.status == JobState.FAILED and result.first_failing and is_commit_id(str(result.first_failing))}
+        infos = self.metadata.lookup(commits + sorted(culprits - set(commits))) if self.metadata is not None else {}
         rows, durations = [], {}
         for result in results:
             commit = result.commit
@@ -338,6 +353,8 @@ class ResultsPage:
                     other_runs=self._other_runs(commit, result.run or 1),
                     flaky_tests=[str(test) for test in result.flaky_tests or ()],
                     reruns=len(result.reruns or ()),
+                    broken_by=broken_by(result, infos),
+                    first_failing=str(result.first_failing) if broken_by(result, {}) else None,
                 )
             )
             duration = result.duration_s

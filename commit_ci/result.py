@@ -11,6 +11,8 @@ holds its summary. The fields are named as ``<sha>.json`` names them; the protoc
 A run whose tests failed may have reruns of its failing tests (flaky.py): its result is
 then the first run's (counts, output, JUnit XML, runner), with the verdict the reruns
 decided, the tests found flaky (``flaky_tests``) and one entry per rerun (``reruns``).
+A failed commit's result names the first failing commit of its branch
+(``first_failing``, culprit.py) once that is known: when it is written, or later.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ SUMMARY_FIELDS = (
     "hash_seed",
     "flaky_tests",
     "reruns",
+    "first_failing",
 )
 #: The test counts, as JUnit XML gives them (junit.counts) and the protocol carries them.
 COUNT_FIELDS = ("passed", "failed", "errors", "skipped")
@@ -65,6 +68,7 @@ class Result:
     hash_seed: int | None = None  # the PYTHONHASHSEED the tests ran with: set it to run them the same way
     flaky_tests: list[str] | None = None  # tests that failed, then passed when run again (None: before flaky.py)
     reruns: list[dict] | None = None  # one entry per rerun of the failing tests (flaky.py), the first first
+    first_failing: str | None = None  # of a failed commit: the first failing commit of its branch, once known (culprit.py)
     # Travel with the result, not in <sha>.json:
     attempt: int | None = None  # the attempt id the dispatcher gave out
     requires: str | None = None  # a declined job: what the commit asks for ("python3.12")

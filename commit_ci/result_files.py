@@ -24,6 +24,10 @@ is of the run the job is at.
 They are the commit's current run's. When a rerun ends, the files of the run before
 move first to ``runs/<sha>/<run>/`` (same names), ``<sha>.json`` last, so that
 every run's files are kept and the top folder always holds one complete result.
+A failed commit's report and ``<sha>.json`` name its branch's first failing commit
+(``broken by:``, ``first_failing``) once it is known (culprit.py); when that is after
+they were written, both are written again (name_first_failing), ``<sha>.json`` last:
+the run's result stays one, only told more.
 The page that lists the results, ``index.html``, is page.py's.
 Nothing here knows about sockets or threads.
 """
@@ -138,6 +142,8 @@ def render_report(result: Result, output: str) -> str:
                 "the whole test command" if tests is None else ", ".join(tests),
                 "; still failing: %s" % ", ".join(entry["failing"]) if entry.get("failing") else ""))
         lines.append("flaky:     %s" % (", ".join(result.flaky_tests) if result.flaky_tests else "-"))
+    if result.first_failing:
+        lines.append("broken by: %s (the first failing commit of its branch)" % result.first_failing)
     lines += [
         "",
         "---- test output " + "-" * 50,
@@ -161,6 +167,28 @@ def write_result(results_dir: str, result: Result) -> None:
         atomic_write(result_path(results_dir, commit, ".xml"), result.junit)
     text = json.dumps(result.summary(), indent=2) + "\n"
     atomic_write(result_path(results_dir, commit, ".json"), text.encode("utf-8"))
+
+
+def name_first_failing(results_dir: str, commit: str, first_failing: str, run: int) -> bool:
+    """Rewrite the files of ``commit``'s failed run ``run`` so that they name its first
+    failing commit: the report (its header; the output is the log's) and then
+    ``<sha>.json``, each atomically, the JSON last, as write_result does. False (nothing
+    written) when the current files are not of that failed run."""
+    result = read_result(results_dir, commit)
+    if result is None or result.status != "failed" or (result.run or 1) != run:
+        return False
+    if result.first_failing == first_failing:
+        return True
+    result.first_failing = first_failing
+    try:
+        with open(result_path(results_dir, commit, ".log"), "rb") as handle:
+            output = handle.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        output = ""
+    atomic_write(result_path(results_dir, commit), render_report(result, output).encode("utf-8"))
+    text = json.dumps(result.summary(), indent=2) + "\n"
+    atomic_write(result_path(results_dir, commit, ".json"), text.encode("utf-8"))
+    return True
 
 
 def read_result(results_dir: str, commit: str) -> Result | None:

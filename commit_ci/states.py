@@ -4,7 +4,10 @@ A job is one commit. It is ``queued`` until the scheduler assigns it to a runner
 ``running`` while an attempt is out, and ends in a verdict: ``passed``, ``failed`` or
 ``flaky`` (the commit's own: ``flaky`` when its failing tests passed when run again,
 flaky.py), ``error`` (the infrastructure failed it too often), or
-``cancelled`` (an operator stopped it before it had one). An operator may run a
+``cancelled`` (an operator stopped it before it had one). With the dispatcher's
+``--coalesce``, a commit that is no branch's tip by the time a runner is free is
+``skipped``: not tested, with no result, unless a bisection needs it (culprit.py);
+it is not final (it may still be queued), and it is never shown as queued. An operator may run a
 commit that has a verdict again (a *rerun*): its job goes back to the queue, with the
 verdict it had still the current one until the new run ends; a cancelled rerun leaves
 that verdict as it was. Within a run, a job whose tests failed goes back to the queue
@@ -36,6 +39,7 @@ class JobState(str, enum.Enum):
     FLAKY = "flaky"  # tests failed, then passed when run again (flaky.py)
     ERROR = "error"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # --coalesce: a later commit of its branch is tested instead (culprit.py)
 
     @property
     def final(self) -> bool:
@@ -67,6 +71,12 @@ TRANSITIONS = frozenset(
         (JobState.RUNNING, JobState.CANCELLED),
         # An operator's rerun of a commit that has a verdict.
         *((verdict, JobState.QUEUED) for verdict in VERDICTS),
+        # --coalesce (culprit.py): a queued commit that is no branch's tip any more is
+        # not tested; a bisection that needs it queues it again, and an operator may
+        # cancel it.
+        (JobState.QUEUED, JobState.SKIPPED),
+        (JobState.SKIPPED, JobState.QUEUED),
+        (JobState.SKIPPED, JobState.CANCELLED),
     }
 )
 

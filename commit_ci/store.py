@@ -60,9 +60,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from commit_ci import culprit
 from commit_ci.states import ADOPTABLE, BRANCH_PENDING, BRANCH_STATE_OF_VERDICT, TRANSITIONS, JobState, Outcome
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: The table of runs, which version 3 added (in SCHEMA too, for new files).
 RUNS_TABLE = """CREATE TABLE IF NOT EXISTS runs (
     commit_id   TEXT NOT NULL,
@@ -109,6 +110,9 @@ MIGRATIONS = {
         "ALTER TABLE jobs ADD COLUMN retest TEXT",
         "ALTER TABLE attempts ADD COLUMN round INTEGER NOT NULL DEFAULT 0",
         ROUNDS_TABLE, FLAKY_TESTS_TABLE),
+    6: ("ALTER TABLE jobs ADD COLUMN bisect INTEGER",
+        "ALTER TABLE jobs ADD COLUMN first_failing TEXT",
+        "ALTER TABLE jobs ADD COLUMN first_failing_pending INTEGER"),
 }
 
 #: The orders the queue can be taken in (the dispatcher's ``--order``): ``tip``, each
@@ -164,7 +168,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     tip_since       INTEGER,            -- while it is some branch's tip: the branch_commits.seq that made it one
     last_seen       INTEGER,            -- branch_commits.seq of its latest arrival on a branch: newer runs first
     round           INTEGER NOT NULL DEFAULT 0, -- the run's round: 0, then one per rerun of failing tests
-    retest          TEXT                -- the round's tests to run again, JSON node ids; NULL: all of them
+    retest          TEXT,               -- the round's tests to run again, JSON node ids; NULL: all of them
+    bisect          INTEGER,            -- its rank in a bisection that needs its verdict (culprit.py); NULL: none
+    first_failing   TEXT,               -- a failed commit's culprit, once known (culprit.py)
+    first_failing_pending INTEGER       -- 1: its result files do not name first_failing yet
 );
 -- Only queued and running jobs are ever looked up by state, so index only them:
 -- each index stays as small as the queue (or the runners), however long the
@@ -175,6 +182,12 @@ CREATE INDEX IF NOT EXISTS running_jobs ON jobs (seq) WHERE state = 'running';
 -- other queued jobs, newest first.
 CREATE INDEX IF NOT EXISTS queued_tips ON jobs (tip_since) WHERE state = 'queued' AND tip_since IS NOT NULL;
 CREATE INDEX IF NOT EXISTS queued_newest ON jobs (last_seen) WHERE state = 'queued' AND tip_since IS NULL;
+-- Commits a bisection needs (culprit.py), in its order: as few as the bisections
+-- under way need, ahead of the plain queue.
+CREATE INDEX IF NOT EXISTS queued_bisect ON jobs (bisect, seq) WHERE state = 'queued' AND bisect IS NOT NULL;
+-- Failed commits whose result files are still to be told their first failing commit:
+-- none but for an instant, or after a crash (the dispatcher rewrites them on start-up).
+CREATE INDEX IF NOT EXISTS first_failing_pending ON jobs (seq) WHERE first_failing_pending IS NOT NULL;
 -- The results page and operators read the newest final results: an index over
 -- finished jobs only, so they read just the rows they show, however long the
 -- history grows. (IF NOT EXISTS adds it to files made before it existed.)
@@ -242,6 +255,8 @@ class Job:
     run: int = 1
     round: int = 0
     retest: tuple[str, ...] | None = None  # the round's tests (None: the whole test command)
+    bisect: int | None = None  # its rank in a bisection (culprit.py)
+    first_failing: str | None = None  # a failed commit's culprit, once known
 
 
 @dataclass(frozen=True)
@@ -478,26 +493,32 @@ class JobStore:
 
     def queued_jobs(self, limit: int, offered: frozenset[str] | None = None, order: str = "fifo") -> list[Job]:
         """Up to ``limit`` queued jobs in ``order`` (QUEUE_ORDERS; oldest first by
-        default); with ``offered``, only those that require nothing or one of these
+        default), the commits bisections need (culprit.py) in their order ahead of the
+        plain queue: after the tips in tip order, first in fifo order; with ``offered``, only those that require nothing or one of these
         (the jobs some runner can take). Each part of the order is a range of a
         partial index, read no further than ``limit`` rows."""
         condition, values = "", []
         if offered is not None:
             condition = " AND (requires IS NULL OR requires IN (%s))" % ",".join("?" * len(offered))
             values = sorted(offered)
+        bisect = "WHERE state = 'queued' AND bisect IS NOT NULL%s ORDER BY bisect, seq"
         if order == "fifo":
-            parts = ["WHERE state = 'queued'%s ORDER BY seq"]
+            parts = [bisect, "WHERE state = 'queued' AND bisect IS NULL%s ORDER BY seq"]
         elif order == "tip":
-            parts = ["WHERE state = 'queued' AND tip_since IS NOT NULL%s ORDER BY tip_since",
-                     "WHERE state = 'queued' AND tip_since IS NULL%s ORDER BY last_seen DESC"]
+            parts = ["WHERE state = 'queued' AND tip_since IS NOT NULL%s ORDER BY tip_since", bisect,
+                     "WHERE state = 'queued' AND tip_since IS NULL AND bisect IS NULL%s ORDER BY last_seen DESC"]
         else:
             raise ValueError("unknown queue order %r (want one of %s)" % (order, ", ".join(QUEUE_ORDERS)))
         rows: list[sqlite3.Row] = []
+        seen: set[str] = set()
         with self._lock:
             for part in parts:
                 if len(rows) < limit:
-                    rows += self._db.execute("SELECT * FROM jobs " + part % condition + " LIMIT ?",
+                    # A tip that a bisection of another branch needs is read twice: once.
+                    found = self._db.execute("SELECT * FROM jobs " + part % condition + " LIMIT ?",
                                              (*values, limit - len(rows))).fetchall()
+                    rows += [row for row in found if row["commit_id"] not in seen]
+                    seen.update(row["commit_id"] for row in found)
         return [_job(row) for row in rows]
 
     def branches_of(self, commit: str) -> list[str]:
@@ -646,14 +667,18 @@ class JobStore:
         done = self.report(commit, now)
         return done.new, done.state
 
-    def report(self, commit: str, now: float, branch: str | None = None, tip: str | None = None) -> Enqueued:
+    def report(self, commit: str, now: float, branch: str | None = None, tip: str | None = None,
+               coalesce: bool = False) -> Enqueued:
         """``commit`` came on ``branch`` (None: the unnamed branch): queue it unless it is
         known, and record the branch. ``tip``, when given, is the branch's newest commit,
         which the reporter sends with each commit of a round, oldest first: it is queued
         now too, ahead of them in tip order, instead of after them all. Without ``tip``,
-        a commit new to the branch is its newest."""
+        a commit new to the branch is its newest. With ``coalesce``, a commit that is
+        queued, never tried and no branch's tip (this one or the tip it replaces) is
+        ``skipped`` instead (culprit.py)."""
         name = branch or UNNAMED_BRANCH
         with self.transaction() as db:
+            before = coalesce and db.execute("SELECT tip FROM branches WHERE name = ?", (name,)).fetchone()
             new = self._insert_job(db, commit, now)
             joined = self._join_branch(db, name, commit)
             tip_queued = caught_up = False
@@ -670,9 +695,155 @@ class JobStore:
             newest = tip if tip is not None else commit if joined else None
             if newest is not None:
                 self._set_tip(db, name, newest)
+            if coalesce:
+                for other in {commit, before["tip"] if before else commit}:
+                    self._skip_if_unneeded(db, other)
             state = JobState.QUEUED if new else JobState(
                 db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["state"])
         return Enqueued(new, state, tip_queued, caught_up)
+
+    # --- culprit finding (culprit.py) -----------------------------------------------
+
+    def known_first_failing(self, commit: str) -> str | None:
+        """The first failing commit, if it is known already, of the branches of
+        ``commit`` if ``commit`` fails: what its result names when it is written."""
+        with self._lock:
+            for branch in self._culprit_branches(self._db, commit):
+                stretch = self._back_to_pass(self._db, branch, commit)
+                if stretch is not None:
+                    found = culprit.plan(stretch + [(commit, JobState.FAILED)], False).first_failing
+                    if found is not None:
+                        return found
+        return None
+
+    def culprit_step(self, commit: str, coalesce: bool = False) -> list[str]:
+        """After ``commit``'s verdict: on each branch it came on, plan the stretch of
+        history around it (culprit.plan) and apply the plan: rank the commits to test
+        (``jobs.bisect``; in coalesce mode a skipped one is queued again, and one no
+        longer needed skipped again), or record the first failing commit on every
+        failed commit of the stretch, in its summary too. Returns the commits whose
+        result files must be told (their ``first_failing_pending`` is set, so that a
+        crash before they are leaves the job to start-up: first_failing_pending())."""
+        rewrite: list[str] = []
+        with self.transaction() as db:
+            for branch in self._culprit_branches(db, commit):
+                state = JobState(db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()[0])
+                back = self._back_to_pass(db, branch, commit)
+                if back is None:
+                    continue
+                forward = self._forward_to_pass(db, branch, commit)
+                # A pass splits the history: what was one stretch is two now.
+                windows = [back, forward] if state is JobState.PASSED else [back + [(commit, state)] + forward]
+                for window in windows:
+                    rewrite += self._apply_plan(db, window, coalesce)
+        return rewrite
+
+    def _apply_plan(self, db: sqlite3.Connection, window: list[tuple[str, JobState]], coalesce: bool) -> list[str]:
+        """Apply culprit.plan to a stretch of a branch's history (culprit_step)."""
+        rewrite = []
+        found = culprit.plan(window, coalesce)
+        ranks = {probe: rank for rank, probe in enumerate(found.probes)}
+        for other, other_state in window:
+            if other in ranks:
+                db.execute("UPDATE jobs SET bisect = ? WHERE commit_id = ?", (ranks[other], other))
+                if other_state is JobState.SKIPPED:
+                    self._move(db, other, JobState.QUEUED)
+                continue
+            if other_state in culprit.UNDECIDED:
+                db.execute("UPDATE jobs SET bisect = NULL WHERE commit_id = ? AND bisect IS NOT NULL", (other,))
+                if coalesce:
+                    self._skip_if_unneeded(db, other)
+            elif other_state is JobState.FAILED and found.first_failing is not None:
+                if self._name_first_failing(db, other, found.first_failing):
+                    rewrite.append(other)
+        return rewrite
+
+    def first_failing_pending(self) -> list[str]:
+        """Failed commits whose result files do not name their first failing commit yet."""
+        with self._lock:
+            rows = self._db.execute("SELECT commit_id FROM jobs WHERE first_failing_pending IS NOT NULL ORDER BY seq")
+            return [row[0] for row in rows.fetchall()]
+
+    def first_failing_written(self, commit: str, first_failing: str | None) -> None:
+        """``commit``'s result files name ``first_failing``: done, unless it changed meanwhile."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET first_failing_pending = NULL WHERE commit_id = ? AND first_failing IS ?",
+                       (commit, first_failing))
+
+    @staticmethod
+    def _culprit_branches(db: sqlite3.Connection, commit: str) -> list[str]:
+        """The branches ``commit`` has its place on (not a tip recorded ahead of its round)."""
+        rows = db.execute("SELECT branch FROM branch_commits WHERE commit_id = ? AND ahead = 0 ORDER BY seq", (commit,))
+        return [row[0] for row in rows.fetchall()]
+
+    @staticmethod
+    def _back_to_pass(db: sqlite3.Connection, branch: str, commit: str) -> list[tuple[str, JobState]] | None:
+        """The commits of ``branch`` before ``commit`` and after its newest pass, oldest
+        first (at most BRANCH_WALK_ROWS); None when ``commit`` is not in place on it."""
+        row = db.execute("SELECT seq FROM branch_commits WHERE branch = ? AND commit_id = ? AND ahead = 0",
+                         (branch, commit)).fetchone()
+        if row is None:
+            return None
+        found = []
+        cursor = db.execute("SELECT b.commit_id, j.state FROM branch_commits b JOIN jobs j ON j.commit_id = b.commit_id"
+                            " WHERE b.branch = ? AND b.seq < ? AND b.ahead = 0 ORDER BY b.seq DESC LIMIT ?",
+                            (branch, row[0], BRANCH_WALK_ROWS))
+        try:
+            for other, state in cursor:
+                if state == JobState.PASSED.value:
+                    break
+                found.append((other, JobState(state)))
+        finally:
+            cursor.close()
+        return found[::-1]
+
+    @staticmethod
+    def _forward_to_pass(db: sqlite3.Connection, branch: str, commit: str) -> list[tuple[str, JobState]]:
+        """The commits of ``branch`` after ``commit`` and before its next pass, oldest first."""
+        found = []
+        cursor = db.execute("SELECT b.commit_id, j.state FROM branch_commits b JOIN jobs j ON j.commit_id = b.commit_id"
+                            " WHERE b.branch = ? AND b.ahead = 0 AND b.seq >"
+                            " (SELECT seq FROM branch_commits WHERE branch = ? AND commit_id = ?)"
+                            " ORDER BY b.seq LIMIT ?", (branch, branch, commit, BRANCH_WALK_ROWS))
+        try:
+            for other, state in cursor:
+                if state == JobState.PASSED.value:
+                    break
+                found.append((other, JobState(state)))
+        finally:
+            cursor.close()
+        return found
+
+    @staticmethod
+    def _name_first_failing(db: sqlite3.Connection, commit: str, first_failing: str) -> bool:
+        """Record ``first_failing`` on the failed ``commit`` and in its summary (and its
+        run's); True if its files do not say so yet (first_failing_pending set)."""
+        row = db.execute("SELECT summary, first_failing FROM jobs WHERE commit_id = ?", (commit,)).fetchone()
+        try:
+            summary = json.loads(row["summary"] or "null")
+        except ValueError:
+            summary = None
+        if not isinstance(summary, dict):
+            return False
+        written = summary.get("first_failing") == first_failing
+        if row["first_failing"] == first_failing and written:
+            return False
+        summary["first_failing"] = first_failing
+        text = json.dumps(summary)
+        db.execute("UPDATE jobs SET first_failing = ?, summary = ?, first_failing_pending = ? WHERE commit_id = ?",
+                   (first_failing, text, None if written else 1, commit))
+        db.execute("UPDATE runs SET summary = ? WHERE commit_id = ? AND run = (SELECT run FROM jobs WHERE commit_id = ?)",
+                   (text, commit, commit))
+        return not written
+
+    def _skip_if_unneeded(self, db: sqlite3.Connection, commit: str) -> None:
+        """--coalesce: a queued commit never tried, that is no branch's tip and that no
+        bisection needs, is skipped."""
+        row = db.execute("SELECT state FROM jobs WHERE commit_id = ? AND state = 'queued' AND tip_since IS NULL"
+                         " AND bisect IS NULL AND current_attempt IS NULL AND run = 1 AND round = 0",
+                         (commit,)).fetchone()
+        if row is not None:
+            self._move(db, commit, JobState.SKIPPED)
 
     def assign(self, commit: str, runner: str, now: float) -> int:
         """Move a queued job to running on ``runner``; returns the new attempt id."""
@@ -774,9 +945,14 @@ class JobStore:
                 "UPDATE attempts SET ended_at = ?, outcome = ? WHERE commit_id = ? AND outcome IS NULL",
                 (now, others.value, commit),
             )
+            try:
+                named = json.loads(summary).get("first_failing") if summary else None
+            except (ValueError, AttributeError):
+                named = None
             db.execute(
-                "UPDATE jobs SET finished_at = ?, reason = ?, summary = ? WHERE commit_id = ?",
-                (now, reason, summary, commit),
+                "UPDATE jobs SET finished_at = ?, reason = ?, summary = ?, first_failing = ?, first_failing_pending = NULL"
+                " WHERE commit_id = ?",
+                (now, reason, summary, named, commit),
             )
             if summary is not None:
                 db.execute("INSERT OR REPLACE INTO runs (commit_id, run, status, finished_at, summary)"
@@ -791,7 +967,8 @@ class JobStore:
         current one until that run has one); returns the run's number."""
         with self.transaction() as db:
             self._move(db, commit, JobState.QUEUED)
-            db.execute("UPDATE jobs SET run = run + 1, queued_at = ?, requires = NULL, round = 0, retest = NULL"
+            db.execute("UPDATE jobs SET run = run + 1, queued_at = ?, requires = NULL, round = 0, retest = NULL,"
+                       " bisect = NULL"
                        " WHERE commit_id = ?", (now, commit))
             return db.execute("SELECT run FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["run"]
 
@@ -912,6 +1089,8 @@ def _job(row: sqlite3.Row) -> Job:
         run=row["run"],
         round=row["round"],
         retest=None if row["retest"] is None else tuple(json.loads(row["retest"])),
+        bisect=row["bisect"],
+        first_failing=row["first_failing"],
     )
 
 

@@ -43,6 +43,8 @@ EXPECTED_ROWS = [
     ("tip_first", "tip of 4 commits pushed at once with --order fifo"),
     ("flaky", "random test (fails 1 run in 2)"),
     ("flaky", "deterministic failure"),
+    ("culprit", "32 commits pushed at once, 2 runners, commit 13 breaks a test for good"),
+    ("culprit", "the same with --coalesce"),
 ]
 #: "-": a figure reported without a target (recovery times).
 VERDICTS = {"met", "missed", "not available", "-"}

@@ -38,6 +38,9 @@ def put_in_state(store: JobStore, commit: str, state: JobState) -> int | None:
     store.enqueue(commit, 1.0)
     if state is JobState.QUEUED:
         return None
+    if state is JobState.SKIPPED:  # --coalesce: a newer commit of its branch came
+        store.report("f" + commit[1:], 1.0, coalesce=True)
+        return None
     attempt = store.assign(commit, "r1", 2.0)
     if state is JobState.RUNNING:
         return attempt
@@ -254,6 +257,8 @@ def test_every_allowed_transition_from_queued_and_running_works(store):
             store.assign(commit, "r1", 5.0)
         elif target is JobState.QUEUED:
             store.requeue(commit, store.job(commit).current_attempt, Outcome.LOST, 5.0)
+        elif target is JobState.SKIPPED:
+            store.report("f" + commit[1:], 5.0, coalesce=True)
         else:
             store.finish(commit, None, target, Outcome(target.value), None, "{}", 5.0)
         assert store.job(commit).state is target, (source, target)
@@ -272,6 +277,9 @@ def test_every_transition_not_in_the_table_raises(store):
                 store.assign(commit, "r9", 9.0)
             elif target is JobState.QUEUED:
                 store.requeue(commit, before.current_attempt or 0, Outcome.LOST, 9.0)
+            elif target is JobState.SKIPPED:  # the one move the store makes only on its own
+                with store.transaction() as db:
+                    store._move(db, commit, target)
             else:
                 store.finish(commit, before.current_attempt, target, Outcome(target.value), "again", "{}", 9.0)
         assert store.job(commit) == before, "a refused move changes nothing (%s -> %s)" % (source, target)
@@ -706,7 +714,8 @@ def test_a_commit_reported_again_does_not_become_the_tip_again(store):
 
 
 def test_the_planning_queries_read_their_own_indexes(store):
-    for order, indexes in (("fifo", {"queued_jobs"}), ("tip", {"queued_tips", "queued_newest"})):
+    for order, indexes in (("fifo", {"queued_jobs", "queued_bisect"}),
+                           ("tip", {"queued_tips", "queued_bisect", "queued_newest"})):
         plans = []
         original = store._db
 

@@ -32,11 +32,11 @@ def test_counts_follow_every_move_and_survive_a_restart(tmp_path):
     store.requeue(commits[2], attempts[commits[2]], Outcome.LOST, 2.0)
     with pytest.raises(InvalidTransition):  # a refused move changes nothing
         store.assign(commits[0], "runner", 3.0)
-    assert counted(store) == in_table(store) == {"queued": 3, "running": 1, "passed": 1, "failed": 1, "flaky": 0, "error": 0, "cancelled": 0}
+    assert counted(store) == in_table(store) == {"queued": 3, "running": 1, "passed": 1, "failed": 1, "flaky": 0, "error": 0, "cancelled": 0, "skipped": 0}
 
     store.close()
     store = JobStore(path)  # a restart: counts come from the table
     assert counted(store) == in_table(store)
     assert store.recover(4.0) == 1
-    assert counted(store) == in_table(store) == {"queued": 4, "running": 0, "passed": 1, "failed": 1, "flaky": 0, "error": 0, "cancelled": 0}
+    assert counted(store) == in_table(store) == {"queued": 4, "running": 0, "passed": 1, "failed": 1, "flaky": 0, "error": 0, "cancelled": 0, "skipped": 0}
     store.close()
