@@ -70,6 +70,54 @@ def test_every_commit_mode_names_commit_13_before_the_queue_drains(ci, upstream)
     assert "broken by: %s" % culprit in lookup.stdout, lookup.stdout
 
 
+#: Order-dependent: ``test_second`` fails when ``test_first`` ran before it in the same
+#: session (the whole suite), and passes when it runs alone (the rerun of the failing
+#: tests): a flaky test whose flakiness is known in advance.
+ORDER_DEPENDENT_TEST = """import sys
+
+def test_first():
+    sys.modules[__name__].touched = True
+
+def test_second():
+    assert not getattr(sys.modules[__name__], "touched", False), "test_first ran before me"
+"""
+#: Commit 5 of the burst (index 4) has the order-dependent test; commit 6 removes it.
+FLAKY_AT = 4
+
+
+def test_the_issue_setup_with_the_defaults_a_flaky_commit_and_the_culprit(ci, upstream):
+    """The issue's setup as one run, with the dispatcher's defaults (failing tests run
+    twice more): 32 commits at once, 2 runners, commit 13 breaks a test for good, commit
+    5 has a flaky test. Every verdict right (commit 5 flaky), commit 13 named by every
+    failing commit before the queue drains, the flaky commit naming no culprit."""
+    ci.start_dispatcher()
+    for _ in range(2):
+        ci.start_runner()
+    ci.start_observer()
+    assert ci.wait_result(upstream.head())["status"] == "passed"
+
+    def setup_commit(index: int):
+        files, verdict = burst_commit(index)
+        if index == FLAKY_AT:
+            files["test_order.py"] = ORDER_DEPENDENT_TEST
+            verdict = "flaky"
+        elif index == FLAKY_AT + 1:
+            files["test_order.py"] = None
+        return files, verdict
+
+    made = push_at_once(upstream, BURST, setup_commit)
+    culprit = made[BREAKS][0]
+    results = ci.wait_results([sha for sha, _ in made], timeout=400)
+    assert {sha: results[sha]["status"] for sha, _ in made} == dict(made), "every verdict right"
+    assert results[made[FLAKY_AT][0]]["flaky_tests"] == ["test_order.py::test_second"]
+    for sha, verdict in made:
+        assert results[sha].get("first_failing") == (culprit if verdict == "failed" else None), sha
+    log = ci.dispatcher.log()
+    named = log.index("first failing commit %s" % culprit)
+    last_start = max(log.rindex("commit %s attempt" % sha) for sha in started(ci))
+    assert named < last_start, "named while commits were still to run"
+
+
 def test_coalesce_names_commit_13_after_at_most_7_runs_and_skips_the_rest(ci, upstream):
     start(ci, upstream, "--coalesce")
     made = push_at_once(upstream, BURST, burst_commit)
