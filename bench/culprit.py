@@ -35,6 +35,7 @@ from bench.common import (
     wait_until,
 )
 from bench.detection import make_upstream
+from bench.tip_first import suite as timed_suite
 
 BURST = 32
 #: Commit 13 (index 12) adds a test that fails, and it stays.
@@ -47,7 +48,7 @@ RESULT_TIMEOUT_S = 300.0
 
 
 def suite(index: int, seconds: float) -> dict[str, str]:
-    files = {"test_step.py": "import time\n\nSTEP = %d\n\ndef test_step():\n    time.sleep(%r)\n" % (index, seconds)}
+    files = timed_suite(index, seconds)
     if index == BREAKS:
         files["test_broken.py"] = "def test_broken():\n    assert 1 + 1 == 3\n"
     return files

@@ -784,27 +784,25 @@ class JobStore:
                          (branch, commit)).fetchone()
         if row is None:
             return None
-        found = []
         cursor = db.execute("SELECT b.commit_id, j.state FROM branch_commits b JOIN jobs j ON j.commit_id = b.commit_id"
                             " WHERE b.branch = ? AND b.seq < ? AND b.ahead = 0 ORDER BY b.seq DESC LIMIT ?",
                             (branch, row[0], BRANCH_WALK_ROWS))
-        try:
-            for other, state in cursor:
-                if state == JobState.PASSED.value:
-                    break
-                found.append((other, JobState(state)))
-        finally:
-            cursor.close()
-        return found[::-1]
+        return JobStore._until_pass(cursor)[::-1]
 
     @staticmethod
     def _forward_to_pass(db: sqlite3.Connection, branch: str, commit: str) -> list[tuple[str, JobState]]:
         """The commits of ``branch`` after ``commit`` and before its next pass, oldest first."""
-        found = []
         cursor = db.execute("SELECT b.commit_id, j.state FROM branch_commits b JOIN jobs j ON j.commit_id = b.commit_id"
                             " WHERE b.branch = ? AND b.ahead = 0 AND b.seq >"
                             " (SELECT seq FROM branch_commits WHERE branch = ? AND commit_id = ?)"
                             " ORDER BY b.seq LIMIT ?", (branch, branch, commit, BRANCH_WALK_ROWS))
+        return JobStore._until_pass(cursor)
+
+    @staticmethod
+    def _until_pass(cursor: sqlite3.Cursor) -> list[tuple[str, JobState]]:
+        """The (commit, state) rows of ``cursor``, in its order, up to the first commit
+        that passed (left out); the cursor is closed."""
+        found = []
         try:
             for other, state in cursor:
                 if state == JobState.PASSED.value:
