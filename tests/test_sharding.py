@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -20,7 +19,8 @@ import pytest
 from test_ctl import ctl
 
 from commit_ci import sharding
-from conftest import FAILING_TEST, ROOT, wait_until
+
+from conftest import FAILING_TEST, ROOT, RUNNER_ENV, git
 
 #: A test file of one test that takes ``%r`` seconds; ``%d`` makes each file differ.
 SLEEPING_TEST = "import time\n\nFILE = %d\n\n\ndef test_sleeps():\n    time.sleep(%r)\n"
@@ -158,3 +158,66 @@ def test_max_shards_1_never_splits(ci, upstream):
     dispatch(ci, sha)
     result = ci.wait_result(sha)
     assert result["status"] == "passed" and result["shards"] == [] and result["passed"] == 5
+
+
+# --- the partition: the shards together run exactly an unsharded run's tests ------------
+
+BUNDLE = ROOT.parent / "shared" / "real-repos" / "iniconfig.bundle"
+
+
+def pytest_ids(folder: Path, junit: Path, shard: tuple[int, int] | None = None, plan: dict | None = None,
+               pythonpath: str = "") -> list[str]:
+    """The test ids of the JUnit XML of a pytest run in ``folder``: all of it, or, with
+    ``shard`` (I, K), that shard alone, as a runner runs it (executor.py: the plugin's
+    folder first on PYTHONPATH, ``-p``, CI_SHARD and CI_SHARD_PLAN)."""
+    env = dict(RUNNER_ENV, PYTHONDONTWRITEBYTECODE="1")
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", str(junit)]
+    if shard is not None:
+        pythonpath = sharding.PLUGIN_FOLDER + (os.pathsep + pythonpath if pythonpath else "")
+        env.update(CI_SHARD="%d/%d" % shard, CI_SHARD_PLAN=json.dumps(plan or {}))
+        args[3:3] = ["-p", sharding.PLUGIN_MODULE]
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    done = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return junit_ids(junit.read_bytes())
+
+
+def assert_partition(folder: Path, tmp_path: Path, plans: list[dict], shards: int, pythonpath: str = "") -> list:
+    whole = pytest_ids(folder, tmp_path / "whole.xml", pythonpath=pythonpath)
+    assert len(whole) == len(set(whole)) and whole
+    for number, plan in enumerate(plans):
+        parts = [pytest_ids(folder, tmp_path / ("plan%d-shard%d.xml" % (number, shard)), (shard, shards), plan,
+                            pythonpath) for shard in range(1, shards + 1)]
+        union = [test for part in parts for test in part]
+        assert len(union) == len(set(union)), "a test ran in two shards"
+        assert sorted(union) == sorted(whole), (plan, parts)
+    return whole
+
+
+def test_on_a_real_project_the_shards_together_run_exactly_the_tests_of_an_unsharded_run(tmp_path):
+    if not BUNDLE.exists():
+        pytest.fail("%s is missing: the real project's history is part of the workplace" % BUNDLE)
+    project = tmp_path / "iniconfig"
+    git(tmp_path, "clone", "--quiet", str(BUNDLE), str(project))
+    tests = sorted(str(path.relative_to(project)) for path in project.rglob("test_*.py"))
+    # No plan (every file by the hash of its path), a plan for each shard, a plan of files it does not have.
+    plans = [{}] + [{path: shard for path in tests} for shard in (1, 3)] + [{"testing/test_gone.py": 2}]
+    whole = assert_partition(project, tmp_path, plans, 3, pythonpath=str(project / "src"))
+    assert len(whole) >= 40
+
+
+def test_files_the_plan_does_not_know_and_new_parametrizations_are_run_once(tmp_path):
+    project = tmp_path / "project"
+    for index in range(12):
+        folder = project / ("pkg%d" % (index % 3)) / "tests"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ("test_m%d.py" % index)).write_text(
+            "import pytest\n\n\n@pytest.mark.parametrize('n', range(%d))\ndef test_p(n):\n    pass\n\n\n"
+            "class TestC:\n    def test_m(self):\n        pass\n" % (index + 1))
+    (project / "pkg0" / "tests" / "conftest.py").write_text("import pytest\n\n\n@pytest.fixture\ndef f():\n    return 1\n")
+    (project / "test_top.py").write_text("def test_top():\n    pass\n")
+    known = {"pkg0/tests/test_m0.py": 5.0, "pkg1/tests/test_m1.py": 3.0, "pkg2/tests/test_m2.py": 1.0,
+             "pkg0/tests/test_m3.py": 1.0, "test_top.py": 0.5, "pkg1/tests/test_gone.py": 9.0}
+    plans = [sharding.plan(known, shards)[0] for shards in (4,)] + [{}]
+    assert_partition(project, tmp_path, plans, 4)
