@@ -485,9 +485,7 @@ class Executor:
         pytest_args = ["--junitxml", junit_path, *(tests or ())]
         if shard:
             pytest_args[:0] = ["-p", sharding.PLUGIN_MODULE]
-        # A shard starts a fresh Python: a warm one would not see the plugin's folder on PYTHONPATH.
-        warm = not setting.test_command and self._warm_enabled and not shard
-        zygote = self._take_warm(setting) if warm else None
+        zygote = self._take_warm(setting) if not setting.test_command and self._warm_enabled else None
         if zygote is not None:
             log.info("commit %s attempt %d: forked from a warm pytest (%s)", commit, attempt, zygote.description)
             env = dict(env, PYTHONHASHSEED=str(zygote.hash_seed))
