@@ -221,3 +221,98 @@ def test_files_the_plan_does_not_know_and_new_parametrizations_are_run_once(tmp_
              "pkg0/tests/test_m3.py": 1.0, "test_top.py": 0.5, "pkg1/tests/test_gone.py": 9.0}
     plans = [sharding.plan(known, shards)[0] for shards in (4,)] + [{}]
     assert_partition(project, tmp_path, plans, 4)
+
+
+# --- the store: schema 7 ------------------------------------------------------------------
+
+
+def test_a_file_of_schema_version_6_opens_and_its_jobs_can_be_split(tmp_path):
+    import sqlite3
+
+    from commit_ci.store import SCHEMA_VERSION, JobStore
+
+    path = str(tmp_path / "queue.sqlite3")
+    store = JobStore(path)
+    queued, running = "a" * 40, "b" * 40
+    store.enqueue(queued, 1.0)
+    store.enqueue(running, 1.0)
+    store.assign(running, "r1", 2.0)
+    store.close()
+    # Back to version 6: what version 7 added, taken away again.
+    with sqlite3.connect(path) as db:
+        db.executescript("DROP TABLE shards; DROP TABLE test_durations;"
+                         " ALTER TABLE jobs DROP COLUMN shards; ALTER TABLE attempts DROP COLUMN shard;"
+                         " UPDATE meta SET value = '6' WHERE key = 'schema_version';")
+    store = JobStore(path)
+    try:
+        assert store.recover(3.0) == 1
+        assert store.queued(10) == [queued, running]
+        store.learn_durations({"tests/test_a.py": 2.0, "tests/test_b.py": 1.0}, 4.0)
+        plan, _ = sharding.plan(store.durations(), 2)
+        store.split(queued, 2, sharding.encode_plan(plan))
+        assert [shard for _, shard in store.waiting_shards(10)] == [1, 2]
+        attempt = store.assign_shard(queued, 2, "r1", 5.0)
+        assert store.attempt(attempt).shard == 2 and store.job(queued).state.value == "running"
+        # A lost shard waits again alone; a result is kept once.
+        assert store.requeue_shard(attempt, sharding_outcome("lost"), 6.0)
+        assert [shard for _, shard in store.waiting_shards(10)] == [1, 2]
+        again = store.assign_shard(queued, 2, "r2", 7.0)
+        assert store.keep_shard(again, {"status": "passed"}, b"out", None, 8.0)
+        assert not store.keep_shard(again, {"status": "passed"}, b"out", None, 8.5)
+        assert [shard.summary for shard in store.shards_of(queued, 1)] == [None, {"status": "passed"}]
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+
+
+def sharding_outcome(value: str):
+    from commit_ci.states import Outcome
+
+    return Outcome(value)
+
+
+# --- the pure parts: plan, durations, merge ------------------------------------------------
+
+
+def test_the_plan_deals_the_longest_files_first_to_the_least_loaded_shard():
+    plan, loads = sharding.plan({"a.py": 5.0, "b.py": 4.0, "c.py": 3.0, "d.py": 3.0, "e.py": 1.0}, 2)
+    assert plan == {"a.py": 1, "b.py": 2, "c.py": 2, "d.py": 1, "e.py": 2}
+    assert loads == [8.0, 8.0]
+    assert sharding.shard_count(idle=4, waiting_after=0, max_shards=8, known_files=40) == 4
+    assert sharding.shard_count(idle=4, waiting_after=3, max_shards=8, known_files=40) == 1
+    assert sharding.shard_count(idle=8, waiting_after=0, max_shards=3, known_files=40) == 3
+
+
+@pytest.mark.parametrize("bad", [b"1.0 ../x.py\n", b"1.0 /abs.py\n", b"nan tests/a.py\n", b"-1 tests/a.py\n",
+                                 b"1e9 tests/a.py\n", b"1.0 tests/a.py::test_x\n", b"1.0 tests/a.txt\n",
+                                 b"\xff tests/a.py\n"])
+def test_durations_from_a_runner_are_checked(bad):
+    with pytest.raises(ValueError):
+        sharding.decode_durations(bad)
+    assert sharding.decode_durations(b"1.250 tests/a.py\n0.000 b.py\n") == {"tests/a.py": 1.25, "b.py": 0.0}
+
+
+@pytest.mark.parametrize("bad", [b"[]", b'{"a.py": 0}', b'{"a.py": 3}', b'{"a.py": true}', b'{"../a.py": 1}',
+                                 b'{"-p.py": 1}', b"not json", b'{"a.py": 1.5}'])
+def test_a_plan_from_the_wire_is_checked(bad):
+    with pytest.raises(ValueError):
+        sharding.decode_plan(bad, 2)
+    assert sharding.decode_plan(b'{"a.py": 1, "t/b.py": 2}', 2) == {"a.py": 1, "t/b.py": 2}
+
+
+def test_the_merge_sums_the_counts_and_the_failing_tests_of_the_failed_shards():
+    def entry(shard, status, passed, failed, failing=None):
+        return {"shard": shard, "runner": "r%d" % shard, "attempt": shard, "status": status, "passed": passed,
+                "failed": failed, "errors": 0, "skipped": 0, "duration_s": float(shard), "reason": None,
+                "hash_seed": 1, "retry": "tests" if failing else None, "failing": failing}
+
+    xml = b'<?xml version="1.0"?><testsuites><testsuite tests="1"><testcase classname="a" name="t%d"/></testsuite></testsuites>'
+    merged = sharding.merge("c" * 40, [(entry(1, "passed", 3, 0), b"one\n", xml % 1),
+                                       (entry(2, "failed", 2, 1, ["b.py::test_x"]), b"two\n", xml % 2)])
+    assert (merged.status, merged.passed, merged.failed, merged.duration_s) == ("failed", 5, 1, 2.0)
+    assert (merged.retry, merged.failing) == ("tests", ("b.py::test_x",))
+    assert merged.reason == "failed in shard 2 of 2"
+    assert merged.log.count(b"==== shard ") == 2 and b"one" in merged.log and b"two" in merged.log
+    assert junit_ids(merged.junit) == ["a::t1", "a::t2"]
+    assert [item["shard"] for item in merged.shards] == [1, 2] and "failing" not in merged.shards[0]
