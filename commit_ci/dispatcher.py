@@ -1086,7 +1086,12 @@ class Dispatcher:
                 continue
             shards, plan = split
             for shard in range(1, shards + 1):
-                planned.append(self._give(job, self._choose(job, idle), idle, shard, shards, plan))
+                # The first goes to the runner chosen above; one that finds none (runners
+                # that failed the commit before) waits, and goes out with the next plan.
+                choice = choice if shard == 1 else self._choose(job, idle)
+                if choice is None:
+                    break
+                planned.append(self._give(job, choice, idle, shard, shards, plan))
         return planned
 
     def _choose(self, job: Job, idle: list[RunnerRecord]) -> RunnerRecord | None:

@@ -115,6 +115,26 @@ def test_a_shard_whose_runner_is_killed_runs_again_alone_and_the_commit_has_one_
     assert len(re.findall(r"commit %s: passed \(attempt" % sha, log)) == 1
 
 
+def test_a_dispatcher_killed_mid_shards_comes_back_to_one_result(ci, upstream, tmp_path):
+    ci.start_dispatcher("--heartbeat-interval", "0.3")
+    runners = [ci.start_runner("--name", "r%d" % index) for index in range(3)]
+    flag = tmp_path / "release"
+    waiting = {"tests/test_w%d.py" % index: "FILE = %d\n" % index + WAITS_TEST % str(flag) for index in range(6)}
+    teach(ci, upstream, {path: "FILE = 0\n" + WAITS_TEST % "/" for path in waiting})
+    sha = upstream.commit(waiting, "every test waits for the flag")
+    dispatch(ci, sha)
+    for runner in runners:
+        runner.wait_for_log(r"commit %s attempt \d+ accepted from .*: shard \d of 3" % sha)
+    ci.dispatcher.kill()
+    ci.restart_dispatcher()
+    flag.write_text("go")
+    result = ci.wait_result(sha, timeout=90)
+
+    assert result["status"] == "passed", result
+    assert result["passed"] == 7 and len(result["shards"]) == 3
+    assert len(re.findall(r"commit %s: passed \(attempt" % sha, ci.dispatcher.log())) == 1
+
+
 def test_a_failing_test_in_one_shard_fails_the_commit_and_only_it_runs_again(ci, upstream):
     ci.start_dispatcher("--flaky-reruns", "1")
     for index in range(3):
