@@ -710,9 +710,12 @@ class Dispatcher:
                                 result.requires if outcome is Outcome.DECLINED else None)
             self._free_runner_of(result.attempt)
             return reply("OK", recorded=1)
-        kept = self.store.keep_shard(result.attempt, sharding.entry(shard, result, runner), result.log, result.junit,
-                                     time.time())
+        kept, superseded = self.store.keep_shard(result.attempt, sharding.entry(shard, result, runner), result.log,
+                                                 result.junit, time.time())
         self._free_runner_of(result.attempt)
+        if superseded in self._assignments:
+            # Its runner stays busy (not given another job) until it says it is idle.
+            self._assignments[superseded].superseded = True
         if not kept:
             log.info("commit %s attempt %d (runner %s): stale %s result of shard %d ignored", commit, result.attempt,
                      runner, result.status, shard)

@@ -1005,25 +1005,43 @@ class JobStore:
 
     def requeue_shard(self, attempt_id: int, outcome: Outcome, now: float, requires: str | None = None) -> bool:
         """End an attempt at a shard without a result: the shard waits for a runner
-        again (the job stays as it is). False if the attempt was not the shard's own."""
+        again (the job goes back to the queue when no other shard of it is out).
+        False if the attempt was not the shard's own."""
         with self.transaction() as db:
             self._end_attempt(db, attempt_id, outcome, now)
             waiting = db.execute("UPDATE shards SET attempt = NULL WHERE attempt = ? AND summary IS NULL",
                                  (attempt_id,)).rowcount
+            commit = db.execute("SELECT commit_id FROM attempts WHERE id = ?", (attempt_id,)).fetchone()[0]
             if waiting and requires is not None:
-                db.execute("UPDATE jobs SET requires = ? WHERE commit_id = (SELECT commit_id FROM attempts WHERE id = ?)",
-                           (requires, attempt_id))
+                db.execute("UPDATE jobs SET requires = ? WHERE commit_id = ?", (requires, commit))
+            out = db.execute("SELECT 1 FROM shards s JOIN jobs j ON j.commit_id = s.commit_id AND j.run = s.run"
+                             " WHERE s.commit_id = ? AND s.attempt IS NOT NULL", (commit,)).fetchone()
+            state = db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["state"]
+            if waiting and out is None and state == JobState.RUNNING.value:
+                self._move(db, commit, JobState.QUEUED)  # nothing of it out: queued, as ci-ctl queue shows it
             return bool(waiting)
 
-    def keep_shard(self, attempt_id: int, summary: dict, log: bytes, junit: bytes | None, now: float) -> bool:
-        """Keep the result of the attempt out on a shard; False if the attempt is not
-        the shard's own (then nothing is kept)."""
+    def keep_shard(self, attempt_id: int, summary: dict, log: bytes, junit: bytes | None,
+                   now: float) -> tuple[bool, int | None]:
+        """Keep the verdict of an attempt at a shard of the run in progress, unless that
+        shard has one already: (kept, the attempt out on the same shard that it
+        supersedes, if any). A late verdict of an attempt the shard was taken back
+        from counts, as a job's does: the shard's test files ran at the same commit."""
         with self.transaction() as db:
-            kept = db.execute("UPDATE shards SET summary = ?, log = ?, junit = ?, attempt = NULL"
-                              " WHERE attempt = ? AND summary IS NULL",
-                              (json.dumps(summary), log, junit, attempt_id)).rowcount
-            self._end_attempt(db, attempt_id, Outcome(summary["status"]) if kept else Outcome.SUPERSEDED, now)
-            return bool(kept)
+            row = db.execute("SELECT s.attempt FROM attempts a JOIN shards s ON s.commit_id = a.commit_id"
+                             " AND s.run = a.run AND s.shard = a.shard WHERE a.id = ? AND s.summary IS NULL",
+                             (attempt_id,)).fetchone()
+            if row is None:
+                self._end_attempt(db, attempt_id, Outcome.SUPERSEDED, now)
+                return False, None
+            db.execute("UPDATE shards SET summary = ?, log = ?, junit = ?, attempt = NULL"
+                       " WHERE (commit_id, run, shard) = (SELECT commit_id, run, shard FROM attempts WHERE id = ?)",
+                       (json.dumps(summary), log, junit, attempt_id))
+            self._end_attempt(db, attempt_id, Outcome(summary["status"]), now)
+            other = row["attempt"] if row["attempt"] != attempt_id else None
+            if other is not None:
+                self._end_attempt(db, other, Outcome.SUPERSEDED, now)
+            return True, other
 
     def requeue(self, commit: str, attempt_id: int, outcome: Outcome, now: float, requires: str | None = None) -> None:
         """End a running attempt without a verdict and put its job back in the queue;

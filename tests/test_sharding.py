@@ -277,9 +277,15 @@ def test_a_file_of_schema_version_6_opens_and_its_jobs_can_be_split(tmp_path):
         assert store.requeue_shard(attempt, sharding_outcome("lost"), 6.0)
         assert [shard for _, shard in store.waiting_shards(10)] == [1, 2]
         again = store.assign_shard(queued, 2, "r2", 7.0)
-        assert store.keep_shard(again, {"status": "passed"}, b"out", None, 8.0)
-        assert not store.keep_shard(again, {"status": "passed"}, b"out", None, 8.5)
-        assert [shard.summary for shard in store.shards_of(queued, 1)] == [None, {"status": "passed"}]
+        assert store.keep_shard(again, {"status": "passed"}, b"out", None, 8.0) == (True, None)
+        assert store.keep_shard(again, {"status": "passed"}, b"out", None, 8.5) == (False, None)
+        # The first attempt's late verdict, for the other shard taken back meanwhile, counts.
+        late = store.assign_shard(queued, 1, "r1", 9.0)
+        assert store.requeue_shard(late, sharding_outcome("lost"), 9.5)
+        newer = store.assign_shard(queued, 1, "r3", 10.0)
+        assert store.keep_shard(late, {"status": "passed"}, b"late", None, 11.0) == (True, newer)
+        assert store.attempt(newer).outcome.value == "superseded"
+        assert [shard.summary for shard in store.shards_of(queued, 1)] == [{"status": "passed"}] * 2
     finally:
         store.close()
     with sqlite3.connect(path) as db:
