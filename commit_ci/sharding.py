@@ -113,10 +113,15 @@ def decode_durations(data: bytes) -> dict[str, float]:
 def plan(durations: dict[str, float], shards: int) -> tuple[dict[str, int], list[float]]:
     """The known files dealt out to ``shards`` shards, longest first, each to the shard
     with the least expected time so far (ties: the lowest number): (file -> shard 1..K,
-    each shard's expected seconds). At most MAX_PLAN_FILES files, the longest."""
+    each shard's expected seconds). At most MAX_PLAN_FILES files, the longest, and no
+    more than fit in MAX_PLAN_BYTES."""
     loads = [0.0] * shards
     assigned: dict[str, int] = {}
+    size = 2  # the plan's JSON: {}, then "path":K, per file
     for path, seconds in sorted(durations.items(), key=lambda item: (-item[1], item[0]))[:MAX_PLAN_FILES]:
+        size += len(json.dumps(path)) + 2 + len(str(shards))
+        if size > MAX_PLAN_BYTES:
+            break  # the shorter files left go by the hash of their path
         shard = min(range(shards), key=lambda index: (loads[index], index))
         loads[shard] += seconds
         assigned[path] = shard + 1

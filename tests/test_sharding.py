@@ -308,6 +308,11 @@ def test_the_plan_deals_the_longest_files_first_to_the_least_loaded_shard():
     assert sharding.shard_count(idle=4, waiting_after=0, max_shards=8, known_files=40) == 4
     assert sharding.shard_count(idle=4, waiting_after=3, max_shards=8, known_files=40) == 1
     assert sharding.shard_count(idle=8, waiting_after=0, max_shards=3, known_files=40) == 3
+    # However many and however long the paths, the plan fits its section.
+    many = {"tests/%s/test_%04d.py" % ("d" * 400, index): float(index) for index in range(3000)}
+    plan, _ = sharding.plan(many, 64)
+    assert 0 < len(plan) <= sharding.MAX_PLAN_FILES and max(many[path] for path in plan) == 2999.0
+    assert sharding.decode_plan(sharding.encode_plan(plan), 64) == plan
 
 
 @pytest.mark.parametrize("bad", [b"1.0 ../x.py\n", b"1.0 /abs.py\n", b"nan tests/a.py\n", b"-1 tests/a.py\n",
