@@ -135,6 +135,26 @@ def test_a_dispatcher_killed_mid_shards_comes_back_to_one_result(ci, upstream, t
     assert len(re.findall(r"commit %s: passed \(attempt" % sha, ci.dispatcher.log())) == 1
 
 
+def test_a_sharded_commit_cancelled_stops_every_shard_and_the_runners_go_on(ci, upstream, tmp_path):
+    ci.start_dispatcher()
+    runners = [ci.start_runner("--name", "r%d" % index) for index in range(3)]
+    flag = tmp_path / "never"
+    waiting = {"tests/test_w%d.py" % index: "FILE = %d\n" % index + WAITS_TEST % str(flag) for index in range(6)}
+    teach(ci, upstream, {path: "FILE = 0\n" + WAITS_TEST % "/" for path in waiting})
+    sha = upstream.commit(waiting, "every test waits for ever")
+    dispatch(ci, sha)
+    for runner in runners:
+        runner.wait_for_log(r"commit %s attempt \d+ accepted from .*: shard \d of 3" % sha)
+    assert ctl(ci.address, "cancel", sha).returncode == 0
+    assert ci.wait_result(sha)["status"] == "cancelled"
+    for runner in runners:
+        runner.wait_for_log(r"commit %s attempt \d+ cancelled by .*: stopping it" % sha)
+    after = upstream.commit({path: "def test_quick():\n    pass\n" for path in waiting}, "the next one")
+    dispatch(ci, after)
+    result = ci.wait_result(after, timeout=60)
+    assert result["status"] == "passed" and result["passed"] == 7
+
+
 def test_a_failing_test_in_one_shard_fails_the_commit_and_only_it_runs_again(ci, upstream):
     ci.start_dispatcher("--flaky-reruns", "1")
     for index in range(3):
