@@ -47,6 +47,9 @@ MAX_SHARDS = 64
 #: Most files a plan names: the others go by the hash of their path. It keeps the plan
 #: within MAX_PLAN_BYTES, which must fit one environment variable (Linux: 128 KiB).
 MAX_PLAN_FILES = 1000
+#: What a test file is expected to take at least (its import, its collection): files
+#: whose tests took no time are dealt out evenly, not all to the first shard.
+MIN_FILE_SECONDS = 0.01
 #: Most test files whose durations one result carries (the sections' sizes, with
 #: MAX_PLAN_BYTES, are protocol.py's).
 MAX_DURATION_FILES = 5000
@@ -123,7 +126,7 @@ def plan(durations: dict[str, float], shards: int) -> tuple[dict[str, int], list
         if size > MAX_PLAN_BYTES:
             break  # the shorter files left go by the hash of their path
         shard = min(range(shards), key=lambda index: (loads[index], index))
-        loads[shard] += seconds
+        loads[shard] += max(seconds, MIN_FILE_SECONDS)
         assigned[path] = shard + 1
     return assigned, loads
 

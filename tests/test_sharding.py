@@ -108,6 +108,7 @@ def test_a_shard_whose_runner_is_killed_runs_again_alone_and_the_commit_has_one_
     assert result["status"] == "passed", result
     assert result["passed"] == 7
     assert len(result["shards"]) == 3 and {entry["runner"] for entry in result["shards"]} == {"r1", "r2"}
+    assert all(entry["passed"] >= 2 for entry in result["shards"]), result["shards"]
     log = ci.dispatcher.log()
     assert re.search(r"commit %s attempt \d+ \(runner r0\): shard \d: .*that shard alone waits" % sha, log)
     # Every shard ran once but the lost one, which ran twice: K + 1 attempts in all.
@@ -132,6 +133,7 @@ def test_a_dispatcher_killed_mid_shards_comes_back_to_one_result(ci, upstream, t
 
     assert result["status"] == "passed", result
     assert result["passed"] == 7 and len(result["shards"]) == 3
+    assert all(entry["passed"] >= 2 for entry in result["shards"]), result["shards"]
     assert len(re.findall(r"commit %s: passed \(attempt" % sha, ci.dispatcher.log())) == 1
 
 
@@ -325,6 +327,9 @@ def test_the_plan_deals_the_longest_files_first_to_the_least_loaded_shard():
     plan, loads = sharding.plan({"a.py": 5.0, "b.py": 4.0, "c.py": 3.0, "d.py": 3.0, "e.py": 1.0}, 2)
     assert plan == {"a.py": 1, "b.py": 2, "c.py": 2, "d.py": 1, "e.py": 2}
     assert loads == [8.0, 8.0]
+    # Files whose tests took no time are dealt out evenly.
+    plan, _ = sharding.plan({"f%d.py" % index: 0.0 for index in range(6)}, 3)
+    assert sorted(plan.values()) == [1, 1, 2, 2, 3, 3]
     assert sharding.shard_count(idle=4, waiting_after=0, max_shards=8, known_files=40) == 4
     assert sharding.shard_count(idle=4, waiting_after=3, max_shards=8, known_files=40) == 1
     assert sharding.shard_count(idle=8, waiting_after=0, max_shards=3, known_files=40) == 3
