@@ -86,6 +86,8 @@ def test_a_commit_is_split_over_idle_runners_and_merged_into_one_result(ci, upst
     ids = junit_ids((ci.results_dir / (sha + ".xml")).read_bytes())
     assert sorted(ids) == sorted(["test_base::test_passes"] + ["tests.test_f%02d::test_sleeps" % i for i in range(6)])
     assert len(re.findall(r"commit %s: passed \(attempt" % sha, ci.dispatcher.log())) == 1
+    shown = ctl(ci.address, "results", sha).stdout
+    assert re.search(r"^  shard 2:  passed on r\d, \d passed, 0 failed", shown, re.M), shown
 
 
 def test_a_shard_whose_runner_is_killed_runs_again_alone_and_the_commit_has_one_result(ci, upstream, tmp_path):
