@@ -158,6 +158,8 @@ class Executor:
         #: The warm pytest started ahead for the next job, and the one the job in progress uses.
         self._spare: WarmPytest | None = None
         self._in_use: WarmPytest | None = None
+        #: The spare started while the job in progress runs (apart from it), if any.
+        self._next_spare: WarmPytest | None = None
         self._warm_failures = 0
         #: For a job user: the interpreter and variables of the last job's tests, which
         #: ``between_jobs`` starts the next warm pytest for, and whether nothing of the
@@ -173,7 +175,7 @@ class Executor:
         """Start a warm pytest ahead of the first job, when jobs may use one, and wait
         until it is ready (or has failed: jobs then start a fresh Python)."""
         self._spare_for = (sys.executable, self._base_env)
-        self._start_spare(*self._spare_for)
+        self._start_spare(*self._spare_for, slot=self.isolation.slot if self.isolation.spare_apart else None)
         if not self._warm_enabled:
             log.info("every job starts a fresh Python (no warm pytest: %s)", self._no_warm_because)
         if self._spare is not None:
@@ -202,13 +204,14 @@ class Executor:
         (flaky.py); the whole test command runs when there is one."""
         self._freeze_spare()
         try:
-            self.isolation.begin_job()
+            self.isolation.begin_job(self._spare.slot if self._spare is not None else None)
             return self._run(commit, attempt, tests)
         finally:
-            if self._spare is not None and self.isolation.separate:
+            if self._spare is not None and self.isolation.separate and self._spare is not self._next_spare:
                 # Not taken, and the job user's steps may have reached it: it serves no job.
                 self._discard(self._spare)
                 self._spare = None
+            self._next_spare = None
             # Before the result goes out: the dispatcher may send the next commit at once.
             self._kill_leftovers(commit, attempt, "job")
             stuck = self.isolation.end_job()
@@ -217,12 +220,14 @@ class Executor:
                 log.error("commit %s attempt %d: processes %s did not leave the job's cgroup", commit, attempt, stuck)
 
     def between_jobs(self) -> None:
-        """Once a job's result is out: for a job user, start the warm pytest for the
-        next job now. Started while a job ran, it would be a process the job could
-        reach (the same user), change, and so forge the next commit's verdict with;
-        started now, with nothing of the job user's running and the job's folders
-        emptied, it is the next job's alone."""
-        if not self._warm_enabled or not self.isolation.separate or self._spare is not None:
+        """Once a job's result is out: for a job user without a sandbox, start the warm
+        pytest for the next job now. Started while a job ran, it would be a process
+        the job could reach (the same user, the same pids), change, and so forge the
+        next commit's verdict with; started now, with nothing of the job user's
+        running and the job's folders emptied, it is the next job's alone. (In a
+        sandbox, one starts while the job runs, apart: ``_take_warm``.)"""
+        if (not self._warm_enabled or not self.isolation.separate or self.isolation.spare_apart
+                or self._spare is not None):
             return
         if self._job_user_idle and self._spare_for is not None:
             try:
@@ -265,7 +270,7 @@ class Executor:
         duration = time.monotonic() - test_started
         result = Result(commit, ReportedStatus.PASSED.value, attempt=attempt, duration_s=round(duration, 3),
                         hash_seed=hash_seed, log=setting.notes + read_log(output_path))
-        self._add_junit(result, junit_path)
+        self._add_junit(result, self.isolation.outside(junit_path))
         self._judge(result, status, killed, setting)
         self._add_retry(result, setting, tests)
         log.info("commit %s attempt %d: %s in %.2f s%s (PYTHONHASHSEED=%d)", commit, attempt, result.status, duration,
@@ -446,22 +451,38 @@ class Executor:
             except WarmPytestError as exc:
                 self._warm_failed(str(exc))  # nothing ran yet
             else:
+                self._start_next_spare()
+                group = self._host_pid(zygote, pid)
                 limit = setting.timeout + KILL_GRACE_S + END_MARGIN_S
                 try:
                     # supervise kills the job's group however wait() ends, this error included.
-                    status, killed = supervise(pid, lambda: zygote.wait(pid, limit), setting.timeout, self.stop)
+                    status, killed = supervise(group, lambda: zygote.wait(pid, limit), setting.timeout, self.stop)
                 except WarmPytestError as exc:
                     # The tests ran, in part: run again here, they would find what they left.
                     self._warm_failed(str(exc))
                     raise JobFault("warm pytest failed during the tests: %s" % exc) from None
                 self._warm_failures = 0
-                return status, killed, zygote.hash_seed, output_path
+                return status, killed, zygote.hash_seed, self.isolation.outside(output_path)
         hash_seed = int(env["PYTHONHASHSEED"]) if env.get("PYTHONHASHSEED", "").isdigit() else _new_hash_seed()
         env = dict(env, PYTHONHASHSEED=str(hash_seed))
         command = setting.test_command or [setting.python, "-m", "pytest", *pytest_args]
+        self._start_next_spare()
         ended = run_step(command, cwd=self.clone, env=env, timeout=setting.timeout, stop=self.stop,
                          output_path=output_path, launch=self._launcher())
         return ended.status, ended.killed, hash_seed, output_path
+
+    @staticmethod
+    def _host_pid(zygote: WarmPytest, pid: int) -> int:
+        """The runner's pid of the child ``pid`` a zygote forked: the same, but for a
+        zygote in a sandbox's pid namespace (then found in its cgroup)."""
+        if zygote.slot is None:
+            return pid
+        host = zygote.cgroup.host_pid(pid) if zygote.cgroup is not None else None
+        if host is None:  # the tests may have begun: no fresh Python in their clone, an error
+            if zygote.cgroup is not None:
+                zygote.cgroup.kill()
+            raise JobFault("the tests the warm pytest forked (pid %d in its sandbox) are not in its cgroup" % pid)
+        return host
 
     def _take_warm(self, setting: Setting) -> WarmPytest | None:
         """The warm pytest started ahead for this job's interpreter, ready and as it was
@@ -489,7 +510,13 @@ class Executor:
                 log.info("%s changed since the warm pytest started: this job starts a fresh Python", changed)
                 self._discard(zygote)
                 zygote = None
-        if self.isolation.separate:
+        if self.isolation.spare_apart:
+            # In the other slot, its own sandbox and pid namespace: out of this job's
+            # reach. (Its folders were the job's before this one, which has ended.)
+            # Started once this job's tests are forked (``_start_next_spare``): its
+            # imports would slow their start.
+            self._spare_for = (setting.python, setting.env) if self._job_user_idle else None
+        elif self.isolation.separate:
             self._spare_for = (setting.python, setting.env)  # between_jobs starts it
         else:
             self._start_spare(setting.python, setting.env)
@@ -498,14 +525,25 @@ class Executor:
             self.isolation.adopt(zygote.cgroup)  # the job's, killed and removed with it
         return zygote
 
-    def _start_spare(self, python: str, env: dict) -> None:
+    def _start_next_spare(self) -> None:
+        """With spares apart (``_take_warm``): start the next job's warm pytest, in the
+        other slot, now that this job's tests have started."""
+        if self.isolation.spare_apart and self._spare_for is not None and self._spare is None:
+            self._start_spare(*self._spare_for, slot=self.isolation.other_slot())
+            self._next_spare = self._spare
+            self._spare_for = None
+
+    def _start_spare(self, python: str, env: dict, slot: int | None = None) -> None:
         if not self._warm_enabled:
             return
         spare = WarmPytest(python, env, self.clone, _new_hash_seed())
         # A cgroup of its own: the job in progress's is killed when that job ends.
         spare.cgroup = self.isolation.new_cgroup()
         try:
-            spare.start(self.isolation.launch(self.clone, self.clone, cgroup=spare.cgroup))
+            if slot is not None:
+                self.isolation.empty_job_folders(slot)
+                spare.slot = slot
+            spare.start(self.isolation.launch(self.clone, self.clone, cgroup=spare.cgroup, slot=slot))
         except OSError as exc:
             self._discard(spare)
             self._warm_failed(str(exc))
