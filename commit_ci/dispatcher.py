@@ -174,6 +174,9 @@ class Dispatcher:
         self._stop = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="runner-io")
         self._threads: list[threading.Thread] = []
+        #: The newest commit queued that the runners have not been told to fetch yet.
+        self._fetch_cond = threading.Condition()
+        self._fetch_wanted: str | None = None
         #: Commits whose verdict's files are being written (outside the lock).
         self._settling: set[str] = set()
         #: The pings to the runners known at start-up: the scheduler waits for them.
@@ -208,7 +211,8 @@ class Dispatcher:
                 self._first_pings.append(self._pool.submit(self._verify, record))
             if self._runners:
                 log.info("pinging %d runner(s) known from before the restart", len(self._runners))
-        for name, target in (("scheduler", self._schedule_loop), ("heartbeat", self._heartbeat_loop)):
+        for name, target in (("scheduler", self._schedule_loop), ("heartbeat", self._heartbeat_loop),
+                             ("fetch-ahead", self._fetch_ahead_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -217,6 +221,8 @@ class Dispatcher:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        with self._fetch_cond:
+            self._fetch_cond.notify_all()
         for thread in self._threads:
             thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -531,6 +537,7 @@ class Dispatcher:
             with self._cond:
                 self._find_culprit(commit)
         if done.new or done.tip_queued:
+            self._fetch_ahead(tip if done.tip_queued else commit)
             with self._cond:
                 # Waking the scheduler when no runner is free would only make it
                 # contend for the lock to find nothing to do.
@@ -1026,6 +1033,38 @@ class Dispatcher:
                 record.verified = False  # a ping must succeed before it gets another job
                 self._lose(assignment, "runner %s refused: %s" % (record.name, answer.get("reason")), Outcome.REFUSED)
                 self._pool.submit(self._verify, record)
+
+    # --- fetch ahead -----------------------------------------------------------------
+
+    def _fetch_ahead(self, commit: str) -> None:
+        """Have every runner fetch ``commit`` now, while it may still be testing another
+        one, so that the checkout of its job finds it there (the fetch-ahead thread
+        sends it; of a burst, only the newest is sent: a runner's fetch gets every branch)."""
+        with self._fetch_cond:
+            self._fetch_wanted = commit
+            self._fetch_cond.notify_all()
+
+    def _fetch_ahead_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._fetch_cond:
+                while self._fetch_wanted is None and not self._stop.is_set():
+                    self._fetch_cond.wait()
+                commit, self._fetch_wanted = self._fetch_wanted, None
+            if commit is None:
+                continue
+            with self._cond:
+                runners = [(r.name, r.address, r.security) for r in self._runners.values() if r.verified]
+            for name, address, security in runners:
+                if self._stop.is_set():
+                    return
+                try:
+                    answer = communicate(address, request("fetch", commit=commit), timeout=PING_TIMEOUT_S,
+                                         connect_timeout=PING_TIMEOUT_S, security=security,
+                                         total_timeout=PING_TIMEOUT_S * 2)
+                except (OSError, ProtocolError) as exc:
+                    answer = error(str(exc) or exc.__class__.__name__)
+                if answer.verb != "OK":  # a runner of an older version, or one that is gone: its checkout fetches
+                    log.debug("runner %s: fetch ahead of commit %s: %s", name, commit, answer.get("reason"))
 
     # --- heartbeat -----------------------------------------------------------------
 

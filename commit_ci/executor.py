@@ -40,13 +40,13 @@ import time
 from dataclasses import dataclass
 
 from commit_ci import flaky, junit
-from commit_ci.checkout import GitDirGuard, check_out
+from commit_ci.checkout import GitDirGuard, check_out, fetch_ahead
 from commit_ci.environments import Environment, EnvironmentCache, Interpreter, SetupFailure, note, plan
 from commit_ci.files import open_untrusted
 from commit_ci.flaky import Retry
 from commit_ci.isolation import Isolation, Launch, new_job_root
 from commit_ci.leftovers import LEFTOVERS_TIMEOUT_S, kill_leftovers
-from commit_ci.processes import KILL_GRACE_S, STOPPED, TIMEOUT, run_step, supervise
+from commit_ci.processes import KILL_GRACE_S, STOPPED, TIMEOUT, KnownChildren, run_step, supervise
 from commit_ci.project_config import ConfigError, ProjectConfig, read_config
 from commit_ci.protocol import MAX_LOG_BYTES
 from commit_ci.result import Result
@@ -148,6 +148,10 @@ class Executor:
         self.cache = cache
         self.isolation = isolation or Isolation(new_job_root())
         self._git_dir_guard = GitDirGuard(git_dir)
+        #: The clone's git folder is the checkout's or a fetch ahead's, one at a time.
+        self._clone_lock = threading.Lock()
+        #: Children started beside the job's steps (a fetch ahead): no leftovers of it.
+        self._known = KnownChildren()
         #: Whether jobs may fork from a warm pytest: only with the default test command,
         #: and where the one started ahead, a process the job user can reach, can be
         #: frozen while the runner works in the job's folders (isolation.py).
@@ -350,7 +354,8 @@ class Executor:
         except OSError as exc:
             log.error("commit %s attempt %d: cannot take the work tree back from the job user: %s", commit, attempt, exc)
             return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason="checkout failed: %s" % exc)
-        ended = check_out(self.clone, commit, output_path, self.checkout_timeout, self.stop)
+        with self._clone_lock:
+            ended = check_out(self.clone, commit, output_path, self.checkout_timeout, self.stop)
         self._kill_leftovers(commit, attempt, "checkout")
         if ended.killed == STOPPED:
             return Result(commit, ReportedStatus.ABORTED.value, attempt=attempt, reason=SHUTTING_DOWN)
@@ -365,6 +370,24 @@ class Executor:
         reason = "checkout failed: %s" % why[:REASON_CHARS]
         log.error("commit %s attempt %d: %s", commit, attempt, reason)
         return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason=reason, log=read_log(output_path))
+
+    def fetch_ahead(self, commit: str, stop: threading.Event) -> None:
+        """Fetch ``commit`` into the clone if it is not there yet (the dispatcher says it
+        is queued), beside the job in progress, if any: the checkout of its own job
+        then finds it there. Run by the runner's fetch-ahead thread; ``stop``: the
+        runner's."""
+        with self._clone_lock:
+            if stop.is_set():
+                return
+            started = time.monotonic()
+            ended = fetch_ahead(self.clone, commit, os.path.join(self.work_dir, "fetch.log"), self.checkout_timeout,
+                                stop, self._known)
+        if ended.succeeded:
+            if b"fetched" in ended.output:
+                log.info("commit %s: fetched ahead of its job in %.2f s", commit, time.monotonic() - started)
+        elif ended.killed != STOPPED:
+            log.warning("commit %s: fetch ahead failed (its checkout will fetch): %s", commit,
+                        "took more than %g s" % self.checkout_timeout if ended.killed == TIMEOUT else ended.last_line())
 
     # --- the environment -----------------------------------------------------------
 
@@ -602,7 +625,8 @@ class Executor:
         more = 0
         if self.subreaper:
             keep = {self._spare.process.pid} if self._spare is not None and self._spare.process else set()
-            more, more_stuck = kill_leftovers(keep)  # reaps, among others, what the cgroup's kill ended
+            with self._known.lock:  # no fetch ahead starts meanwhile, and those running are spared
+                more, more_stuck = kill_leftovers(keep | self._known.pids)  # reaps what the cgroup's kill ended
             stuck += more_stuck
         killed += max(in_cgroup, more)
         if killed:

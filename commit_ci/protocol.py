@@ -235,6 +235,7 @@ REQUESTS: dict[str, Verb] = {
         Verb("runtest", positional=(("commit", parse_commit), ("attempt", parse_attempt)),
              sections=(TESTS_SECTION,)),
         Verb("stop", positional=(("commit", parse_commit), ("attempt", parse_attempt))),
+        Verb("fetch", positional=(("commit", parse_commit),)),
     )
 }
 

@@ -154,6 +154,9 @@ class TestRunner:
         #: Of ``_job`` and ``_next``, those that rerun failing tests: the tests' node ids.
         self._tests: dict[tuple[str, int], tuple[str, ...]] = {}
         self._threads: list[threading.Thread] = []
+        #: The commit the dispatcher last said is queued, to fetch ahead (``_fetch_loop``).
+        self._fetch_cond = threading.Condition()
+        self._fetch_wanted: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -207,6 +210,11 @@ class TestRunner:
             log.info("commit %s attempt %d accepted from %s%s", commit, attempt, peer,
                      "" if tests is None else ": a rerun of %d failing test(s)" % len(tests))
             return reply("OK")
+        if message.verb == "fetch":
+            with self._fetch_cond:
+                self._fetch_wanted = message.fields["commit"]
+                self._fetch_cond.notify_all()
+            return reply("OK")
         if message.verb == "stop":
             job = (message.fields["commit"], message.fields["attempt"])
             with self._cond:
@@ -243,9 +251,10 @@ class TestRunner:
 
     def start(self) -> None:
         self._threads.append(serve_in_thread(self.server, "server"))
-        worker = threading.Thread(target=self._work_loop, name="worker", daemon=True)
-        worker.start()
-        self._threads.append(worker)
+        for name, target in (("worker", self._work_loop), ("fetch-ahead", self._fetch_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
         self.link.start()
 
     def shutdown(self) -> None:
@@ -255,6 +264,8 @@ class TestRunner:
         with self._cond:
             self.job_stop.set()  # under the lock: the worker clears it only before it starts a job
             self._cond.notify_all()
+        with self._fetch_cond:
+            self._fetch_cond.notify_all()
         for thread in self._threads:
             if thread.name == "worker":
                 thread.join(timeout=KILL_GRACE_S + RESULTS_TIMEOUT_S)
@@ -303,6 +314,21 @@ class TestRunner:
             # Accepted but never started: hand it back so it runs elsewhere now.
             self.link.deliver(Result(job[0], ReportedStatus.ABORTED.value, attempt=job[1], reason=SHUTTING_DOWN))
         self.executor.close()
+
+    def _fetch_loop(self) -> None:
+        """Fetch each commit the dispatcher says is queued (of several said meanwhile,
+        the last), beside the job in progress."""
+        while True:
+            with self._fetch_cond:
+                while self._fetch_wanted is None and not self.stop_event.is_set():
+                    self._fetch_cond.wait()
+                if self.stop_event.is_set():
+                    return
+                commit, self._fetch_wanted = self._fetch_wanted, None
+            try:
+                self.executor.fetch_ahead(commit, self.stop_event)
+            except Exception:  # noqa: BLE001 - the checkout fetches what this did not
+                log.exception("commit %s: fetch ahead failed", commit)
 
     def _run(self, commit: str, attempt: int, tests: tuple[str, ...] | None) -> Result:
         try:
