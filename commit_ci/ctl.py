@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import sys
+import time
 
 from commit_ci.client import communicate
 from commit_ci.files import atomic_write
@@ -55,6 +56,8 @@ STATUS_RECENT = 5
 STATUS_BRANCHES = 20
 #: Seconds to wait for the dispatcher's answer: it answers queries without waiting on anything.
 QUERY_TIMEOUT_S = 5.0
+#: ``log -f``: how often to ask for more output (runners send it about twice a second).
+FOLLOW_INTERVAL_S = 0.5
 
 
 class Failure(Exception):
@@ -254,6 +257,41 @@ def show_flaky(client: Client, as_json: bool, limit: int, window: int) -> None:
         print("  (none was flaky)")
 
 
+def show_log(client: Client, commit: str, follow: bool, interval: float = FOLLOW_INTERVAL_S) -> None:
+    """Print a commit's output: while it runs, its live log (with ``follow``, as it grows,
+    until the verdict, which ends it with a line on stderr); once judged, its final log."""
+    offset, source = 0, None
+    out = sys.stdout.buffer
+    while True:
+        answer = client.ask("tail", commit=commit, offset=offset)
+        try:
+            document = json.loads(answer.sections.get("json", b"{}"))
+        except ValueError:
+            raise Failure("the dispatcher sent unreadable JSON for tail") from None
+        if source == "live" and document["source"] == "final":
+            # The verdict is in; the live log ends here (the final log holds all of it).
+            print("ci-ctl: %s: %s (the whole output: ci-ctl log %s)" % (
+                short(document["commit"]), document["state"], short(document["commit"])), file=sys.stderr)
+            return
+        if document["source"] != source or document["offset"] < offset:
+            # The first answer; output starting; or a new attempt started the live log afresh.
+            if source is not None:
+                out.write(b"\n[ci-ctl: the output starts again: a new attempt]\n" if source == "live" else b"")
+            source, offset = document["source"], 0
+            if document["offset"] != len(answer.sections.get("chunk", b"")):
+                continue  # asked from another offset: read this one from its start
+        chunk = answer.sections.get("chunk", b"")
+        if chunk:
+            out.write(chunk)
+            out.flush()
+        offset = document["offset"]
+        if offset < document["size"]:
+            continue  # more to read now
+        if not follow or source == "final":
+            return
+        time.sleep(interval)
+
+
 def do_rerun(client: Client, as_json: bool, commit: str) -> None:
     commit = client.ask_json("lookup", commit=commit)["commit"]
     answer = client.ask("rerun", commit=commit)
@@ -403,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     flaky.add_argument("--limit", type=int, default=20, help="tests to list (default: %(default)s)")
     flaky.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                        help="the rate is over this many newest runs that ran tests (default: %(default)s)")
+    log = commands.add_parser("log", help="a commit's output: live while it runs, its final log once judged")
+    log.add_argument("commit", metavar="SHA", type=commit_prefix_argument,
+                     help="the commit id, or its first 7 or more hex digits if no other commit starts with them")
+    log.add_argument("-f", "--follow", action="store_true",
+                     help="keep printing the output as it arrives until the commit's verdict, then exit 0")
     rerun = commands.add_parser("rerun", help="run a commit that has a verdict again; its earlier files are kept "
                                 "in RESULTS_DIR/runs/SHA/RUN/")
     cancel = commands.add_parser("cancel", help="stop a queued or running commit: a first run ends 'cancelled', "
@@ -453,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             do_dispatch(client, args.json, args.commit)
         elif args.command == "flaky":
             show_flaky(client, args.json, max(1, args.limit), max(1, args.window))
+        elif args.command == "log":
+            show_log(client, args.commit, args.follow)
         elif args.command == "rerun":
             do_rerun(client, args.json, args.commit)
         elif args.command == "cancel":

@@ -48,8 +48,9 @@ from typing import Callable
 from commit_ci import flaky, junit, result_files
 from commit_ci.client import communicate
 from commit_ci.daemon import add_logging_arguments, install_stop_signals, setup_logging
+from commit_ci.live_log import MAX_READ_BYTES, LiveLogs, read_file_from, whole_characters
 from commit_ci.page import ResultsPage
-from commit_ci.protocol import UNKNOWN_ATTEMPT, Message, error, may_send, reply, request
+from commit_ci.protocol import MAX_LIVE_CHUNK_BYTES, UNKNOWN_ATTEMPT, Message, error, may_send, reply, request
 from commit_ci.result import Result
 from commit_ci.result_files import iso_time
 from commit_ci.security import RUNNER, Key, Security, add_security_arguments, security_from_arguments, wrap_secret
@@ -182,6 +183,13 @@ class Dispatcher:
         #: removed keys have had their runners dropped.
         self.keys = self.security.keyring
         self._keys_checked = self.keys.generation if self.keys is not None else 0
+        #: The live logs of running jobs (live_log.py; their own lock).
+        self.live = LiveLogs(results_dir)
+        #: Pings that got no answer (or a refusal), since the dispatcher started (/metrics).
+        self.missed_pings_total = 0
+        #: How many notifications wait to be delivered, for /metrics (metrics.py). None
+        #: are kept on this branch: the notifications branch supplies the real count.
+        self.notifications_pending: Callable[[], int] = lambda: 0
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -269,6 +277,8 @@ class Dispatcher:
             "recent": self._on_recent,
             "lookup": self._on_lookup,
             "flaky": self._on_flaky,
+            "tail": self._on_tail,
+            "live-log": self._on_live_log,
             "rerun": self._on_rerun,
             "cancel": self._on_cancel,
             "key-add": self._on_key_add,
@@ -391,6 +401,60 @@ class Dispatcher:
             test["finished_at"] = iso_time(test["finished_at"])
         return _json_reply({"window": window, "runs": runs, "tests": tests})
 
+    def _on_tail(self, message: Message, peer: str) -> Message:
+        # A commit's output from a byte offset: its live log while it is queued or
+        # running (a runner that died leaves what it sent), its final log once judged.
+        prefix, offset = message.fields["commit"], message.get("offset", 0)
+        with self._cond:
+            jobs = self.store.jobs_starting_with(prefix)
+        if not jobs:
+            return error("unknown commit %s" % prefix)
+        if len(jobs) > 1:
+            return error("ambiguous commit prefix %s: more than one commit starts with it; give more digits" % prefix)
+        job = jobs[0]
+        commit = job.commit
+        if job.state.final:
+            source, found = "final", read_file_from(result_files.result_path(self.results_dir, commit, ".log"),
+                                                    offset, MAX_READ_BYTES)
+        else:
+            source, found = "live", self.live.read(commit, offset, MAX_READ_BYTES)
+        if found is None:
+            source, found = "none", (b"", 0)
+        data, size = found
+        data = whole_characters(data) if offset + len(data) < size else data
+        return reply("OK", chunk=data, json=json.dumps({
+            "commit": commit, "state": job.state.value, "attempt": job.current_attempt, "source": source,
+            "offset": min(offset, size) + len(data), "size": size}).encode("utf-8"))
+
+    def _on_live_log(self, message: Message, peer: str) -> Message:
+        commit, attempt_id, offset = message.fields["commit"], message.fields["attempt"], message.fields["offset"]
+        if "chunk" in message.truncated:
+            log.warning("commit %s attempt %d: live output chunk from %s over the size limit: refused", commit,
+                        attempt_id, _who(message, peer))
+            return error("chunk too large (limit %d bytes)" % MAX_LIVE_CHUNK_BYTES)
+        data = message.sections.get("chunk", b"")
+        with self._cond:
+            assignment = self._assignments.get(attempt_id)
+            if assignment is None or assignment.commit != commit or assignment.superseded:
+                # Not the commit's current attempt (settled, lost, or never given): ignored.
+                log.debug("commit %s attempt %d: live output from %s ignored: not a current attempt", commit,
+                          attempt_id, _who(message, peer))
+                return reply("OK", recorded=0)
+            key = message.key
+            if key is not None and not key.shared and assignment.runner.name != key.name:
+                log.warning("commit %s attempt %d: live output from %s refused: the attempt is runner %s's", commit,
+                            attempt_id, _who(message, peer), assignment.runner.name)
+                return error("attempt %d of commit %s was given to another runner, not to %s"
+                             % (attempt_id, commit, key.name))
+            # Small appends to a file (no fsync): held under the lock, so that a verdict
+            # recorded meanwhile (which removes the file) cannot be followed by a write.
+            try:
+                end = self.live.append(commit, attempt_id, offset, data)
+            except OSError as exc:
+                log.error("commit %s attempt %d: live output not written: %s", commit, attempt_id, exc)
+                return error("internal error")
+        return reply("OK", recorded=1, offset=end)
+
     def _files(self, commit: str, run: int | None) -> dict:
         """Where the report and the summary of ``commit``'s run ``run`` are (None: the current one)."""
         folder = result_files.run_folder(self.results_dir, commit, run) if run else self.results_dir
@@ -486,6 +550,7 @@ class Dispatcher:
                 assignment.superseded = True
             if job.summary:
                 verdict = self.store.cancel_rerun(commit, time.time())
+                self.live.discard(commit)
                 self.on_final_result()
                 log.info("commit %s: run %d cancelled by %s; its verdict stays %s", commit, job.run, who, verdict.value)
                 state = verdict
@@ -801,6 +866,7 @@ class Dispatcher:
         self.store.finish(commit, result.attempt, state, Outcome(state.value), result.reason,
                           json.dumps(summary), now, flaky=flaky.records(summary))
         self.on_final_result()
+        self.live.discard(commit)
         self._avoid.pop(commit, None)
         self._ran.pop(commit, None)
         for other in self._assignments.values():
@@ -898,6 +964,7 @@ class Dispatcher:
             return  # dropped or replaced while the ping was out
         if answer is None or answer.verb != "OK":
             record.missed_pings += 1
+            self.missed_pings_total += 1
             if record.missed_pings >= MISSED_PINGS_LIMIT:
                 self._drop(record, "%d pings unanswered" % record.missed_pings)
             return
