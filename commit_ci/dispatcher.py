@@ -345,6 +345,15 @@ class Dispatcher:
             described = [self._describe_runner(record) for record in self._runners.values()]
         return _json_reply({"runners": described})
 
+    def runner_states(self) -> dict[str, int]:
+        """How many registered runners are in each state, as ``runners`` says (/metrics)."""
+        states: dict[str, int] = {}
+        with self._cond:
+            for record in self._runners.values():
+                state = self._describe_runner(record)["state"]
+                states[state] = states.get(state, 0) + 1
+        return states
+
     def _describe_runner(self, record: RunnerRecord) -> dict:
         if not record.verified:
             state, commit, attempt = RunnerState.UNVERIFIED, None, None
@@ -1196,6 +1205,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "a runner's), used only to read commit subjects and authors for the results page "
                         "(index.html); it is fetched into when a commit is not in it yet. Without it the page "
                         "shows commit ids only")
+    parser.add_argument("--http-port", type=int, metavar="PORT",
+                        help="also serve HTTP on --host at this port (0 picks a free one), read-only and without "
+                        "authentication, with TLS when --tls-cert is given: the live results page at /, each "
+                        "commit's files, JSON at /api/..., Prometheus metrics at /metrics (README, HTTP). "
+                        "Default: no HTTP")
     add_logging_arguments(parser)
     add_security_arguments(parser, serves=True, keys=True)
     return parser
@@ -1241,6 +1255,23 @@ def main(argv: list[str] | None = None) -> int:
         page.stop()
         store.close()
         return 1
+    http_server = None
+    if args.http_port is not None:
+        from commit_ci.metrics import metrics_registry  # prometheus_client: only with --http-port
+        from commit_ci.web import WebServer
+        from commit_ci.web import serve_in_thread as serve_http_in_thread
+
+        metrics_store = JobStore(db_path, read_only=True)
+        try:
+            http_server = WebServer((args.host, args.http_port), dispatcher.handle, page.live_page, results_dir,
+                                    metrics_registry(dispatcher, metrics_store), tls=security.server_tls)
+        except OSError as exc:
+            log.error("cannot listen for HTTP on %s:%d: %s", args.host, args.http_port, exc)
+            server.server_close()
+            metrics_store.close()
+            page.stop()
+            store.close()
+            return 1
     dispatcher.start()
     # After the recovery in start(): the first page includes what it recorded.
     page.start()
@@ -1252,8 +1283,16 @@ def main(argv: list[str] | None = None) -> int:
         ", coalesce: tips and bisections only" if args.coalesce else ", every commit",
         _authentication(security), "TLS" if security.server_tls else "no TLS",
     )
+    if http_server is not None:
+        serve_http_in_thread(http_server)
+        log.info("HTTP on %s://%s/ (read-only, no authentication: the results page, /api, /metrics)",
+                 "https" if security.server_tls else "http", format_address(http_server.address))
     stop.wait()
     log.info("stopping: no new connections")
+    if http_server is not None:
+        http_server.shutdown()
+        http_server.server_close()
+        metrics_store.close()
     server.shutdown()
     server.server_close()
     dispatcher.stop()
