@@ -180,6 +180,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if page is None:
                     return self._send(503, b"the results page is being built\n", "text/plain; charset=utf-8", head)
                 return self._send(200, page, "text/html; charset=utf-8", head, PAGE_POLICY)
+            if path == "/favicon.ico":  # browsers ask; there is none, and a 404 would be an error in their console
+                return self._send(204, b"", "image/x-icon", head)
             if path == "/live.js":
                 return self._send(200, self.server.script, "text/javascript; charset=utf-8", head)
             if path == "/metrics":
