@@ -3,7 +3,8 @@
 Subcommands talk to a running dispatcher over the protocol (docs/protocol.md):
 ``status`` (is it up, queue, what each runner does, each branch's state, last
 verdicts), ``queue``,
-``runners``, ``results SHA`` (a commit's verdict and where its report is; the start
+``runners``, ``log [-f] SHA`` (a commit's output: live while it runs, followed until
+its verdict with ``-f``), ``results SHA`` (a commit's verdict and where its report is; the start
 of its id will do, if no other commit starts the same way, and its earlier runs),
 ``dispatch SHA`` (test a commit now; its full id only, as the dispatcher takes no
 other), ``flaky`` (the tests most often flaky over recent runs), ``rerun SHA`` (run a judged commit again), ``cancel SHA`` (stop a queued or
@@ -266,17 +267,17 @@ def show_log(client: Client, commit: str, follow: bool, interval: float = FOLLOW
         answer = client.ask("tail", commit=commit, offset=offset)
         try:
             document = json.loads(answer.sections.get("json", b"{}"))
-        except ValueError:
+            final = JobState(document["state"]).final
+        except (ValueError, KeyError):
             raise Failure("the dispatcher sent unreadable JSON for tail") from None
-        if source == "live" and document["source"] == "final":
-            # The verdict is in; the live log ends here (the final log holds all of it).
-            print("ci-ctl: %s: %s (the whole output: ci-ctl log %s)" % (
-                short(document["commit"]), document["state"], short(document["commit"])), file=sys.stderr)
-            return
+        if final and source == "live":
+            # The verdict came while the live log was followed: it ends here (the final
+            # log, ci-ctl log SHA, holds all of the output).
+            return _verdict_line(document)
         if document["source"] != source or document["offset"] < offset:
             # The first answer; output starting; or a new attempt started the live log afresh.
-            if source is not None:
-                out.write(b"\n[ci-ctl: the output starts again: a new attempt]\n" if source == "live" else b"")
+            if source == "live":
+                out.write(b"\n[ci-ctl: the output starts again: a new attempt]\n")
             source, offset = document["source"], 0
             if document["offset"] != len(answer.sections.get("chunk", b"")):
                 continue  # asked from another offset: read this one from its start
@@ -287,9 +288,17 @@ def show_log(client: Client, commit: str, follow: bool, interval: float = FOLLOW
         offset = document["offset"]
         if offset < document["size"]:
             continue  # more to read now
-        if not follow or source == "final":
-            return
+        if final:
+            return _verdict_line(document) if follow else None
+        if not follow:
+            return None
         time.sleep(interval)
+
+
+def _verdict_line(document: dict) -> None:
+    sys.stdout.flush()
+    print("ci-ctl: %s: %s (the whole output: ci-ctl log %s)" % (short(document["commit"]), document["state"],
+                                                               short(document["commit"])), file=sys.stderr)
 
 
 def do_rerun(client: Client, as_json: bool, commit: str) -> None:

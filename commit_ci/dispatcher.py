@@ -187,9 +187,6 @@ class Dispatcher:
         self.live = LiveLogs(results_dir)
         #: Pings that got no answer (or a refusal), since the dispatcher started (/metrics).
         self.missed_pings_total = 0
-        #: How many notifications wait to be delivered, for /metrics (metrics.py). None
-        #: are kept on this branch: the notifications branch supplies the real count.
-        self.notifications_pending: Callable[[], int] = lambda: 0
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -1264,7 +1261,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics_store = JobStore(db_path, read_only=True)
         try:
             http_server = WebServer((args.host, args.http_port), dispatcher.handle, page.live_page, results_dir,
-                                    metrics_registry(dispatcher, metrics_store), tls=security.server_tls)
+                                    # Notifications pending: none are kept on this branch; the
+                                    # notifications branch supplies the count of undelivered ones.
+                                    metrics_registry(dispatcher, metrics_store, notifications_pending=lambda: 0),
+                                    tls=security.server_tls)
         except OSError as exc:
             log.error("cannot listen for HTTP on %s:%d: %s", args.host, args.http_port, exc)
             server.server_close()

@@ -81,11 +81,12 @@ def _bound(value: float) -> str:
     return repr(float(value))
 
 
-def metrics_registry(dispatcher: "Dispatcher", store: JobStore) -> CollectorRegistry:
-    """A registry with the dispatcher's collector alone (not prometheus_client's global one).
-    The count of pending notifications is the dispatcher's to supply."""
+def metrics_registry(dispatcher: "Dispatcher", store: JobStore,
+                     notifications_pending: Callable[[], int]) -> CollectorRegistry:
+    """A registry with the dispatcher's collector alone (not prometheus_client's global
+    one); ``notifications_pending`` is the dispatcher's count of notifications waiting."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DispatcherCollector(dispatcher, store, lambda: dispatcher.notifications_pending()))
+    registry.register(DispatcherCollector(dispatcher, store, notifications_pending))
     return registry
 
 

@@ -181,3 +181,18 @@ def test_a_runner_that_dies_leaves_what_it_sent_and_the_next_attempt_starts_afre
     first.touch()
     second.touch()
     assert ci.wait_result(sha)["status"] == "passed"
+
+
+def test_ctl_log_follow_ends_at_any_verdict_even_one_without_output(ci, upstream, processes, tmp_path):
+    code, first, second = live_test(tmp_path)
+    ci.start_dispatcher()
+    ci.start_runner()
+    sha = upstream.commit({"test_live.py": code}, "a test that prints, waits, prints")
+    dispatch(ci, sha)
+    follower = processes.start("ci-ctl-log", module_argv("ctl", "--dispatcher-server", ci.address, "log", "-f", sha))
+    follower.wait_for_log(r"LIVE step one", timeout=60)
+    cancel = subprocess.run(module_argv("ctl", "--dispatcher-server", ci.address, "cancel", sha),
+                            capture_output=True, text=True, timeout=60)
+    assert cancel.returncode == 0, cancel.stderr
+    assert wait_until(lambda: follower.popen.poll() is not None, 30, message="ci-ctl log -f to exit") is True
+    assert follower.popen.returncode == 0 and "%s: cancelled" % sha[:12] in follower.log()
