@@ -259,6 +259,7 @@ class Dispatcher:
             self.store.finish(commit, None, state, Outcome(state.value), result.reason, json.dumps(summary),
                               time.time(), flaky=flaky.records(summary))
             log.info("commit %s: result file found on start-up (%s); recorded", commit, state.value)
+            self.live.discard(commit)
 
     # --- requests ------------------------------------------------------------------
 
