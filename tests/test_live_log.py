@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
+import threading
 import time
 
+import pytest
+
 from commit_ci import dispatcher
-from commit_ci.live_log import LiveLogs, live_path, whole_characters
-from commit_ci.protocol import MAX_LIVE_CHUNK_BYTES, request
-from commit_ci.security import Key
+from commit_ci.live_log import MAX_BEHIND_BYTES, LiveLogs, LiveSender, live_path, whole_characters
+from commit_ci.protocol import MAX_LIVE_CHUNK_BYTES, reply, request
+from commit_ci.security import Key, Security
+from commit_ci.server import ProtocolServer, serve_in_thread
 from commit_ci.store import JobStore
 
 from conftest import module_argv, wait_until
@@ -123,6 +128,80 @@ def test_the_dispatcher_takes_chunks_of_current_attempts_from_their_runners_alon
     too_long = request("live-log", commit=SHA, attempt=attempt, offset=0, chunk=b"x" * (MAX_LIVE_CHUNK_BYTES + 1))
     assert handler.handle(too_long, "box-1").get("recorded") == 0, "settled: ignored"
     store.close()
+
+
+# --- the runner's sender ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_dispatcher():
+    """A protocol server on 127.0.0.1 that records the live-log chunks it gets and
+    answers as the dispatcher does (``hold``: it answers nothing until set)."""
+    chunks: list[tuple[int, bytes]] = []
+    hold = threading.Event()
+    hold.set()
+
+    def handle(message, peer):
+        assert hold.wait(30)
+        chunks.append((message.fields["offset"], message.sections["chunk"]))
+        return reply("OK", recorded=1, offset=message.fields["offset"] + len(message.sections["chunk"]))
+
+    server = ProtocolServer(("127.0.0.1", 0), handle, logging.getLogger("test.fake-dispatcher"),
+                            threaded_verbs={"live-log"})
+    serve_in_thread(server, "fake-dispatcher")
+    yield server.address, chunks, hold
+    hold.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_sender_sends_new_output_in_order_and_jumps_ahead_when_behind(tmp_path, fake_dispatcher):
+    address, chunks, _ = fake_dispatcher
+    stop = threading.Event()
+    sender = LiveSender(address, Security(), stop, interval=0.05)
+    sender.start()
+    output = tmp_path / "output.log"
+    try:
+        sender.follow(SHA, 3, str(output))
+        output.write_bytes(b"first\n")
+        wait_until(lambda: chunks == [(0, b"first\n")], 10, message="the first chunk")
+        with open(output, "ab") as handle:
+            handle.write(b"second\n")
+        wait_until(lambda: chunks[-1:] == [(6, b"second\n")], 10, message="the next chunk, at its offset")
+        with open(output, "ab") as handle:  # far more than it may be behind: it jumps to the latest
+            handle.write(b"x" * (3 * MAX_BEHIND_BYTES) + b"latest\n")
+        wait_until(lambda: chunks[-1][1].endswith(b"latest\n"), 10, message="the latest output")
+        sent = sum(len(data) for _, data in chunks)
+        assert sent < MAX_BEHIND_BYTES, "what it was behind was skipped"
+        sender.forget()
+        count = len(chunks)
+        with open(output, "ab") as handle:
+            handle.write(b"after the tests\n")
+        time.sleep(0.3)  # several turns of the sender: nothing should come (nothing to wait for)
+        assert len(chunks) == count, "not followed once the tests are over"
+    finally:
+        stop.set()
+
+
+def test_the_sender_never_holds_up_the_job(tmp_path, fake_dispatcher):
+    address, chunks, hold = fake_dispatcher
+    hold.clear()  # the dispatcher takes the chunk and does not answer
+    stop = threading.Event()
+    sender = LiveSender(address, Security(), stop, interval=0.05)
+    sender.start()
+    output = tmp_path / "output.log"
+    output.write_bytes(b"output\n")
+    try:
+        sender.follow(SHA, 3, str(output))
+        time.sleep(0.3)  # the sender is now waiting for an answer
+        started = time.monotonic()
+        sender.forget()
+        sender.follow(SHA, 4, str(output))
+        sender.forget()
+        assert time.monotonic() - started < 0.1, "follow and forget never wait for the network"
+    finally:
+        stop.set()
+        hold.set()
 
 
 # --- end to end ----------------------------------------------------------------------------
