@@ -394,6 +394,8 @@ def test_the_live_page_shows_a_running_jobs_log_grow_then_its_verdict_without_re
         seen = wait_until(lambda: (lambda text: text if "LIVE step one" in text else None)(browser.evaluate(live_log)),
                           60, interval=0.2, message="the first line of the running job's log on the page")
         assert "LIVE step two" not in seen
+        assert "<img src=x onerror=alert(1)><b>bold</b>" in seen, "the job's markup shown as text"
+        assert browser.evaluate("document.querySelectorAll('#running-jobs img, #running-jobs b').length") == 0
         assert ctl_json(ci, "status")["running"] == 1
         first.touch()
         grown = wait_until(lambda: (lambda text: text if "LIVE step two" in text else None)(browser.evaluate(live_log)),

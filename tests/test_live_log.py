@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from test_http import metrics, start_with_http
 
 from commit_ci import dispatcher
 from commit_ci.live_log import MAX_BEHIND_BYTES, LiveLogs, LiveSender, live_path, whole_characters
@@ -25,7 +26,8 @@ SHA = "cd" * 20
 
 #: A test that prints (past pytest's capture), waits for a first flag file, prints
 #: again, waits for a second: its job stays running while a test watches its output.
-#: Each line names the job's hash seed, which is drawn anew for each attempt.
+#: Each line names the job's hash seed, which is drawn anew for each attempt, and
+#: carries markup, which every reader must show as text.
 LIVE_TEST = """import os, time
 
 def _wait(path):
@@ -36,7 +38,7 @@ def _wait(path):
 def test_prints_waits_prints(capsys):
     seed = os.environ.get("PYTHONHASHSEED")
     with capsys.disabled():
-        print("LIVE step one, seed %%s" %% seed, flush=True)
+        print("LIVE step one, seed %%s <img src=x onerror=alert(1)><b>bold</b>" %% seed, flush=True)
     _wait(%r)
     with capsys.disabled():
         print("LIVE step two, seed %%s" %% seed, flush=True)
@@ -235,7 +237,7 @@ def test_ctl_log_follows_a_running_job_until_its_verdict(ci, upstream, processes
 
 def test_a_runner_that_dies_leaves_what_it_sent_and_the_next_attempt_starts_afresh(ci, upstream, tmp_path):
     code, first, second = live_test(tmp_path)
-    ci.start_dispatcher("--heartbeat-interval", "0.3")
+    port = start_with_http(ci, "--heartbeat-interval", "0.3")
     runner = ci.start_runner()
     sha = upstream.commit({"test_live.py": code}, "a test that prints, waits, prints")
     dispatch(ci, sha)
@@ -252,6 +254,7 @@ def test_a_runner_that_dies_leaves_what_it_sent_and_the_next_attempt_starts_afre
     runner.kill()
     ci.dispatcher.wait_for_log(r"commit %s attempt \d+ \(runner [^)]*\): runner .* lost" % sha, timeout=30)
     assert "seed %s" % seed in live_text(), "what the dead runner sent is still there"
+    assert metrics(port)[("ci_missed_heartbeats_total", ())] >= 3, "the pings the dead runner missed"
 
     ci.start_runner()
     wait_until(lambda: re.search(r"LIVE step one, seed (?!%s\b)\d+" % seed, live_text()), 60,
