@@ -48,8 +48,9 @@ from typing import Callable
 from commit_ci import flaky, junit, result_files
 from commit_ci.client import communicate
 from commit_ci.daemon import add_logging_arguments, install_stop_signals, setup_logging
+from commit_ci.live_log import MAX_READ_BYTES, LiveLogs, read_file_from, whole_characters
 from commit_ci.page import ResultsPage
-from commit_ci.protocol import UNKNOWN_ATTEMPT, Message, error, may_send, reply, request
+from commit_ci.protocol import MAX_LIVE_CHUNK_BYTES, UNKNOWN_ATTEMPT, Message, error, may_send, reply, request
 from commit_ci.result import Result
 from commit_ci.result_files import iso_time
 from commit_ci.security import RUNNER, Key, Security, add_security_arguments, security_from_arguments, wrap_secret
@@ -185,6 +186,10 @@ class Dispatcher:
         #: removed keys have had their runners dropped.
         self.keys = self.security.keyring
         self._keys_checked = self.keys.generation if self.keys is not None else 0
+        #: The live logs of running jobs (live_log.py; their own lock).
+        self.live = LiveLogs(results_dir)
+        #: Pings that got no answer (or a refusal), since the dispatcher started (/metrics).
+        self.missed_pings_total = 0
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -260,6 +265,7 @@ class Dispatcher:
             self.store.finish(commit, None, state, Outcome(state.value), result.reason, json.dumps(summary),
                               time.time(), flaky=flaky.records(summary))
             log.info("commit %s: result file found on start-up (%s); recorded", commit, state.value)
+            self.live.discard(commit)
 
     # --- requests ------------------------------------------------------------------
 
@@ -275,6 +281,8 @@ class Dispatcher:
             "recent": self._on_recent,
             "lookup": self._on_lookup,
             "flaky": self._on_flaky,
+            "tail": self._on_tail,
+            "live-log": self._on_live_log,
             "rerun": self._on_rerun,
             "cancel": self._on_cancel,
             "key-add": self._on_key_add,
@@ -341,6 +349,15 @@ class Dispatcher:
             described = [self._describe_runner(record) for record in self._runners.values()]
         return _json_reply({"runners": described})
 
+    def runner_states(self) -> dict[str, int]:
+        """How many registered runners are in each state, as ``runners`` says (/metrics)."""
+        states: dict[str, int] = {}
+        with self._cond:
+            for record in self._runners.values():
+                state = self._describe_runner(record)["state"]
+                states[state] = states.get(state, 0) + 1
+        return states
+
     def _describe_runner(self, record: RunnerRecord) -> dict:
         if not record.verified:
             state, commit, attempt = RunnerState.UNVERIFIED, None, None
@@ -396,6 +413,60 @@ class Dispatcher:
             test["rate"] = round(test["flaky"] / runs, 4) if runs else 0.0
             test["finished_at"] = iso_time(test["finished_at"])
         return _json_reply({"window": window, "runs": runs, "tests": tests})
+
+    def _on_tail(self, message: Message, peer: str) -> Message:
+        # A commit's output from a byte offset: its live log while it is queued or
+        # running (a runner that died leaves what it sent), its final log once judged.
+        prefix, offset = message.fields["commit"], message.get("offset", 0)
+        with self._cond:
+            jobs = self.store.jobs_starting_with(prefix)
+        if not jobs:
+            return error("unknown commit %s" % prefix)
+        if len(jobs) > 1:
+            return error("ambiguous commit prefix %s: more than one commit starts with it; give more digits" % prefix)
+        job = jobs[0]
+        commit = job.commit
+        if job.state.final:
+            source, found = "final", read_file_from(result_files.result_path(self.results_dir, commit, ".log"),
+                                                    offset, MAX_READ_BYTES)
+        else:
+            source, found = "live", self.live.read(commit, offset, MAX_READ_BYTES)
+        if found is None:
+            source, found = "none", (b"", 0)
+        data, size = found
+        data = whole_characters(data) if offset + len(data) < size else data
+        return reply("OK", chunk=data, json=json.dumps({
+            "commit": commit, "state": job.state.value, "attempt": job.current_attempt, "source": source,
+            "offset": min(offset, size) + len(data), "size": size}).encode("utf-8"))
+
+    def _on_live_log(self, message: Message, peer: str) -> Message:
+        commit, attempt_id, offset = message.fields["commit"], message.fields["attempt"], message.fields["offset"]
+        if "chunk" in message.truncated:
+            log.warning("commit %s attempt %d: live output chunk from %s over the size limit: refused", commit,
+                        attempt_id, _who(message, peer))
+            return error("chunk too large (limit %d bytes)" % MAX_LIVE_CHUNK_BYTES)
+        data = message.sections.get("chunk", b"")
+        with self._cond:
+            assignment = self._assignments.get(attempt_id)
+            if assignment is None or assignment.commit != commit or assignment.superseded:
+                # Not the commit's current attempt (settled, lost, or never given): ignored.
+                log.debug("commit %s attempt %d: live output from %s ignored: not a current attempt", commit,
+                          attempt_id, _who(message, peer))
+                return reply("OK", recorded=0)
+            key = message.key
+            if key is not None and not key.shared and assignment.runner.name != key.name:
+                log.warning("commit %s attempt %d: live output from %s refused: the attempt is runner %s's", commit,
+                            attempt_id, _who(message, peer), assignment.runner.name)
+                return error("attempt %d of commit %s was given to another runner, not to %s"
+                             % (attempt_id, commit, key.name))
+            # Small appends to a file (no fsync): held under the lock, so that a verdict
+            # recorded meanwhile (which removes the file) cannot be followed by a write.
+            try:
+                end = self.live.append(commit, attempt_id, offset, data)
+            except OSError as exc:
+                log.error("commit %s attempt %d: live output not written: %s", commit, attempt_id, exc)
+                return error("internal error")
+        return reply("OK", recorded=1, offset=end)
 
     def _files(self, commit: str, run: int | None) -> dict:
         """Where the report and the summary of ``commit``'s run ``run`` are (None: the current one)."""
@@ -492,6 +563,7 @@ class Dispatcher:
                 assignment.superseded = True
             if job.summary:
                 verdict = self.store.cancel_rerun(commit, time.time())
+                self.live.discard(commit)
                 self.on_final_result()
                 log.info("commit %s: run %d cancelled by %s; its verdict stays %s", commit, job.run, who, verdict.value)
                 state = verdict
@@ -808,6 +880,7 @@ class Dispatcher:
         self.store.finish(commit, result.attempt, state, Outcome(state.value), result.reason,
                           json.dumps(summary), now, flaky=flaky.records(summary))
         self.on_final_result()
+        self.live.discard(commit)
         self._avoid.pop(commit, None)
         self._ran.pop(commit, None)
         for other in self._assignments.values():
@@ -905,6 +978,7 @@ class Dispatcher:
             return  # dropped or replaced while the ping was out
         if answer is None or answer.verb != "OK":
             record.missed_pings += 1
+            self.missed_pings_total += 1
             if record.missed_pings >= MISSED_PINGS_LIMIT:
                 self._drop(record, "%d pings unanswered" % record.missed_pings)
             return
@@ -1168,6 +1242,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "a runner's), used only to read commit subjects and authors for the results page "
                         "(index.html); it is fetched into when a commit is not in it yet. Without it the page "
                         "shows commit ids only")
+    parser.add_argument("--http-port", type=int, metavar="PORT",
+                        help="also serve HTTP on --host at this port (0 picks a free one), read-only and without "
+                        "authentication, with TLS when --tls-cert is given: the live results page at /, each "
+                        "commit's files, JSON at /api/..., Prometheus metrics at /metrics (README, HTTP). "
+                        "Default: no HTTP")
     add_logging_arguments(parser)
     add_security_arguments(parser, serves=True, keys=True)
     return parser
@@ -1213,6 +1292,26 @@ def main(argv: list[str] | None = None) -> int:
         page.stop()
         store.close()
         return 1
+    http_server = None
+    if args.http_port is not None:
+        from commit_ci.metrics import metrics_registry  # prometheus_client: only with --http-port
+        from commit_ci.web import WebServer
+        from commit_ci.web import serve_in_thread as serve_http_in_thread
+
+        metrics_store = JobStore(db_path, read_only=True)
+        try:
+            http_server = WebServer((args.host, args.http_port), dispatcher.handle, page.live_page, results_dir,
+                                    # Notifications pending: none are kept on this branch; the
+                                    # notifications branch supplies the count of undelivered ones.
+                                    metrics_registry(dispatcher, metrics_store, notifications_pending=lambda: 0),
+                                    tls=security.server_tls)
+        except OSError as exc:
+            log.error("cannot listen for HTTP on %s:%d: %s", args.host, args.http_port, exc)
+            server.server_close()
+            metrics_store.close()
+            page.stop()
+            store.close()
+            return 1
     dispatcher.start()
     # After the recovery in start(): the first page includes what it recorded.
     page.start()
@@ -1224,8 +1323,16 @@ def main(argv: list[str] | None = None) -> int:
         ", coalesce: tips and bisections only" if args.coalesce else ", every commit",
         _authentication(security), "TLS" if security.server_tls else "no TLS",
     )
+    if http_server is not None:
+        serve_http_in_thread(http_server)
+        log.info("HTTP on %s://%s/ (read-only, no authentication: the results page, /api, /metrics)",
+                 "https" if security.server_tls else "http", format_address(http_server.address))
     stop.wait()
     log.info("stopping: no new connections")
+    if http_server is not None:
+        http_server.shutdown()
+        http_server.server_close()
+        metrics_store.close()
     server.shutdown()
     server.server_close()
     dispatcher.stop()

@@ -46,6 +46,7 @@ from commit_ci.files import open_untrusted
 from commit_ci.flaky import Retry
 from commit_ci.isolation import Isolation, Launch, new_job_root
 from commit_ci.leftovers import LEFTOVERS_TIMEOUT_S, kill_leftovers
+from commit_ci.live_log import LiveSender
 from commit_ci.processes import KILL_GRACE_S, STOPPED, TIMEOUT, KnownChildren, run_step, supervise
 from commit_ci.project_config import ConfigError, ProjectConfig, read_config
 from commit_ci.protocol import MAX_LOG_BYTES
@@ -136,8 +137,10 @@ class Executor:
     def __init__(self, clone: str, git_dir: str, work_dir: str, test_command: str | None, timeout: float,
                  checkout_timeout: float, stop: threading.Event, warm_pytest: bool = True, subreaper: bool = False,
                  interpreters: dict[str, Interpreter] | None = None, cache: EnvironmentCache | None = None,
-                 isolation: Isolation | None = None):
+                 isolation: Isolation | None = None, live: LiveSender | None = None):
         self.clone = clone
+        #: Follows the tests' output while they run and sends it to the dispatcher (live_log.py).
+        self.live = live
         self.work_dir = work_dir
         self.test_command = test_command
         self.timeout = timeout
@@ -456,6 +459,15 @@ class Executor:
 
     def _run_tests(self, commit: str, attempt: int, setting: Setting, junit_path: str, env: dict,
                    output_path: str, tests: tuple[str, ...] | None = None) -> tuple[int, str | None, int, str]:
+        """``_run_tests_once``, its output followed live meanwhile (live_log.py)."""
+        try:
+            return self._run_tests_once(commit, attempt, setting, junit_path, env, output_path, tests)
+        finally:
+            if self.live is not None:
+                self.live.forget()
+
+    def _run_tests_once(self, commit: str, attempt: int, setting: Setting, junit_path: str, env: dict,
+                        output_path: str, tests: tuple[str, ...] | None = None) -> tuple[int, str | None, int, str]:
         """Run the tests in the clone: forked from a warm pytest when one is ready for
         this interpreter, else the test command in a new interpreter. Returns what
         ``supervise`` returns, the hash seed the tests ran with, and where their output
@@ -469,6 +481,7 @@ class Executor:
             env = dict(env, PYTHONHASHSEED=str(zygote.hash_seed))
             if self.isolation.user is not None:
                 output_path = os.path.join(self.isolation.out, "output.log")
+            self._follow(commit, attempt, self.isolation.outside(output_path))
             try:
                 pid = zygote.spawn(self.clone, pytest_args, env, output_path)
             except WarmPytestError as exc:
@@ -490,6 +503,7 @@ class Executor:
         env = dict(env, PYTHONHASHSEED=str(hash_seed))
         command = setting.test_command or [setting.python, "-m", "pytest", *pytest_args]
         self._start_next_spare()
+        self._follow(commit, attempt, output_path)
         ended = run_step(command, cwd=self.clone, env=env, timeout=setting.timeout, stop=self.stop,
                          output_path=output_path, launch=self._launcher())
         return ended.status, ended.killed, hash_seed, output_path
@@ -506,6 +520,10 @@ class Executor:
                 zygote.cgroup.kill()
             raise JobFault("the tests the warm pytest forked (pid %d in its sandbox) are not in its cgroup" % pid)
         return host
+
+    def _follow(self, commit: str, attempt: int, output_path: str) -> None:
+        if self.live is not None:
+            self.live.follow(commit, attempt, output_path)
 
     def _take_warm(self, setting: Setting) -> WarmPytest | None:
         """The warm pytest started ahead for this job's interpreter, ready and as it was

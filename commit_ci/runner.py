@@ -62,6 +62,7 @@ from commit_ci.isolation import (
     parse_size,
 )
 from commit_ci.leftovers import become_subreaper
+from commit_ci.live_log import LiveSender
 from commit_ci.outbox import Outbox
 from commit_ci.processes import KILL_GRACE_S
 from commit_ci.protocol import Message, error, reply
@@ -129,9 +130,11 @@ class TestRunner:
         self.stop_event = threading.Event()
         #: Stops the job in progress: set on shutdown, or when the dispatcher cancels it.
         self.job_stop = threading.Event()
+        #: Sends the output of the tests in progress to the dispatcher while they run.
+        self.live = LiveSender(dispatcher, self.security, self.stop_event)
         self.executor = Executor(self.clone, repo.git_dir, self.state_dir, test_command, timeout, checkout_timeout,
                                  self.job_stop, warm_pytest=warm_pytest, subreaper=subreaper,
-                                 interpreters=interpreters, cache=cache, isolation=isolation)
+                                 interpreters=interpreters, cache=cache, isolation=isolation, live=self.live)
         self.outbox = Outbox(os.path.join(self.state_dir, "pending"))
         self.server = ProtocolServer((host, port), self.handle, log, self.security)
         bound_port = self.server.address[1]
@@ -255,6 +258,7 @@ class TestRunner:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        self.live.start()
         self.link.start()
 
     def shutdown(self) -> None:

@@ -75,6 +75,7 @@ SAMPLE_VALUES: dict[str, object] = {
     "tip": "b" * 40,
     "retry": "tests",
     "window": 100,
+    "offset": 65536,
 }
 ERR_REASON = "unknown commit or attempt: 100% sure = yes"
 SAMPLE_SECTIONS = {
@@ -83,6 +84,7 @@ SAMPLE_SECTIONS = {
     "json": b'{"queued": ["abc"], "note": "\\u20ac"}',
     "tests": b"tests/test_a.py::TestX::test_y[a b]\ntest_b.py::test_z\n",
     "failing": b"tests/test_a.py::TestX::test_y[a b]\n",
+    "chunk": b"LIVE step one\n\x00\xff partial",
 }
 
 
@@ -526,7 +528,9 @@ def test_real_section_limits_are_the_documented_ones():
     sections = {section.name: section for section in REQUESTS["results"].sections}
     assert (sections["log"].keep, sections["log"].truncate) == (protocol.MAX_LOG_BYTES, True)
     assert (sections["junit"].keep, sections["junit"].truncate) == (protocol.MAX_JUNIT_BYTES, False)
-    assert REPLIES["OK"].sections == (Section("json", protocol.MAX_JSON_BYTES, False),)
+    assert REPLIES["OK"].sections == (Section("json", protocol.MAX_JSON_BYTES, False),
+                                      Section("chunk", protocol.MAX_LIVE_CHUNK_BYTES, False))
+    assert REQUESTS["live-log"].sections == (Section("chunk", protocol.MAX_LIVE_CHUNK_BYTES, False),)
 
 
 def test_close_in_the_middle_of_a_line_is_an_error(pair):
