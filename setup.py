@@ -35,7 +35,8 @@ setup(
     # is the fallback where uv cannot be installed. tomli reads pyproject.toml and
     # .commit-ci.toml where the standard library has no tomllib (Python 3.10).
     install_requires=["GitPython>=3.1.30", "pytest>=7", "Jinja2>=3", "uv>=0.5", "tomli>=1.1; python_version < '3.11'"],
-    extras_require={"test": ["hypothesis>=6"]},
+    # aiosmtpd: a real SMTP server for the notification tests (tests/test_notifications.py).
+    extras_require={"test": ["hypothesis>=6", "aiosmtpd>=1.4"]},
     entry_points={
         "console_scripts": [
             "ci-dispatcher=commit_ci.dispatcher:main",

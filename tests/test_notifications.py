@@ -1,0 +1,239 @@
+"""Notifications with real daemons and real receivers: a webhook receiver (http.server)
+that checks every signature, a notify command, a commit status receiver, an SMTP server
+(aiosmtpd); one notification per change of a branch's state, none lost and none sent
+twice when the dispatcher is killed between the verdict and the delivery."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.server
+import json
+import threading
+from email import message_from_bytes
+from email.policy import default as default_policy
+
+import pytest
+
+from conftest import FAILING_TEST, JOBS_AS_RUNNER, LOOPBACK, PASSING_TEST, free_port, git, wait_until
+
+SECRET = b"webhook-secret-of-at-least-32-bytes!"
+TOKEN = "status-token-123"
+#: Fails the first time it runs (it leaves the file ``%r`` behind), passes after: flaky.
+FLAKY_ONCE_TEST = """import os
+
+MARK = %r
+
+
+def test_flaky_once():
+    if not os.path.exists(MARK):
+        open(MARK, "w").close()
+        raise AssertionError("fails the first time")
+"""
+#: Every bound in these tests: only reached when something is broken.
+WAIT_S = 60.0
+
+
+class Receiver:
+    """A local HTTP server that records every POST; ``accept`` False answers 503."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.accept = True
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 10  # every socket a timeout
+
+            def do_POST(self):  # noqa: N802 - http.server's name
+                length = int(self.headers.get("Content-Length", "0"))
+                if length > 1_000_000:
+                    self.send_error(413)
+                    return
+                body = self.rfile.read(length)
+                with receiver.lock:
+                    receiver.requests.append({"path": self.path, "headers": {name.lower(): value for name, value in self.headers.items()}, "body": body,
+                                              "accepted": receiver.accept})
+                    accepted = receiver.accept
+                self.send_response(200 if accepted else 503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = "http://%s:%d" % (LOOPBACK, self.server.server_address[1])
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+    def accepted(self, path_prefix: str) -> list[dict]:
+        with self.lock:
+            return [request for request in self.requests if request["accepted"] and request["path"].startswith(path_prefix)]
+
+    def tried(self, path_prefix: str) -> list[dict]:
+        with self.lock:
+            return [request for request in self.requests if request["path"].startswith(path_prefix)]
+
+
+@pytest.fixture
+def receiver():
+    started = Receiver()
+    yield started
+    started.close()
+
+
+def webhooks(receiver: Receiver) -> list[dict]:
+    """The documents of the webhooks accepted, each signature checked."""
+    documents = []
+    for request in receiver.accepted("/hook"):
+        expected = "sha256=" + hmac.new(SECRET, request["body"], hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(request["headers"]["x-commit-ci-signature"], expected)
+        document = json.loads(request["body"])
+        assert request["headers"]["x-commit-ci-delivery"] == document["delivery"]
+        documents.append(document)
+    return documents
+
+
+def changes(documents: list[dict]) -> list[tuple[str, str, str, str]]:
+    return [(doc["branch"], doc["old_state"], doc["new_state"], doc["commit"]["id"]) for doc in documents]
+
+
+def webhook_options(receiver: Receiver, tmp_path) -> list[str]:
+    secret_file = tmp_path / "webhook.secret"
+    secret_file.write_bytes(SECRET + b"\n")
+    return ["--webhook", receiver.url + "/hook", "--webhook-secret-file", str(secret_file),
+            "--notify-retry-cap", "1"]
+
+
+def delivered_lines(ci) -> int:
+    return ci.dispatcher.log().count(": delivered (try")
+
+
+def test_one_signed_webhook_command_run_and_status_per_change_over_pass_fail_pass_flaky_pass(ci, upstream, receiver,
+                                                                                              tmp_path):
+    token_file = tmp_path / "status.token"
+    token_file.write_text(TOKEN + "\n")
+    outbox = tmp_path / "command-out"
+    outbox.mkdir()
+    command = 'cat > %s/"$COMMIT_CI_DELIVERY".json' % outbox
+    ci.start_dispatcher(*webhook_options(receiver, tmp_path), "--notify-command", command,
+                        "--status-url", receiver.url + "/statuses/{sha}", "--status-token-file", str(token_file),
+                        "--results-url", "https://ci.example/results/", "--flaky-reruns", "1")
+    ci.start_runner(*JOBS_AS_RUNNER)
+    ci.start_observer()
+    base = upstream.head()
+    assert ci.wait_result(base)["status"] == "passed"
+    commits = {"base": base}
+    steps = [("fail", {"test_fails.py": FAILING_TEST}, "failed"),
+             ("pass", {"test_fails.py": None}, "passed"),
+             ("flaky", {"test_flaky.py": FLAKY_ONCE_TEST % str(tmp_path / "flaky-mark")}, "flaky"),
+             ("again", {"test_more.py": PASSING_TEST.replace("passes", "more")}, "passed")]
+    for name, files, verdict in steps:
+        commits[name] = upstream.commit(files, name)
+        assert ci.wait_result(commits[name])["status"] == verdict, name
+
+    expected = [("main", "green", "red", commits["fail"]), ("main", "red", "green", commits["pass"]),
+                ("main", "green", "flaky", commits["flaky"]), ("main", "flaky", "green", commits["again"])]
+    wait_until(lambda: len(webhooks(receiver)) >= 4, WAIT_S, message="4 webhooks")
+    # Every status too (pending and verdict of 5 commits), then stop: nothing more comes after.
+    wait_until(lambda: len(receiver.accepted("/statuses/")) >= 10, WAIT_S, message="10 statuses")
+    wait_until(lambda: len(list(outbox.iterdir())) >= 4, WAIT_S, message="4 command runs")
+    ci.dispatcher.terminate()
+    documents = webhooks(receiver)
+    assert changes(documents) == expected
+    assert len({doc["delivery"] for doc in documents}) == 4
+    red = documents[0]
+    assert red["failing_tests"] == ["test_fails.py::test_fails"] and red["commit"]["status"] == "failed"
+    assert red["links"]["report"] == "https://ci.example/results/" + commits["fail"]
+    assert documents[2]["flaky_tests"] == ["test_flaky.py::test_flaky_once"]
+
+    # The command got the same documents on its stdin, one run per change.
+    ran = sorted((json.loads(path.read_text()) for path in outbox.iterdir()), key=lambda doc: documents.index(
+        next(other for other in documents if other["new_state"] == doc["new_state"] and
+             other["commit"]["id"] == doc["commit"]["id"])))
+    assert changes(ran) == expected
+    assert {path.name for path in outbox.iterdir()} == {doc["delivery"] + ".json" for doc in ran}
+
+    # A status per commit: pending when it started, then its verdict, as Gitea names them.
+    statuses: dict[str, list[str]] = {}
+    for request in receiver.accepted("/statuses/"):
+        assert request["headers"]["authorization"] == "token " + TOKEN
+        body = json.loads(request["body"])
+        assert body["context"] == "commit-ci"
+        statuses.setdefault(request["path"].rsplit("/", 1)[1], []).append(body["state"])
+    assert statuses == {commits["base"]: ["pending", "success"], commits["fail"]: ["pending", "failure"],
+                        commits["pass"]: ["pending", "success"], commits["flaky"]: ["pending", "success"],
+                        commits["again"]: ["pending", "success"]}
+
+
+def test_a_dispatcher_killed_between_the_verdict_and_the_delivery_sends_it_once_after_the_restart(ci, upstream,
+                                                                                                   receiver, tmp_path):
+    ci.start_dispatcher(*webhook_options(receiver, tmp_path))
+    ci.start_runner()
+    ci.start_observer()
+    assert ci.wait_result(upstream.head())["status"] == "passed"
+    receiver.accept = False
+    failing = upstream.commit({"test_fails.py": FAILING_TEST}, "breaks main")
+    assert ci.wait_result(failing)["status"] == "failed"
+    ci.dispatcher.wait_for_log(r"notification \w+ \(commit %s: branch main green -> red\) to webhook .*: try 1 failed: "
+                               r"HTTP 503" % failing)
+    ci.dispatcher.kill()
+    receiver.accept = True
+    ci.restart_dispatcher()
+    wait_until(lambda: len(webhooks(receiver)) == 1, WAIT_S, message="the webhook, after the restart")
+
+    fixed = upstream.commit({"test_fails.py": None}, "fixes main")
+    assert ci.wait_result(fixed)["status"] == "passed"
+    wait_until(lambda: len(webhooks(receiver)) == 2, WAIT_S, message="the second webhook")
+    ci.dispatcher.terminate()
+    documents = webhooks(receiver)
+    assert changes(documents) == [("main", "green", "red", failing), ("main", "red", "green", fixed)]
+    # Every try of the first change carried the one delivery id it was sent with at last.
+    tried = {request["headers"]["x-commit-ci-delivery"] for request in receiver.tried("/hook")}
+    assert tried == {doc["delivery"] for doc in documents}
+
+
+def test_a_real_smtp_server_gets_the_mail_with_the_commits_subject(ci, upstream, tmp_path):
+    controller_module = pytest.importorskip("aiosmtpd.controller")
+    received: list[bytes] = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
+            received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+            return "250 OK"
+
+    port = free_port()
+    controller = controller_module.Controller(Handler(), hostname=LOOPBACK, port=port)
+    controller.start()
+    try:
+        clone = upstream.clone(tmp_path / "dispatcher-clone")
+        ci.start_dispatcher("--smtp-host", LOOPBACK, "--smtp-port", str(port), "--smtp-tls", "off",
+                            "--mail-from", "ci@example.invalid", "--mail-to", "team@example.invalid",
+                            "--mail-to", "lead@example.invalid", "--repo", str(clone), "--flaky-reruns", "0")
+        ci.start_runner()
+        ci.start_observer()
+        assert ci.wait_result(upstream.head())["status"] == "passed"
+        failing = upstream.commit({"test_fails.py": FAILING_TEST}, "Break <the> build\u00e9", author="Ann <ann@x.invalid>")
+        assert ci.wait_result(failing)["status"] == "failed"
+        wait_until(lambda: received, WAIT_S, message="the mail")
+        ci.dispatcher.wait_for_log(r"to mail to .*: delivered")
+    finally:
+        controller.stop()
+    [(sender, recipients, content)] = received
+    assert sender == "ci@example.invalid" and recipients == ["team@example.invalid", "lead@example.invalid"]
+    mail = message_from_bytes(content, policy=default_policy)
+    # (Folded for its encoded word: compared with its white space made single.)
+    assert " ".join(mail["Subject"].split()) == "[commit-ci] main is red (was green) at %s Break <the> build\u00e9" % failing[:12]
+    body = mail.get_content()
+    assert "commit:        %s" % failing in body and "author:        Ann" in body
+    assert "test_fails.py::test_fails" in body
+    delivery = mail["X-Commit-CI-Delivery"]
+    assert mail["Message-ID"] == "<%s@commit-ci>" % delivery
+    assert git(upstream.path, "log", "-1", "--format=%s") == "Break <the> build\u00e9"
