@@ -1145,48 +1145,41 @@ class JobStore:
                            (now, channel, notices.status_subject(commit, run, notices.PENDING)))
             self._add_notifications(db, self._status_channels, notices.status_subject(commit, run, state.value),
                                     notices.status_document(commit, run, state.value, facts), now)
-        rows = db.execute("SELECT branch FROM branch_commits WHERE commit_id = ? AND branch != ? ORDER BY seq",
+        new = BRANCH_STATE_OF_VERDICT.get(state)
+        if new is None:
+            return  # error, cancelled: nothing said of a branch (the walk of branch_states passes over it)
+        rows = db.execute("SELECT branch, seq FROM branch_commits WHERE commit_id = ? AND branch != ? ORDER BY seq",
                           (commit, UNNAMED_BRANCH)).fetchall()
-        for (branch,) in rows:
-            new, newest = self._newest_verdict(db, branch)
-            if new == BRANCH_PENDING:
-                continue
+        for branch, seq in rows:
+            if self._judged_after(db, branch, seq):
+                continue  # an older commit (a bisection's): the newer verdict makes the state
             known = db.execute("SELECT state, changes FROM branch_notices WHERE branch = ?", (branch,)).fetchone()
             old = known["state"] if known else BRANCH_PENDING
             if new == old:
                 continue
             changes = (known["changes"] if known else 0) + 1
             db.execute("INSERT OR REPLACE INTO branch_notices (branch, state, commit_id, changes) VALUES (?, ?, ?, ?)",
-                       (branch, new, newest, changes))
-            if not self._branch_channels or not notices.is_news(old, new):
-                continue
-            if newest == commit:
-                document = notices.branch_document(branch, old, new, commit, facts, failing)
-            else:  # no change noticed before (an older file): the newest judged commit's facts
-                row = db.execute("SELECT summary FROM jobs WHERE commit_id = ?", (newest,)).fetchone()
-                document = notices.branch_document(branch, old, new, newest, _facts(row["summary"]),
-                                                   notices.failing_tests(_facts(row["summary"]), None))
-            self._add_notifications(db, self._branch_channels, notices.branch_subject(branch, changes), document, now)
+                       (branch, new, commit, changes))
+            if self._branch_channels and notices.is_news(old, new):
+                self._add_notifications(db, self._branch_channels, notices.branch_subject(branch, changes),
+                                        notices.branch_document(branch, old, new, commit, facts, failing), now)
 
     @staticmethod
-    def _newest_verdict(db: sqlite3.Connection, branch: str) -> tuple[str, str | None]:
-        """The state of ``branch`` from its newest commit whose verdict says one, and that
-        commit (BRANCH_PENDING, None: none in the newest BRANCH_WALK_ROWS): branch_states'
-        state, without the walk back to its ``since``, but for one thing: a commit
-        whose rerun is queued or running keeps its verdict until the rerun has one, so
-        that a rerun is no change and back."""
-        cursor = db.execute("SELECT b.commit_id, CASE WHEN j.state IN ('queued', 'running') AND j.summary IS NOT NULL"
-                            " THEN json_extract(j.summary, '$.status') ELSE j.state END"
-                            " FROM branch_commits b JOIN jobs j ON j.commit_id = b.commit_id"
-                            " WHERE b.branch = ? ORDER BY b.seq DESC LIMIT ?", (branch, BRANCH_WALK_ROWS))
-        try:
-            for commit, job_state in cursor:
-                verdict = BRANCH_STATE_OF_VERDICT.get(JobState(job_state)) if job_state in _STATE_NAMES else None
-                if verdict is not None:
-                    return verdict, commit
-        finally:
-            cursor.close()
-        return BRANCH_PENDING, None
+    def _judged_after(db: sqlite3.Connection, branch: str, seq: int) -> bool:
+        """Whether a commit that came on ``branch`` after its ``seq`` has a verdict that
+        says something of it (states.BRANCH_STATE_OF_VERDICT): its state is then that
+        commit's, not the one at ``seq``. Reads the commits after it alone (none for a
+        tip), at most BRANCH_WALK_ROWS. A commit whose rerun is queued or running keeps
+        its verdict until the rerun has one: a rerun is no change and back."""
+        judged = [state.value for state in BRANCH_STATE_OF_VERDICT]
+        row = db.execute(
+            "SELECT 1 FROM (SELECT CASE WHEN j.state IN ('queued', 'running') AND j.summary IS NOT NULL"
+            " THEN json_extract(j.summary, '$.status') ELSE j.state END AS verdict"
+            " FROM branch_commits b JOIN jobs j ON j.commit_id = b.commit_id"
+            " WHERE b.branch = ? AND b.seq > ? ORDER BY b.seq DESC LIMIT ?)"
+            " WHERE verdict IN (%s) LIMIT 1" % ",".join("?" * len(judged)), (branch, seq, BRANCH_WALK_ROWS, *judged)
+        ).fetchone()
+        return row is not None
 
     @staticmethod
     def _add_notifications(db: sqlite3.Connection, channels: Iterable[str], subject: str, document: dict,
@@ -1255,10 +1248,6 @@ class JobStore:
             "UPDATE attempts SET ended_at = ?, outcome = ? WHERE id = ? AND outcome IS NULL",
             (now, outcome.value, attempt_id),
         )
-
-
-#: The names of the job states (a summary's status read in SQL may be anything).
-_STATE_NAMES = frozenset(state.value for state in JobState)
 
 
 def _facts(summary: str | None) -> dict:

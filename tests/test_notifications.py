@@ -237,3 +237,63 @@ def test_a_real_smtp_server_gets_the_mail_with_the_commits_subject(ci, upstream,
     delivery = mail["X-Commit-CI-Delivery"]
     assert mail["Message-ID"] == "<%s@commit-ci>" % delivery
     assert git(upstream.path, "log", "-1", "--format=%s") == "Break <the> build\u00e9"
+
+
+# --- the channels alone ------------------------------------------------------------------
+
+STATUS_DOCUMENT = {"event": "status", "state": "failed", "delivery": "d1",
+                   "commit": {"id": "a" * 40, "failed": 2, "passed": 3},
+                   "links": {"report": "https://ci.example/results/" + "a" * 40}}
+
+
+@pytest.mark.parametrize("style, state, auth", [
+    ("gitea", "failure", ("authorization", "token t0k")),
+    ("github", "failure", ("authorization", "Bearer t0k")),
+    ("gitlab", "failed", ("private-token", "t0k")),
+])
+def test_a_commit_status_speaks_each_apis_body(receiver, style, state, auth):
+    from commit_ci.notify import StatusChannel
+
+    StatusChannel(receiver.url + "/api/{sha}/statuses", "t0k", style, "ci/tests", 5).send(STATUS_DOCUMENT, "d1")
+    [request] = receiver.accepted("/api/")
+    assert request["path"] == "/api/%s/statuses" % ("a" * 40)
+    assert request["headers"][auth[0]] == auth[1]
+    body = json.loads(request["body"])
+    assert body["state"] == state and body["target_url"] == STATUS_DOCUMENT["links"]["report"]
+    assert body["context" if style != "gitlab" else "name"] == "ci/tests"
+    assert body["description"] == "failed: 3 passed, 2 failed"
+
+
+def test_a_refused_or_redirected_post_and_a_failing_or_slow_command_are_not_delivered(receiver, tmp_path):
+    from commit_ci.notify import CommandChannel, DeliveryError, WebhookChannel
+
+    receiver.accept = False
+    with pytest.raises(DeliveryError, match="HTTP 503"):
+        WebhookChannel(receiver.url + "/hook", SECRET, 5).send({"event": "branch"}, "d2")
+    with pytest.raises(DeliveryError, match="exited with 3: no"):
+        CommandChannel("cat >/dev/null; echo no; exit 3", 5).send({"event": "branch"}, "d3")
+    with pytest.raises(DeliveryError, match="ran over 0 s: killed"):
+        CommandChannel("sleep 30", 0.3).send({"event": "branch"}, "d4")
+    out = tmp_path / "stdin.json"
+    CommandChannel('cat > %s; test "$COMMIT_CI_DELIVERY" = d5' % out, 5).send({"event": "branch", "n": 1}, "d5")
+    assert json.loads(out.read_text()) == {"event": "branch", "n": 1}
+
+
+def test_backoff_doubles_up_to_its_cap_and_bad_set_ups_are_refused(tmp_path):
+    from commit_ci import dispatcher, notify
+
+    assert [notify.backoff(tries, 10) for tries in (1, 2, 3, 4, 5, 50)] == [1, 2, 4, 8, 10, 10]
+    short = tmp_path / "short"
+    short.write_text("too short")
+    for argv, message in [(["--webhook", "http://127.0.0.1:1/"], "--webhook needs --webhook-secret-file"),
+                          (["--webhook", "ftp://x/", "--webhook-secret-file", str(short)], "at least"),
+                          (["--smtp-host", "localhost"], "both --smtp-host and --mail-to"),
+                          (["--status-url", "https://x.example/statuses"], "--status-url needs"),
+                          (["--status-url", "https://x.example/s", "--status-token-file", str(short)], "{sha}")]:
+        with pytest.raises(ValueError, match=message):
+            notify.channels_from_arguments(dispatcher.build_parser().parse_args(argv))
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    with pytest.raises(ValueError, match="no user or password in the URL"):
+        notify.channels_from_arguments(dispatcher.build_parser().parse_args(
+            ["--webhook", "https://u:p@x.example/", "--webhook-secret-file", str(secret)]))
