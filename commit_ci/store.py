@@ -157,6 +157,9 @@ UNNAMED_BRANCH = ""
 BRANCH_WALK_ROWS = 10_000
 #: The last error of a notification is kept cut to this length.
 NOTIFICATION_ERROR_CHARS = 500
+#: Notifications done (delivered, superseded, dropped) are kept for a look at the latest
+#: ones (sqlite3 on the queue's file); older ones are deleted as new ones are delivered.
+NOTIFICATIONS_KEPT = 10_000
 
 #: A checkpoint is started after this many write transactions (SQLite's automatic
 #: one comes after 1,000 WAL pages; a dispatch writes about 10: the job, its branch,
@@ -1099,9 +1102,14 @@ class JobStore:
                             row["attempts"], row["next_at"], row["last_error"])
 
     def notification_delivered(self, notification_id: int, now: float) -> None:
+        """Mark a notification delivered, and forget those done before the newest
+        NOTIFICATIONS_KEPT: a range of the primary key, where only the few rows still
+        to send stay below it, so the table stays as long as that however long the history."""
         with self.transaction() as db:
             db.execute("UPDATE notifications SET done_at = ?, outcome = 'delivered', attempts = attempts + 1"
                        " WHERE id = ? AND done_at IS NULL", (now, notification_id))
+            db.execute("DELETE FROM notifications WHERE id <= (SELECT MAX(id) FROM notifications) - ?"
+                       " AND done_at IS NOT NULL", (NOTIFICATIONS_KEPT,))
 
     def notification_failed(self, notification_id: int, error: str, next_at: float) -> int:
         """A try failed: kept, with the error, to be tried again at ``next_at``; returns

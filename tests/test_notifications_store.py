@@ -158,3 +158,16 @@ def test_a_file_of_schema_version_6_opens_with_its_branches_and_notices_from_the
         assert changes(store) == [("main", "pending", "red")], "no state noticed before the upgrade: from pending"
     finally:
         store.close()
+
+
+def test_notifications_done_long_ago_are_forgotten_but_those_to_send(store, monkeypatch):
+    monkeypatch.setattr("commit_ci.store.NOTIFICATIONS_KEPT", 3)
+    for index in range(6):
+        judge(store, COMMITS[index], JobState.FAILED if index % 2 else JobState.PASSED)
+    waiting = store.next_notification("webhook abc")  # never sent: kept however old
+    for row in rows(store, "command"):
+        store.notification_delivered(row["id"], 4.0)
+    left = rows(store)
+    assert waiting.id in [row["id"] for row in left]
+    done = [row for row in left if row["done_at"] is not None]
+    assert done and all(row["id"] > max(r["id"] for r in left) - 3 for row in done)
