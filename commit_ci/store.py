@@ -1156,10 +1156,10 @@ class JobStore:
         new = BRANCH_STATE_OF_VERDICT.get(state)
         if new is None:
             return  # error, cancelled: nothing said of a branch (the walk of branch_states passes over it)
-        rows = db.execute("SELECT branch, seq FROM branch_commits WHERE commit_id = ? AND branch != ? ORDER BY seq",
-                          (commit, UNNAMED_BRANCH)).fetchall()
-        for branch, seq in rows:
-            if self._judged_after(db, branch, seq):
+        rows = db.execute("SELECT branch, seq, ahead FROM branch_commits WHERE commit_id = ? AND branch != ?"
+                          " ORDER BY seq", (commit, UNNAMED_BRANCH)).fetchall()
+        for branch, seq, ahead in rows:
+            if not ahead and self._judged_after(db, branch, seq, commit):
                 continue  # an older commit (a bisection's): the newer verdict makes the state
             known = db.execute("SELECT state, changes FROM branch_notices WHERE branch = ?", (branch,)).fetchone()
             old = known["state"] if known else BRANCH_PENDING
@@ -1173,19 +1173,28 @@ class JobStore:
                                         notices.branch_document(branch, old, new, commit, facts, failing), now)
 
     @staticmethod
-    def _judged_after(db: sqlite3.Connection, branch: str, seq: int) -> bool:
-        """Whether a commit that came on ``branch`` after its ``seq`` has a verdict that
-        says something of it (states.BRANCH_STATE_OF_VERDICT): its state is then that
-        commit's, not the one at ``seq``. Reads the commits after it alone (none for a
-        tip), at most BRANCH_WALK_ROWS. A commit whose rerun is queued or running keeps
-        its verdict until the rerun has one: a rerun is no change and back."""
+    def _judged_after(db: sqlite3.Connection, branch: str, seq: int, commit: str) -> bool:
+        """Whether a commit newer than ``commit`` (at ``seq`` on ``branch``, in its place)
+        has a verdict that says something of the branch (states.BRANCH_STATE_OF_VERDICT):
+        the branch's state is then that commit's. Newer: after it on the branch, or the
+        branch's tip recorded ahead of its round (report), which is newer than every
+        commit of the round whatever their order of arrival. Reads the commits after it
+        alone (none for a tip), at most BRANCH_WALK_ROWS: about 0.3 us each. A commit
+        whose rerun is queued or running keeps its verdict until the rerun has one: a
+        rerun is no change and back."""
         judged = [state.value for state in BRANCH_STATE_OF_VERDICT]
+        verdict = ("CASE WHEN j.state IN ('queued', 'running') AND j.summary IS NOT NULL"
+                   " THEN json_extract(j.summary, '$.status') ELSE j.state END")
+        tip = db.execute("SELECT %s FROM branches t JOIN branch_commits b ON b.branch = t.name AND b.commit_id = t.tip"
+                         " JOIN jobs j ON j.commit_id = t.tip WHERE t.name = ? AND b.ahead = 1 AND t.tip != ?" % verdict,
+                         (branch, commit)).fetchone()
+        if tip is not None and tip[0] in judged:
+            return True
         row = db.execute(
-            "SELECT 1 FROM (SELECT CASE WHEN j.state IN ('queued', 'running') AND j.summary IS NOT NULL"
-            " THEN json_extract(j.summary, '$.status') ELSE j.state END AS verdict"
-            " FROM branch_commits b JOIN jobs j ON j.commit_id = b.commit_id"
+            "SELECT 1 FROM (SELECT %s AS verdict FROM branch_commits b JOIN jobs j ON j.commit_id = b.commit_id"
             " WHERE b.branch = ? AND b.seq > ? ORDER BY b.seq DESC LIMIT ?)"
-            " WHERE verdict IN (%s) LIMIT 1" % ",".join("?" * len(judged)), (branch, seq, BRANCH_WALK_ROWS, *judged)
+            " WHERE verdict IN (%s) LIMIT 1" % (verdict, ",".join("?" * len(judged))),
+            (branch, seq, BRANCH_WALK_ROWS, *judged)
         ).fetchone()
         return row is not None
 

@@ -171,3 +171,18 @@ def test_notifications_done_long_ago_are_forgotten_but_those_to_send(store, monk
     assert waiting.id in [row["id"] for row in left]
     done = [row for row in left if row["done_at"] is not None]
     assert done and all(row["id"] > max(r["id"] for r in left) - 3 for row in done)
+
+
+def test_a_tip_judged_before_its_round_is_reported_stays_the_newest(store):
+    judge(store, COMMITS[0], JobState.PASSED)
+    # A round of three, the tip (COMMITS[3]) queued with its first commit, and judged at once.
+    store.report(COMMITS[1], 4.0, "main", tip=COMMITS[3])
+    attempt = store.assign(COMMITS[3], "r1", 4.1)
+    store.finish(COMMITS[3], attempt, JobState.FAILED, Outcome.FAILED, None, json.dumps({"status": "failed"}), 4.2)
+    store.report(COMMITS[2], 4.3, "main", tip=COMMITS[3])
+    attempt = store.assign(COMMITS[2], "r1", 4.4)
+    store.finish(COMMITS[2], attempt, JobState.PASSED, Outcome.PASSED, None, json.dumps({"status": "passed"}), 4.5)
+    assert changes(store) == [("main", "green", "red")], "the older commit's pass changes nothing"
+    store.report(COMMITS[3], 4.6, "main", tip=COMMITS[3])  # the tip's own report, at the round's end
+    judge(store, COMMITS[1], JobState.PASSED)
+    assert changes(store) == [("main", "green", "red")]
