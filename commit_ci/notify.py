@@ -51,7 +51,7 @@ import urllib.request
 from typing import TYPE_CHECKING, Callable
 
 from commit_ci.processes import run_step
-from commit_ci.security import MIN_SECRET_BYTES, read_secret
+from commit_ci.security import MIN_SECRET_BYTES, client_tls_context, read_secret
 
 if TYPE_CHECKING:
     from commit_ci.commit_metadata import CommitMetadata
@@ -135,15 +135,24 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+def tls_context(ca_file: str | None):
+    """What https and SMTP over TLS trust: the CAs of ``ca_file`` (``--notify-ca-file``),
+    else the system's; the host name checked either way."""
+    import ssl  # noqa: PLC0415 - only a dispatcher that notifies over TLS pays for it
+
+    return client_tls_context(ca_file) if ca_file else ssl.create_default_context()
 
 
-def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
+def _opener(ca_file: str | None) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_NoRedirects, urllib.request.HTTPSHandler(context=tls_context(ca_file)))
+
+
+def _post(opener: urllib.request.OpenerDirector, url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
     """POST ``body`` to ``url``; its status if 2xx, else DeliveryError (OSError when unreachable)."""
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers={"Content-Type": "application/json", "User-Agent": USER_AGENT, **headers})
     try:
-        with _OPENER.open(request, timeout=timeout) as answer:
+        with opener.open(request, timeout=timeout) as answer:
             answer.read(ANSWER_BYTES)
             status = answer.status
     except urllib.error.HTTPError as exc:
@@ -171,9 +180,10 @@ def _check_url(url: str, option: str) -> None:
 
 
 class WebhookChannel(Channel):
-    def __init__(self, url: str, secret: bytes, timeout: float):
+    def __init__(self, url: str, secret: bytes, timeout: float, ca_file: str | None = None):
         _check_url(url, "--webhook")
         self.url, self.secret, self.timeout = url, secret, timeout
+        self.opener = _opener(ca_file)
         # Stable for the same URL, and no part of it (a path may be a token) in the database or the log.
         self.name = "webhook " + hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
 
@@ -182,7 +192,7 @@ class WebhookChannel(Channel):
 
     def send(self, document: dict, delivery: str) -> None:
         body = _body(document)
-        _post(self.url, body, {SIGNATURE_HEADER: "sha256=" + sign(self.secret, body), DELIVERY_HEADER: delivery,
+        _post(self.opener, self.url, body, {SIGNATURE_HEADER: "sha256=" + sign(self.secret, body), DELIVERY_HEADER: delivery,
                                EVENT_HEADER: document.get("event", "")}, self.timeout)
 
 
@@ -195,9 +205,9 @@ class MailChannel(Channel):
     name = "mail"
 
     def __init__(self, host: str, port: int, tls: str, user: str | None, password: str | None, sender: str,
-                 recipients: list[str], timeout: float):
+                 recipients: list[str], timeout: float, ca_file: str | None = None):
         self.host, self.port, self.tls, self.user, self.password = host, port, tls, user, password
-        self.sender, self.recipients, self.timeout = sender, recipients, timeout
+        self.sender, self.recipients, self.timeout, self.ca_file = sender, recipients, timeout, ca_file
 
     def describe(self) -> str:
         return "mail to %s through %s:%d (%s)" % (", ".join(self.recipients), self.host, self.port, self.tls)
@@ -208,20 +218,21 @@ class MailChannel(Channel):
         message = mail_message(document, delivery, self.sender, self.recipients)
         try:
             if self.tls == "ssl":
-                import ssl  # noqa: PLC0415
-
                 connection = smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout,
-                                              context=ssl.create_default_context())
+                                              context=tls_context(self.ca_file))
             else:
                 connection = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
-            with connection:
+            try:
                 if self.tls == "starttls":
-                    import ssl  # noqa: PLC0415
-
-                    connection.starttls(context=ssl.create_default_context())
+                    connection.starttls(context=tls_context(self.ca_file))
                 if self.user:
                     connection.login(self.user, self.password or "")
                 refused = connection.send_message(message)
+                connection.quit()
+            finally:
+                # Not a QUIT after a failure: after a failed TLS handshake, it would wait
+                # the whole timeout for an answer that never comes.
+                connection.close()
         except smtplib.SMTPException as exc:
             raise DeliveryError("SMTP: %s" % _line(exc)) from None
         if refused:
@@ -272,11 +283,12 @@ class StatusChannel(Channel):
     name = "status"
     status = True
 
-    def __init__(self, template: str, token: str, style: str, context: str, timeout: float):
+    def __init__(self, template: str, token: str, style: str, context: str, timeout: float, ca_file: str | None = None):
         if "{sha}" not in template:
             raise ValueError("--status-url must hold {sha}, where the commit id goes")
         _check_url(template.replace("{sha}", "0" * 40), "--status-url")
         self.template, self.token, self.style, self.context, self.timeout = template, token, style, context, timeout
+        self.opener = _opener(ca_file)
 
     def describe(self) -> str:
         return "commit status to %s (%s)" % (_where(self.template.replace("{sha}", "0")), self.style)
@@ -298,7 +310,7 @@ class StatusChannel(Channel):
         if link and link.startswith(("http://", "https://")):
             body["target_url"] = link
         headers[DELIVERY_HEADER] = delivery
-        _post(self.template.replace("{sha}", urllib.parse.quote(commit)), json.dumps(body).encode("utf-8"), headers,
+        _post(self.opener, self.template.replace("{sha}", urllib.parse.quote(commit)), json.dumps(body).encode("utf-8"), headers,
               self.timeout)
 
 
@@ -477,6 +489,8 @@ def add_arguments(parser) -> None:
     group.add_argument("--results-url", metavar="URL",
                        help="where the results folder is served: links in notifications point there "
                        "(default: the files' paths)")
+    group.add_argument("--notify-ca-file", metavar="FILE",
+                       help="CA certificates that https webhooks, statuses and SMTP over TLS trust (default: the system's)")
     group.add_argument("--notify-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                        help="longest a command, a request or a mail may take (default: %(default)s)")
     group.add_argument("--notify-retry-cap", type=float, default=DEFAULT_BACKOFF_CAP_S, metavar="SECONDS",
@@ -497,6 +511,8 @@ def channels_from_arguments(args) -> list[Channel]:
     if args.notify_timeout <= 0 or args.notify_retry_cap < BACKOFF_FIRST_S:
         raise ValueError("--notify-timeout must be positive and --notify-retry-cap at least %g" % BACKOFF_FIRST_S)
     channels: list[Channel] = []
+    if args.notify_ca_file and not os.path.isfile(args.notify_ca_file):
+        raise ValueError("--notify-ca-file %s: no such file" % args.notify_ca_file)
     if args.notify_command:
         channels.append(CommandChannel(args.notify_command, args.notify_timeout))
     if args.webhook:
@@ -504,7 +520,7 @@ def channels_from_arguments(args) -> list[Channel]:
         if len(secret) < MIN_SECRET_BYTES:
             raise ValueError("the webhook secret must be at least %d bytes" % MIN_SECRET_BYTES)
         for url in dict.fromkeys(args.webhook):
-            channels.append(WebhookChannel(url, secret, args.notify_timeout))
+            channels.append(WebhookChannel(url, secret, args.notify_timeout, args.notify_ca_file))
     if args.smtp_host or args.mail_to:
         if not (args.smtp_host and args.mail_to):
             raise ValueError("mail needs both --smtp-host and --mail-to")
@@ -514,10 +530,11 @@ def channels_from_arguments(args) -> list[Channel]:
         port = args.smtp_port or {"ssl": 465, "starttls": 587, "off": 25}[args.smtp_tls]
         sender = args.mail_from or "commit-ci@%s" % socket.getfqdn()
         channels.append(MailChannel(args.smtp_host, port, args.smtp_tls, args.smtp_user, password, sender,
-                                    list(dict.fromkeys(args.mail_to)), args.notify_timeout))
+                                    list(dict.fromkeys(args.mail_to)), args.notify_timeout, args.notify_ca_file))
     if args.status_url:
         token = _read_file_secret(args.status_token_file, "--status-token-file", "--status-url").decode("utf-8")
-        channels.append(StatusChannel(args.status_url, token, args.status_style, args.status_context, args.notify_timeout))
+        channels.append(StatusChannel(args.status_url, token, args.status_style, args.status_context, args.notify_timeout,
+                                      args.notify_ca_file))
     if args.results_url:
         _check_url(args.results_url, "--results-url")
     return channels

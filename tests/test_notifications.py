@@ -14,6 +14,7 @@ from email import message_from_bytes
 from email.policy import default as default_policy
 
 import pytest
+from test_security import certificates  # noqa: F401 - a fixture
 
 from conftest import FAILING_TEST, JOBS_AS_RUNNER, LOOPBACK, PASSING_TEST, free_port, git, wait_until
 
@@ -297,3 +298,46 @@ def test_backoff_doubles_up_to_its_cap_and_bad_set_ups_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no user or password in the URL"):
         notify.channels_from_arguments(dispatcher.build_parser().parse_args(
             ["--webhook", "https://u:p@x.example/", "--webhook-secret-file", str(secret)]))
+
+
+def test_mail_over_starttls_with_a_login(certificates):  # noqa: F811 - the fixture imported above
+    """STARTTLS to a server whose certificate the CA file vouches for, then AUTH: as a team's server wants."""
+    import ssl
+
+    from commit_ci.notify import DeliveryError, MailChannel
+
+    controller_module = pytest.importorskip("aiosmtpd.controller")
+    smtp_module = pytest.importorskip("aiosmtpd.smtp")
+    received = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
+            received.append((session.authenticated, envelope.content))
+            return "250 OK"
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        ok = isinstance(auth_data, smtp_module.LoginPassword) and (auth_data.login, auth_data.password) == (b"ci", b"pw")
+        return smtp_module.AuthResult(success=ok)
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(certificates["cert"]), str(certificates["key"]))
+    port = free_port()
+    controller = controller_module.Controller(Handler(), hostname=LOOPBACK, port=port, tls_context=context,
+                                              require_starttls=True, authenticator=authenticator, auth_required=True)
+    controller.start()
+    try:
+        document = {"event": "branch", "branch": "main", "old_state": "green", "new_state": "red",
+                    "commit": {"id": "b" * 40}}
+        MailChannel(LOOPBACK, port, "starttls", "ci", "pw", "ci@example.invalid", ["team@example.invalid"], 10,
+                    str(certificates["ca"])).send(document, "d6")
+        # (aiosmtpd answers a wrong password by never answering: a short timeout.)
+        with pytest.raises(DeliveryError, match="SMTP"):
+            MailChannel(LOOPBACK, port, "starttls", "ci", "wrong", "ci@example.invalid", ["team@example.invalid"], 1,
+                        str(certificates["ca"])).send(document, "d7")
+        with pytest.raises(OSError):  # ssl.SSLCertVerificationError: the system's CAs do not know ours
+            MailChannel(LOOPBACK, port, "starttls", "ci", "pw", "ci@example.invalid", ["team@example.invalid"], 10,
+                        None).send(document, "d8")
+    finally:
+        controller.stop()
+    [(authenticated, content)] = received
+    assert authenticated and b"main is red (was green)" in content
