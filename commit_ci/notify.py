@@ -401,14 +401,21 @@ class Notifier:
                 self._wait(seen, min(delay, RECHECK_S))
                 continue
             started = False
-            self._send(channel, row)
+            try:
+                self._send(channel, row)
+            except Exception:  # noqa: BLE001 - a bug in one channel must not end its thread for good
+                log.exception("notification %s to %s: unexpected error; tried again in %g s", row.delivery,
+                              channel.name, STORE_RETRY_S)
+                self._stop.wait(STORE_RETRY_S)
 
     def _send(self, channel: Channel, row: Notification) -> None:
         document = self.complete(row)
         what = _what(document)
         try:
             channel.send(document, row.delivery)
-        except (DeliveryError, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the try failed: kept for the next
+            if not isinstance(exc, (DeliveryError, OSError)):
+                log.exception("notification %s (%s) to %s: unexpected error", row.delivery, what, channel.name)
             error = _line(exc) or exc.__class__.__name__
             try:
                 tries = self.store.notification_failed(row.id, error, self.clock() + backoff(row.attempts + 1,

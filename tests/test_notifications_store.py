@@ -12,6 +12,8 @@ from commit_ci import notices
 from commit_ci.states import JobState, Outcome
 from commit_ci.store import SCHEMA_VERSION, JobStore
 
+from conftest import wait_until
+
 COMMITS = ["%040x" % (index + 1) for index in range(16)]
 CHANNELS = ("command", "webhook abc")
 
@@ -186,3 +188,33 @@ def test_a_tip_judged_before_its_round_is_reported_stays_the_newest(store):
     store.report(COMMITS[3], 4.6, "main", tip=COMMITS[3])  # the tip's own report, at the round's end
     judge(store, COMMITS[1], JobState.PASSED)
     assert changes(store) == [("main", "green", "red")]
+
+
+def test_the_notifier_sends_each_channel_in_order_and_retries_a_failing_one_without_resending_the_other(store):
+    from commit_ci.notify import Channel, DeliveryError, Notifier
+
+    class Recording(Channel):
+        def __init__(self, name: str, fails: bool):
+            self.name, self.fails, self.sent = name, fails, []
+
+        def send(self, document, delivery):
+            self.sent.append((document["new_state"], delivery))
+            if self.fails:
+                raise DeliveryError("refused")
+
+    good, bad = Recording("command", False), Recording("webhook abc", True)
+    notifier = Notifier(store, [good, bad], "/results", backoff_cap=1.0)
+    notifier.start()
+    try:
+        judge(store, COMMITS[0], JobState.FAILED)
+        judge(store, COMMITS[1], JobState.PASSED)
+        notifier.wake()
+        wait_until(lambda: len(good.sent) == 2 and len(bad.sent) >= 3, 20, message="sends and retries")
+    finally:
+        notifier.stop()
+    assert [state for state, _ in good.sent] == ["red", "green"], "in order, each once"
+    assert {state for state, _ in bad.sent} == {"red"}, "a failing row holds up its own channel alone"
+    assert len({delivery for _, delivery in bad.sent}) == 1, "one delivery id for every try"
+    waiting = store.next_notification("webhook abc")
+    assert waiting.attempts >= 3 and waiting.last_error == "refused"
+    assert store.next_notification("command") is None
