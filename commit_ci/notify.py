@@ -51,7 +51,7 @@ import urllib.request
 from typing import TYPE_CHECKING, Callable
 
 from commit_ci.processes import run_step
-from commit_ci.security import MIN_SECRET_BYTES, client_tls_context, read_secret
+from commit_ci.security import MIN_SECRET_BYTES, SECRET_ENV, client_tls_context, read_secret
 
 if TYPE_CHECKING:
     from commit_ci.commit_metadata import CommitMetadata
@@ -120,7 +120,9 @@ class CommandChannel(Channel):
         return "command %r" % self.command[:80]
 
     def send(self, document: dict, delivery: str) -> None:
-        env = {**os.environ, "COMMIT_CI_DELIVERY": delivery, "COMMIT_CI_EVENT": document.get("event", "")}
+        # The dispatcher's own secret, if it came from the environment, is not the command's.
+        env = {name: value for name, value in os.environ.items() if name != SECRET_ENV}
+        env.update(COMMIT_CI_DELIVERY=delivery, COMMIT_CI_EVENT=document.get("event", ""))
         ended = run_step(self.command, timeout=self.timeout, env=env, stdin_data=_body(document))
         if ended.killed:
             raise DeliveryError("the command ran over %.0f s: killed" % self.timeout)

@@ -41,6 +41,7 @@ class Receiver:
     def __init__(self):
         self.requests: list[dict] = []
         self.accept = True
+        self.refuse_with = 503  # the status of a refusal
         self.lock = threading.Lock()
         receiver = self
 
@@ -57,8 +58,9 @@ class Receiver:
                     receiver.requests.append({"path": self.path, "headers": {name.lower(): value for name, value in self.headers.items()}, "body": body,
                                               "accepted": receiver.accept})
                     accepted = receiver.accept
-                self.send_response(200 if accepted else 503)
+                self.send_response(200 if accepted else receiver.refuse_with)
                 self.send_header("Content-Length", "0")
+                self.send_header("Location", receiver.url + "/elsewhere")
                 self.end_headers()
 
             def log_message(self, *args):
@@ -265,18 +267,24 @@ def test_a_commit_status_speaks_each_apis_body(receiver, style, state, auth):
     assert body["description"] == "failed: 3 passed, 2 failed"
 
 
-def test_a_refused_or_redirected_post_and_a_failing_or_slow_command_are_not_delivered(receiver, tmp_path):
+def test_a_refused_or_redirected_post_and_a_failing_or_slow_command_are_not_delivered(receiver, tmp_path, monkeypatch):
     from commit_ci.notify import CommandChannel, DeliveryError, WebhookChannel
 
     receiver.accept = False
     with pytest.raises(DeliveryError, match="HTTP 503"):
         WebhookChannel(receiver.url + "/hook", SECRET, 5).send({"event": "branch"}, "d2")
+    receiver.refuse_with = 307
+    with pytest.raises(DeliveryError, match="HTTP 307"):
+        WebhookChannel(receiver.url + "/hook", SECRET, 5).send({"event": "branch"}, "d2")
+    assert [request["path"] for request in receiver.tried("/")] == ["/hook", "/hook"], "the redirect not followed"
     with pytest.raises(DeliveryError, match="exited with 3: no"):
         CommandChannel("cat >/dev/null; echo no; exit 3", 5).send({"event": "branch"}, "d3")
     with pytest.raises(DeliveryError, match="ran over 0 s: killed"):
         CommandChannel("sleep 30", 0.3).send({"event": "branch"}, "d4")
     out = tmp_path / "stdin.json"
-    CommandChannel('cat > %s; test "$COMMIT_CI_DELIVERY" = d5' % out, 5).send({"event": "branch", "n": 1}, "d5")
+    monkeypatch.setenv("CI_SECRET", "the dispatcher's own")
+    CommandChannel('cat > %s; test "$COMMIT_CI_DELIVERY" = d5 && test -z "$CI_SECRET"' % out, 5).send(
+        {"event": "branch", "n": 1}, "d5")
     assert json.loads(out.read_text()) == {"event": "branch", "n": 1}
 
 
