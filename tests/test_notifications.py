@@ -38,7 +38,7 @@ WAIT_S = 60.0
 class Receiver:
     """A local HTTP server that records every POST; ``accept`` False answers 503."""
 
-    def __init__(self):
+    def __init__(self, tls_context=None):
         self.requests: list[dict] = []
         self.accept = True
         self.refuse_with = 503  # the status of a refusal
@@ -67,9 +67,11 @@ class Receiver:
                 pass
 
         self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        if tls_context is not None:
+            self.server.socket = tls_context.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
-        self.url = "http://%s:%d" % (LOOPBACK, self.server.server_address[1])
+        self.url = "%s://%s:%d" % ("https" if tls_context else "http", LOOPBACK, self.server.server_address[1])
 
     def close(self):
         self.server.shutdown()
@@ -349,3 +351,24 @@ def test_mail_over_starttls_with_a_login(certificates):  # noqa: F811 - the fixt
         controller.stop()
     [(authenticated, content)] = received
     assert authenticated and b"main is red (was green)" in content
+
+
+def test_an_https_webhook_trusts_the_ca_file_it_is_given(certificates):  # noqa: F811 - the fixture imported above
+    import ssl
+
+    from commit_ci.notify import DeliveryError, WebhookChannel
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(certificates["cert"]), str(certificates["key"]))
+    receiver = Receiver(context)
+    try:
+        WebhookChannel(receiver.url + "/hook", SECRET, 5, str(certificates["ca"])).send({"event": "branch"}, "d9")
+        with pytest.raises(DeliveryError, match="cannot reach https://127.0.0.1:%d: .*CERTIFICATE_VERIFY_FAILED"
+                           % receiver.server.server_address[1]):
+            WebhookChannel(receiver.url + "/hook", SECRET, 5).send({"event": "branch"}, "d10")
+        [request] = receiver.accepted("/hook")
+        assert request["headers"]["x-commit-ci-delivery"] == "d9"
+        assert request["headers"]["x-commit-ci-signature"] == "sha256=" + hmac.new(
+            SECRET, request["body"], hashlib.sha256).hexdigest()
+    finally:
+        receiver.close()
