@@ -112,7 +112,8 @@ BRANCH_NOTICES_TABLE = """CREATE TABLE IF NOT EXISTS branch_notices (
     branch    TEXT PRIMARY KEY,
     state     TEXT NOT NULL,            -- the branch's state when it last changed (states.BRANCH_STATE_OF_VERDICT)
     commit_id TEXT,                     -- the commit whose verdict made it so
-    changes   INTEGER NOT NULL          -- how many times it changed: numbers each change's subject
+    changes   INTEGER NOT NULL,         -- how many times it changed: numbers each change's subject
+    judged    TEXT                      -- the newest commit whose verdict was noticed (_judged_after)
 ) WITHOUT ROWID"""
 NOTIFICATIONS_INDEX = ("CREATE INDEX IF NOT EXISTS notifications_pending ON notifications (channel, id)"
                        " WHERE done_at IS NULL")
@@ -1159,37 +1160,47 @@ class JobStore:
         rows = db.execute("SELECT branch, seq, ahead FROM branch_commits WHERE commit_id = ? AND branch != ?"
                           " ORDER BY seq", (commit, UNNAMED_BRANCH)).fetchall()
         for branch, seq, ahead in rows:
-            if not ahead and self._judged_after(db, branch, seq, commit):
+            known = db.execute("SELECT * FROM branch_notices WHERE branch = ?", (branch,)).fetchone()
+            if not ahead and self._judged_after(db, branch, seq, commit, known["judged"] if known else None):
                 continue  # an older commit (a bisection's): the newer verdict makes the state
-            known = db.execute("SELECT state, changes FROM branch_notices WHERE branch = ?", (branch,)).fetchone()
             old = known["state"] if known else BRANCH_PENDING
             if new == old:
+                db.execute("UPDATE branch_notices SET judged = ? WHERE branch = ?", (commit, branch))
                 continue
             changes = (known["changes"] if known else 0) + 1
-            db.execute("INSERT OR REPLACE INTO branch_notices (branch, state, commit_id, changes) VALUES (?, ?, ?, ?)",
-                       (branch, new, commit, changes))
+            db.execute("INSERT OR REPLACE INTO branch_notices (branch, state, commit_id, changes, judged)"
+                       " VALUES (?, ?, ?, ?, ?)", (branch, new, commit, changes, commit))
             if self._branch_channels and notices.is_news(old, new):
                 self._add_notifications(db, self._branch_channels, notices.branch_subject(branch, changes),
                                         notices.branch_document(branch, old, new, commit, facts, failing), now)
 
     @staticmethod
-    def _judged_after(db: sqlite3.Connection, branch: str, seq: int, commit: str) -> bool:
+    def _judged_after(db: sqlite3.Connection, branch: str, seq: int, commit: str, newest: str | None) -> bool:
         """Whether a commit newer than ``commit`` (at ``seq`` on ``branch``, in its place)
         has a verdict that says something of the branch (states.BRANCH_STATE_OF_VERDICT):
-        the branch's state is then that commit's. Newer: after it on the branch, or the
-        branch's tip recorded ahead of its round (report), which is newer than every
-        commit of the round whatever their order of arrival. Reads the commits after it
-        alone (none for a tip), at most BRANCH_WALK_ROWS: about 0.3 us each. A commit
-        whose rerun is queued or running keeps its verdict until the rerun has one: a
-        rerun is no change and back."""
+        the branch's state is then that commit's. Newer: after it on the branch, or
+        recorded ahead of its round (report: a tip, newer than every commit of its round
+        whatever their order of arrival). A commit whose rerun is queued or running keeps
+        its verdict until the rerun has one: a rerun is no change and back.
+
+        Three looks, the first that answers wins, each a lookup or two: the branch's
+        tip (judged: the newest); ``newest``, the newest commit whose verdict was
+        noticed before (branch_notices.judged), by where it is now (a tip's row moves
+        when its round is reported); and only for a branch with neither (its first
+        verdict, or a file from before notifications), the commits after ``seq``, read
+        up to the first judged one (at most BRANCH_WALK_ROWS, about 0.3 us each)."""
         judged = [state.value for state in BRANCH_STATE_OF_VERDICT]
         verdict = ("CASE WHEN j.state IN ('queued', 'running') AND j.summary IS NOT NULL"
                    " THEN json_extract(j.summary, '$.status') ELSE j.state END")
-        tip = db.execute("SELECT %s FROM branches t JOIN branch_commits b ON b.branch = t.name AND b.commit_id = t.tip"
-                         " JOIN jobs j ON j.commit_id = t.tip WHERE t.name = ? AND b.ahead = 1 AND t.tip != ?" % verdict,
-                         (branch, commit)).fetchone()
+        tip = db.execute("SELECT %s FROM branches t JOIN jobs j ON j.commit_id = t.tip WHERE t.name = ? AND t.tip != ?"
+                         % verdict, (branch, commit)).fetchone()
         if tip is not None and tip[0] in judged:
             return True
+        if newest is not None:
+            where = db.execute("SELECT seq, ahead FROM branch_commits WHERE branch = ? AND commit_id = ?",
+                               (branch, newest)).fetchone()
+            if where is not None:
+                return newest != commit and (bool(where["ahead"]) or where["seq"] > seq)
         row = db.execute(
             "SELECT 1 FROM (SELECT %s AS verdict FROM branch_commits b JOIN jobs j ON j.commit_id = b.commit_id"
             " WHERE b.branch = ? AND b.seq > ? ORDER BY b.seq DESC LIMIT ?)"

@@ -186,8 +186,24 @@ def test_a_tip_judged_before_its_round_is_reported_stays_the_newest(store):
     store.finish(COMMITS[2], attempt, JobState.PASSED, Outcome.PASSED, None, json.dumps({"status": "passed"}), 4.5)
     assert changes(store) == [("main", "green", "red")], "the older commit's pass changes nothing"
     store.report(COMMITS[3], 4.6, "main", tip=COMMITS[3])  # the tip's own report, at the round's end
+    store.report(COMMITS[4], 4.7, "main", tip=COMMITS[4])  # the next round, not judged yet
     judge(store, COMMITS[1], JobState.PASSED)
-    assert changes(store) == [("main", "green", "red")]
+    assert changes(store) == [("main", "green", "red")], "COMMITS[3], judged, is still newer"
+    judge(store, COMMITS[4], JobState.PASSED)
+    assert changes(store) == [("main", "green", "red"), ("main", "red", "green")]
+
+
+def test_a_long_queue_of_newer_commits_is_not_read_once_the_branch_has_a_judged_commit(store):
+    for commit in COMMITS[:8]:
+        store.report(commit, 1.0, "main")
+    judge(store, COMMITS[3], JobState.FAILED)  # the branch's first verdict: the commits after it are read
+    statements = []
+    store._db.set_trace_callback(statements.append)
+    judge(store, COMMITS[1], JobState.PASSED)  # older: known by the lookups, no read of the commits after it
+    store._db.set_trace_callback(None)
+    assert not [sql for sql in statements if "b.seq >" in sql]
+    judge(store, COMMITS[6], JobState.PASSED)
+    assert changes(store) == [("main", "pending", "red"), ("main", "red", "green")]
 
 
 def test_the_notifier_sends_each_channel_in_order_and_retries_a_failing_one_without_resending_the_other(store):
