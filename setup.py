@@ -37,7 +37,8 @@ setup(
     # prometheus_client writes the dispatcher's /metrics in Prometheus's text format.
     install_requires=["GitPython>=3.1.30", "pytest>=7", "Jinja2>=3", "uv>=0.5", "tomli>=1.1; python_version < '3.11'",
                       "prometheus_client>=0.17"],
-    extras_require={"test": ["hypothesis>=6"]},
+    # aiosmtpd: a real SMTP server for the notification tests (tests/test_notifications.py).
+    extras_require={"test": ["hypothesis>=6", "aiosmtpd>=1.4"]},
     entry_points={
         "console_scripts": [
             "ci-dispatcher=commit_ci.dispatcher:main",

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from commit_ci import flaky, junit, result_files
+from commit_ci import flaky, junit, notify, result_files
 from commit_ci.client import communicate
 from commit_ci.daemon import add_logging_arguments, install_stop_signals, setup_logging
 from commit_ci.live_log import MAX_READ_BYTES, LiveLogs, read_file_from, whole_characters
@@ -144,8 +144,12 @@ class Dispatcher:
         on_branch_change: Callable[[], None] | None = None,
         flaky_reruns: int = flaky.DEFAULT_RERUNS,
         coalesce: bool = False,
+        on_notification: Callable[[], None] | None = None,
     ):
         self.store = store
+        #: Called after a transaction that may have added notifications to the store's
+        #: outbox (a verdict, an assignment: notify.py); must not block.
+        self.on_notification = on_notification or (lambda: None)
         #: --coalesce: only branch tips are tested, and the commits a bisection needs (culprit.py).
         self.coalesce = coalesce
         #: Held while result files are rewritten to name their first failing commit.
@@ -878,9 +882,10 @@ class Dispatcher:
         commit = result.commit
         summary = result.summary()
         self.store.finish(commit, result.attempt, state, Outcome(state.value), result.reason,
-                          json.dumps(summary), now, flaky=flaky.records(summary))
+                          json.dumps(summary), now, flaky=flaky.records(summary), failing=result.failing)
         self.on_final_result()
         self.live.discard(commit)
+        self.on_notification()
         self._avoid.pop(commit, None)
         self._ran.pop(commit, None)
         for other in self._assignments.values():
@@ -1037,6 +1042,7 @@ class Dispatcher:
                         # requeue; the timeout is only a safety net.
                         self._cond.wait(SCHEDULER_RECHECK_S)
                         continue
+                self.on_notification()  # a commit status: pending
                 for assignment in planned:
                     self._pool.submit(self._send_runtest, assignment)
             except Exception:  # noqa: BLE001 - e.g. a full disk: the scheduler must outlive it
@@ -1247,6 +1253,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "authentication, with TLS when --tls-cert is given: the live results page at /, each "
                         "commit's files, JSON at /api/..., Prometheus metrics at /metrics (README, HTTP). "
                         "Default: no HTTP")
+    notify.add_arguments(parser)
     add_logging_arguments(parser)
     add_security_arguments(parser, serves=True, keys=True)
     return parser
@@ -1263,6 +1270,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         security = security_from_arguments(args, serves=True, keys=True)
+        channels = notify.channels_from_arguments(args)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -1271,6 +1279,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     install_stop_signals(stop, log)
     store = JobStore(db_path)
+    # Before the first verdict (start-up records results found in the folder).
+    store.notify_to([channel.name for channel in channels if not channel.status],
+                    [channel.name for channel in channels if channel.status])
     results_dir = os.path.abspath(args.results_dir)
     try:
         # A connection of its own: building the page never waits for the dispatcher's lock.
@@ -1279,9 +1290,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--repo: %s", exc)
         store.close()
         return 2
+    metadata = None
+    if channels and args.repo:
+        from commit_ci.commit_metadata import CommitMetadata
+
+        metadata = CommitMetadata(args.repo)  # checked already by the page's
+    notifier = notify.Notifier(store, channels, results_dir, args.results_url, metadata, args.notify_retry_cap)
     dispatcher = Dispatcher(store, results_dir, args.max_attempts, args.heartbeat_interval, security,
                             on_final_result=page.notify, order=args.order, on_branch_change=page.notify,
-                            flaky_reruns=args.flaky_reruns, coalesce=args.coalesce)
+                            flaky_reruns=args.flaky_reruns, coalesce=args.coalesce, on_notification=notifier.wake)
     try:
         # Recording a result, adding or revoking a key, write files (fsync'd): each gets a
         # thread of its own rather than hold up the event loop that answers everyone else.
@@ -1301,9 +1318,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics_store = JobStore(db_path, read_only=True)
         try:
             http_server = WebServer((args.host, args.http_port), dispatcher.handle, page.live_page, results_dir,
-                                    # Notifications pending: none are kept on this branch; the
-                                    # notifications branch supplies the count of undelivered ones.
-                                    metrics_registry(dispatcher, metrics_store, notifications_pending=lambda: 0),
+                                    metrics_registry(dispatcher, metrics_store,
+                                                     notifications_pending=metrics_store.notifications_pending),
                                     tls=security.server_tls)
         except OSError as exc:
             log.error("cannot listen for HTTP on %s:%d: %s", args.host, args.http_port, exc)
@@ -1313,6 +1329,7 @@ def main(argv: list[str] | None = None) -> int:
             store.close()
             return 1
     dispatcher.start()
+    notifier.start()
     # After the recovery in start(): the first page includes what it recorded.
     page.start()
     log.info("results page: %s (commit subjects from %s)", page.path, args.repo or "nowhere: no --repo")
@@ -1336,6 +1353,7 @@ def main(argv: list[str] | None = None) -> int:
     server.shutdown()
     server.server_close()
     dispatcher.stop()
+    notifier.stop()
     page.stop()
     store.close()
     log.info("stopped")

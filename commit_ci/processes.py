@@ -76,9 +76,10 @@ class KnownChildren:
 def run_step(command: list[str] | str, *, timeout: float, cwd: str | None = None, env: dict | None = None,
              stop: threading.Event | None = None, output_path: str | None = None, append: bool = False,
              capture_stdout: bool = False, launch: Launch | None = None,
-             known: KnownChildren | None = None) -> StepEnd:
-    """Run ``command`` (a string runs in the shell) in a new session, stdin /dev/null,
-    until it ends, ``timeout`` seconds pass, or ``stop`` is set; see ``supervise``.
+             known: KnownChildren | None = None, stdin_data: bytes | None = None) -> StepEnd:
+    """Run ``command`` (a string runs in the shell) in a new session, stdin /dev/null
+    (or ``stdin_data``, from a temporary file: never a pipe it could block on), until
+    it ends, ``timeout`` seconds pass, or ``stop`` is set; see ``supervise``.
 
     Its output (stdout and stderr together, unless ``capture_stdout`` keeps stdout
     apart) goes to ``output_path`` (after what it holds, with ``append``), or to a
@@ -87,7 +88,11 @@ def run_step(command: list[str] | str, *, timeout: float, cwd: str | None = None
     ``known``, the step is one of those children while it runs. OSError if it cannot
     start.
     """
-    with tempfile.TemporaryFile() as scratch, tempfile.TemporaryFile() as stdout_file:
+    with tempfile.TemporaryFile() as scratch, tempfile.TemporaryFile() as stdout_file, \
+            tempfile.TemporaryFile() as stdin_file:
+        if stdin_data is not None:
+            stdin_file.write(stdin_data)
+            stdin_file.seek(0)
         with open(output_path, "a+b" if append else "w+b") if output_path else scratch as output:
             if launch is not None:
                 command = launch.command(command)
@@ -97,7 +102,7 @@ def run_step(command: list[str] | str, *, timeout: float, cwd: str | None = None
                         command,
                         cwd=cwd,
                         env=env,
-                        stdin=subprocess.DEVNULL,
+                        stdin=subprocess.DEVNULL if stdin_data is None else stdin_file,
                         stdout=stdout_file if capture_stdout else output,
                         stderr=output,
                         shell=isinstance(command, str),
