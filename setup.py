@@ -24,7 +24,7 @@ setup(
     # name (dispatcher.py, test_runner.py, repo_observer.py and helpers.py are entry
     # points for a checkout, not installed).
     packages=["commit_ci"],
-    package_data={"commit_ci": ["templates/*.html", "pytest_shard/*.py"]},
+    package_data={"commit_ci": ["templates/*.html", "templates/*.js", "pytest_shard/*.py"]},
     # The git steps stay shell scripts that users can read and adapt; installed on
     # PATH, where commit_ci.git_scripts finds them.
     scripts=["update_repo.sh", "test_runner_script.sh", "run_or_fail.sh"],
@@ -34,8 +34,11 @@ setup(
     # the commits under test, several times faster than pip (docs/performance.md); pip
     # is the fallback where uv cannot be installed. tomli reads pyproject.toml and
     # .commit-ci.toml where the standard library has no tomllib (Python 3.10).
-    install_requires=["GitPython>=3.1.30", "pytest>=7", "Jinja2>=3", "uv>=0.5", "tomli>=1.1; python_version < '3.11'"],
-    extras_require={"test": ["hypothesis>=6"]},
+    # prometheus_client writes the dispatcher's /metrics in Prometheus's text format.
+    install_requires=["GitPython>=3.1.30", "pytest>=7", "Jinja2>=3", "uv>=0.5", "tomli>=1.1; python_version < '3.11'",
+                      "prometheus_client>=0.17"],
+    # aiosmtpd: a real SMTP server for the notification tests (tests/test_notifications.py).
+    extras_require={"test": ["hypothesis>=6", "aiosmtpd>=1.4"]},
     entry_points={
         "console_scripts": [
             "ci-dispatcher=commit_ci.dispatcher:main",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# test_runner_script.sh CLONE COMMIT
+# test_runner_script.sh [--fetch-only] CLONE COMMIT
 #
 # The runner's git step: make the runner's own CLONE an exact, clean checkout of
 # COMMIT, so that a verdict depends on the commit alone. Fetches from origin only
@@ -14,10 +14,17 @@
 # Their URLs come from the commit: git's file:// transport (local paths) stays
 # forbidden for them, as git has it by default, so that a commit cannot copy into
 # its checkout another repository readable on this machine.
+#
+# With --fetch-only, it only fetches the commit if the clone does not have it yet,
+# and leaves the work tree alone: the runner does that as soon as the dispatcher
+# says the commit is queued, while it may still be testing another one, so that the
+# checkout finds the commit there.
 set -u
 . "$(dirname "$0")/run_or_fail.sh"
 
-[ $# -eq 2 ] || { echo "usage: $0 CLONE COMMIT" >&2; exit 2; }
+fetch_only=
+if [ "${1:-}" = --fetch-only ]; then fetch_only=1; shift; fi
+[ $# -eq 2 ] || { echo "usage: $0 [--fetch-only] CLONE COMMIT" >&2; exit 2; }
 clone=$1 commit=$2
 
 run_or_fail "cannot enter the runner's clone $clone" cd "$clone"
@@ -46,7 +53,9 @@ if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
         # Not on any branch head: some servers still hand out a commit by id.
         fetch_or_fail "commit $commit is not in the upstream repository" fetch_origin "$commit"
     fi
+    [ -z "$fetch_only" ] || echo "fetched $commit"
 fi
+[ -z "$fetch_only" ] || exit 0
 # A submodule the commit no longer has keeps its folder, with a .git file pointing
 # into $git_dir/modules: the clean below deletes such a folder whole (-ff), but not
 # that .git file in one where the commit has a plain folder instead (the submodule's

@@ -29,6 +29,8 @@ the dispatcher
     result_files    the files of a result in test_results/
     page            the results page, index.html (templates/index.html)
     commit_metadata commit subjects and authors for people to read
+    notices         when a branch's change of state is told, and what is said
+    notify          notifications sent from the store's outbox (command, webhook, mail, status)
 
 a runner
     runner          requests, the job held, the worker thread (ci-runner)

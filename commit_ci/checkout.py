@@ -15,7 +15,7 @@ import threading
 
 from commit_ci.files import atomic_write
 from commit_ci.git_scripts import script_path
-from commit_ci.processes import StepEnd, run_step
+from commit_ci.processes import KnownChildren, StepEnd, run_step
 
 
 class GitDirGuard:
@@ -117,16 +117,31 @@ def check_out(clone: str, commit: str, output_path: str, timeout: float, stop: t
 
     Like the tests, in a session of its own and under a time limit: a fetch that
     hangs is killed with everything it started, and a stopping runner does not wait
-    for it. With no terminal to ask for a password on, a fetch that would wait for one
-    fails instead.
+    for it (see ``_git_env`` for its variables).
     """
+    return run_step([script_path("test_runner_script.sh"), clone, commit], cwd=clone, env=_git_env(), timeout=timeout,
+                    stop=stop, output_path=output_path)
+
+
+def fetch_ahead(clone: str, commit: str, output_path: str, timeout: float, stop: threading.Event,
+                known: KnownChildren) -> StepEnd:
+    """Fetch ``commit`` into ``clone`` if it is not there yet, leaving the work tree
+    alone (the runner may be testing another commit in it), as one of the ``known``
+    children; how the step ended."""
+    return run_step([script_path("test_runner_script.sh"), "--fetch-only", clone, commit], cwd=clone,
+                    env=_git_env(), timeout=timeout, stop=stop, output_path=output_path, known=known)
+
+
+def _git_env() -> dict:
+    """The runner's variables for its git steps: no password prompt (with no terminal
+    to ask on, a fetch that would wait for one fails instead), and every folder safe.
+
+    The submodules' work trees may be a job user's (isolation.py), and git refuses a
+    repository another user owns; the runner has removed every git folder or link
+    the job could have planted there, so they are safe to enter. Given on top of any
+    configuration the runner itself was started with this way."""
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0")
-    # The submodules' work trees may be a job user's (isolation.py), and git refuses a
-    # repository another user owns; the runner has removed every git folder or link
-    # the job could have planted there, so they are safe to enter. Given on top of any
-    # configuration the runner itself was started with this way.
     count = int(env.get("GIT_CONFIG_COUNT", "0")) if env.get("GIT_CONFIG_COUNT", "0").isdigit() else 0
     env.update({"GIT_CONFIG_COUNT": str(count + 1), "GIT_CONFIG_KEY_%d" % count: "safe.directory",
                 "GIT_CONFIG_VALUE_%d" % count: "*"})
-    return run_step([script_path("test_runner_script.sh"), clone, commit], cwd=clone, env=env, timeout=timeout,
-                    stop=stop, output_path=output_path)
+    return env

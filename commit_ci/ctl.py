@@ -3,7 +3,8 @@
 Subcommands talk to a running dispatcher over the protocol (docs/protocol.md):
 ``status`` (is it up, queue, what each runner does, each branch's state, last
 verdicts), ``queue``,
-``runners``, ``results SHA`` (a commit's verdict and where its report is; the start
+``runners``, ``log [-f] SHA`` (a commit's output: live while it runs, followed until
+its verdict with ``-f``), ``results SHA`` (a commit's verdict and where its report is; the start
 of its id will do, if no other commit starts the same way, and its earlier runs),
 ``dispatch SHA`` (test a commit now; its full id only, as the dispatcher takes no
 other), ``flaky`` (the tests most often flaky over recent runs), ``rerun SHA`` (run a judged commit again), ``cancel SHA`` (stop a queued or
@@ -21,6 +22,7 @@ import argparse
 import datetime
 import json
 import sys
+import time
 
 from commit_ci.client import communicate
 from commit_ci.files import atomic_write
@@ -55,6 +57,8 @@ STATUS_RECENT = 5
 STATUS_BRANCHES = 20
 #: Seconds to wait for the dispatcher's answer: it answers queries without waiting on anything.
 QUERY_TIMEOUT_S = 5.0
+#: ``log -f``: how often to ask for more output (runners send it about twice a second).
+FOLLOW_INTERVAL_S = 0.5
 
 
 class Failure(Exception):
@@ -258,6 +262,49 @@ def show_flaky(client: Client, as_json: bool, limit: int, window: int) -> None:
         print("  (none was flaky)")
 
 
+def show_log(client: Client, commit: str, follow: bool, interval: float = FOLLOW_INTERVAL_S) -> None:
+    """Print a commit's output: while it runs, its live log (with ``follow``, as it grows,
+    until the verdict, which ends it with a line on stderr); once judged, its final log."""
+    offset, source = 0, None
+    out = sys.stdout.buffer
+    while True:
+        answer = client.ask("tail", commit=commit, offset=offset)
+        try:
+            document = json.loads(answer.sections.get("json", b"{}"))
+            final = JobState(document["state"]).final
+        except (ValueError, KeyError):
+            raise Failure("the dispatcher sent unreadable JSON for tail") from None
+        if final and source == "live":
+            # The verdict came while the live log was followed: it ends here (the final
+            # log, ci-ctl log SHA, holds all of the output).
+            return _verdict_line(document)
+        if document["source"] != source or document["offset"] < offset:
+            # The first answer; output starting; or a new attempt started the live log afresh.
+            if source == "live":
+                out.write(b"\n[ci-ctl: the output starts again: a new attempt]\n")
+            source, offset = document["source"], 0
+            if document["offset"] != len(answer.sections.get("chunk", b"")):
+                continue  # asked from another offset: read this one from its start
+        chunk = answer.sections.get("chunk", b"")
+        if chunk:
+            out.write(chunk)
+            out.flush()
+        offset = document["offset"]
+        if offset < document["size"]:
+            continue  # more to read now
+        if final:
+            return _verdict_line(document) if follow else None
+        if not follow:
+            return None
+        time.sleep(interval)
+
+
+def _verdict_line(document: dict) -> None:
+    sys.stdout.flush()
+    print("ci-ctl: %s: %s (the whole output: ci-ctl log %s)" % (short(document["commit"]), document["state"],
+                                                               short(document["commit"])), file=sys.stderr)
+
+
 def do_rerun(client: Client, as_json: bool, commit: str) -> None:
     commit = client.ask_json("lookup", commit=commit)["commit"]
     answer = client.ask("rerun", commit=commit)
@@ -407,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     flaky.add_argument("--limit", type=int, default=20, help="tests to list (default: %(default)s)")
     flaky.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                        help="the rate is over this many newest runs that ran tests (default: %(default)s)")
+    log = commands.add_parser("log", help="a commit's output: live while it runs, its final log once judged")
+    log.add_argument("commit", metavar="SHA", type=commit_prefix_argument,
+                     help="the commit id, or its first 7 or more hex digits if no other commit starts with them")
+    log.add_argument("-f", "--follow", action="store_true",
+                     help="keep printing the output as it arrives until the commit's verdict, then exit 0")
     rerun = commands.add_parser("rerun", help="run a commit that has a verdict again; its earlier files are kept "
                                 "in RESULTS_DIR/runs/SHA/RUN/")
     cancel = commands.add_parser("cancel", help="stop a queued or running commit: a first run ends 'cancelled', "
@@ -457,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             do_dispatch(client, args.json, args.commit)
         elif args.command == "flaky":
             show_flaky(client, args.json, max(1, args.limit), max(1, args.window))
+        elif args.command == "log":
+            show_log(client, args.commit, args.follow)
         elif args.command == "rerun":
             do_rerun(client, args.json, args.commit)
         elif args.command == "cancel":

@@ -45,11 +45,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from commit_ci import flaky, junit, result_files, sharding
+from commit_ci import flaky, junit, notify, result_files, sharding
 from commit_ci.client import communicate
 from commit_ci.daemon import add_logging_arguments, install_stop_signals, setup_logging
+from commit_ci.live_log import MAX_READ_BYTES, LiveLogs, read_file_from, whole_characters
 from commit_ci.page import ResultsPage
-from commit_ci.protocol import UNKNOWN_ATTEMPT, Message, error, may_send, reply, request
+from commit_ci.protocol import MAX_LIVE_CHUNK_BYTES, UNKNOWN_ATTEMPT, Message, error, may_send, reply, request
 from commit_ci.result import Result
 from commit_ci.result_files import iso_time
 from commit_ci.security import RUNNER, Key, Security, add_security_arguments, security_from_arguments, wrap_secret
@@ -147,10 +148,14 @@ class Dispatcher:
         flaky_reruns: int = flaky.DEFAULT_RERUNS,
         coalesce: bool = False,
         max_shards: int = sharding.DEFAULT_MAX_SHARDS,
+        on_notification: Callable[[], None] | None = None,
     ):
         self.store = store
         #: Most shards one commit's tests are split in when runners are idle (1: never; sharding.py).
         self.max_shards = max_shards
+        #: Called after a transaction that may have added notifications to the store's
+        #: outbox (a verdict, an assignment: notify.py); must not block.
+        self.on_notification = on_notification or (lambda: None)
         #: --coalesce: only branch tips are tested, and the commits a bisection needs (culprit.py).
         self.coalesce = coalesce
         #: Held while result files are rewritten to name their first failing commit.
@@ -180,6 +185,9 @@ class Dispatcher:
         self._stop = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="runner-io")
         self._threads: list[threading.Thread] = []
+        #: The newest commit queued that the runners have not been told to fetch yet.
+        self._fetch_cond = threading.Condition()
+        self._fetch_wanted: str | None = None
         #: Commits whose verdict's files are being written (outside the lock).
         self._settling: set[str] = set()
         #: The pings to the runners known at start-up: the scheduler waits for them.
@@ -188,6 +196,10 @@ class Dispatcher:
         #: removed keys have had their runners dropped.
         self.keys = self.security.keyring
         self._keys_checked = self.keys.generation if self.keys is not None else 0
+        #: The live logs of running jobs (live_log.py; their own lock).
+        self.live = LiveLogs(results_dir)
+        #: Pings that got no answer (or a refusal), since the dispatcher started (/metrics).
+        self.missed_pings_total = 0
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -214,7 +226,8 @@ class Dispatcher:
                 self._first_pings.append(self._pool.submit(self._verify, record))
             if self._runners:
                 log.info("pinging %d runner(s) known from before the restart", len(self._runners))
-        for name, target in (("scheduler", self._schedule_loop), ("heartbeat", self._heartbeat_loop)):
+        for name, target in (("scheduler", self._schedule_loop), ("heartbeat", self._heartbeat_loop),
+                             ("fetch-ahead", self._fetch_ahead_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -223,6 +236,8 @@ class Dispatcher:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        with self._fetch_cond:
+            self._fetch_cond.notify_all()
         for thread in self._threads:
             thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -260,6 +275,7 @@ class Dispatcher:
             self.store.finish(commit, None, state, Outcome(state.value), result.reason, json.dumps(summary),
                               time.time(), flaky=flaky.records(summary))
             log.info("commit %s: result file found on start-up (%s); recorded", commit, state.value)
+            self.live.discard(commit)
 
     # --- requests ------------------------------------------------------------------
 
@@ -275,6 +291,8 @@ class Dispatcher:
             "recent": self._on_recent,
             "lookup": self._on_lookup,
             "flaky": self._on_flaky,
+            "tail": self._on_tail,
+            "live-log": self._on_live_log,
             "rerun": self._on_rerun,
             "cancel": self._on_cancel,
             "key-add": self._on_key_add,
@@ -341,6 +359,15 @@ class Dispatcher:
             described = [self._describe_runner(record) for record in self._runners.values()]
         return _json_reply({"runners": described})
 
+    def runner_states(self) -> dict[str, int]:
+        """How many registered runners are in each state, as ``runners`` says (/metrics)."""
+        states: dict[str, int] = {}
+        with self._cond:
+            for record in self._runners.values():
+                state = self._describe_runner(record)["state"]
+                states[state] = states.get(state, 0) + 1
+        return states
+
     def _describe_runner(self, record: RunnerRecord) -> dict:
         if not record.verified:
             state, commit, attempt = RunnerState.UNVERIFIED, None, None
@@ -396,6 +423,60 @@ class Dispatcher:
             test["rate"] = round(test["flaky"] / runs, 4) if runs else 0.0
             test["finished_at"] = iso_time(test["finished_at"])
         return _json_reply({"window": window, "runs": runs, "tests": tests})
+
+    def _on_tail(self, message: Message, peer: str) -> Message:
+        # A commit's output from a byte offset: its live log while it is queued or
+        # running (a runner that died leaves what it sent), its final log once judged.
+        prefix, offset = message.fields["commit"], message.get("offset", 0)
+        with self._cond:
+            jobs = self.store.jobs_starting_with(prefix)
+        if not jobs:
+            return error("unknown commit %s" % prefix)
+        if len(jobs) > 1:
+            return error("ambiguous commit prefix %s: more than one commit starts with it; give more digits" % prefix)
+        job = jobs[0]
+        commit = job.commit
+        if job.state.final:
+            source, found = "final", read_file_from(result_files.result_path(self.results_dir, commit, ".log"),
+                                                    offset, MAX_READ_BYTES)
+        else:
+            source, found = "live", self.live.read(commit, offset, MAX_READ_BYTES)
+        if found is None:
+            source, found = "none", (b"", 0)
+        data, size = found
+        data = whole_characters(data) if offset + len(data) < size else data
+        return reply("OK", chunk=data, json=json.dumps({
+            "commit": commit, "state": job.state.value, "attempt": job.current_attempt, "source": source,
+            "offset": min(offset, size) + len(data), "size": size}).encode("utf-8"))
+
+    def _on_live_log(self, message: Message, peer: str) -> Message:
+        commit, attempt_id, offset = message.fields["commit"], message.fields["attempt"], message.fields["offset"]
+        if "chunk" in message.truncated:
+            log.warning("commit %s attempt %d: live output chunk from %s over the size limit: refused", commit,
+                        attempt_id, _who(message, peer))
+            return error("chunk too large (limit %d bytes)" % MAX_LIVE_CHUNK_BYTES)
+        data = message.sections.get("chunk", b"")
+        with self._cond:
+            assignment = self._assignments.get(attempt_id)
+            if assignment is None or assignment.commit != commit or assignment.superseded:
+                # Not the commit's current attempt (settled, lost, or never given): ignored.
+                log.debug("commit %s attempt %d: live output from %s ignored: not a current attempt", commit,
+                          attempt_id, _who(message, peer))
+                return reply("OK", recorded=0)
+            key = message.key
+            if key is not None and not key.shared and assignment.runner.name != key.name:
+                log.warning("commit %s attempt %d: live output from %s refused: the attempt is runner %s's", commit,
+                            attempt_id, _who(message, peer), assignment.runner.name)
+                return error("attempt %d of commit %s was given to another runner, not to %s"
+                             % (attempt_id, commit, key.name))
+            # Small appends to a file (no fsync): held under the lock, so that a verdict
+            # recorded meanwhile (which removes the file) cannot be followed by a write.
+            try:
+                end = self.live.append(commit, attempt_id, offset, data)
+            except OSError as exc:
+                log.error("commit %s attempt %d: live output not written: %s", commit, attempt_id, exc)
+                return error("internal error")
+        return reply("OK", recorded=1, offset=end)
 
     def _files(self, commit: str, run: int | None) -> dict:
         """Where the report and the summary of ``commit``'s run ``run`` are (None: the current one)."""
@@ -492,6 +573,7 @@ class Dispatcher:
                 assignment.superseded = True
             if job.summary:
                 verdict = self.store.cancel_rerun(commit, time.time())
+                self.live.discard(commit)
                 self.on_final_result()
                 log.info("commit %s: run %d cancelled by %s; its verdict stays %s", commit, job.run, who, verdict.value)
                 state = verdict
@@ -537,6 +619,7 @@ class Dispatcher:
             with self._cond:
                 self._find_culprit(commit)
         if done.new or done.tip_queued:
+            self._fetch_ahead(tip if done.tip_queued else commit)
             with self._cond:
                 # Waking the scheduler when no runner is free would only make it
                 # contend for the lock to find nothing to do.
@@ -864,8 +947,10 @@ class Dispatcher:
         commit = result.commit
         summary = result.summary()
         self.store.finish(commit, result.attempt, state, Outcome(state.value), result.reason,
-                          json.dumps(summary), now, flaky=flaky.records(summary))
+                          json.dumps(summary), now, flaky=flaky.records(summary), failing=result.failing)
         self.on_final_result()
+        self.live.discard(commit)
+        self.on_notification()
         self._avoid.pop(commit, None)
         self._ran.pop(commit, None)
         for other in self._assignments.values():
@@ -989,6 +1074,7 @@ class Dispatcher:
             return  # dropped or replaced while the ping was out
         if answer is None or answer.verb != "OK":
             record.missed_pings += 1
+            self.missed_pings_total += 1
             if record.missed_pings >= MISSED_PINGS_LIMIT:
                 self._drop(record, "%d pings unanswered" % record.missed_pings)
             return
@@ -1048,6 +1134,7 @@ class Dispatcher:
                         # requeue; the timeout is only a safety net.
                         self._cond.wait(SCHEDULER_RECHECK_S)
                         continue
+                self.on_notification()  # a commit status: pending
                 for assignment in planned:
                     self._pool.submit(self._send_runtest, assignment)
             except Exception:  # noqa: BLE001 - e.g. a full disk: the scheduler must outlive it
@@ -1189,6 +1276,38 @@ class Dispatcher:
                 self._lose(assignment, "runner %s refused: %s" % (record.name, answer.get("reason")), Outcome.REFUSED)
                 self._pool.submit(self._verify, record)
 
+    # --- fetch ahead -----------------------------------------------------------------
+
+    def _fetch_ahead(self, commit: str) -> None:
+        """Have every runner fetch ``commit`` now, while it may still be testing another
+        one, so that the checkout of its job finds it there (the fetch-ahead thread
+        sends it; of a burst, only the newest is sent: a runner's fetch gets every branch)."""
+        with self._fetch_cond:
+            self._fetch_wanted = commit
+            self._fetch_cond.notify_all()
+
+    def _fetch_ahead_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._fetch_cond:
+                while self._fetch_wanted is None and not self._stop.is_set():
+                    self._fetch_cond.wait()
+                commit, self._fetch_wanted = self._fetch_wanted, None
+            if commit is None:
+                continue
+            with self._cond:
+                runners = [(r.name, r.address, r.security) for r in self._runners.values() if r.verified]
+            for name, address, security in runners:
+                if self._stop.is_set():
+                    return
+                try:
+                    answer = communicate(address, request("fetch", commit=commit), timeout=PING_TIMEOUT_S,
+                                         connect_timeout=PING_TIMEOUT_S, security=security,
+                                         total_timeout=PING_TIMEOUT_S * 2)
+                except (OSError, ProtocolError) as exc:
+                    answer = error(str(exc) or exc.__class__.__name__)
+                if answer.verb != "OK":  # a runner of an older version, or one that is gone: its checkout fetches
+                    log.debug("runner %s: fetch ahead of commit %s: %s", name, commit, answer.get("reason"))
+
     # --- heartbeat -----------------------------------------------------------------
 
     def _ping(self, record: RunnerRecord) -> Message | None:
@@ -1296,6 +1415,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "a runner's), used only to read commit subjects and authors for the results page "
                         "(index.html); it is fetched into when a commit is not in it yet. Without it the page "
                         "shows commit ids only")
+    parser.add_argument("--http-port", type=int, metavar="PORT",
+                        help="also serve HTTP on --host at this port (0 picks a free one), read-only and without "
+                        "authentication, with TLS when --tls-cert is given: the live results page at /, each "
+                        "commit's files, JSON at /api/..., Prometheus metrics at /metrics (README, HTTP). "
+                        "Default: no HTTP")
+    notify.add_arguments(parser)
     add_logging_arguments(parser)
     add_security_arguments(parser, serves=True, keys=True)
     return parser
@@ -1315,6 +1440,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         security = security_from_arguments(args, serves=True, keys=True)
+        channels = notify.channels_from_arguments(args)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -1323,6 +1449,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     install_stop_signals(stop, log)
     store = JobStore(db_path)
+    # Before the first verdict (start-up records results found in the folder).
+    store.notify_to([channel.name for channel in channels if not channel.status],
+                    [channel.name for channel in channels if channel.status])
     results_dir = os.path.abspath(args.results_dir)
     try:
         # A connection of its own: building the page never waits for the dispatcher's lock.
@@ -1331,9 +1460,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--repo: %s", exc)
         store.close()
         return 2
+    metadata = None
+    if channels and args.repo:
+        from commit_ci.commit_metadata import CommitMetadata
+
+        metadata = CommitMetadata(args.repo)  # checked already by the page's
+    notifier = notify.Notifier(store, channels, results_dir, args.results_url, metadata, args.notify_retry_cap)
     dispatcher = Dispatcher(store, results_dir, args.max_attempts, args.heartbeat_interval, security,
                             on_final_result=page.notify, order=args.order, on_branch_change=page.notify,
-                            flaky_reruns=args.flaky_reruns, coalesce=args.coalesce, max_shards=args.max_shards)
+                            flaky_reruns=args.flaky_reruns, coalesce=args.coalesce, max_shards=args.max_shards,
+                            on_notification=notifier.wake)
     try:
         # Recording a result, adding or revoking a key, write files (fsync'd): each gets a
         # thread of its own rather than hold up the event loop that answers everyone else.
@@ -1344,7 +1480,27 @@ def main(argv: list[str] | None = None) -> int:
         page.stop()
         store.close()
         return 1
+    http_server = None
+    if args.http_port is not None:
+        from commit_ci.metrics import metrics_registry  # prometheus_client: only with --http-port
+        from commit_ci.web import WebServer
+        from commit_ci.web import serve_in_thread as serve_http_in_thread
+
+        metrics_store = JobStore(db_path, read_only=True)
+        try:
+            http_server = WebServer((args.host, args.http_port), dispatcher.handle, page.live_page, results_dir,
+                                    metrics_registry(dispatcher, metrics_store,
+                                                     notifications_pending=metrics_store.notifications_pending),
+                                    tls=security.server_tls)
+        except OSError as exc:
+            log.error("cannot listen for HTTP on %s:%d: %s", args.host, args.http_port, exc)
+            server.server_close()
+            metrics_store.close()
+            page.stop()
+            store.close()
+            return 1
     dispatcher.start()
+    notifier.start()
     # After the recovery in start(): the first page includes what it recorded.
     page.start()
     log.info("results page: %s (commit subjects from %s)", page.path, args.repo or "nowhere: no --repo")
@@ -1356,11 +1512,20 @@ def main(argv: list[str] | None = None) -> int:
         "up to %d shards per commit" % args.max_shards if args.max_shards > 1 else "no sharding",
         _authentication(security), "TLS" if security.server_tls else "no TLS",
     )
+    if http_server is not None:
+        serve_http_in_thread(http_server)
+        log.info("HTTP on %s://%s/ (read-only, no authentication: the results page, /api, /metrics)",
+                 "https" if security.server_tls else "http", format_address(http_server.address))
     stop.wait()
     log.info("stopping: no new connections")
+    if http_server is not None:
+        http_server.shutdown()
+        http_server.server_close()
+        metrics_store.close()
     server.shutdown()
     server.server_close()
     dispatcher.stop()
+    notifier.stop()
     page.stop()
     store.close()
     log.info("stopped")

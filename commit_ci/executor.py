@@ -40,13 +40,14 @@ import time
 from dataclasses import dataclass
 
 from commit_ci import flaky, junit, sharding
-from commit_ci.checkout import GitDirGuard, check_out
+from commit_ci.checkout import GitDirGuard, check_out, fetch_ahead
 from commit_ci.environments import Environment, EnvironmentCache, Interpreter, SetupFailure, note, plan
 from commit_ci.files import open_untrusted
 from commit_ci.flaky import Retry
 from commit_ci.isolation import Isolation, Launch, new_job_root
 from commit_ci.leftovers import LEFTOVERS_TIMEOUT_S, kill_leftovers
-from commit_ci.processes import KILL_GRACE_S, STOPPED, TIMEOUT, run_step, supervise
+from commit_ci.live_log import LiveSender
+from commit_ci.processes import KILL_GRACE_S, STOPPED, TIMEOUT, KnownChildren, run_step, supervise
 from commit_ci.project_config import CONFIG_NAME, ConfigError, ProjectConfig, read_config
 from commit_ci.protocol import MAX_LOG_BYTES
 from commit_ci.result import Result
@@ -147,8 +148,10 @@ class Executor:
     def __init__(self, clone: str, git_dir: str, work_dir: str, test_command: str | None, timeout: float,
                  checkout_timeout: float, stop: threading.Event, warm_pytest: bool = True, subreaper: bool = False,
                  interpreters: dict[str, Interpreter] | None = None, cache: EnvironmentCache | None = None,
-                 isolation: Isolation | None = None):
+                 isolation: Isolation | None = None, live: LiveSender | None = None):
         self.clone = clone
+        #: Follows the tests' output while they run and sends it to the dispatcher (live_log.py).
+        self.live = live
         self.work_dir = work_dir
         self.test_command = test_command
         self.timeout = timeout
@@ -159,6 +162,10 @@ class Executor:
         self.cache = cache
         self.isolation = isolation or Isolation(new_job_root())
         self._git_dir_guard = GitDirGuard(git_dir)
+        #: The clone's git folder is the checkout's or a fetch ahead's, one at a time.
+        self._clone_lock = threading.Lock()
+        #: Children started beside the job's steps (a fetch ahead): no leftovers of it.
+        self._known = KnownChildren()
         #: Whether jobs may fork from a warm pytest: only with the default test command,
         #: and where the one started ahead, a process the job user can reach, can be
         #: frozen while the runner works in the job's folders (isolation.py).
@@ -169,6 +176,8 @@ class Executor:
         #: The warm pytest started ahead for the next job, and the one the job in progress uses.
         self._spare: WarmPytest | None = None
         self._in_use: WarmPytest | None = None
+        #: The spare started while the job in progress runs (apart from it), if any.
+        self._next_spare: WarmPytest | None = None
         self._warm_failures = 0
         #: For a job user: the interpreter and variables of the last job's tests, which
         #: ``between_jobs`` starts the next warm pytest for, and whether nothing of the
@@ -184,7 +193,7 @@ class Executor:
         """Start a warm pytest ahead of the first job, when jobs may use one, and wait
         until it is ready (or has failed: jobs then start a fresh Python)."""
         self._spare_for = (sys.executable, self._base_env)
-        self._start_spare(*self._spare_for)
+        self._start_spare(*self._spare_for, slot=self.isolation.slot if self.isolation.spare_apart else None)
         if not self._warm_enabled:
             log.info("every job starts a fresh Python (no warm pytest: %s)", self._no_warm_because)
         if self._spare is not None:
@@ -215,13 +224,14 @@ class Executor:
         shard of the tests alone (sharding.py)."""
         self._freeze_spare()
         try:
-            self.isolation.begin_job()
+            self.isolation.begin_job(self._spare.slot if self._spare is not None else None)
             return self._run(commit, attempt, tests, shard)
         finally:
-            if self._spare is not None and self.isolation.separate:
+            if self._spare is not None and self.isolation.separate and self._spare is not self._next_spare:
                 # Not taken, and the job user's steps may have reached it: it serves no job.
                 self._discard(self._spare)
                 self._spare = None
+            self._next_spare = None
             # Before the result goes out: the dispatcher may send the next commit at once.
             self._kill_leftovers(commit, attempt, "job")
             stuck = self.isolation.end_job()
@@ -230,12 +240,14 @@ class Executor:
                 log.error("commit %s attempt %d: processes %s did not leave the job's cgroup", commit, attempt, stuck)
 
     def between_jobs(self) -> None:
-        """Once a job's result is out: for a job user, start the warm pytest for the
-        next job now. Started while a job ran, it would be a process the job could
-        reach (the same user), change, and so forge the next commit's verdict with;
-        started now, with nothing of the job user's running and the job's folders
-        emptied, it is the next job's alone."""
-        if not self._warm_enabled or not self.isolation.separate or self._spare is not None:
+        """Once a job's result is out: for a job user without a sandbox, start the warm
+        pytest for the next job now. Started while a job ran, it would be a process
+        the job could reach (the same user, the same pids), change, and so forge the
+        next commit's verdict with; started now, with nothing of the job user's
+        running and the job's folders emptied, it is the next job's alone. (In a
+        sandbox, one starts while the job runs, apart: ``_take_warm``.)"""
+        if (not self._warm_enabled or not self.isolation.separate or self.isolation.spare_apart
+                or self._spare is not None):
             return
         if self._job_user_idle and self._spare_for is not None:
             try:
@@ -294,7 +306,7 @@ class Executor:
         duration = time.monotonic() - test_started
         result = Result(commit, ReportedStatus.PASSED.value, attempt=attempt, duration_s=round(duration, 3),
                         hash_seed=hash_seed, log=setting.notes + read_log(output_path))
-        self._add_junit(result, junit_path)
+        self._add_junit(result, self.isolation.outside(junit_path))
         self._judge(result, status, killed, setting)
         self._add_retry(result, setting, tests)
         if tests is None:
@@ -389,7 +401,8 @@ class Executor:
         except OSError as exc:
             log.error("commit %s attempt %d: cannot take the work tree back from the job user: %s", commit, attempt, exc)
             return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason="checkout failed: %s" % exc)
-        ended = check_out(self.clone, commit, output_path, self.checkout_timeout, self.stop)
+        with self._clone_lock:
+            ended = check_out(self.clone, commit, output_path, self.checkout_timeout, self.stop)
         self._kill_leftovers(commit, attempt, "checkout")
         if ended.killed == STOPPED:
             return Result(commit, ReportedStatus.ABORTED.value, attempt=attempt, reason=SHUTTING_DOWN)
@@ -404,6 +417,24 @@ class Executor:
         reason = "checkout failed: %s" % why[:REASON_CHARS]
         log.error("commit %s attempt %d: %s", commit, attempt, reason)
         return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason=reason, log=read_log(output_path))
+
+    def fetch_ahead(self, commit: str, stop: threading.Event) -> None:
+        """Fetch ``commit`` into the clone if it is not there yet (the dispatcher says it
+        is queued), beside the job in progress, if any: the checkout of its own job
+        then finds it there. Run by the runner's fetch-ahead thread; ``stop``: the
+        runner's."""
+        with self._clone_lock:
+            if stop.is_set():
+                return
+            started = time.monotonic()
+            ended = fetch_ahead(self.clone, commit, os.path.join(self.work_dir, "fetch.log"), self.checkout_timeout,
+                                stop, self._known)
+        if ended.succeeded:
+            if b"fetched" in ended.output:
+                log.info("commit %s: fetched ahead of its job in %.2f s", commit, time.monotonic() - started)
+        elif ended.killed != STOPPED:
+            log.warning("commit %s: fetch ahead failed (its checkout will fetch): %s", commit,
+                        "took more than %g s" % self.checkout_timeout if ended.killed == TIMEOUT else ended.last_line())
 
     # --- the environment -----------------------------------------------------------
 
@@ -476,6 +507,16 @@ class Executor:
     def _run_tests(self, commit: str, attempt: int, setting: Setting, junit_path: str, env: dict,
                    output_path: str, tests: tuple[str, ...] | None = None,
                    shard: bool = False) -> tuple[int, str | None, int, str]:
+        """``_run_tests_once``, its output followed live meanwhile (live_log.py)."""
+        try:
+            return self._run_tests_once(commit, attempt, setting, junit_path, env, output_path, tests, shard)
+        finally:
+            if self.live is not None:
+                self.live.forget()
+
+    def _run_tests_once(self, commit: str, attempt: int, setting: Setting, junit_path: str, env: dict,
+                        output_path: str, tests: tuple[str, ...] | None = None,
+                        shard: bool = False) -> tuple[int, str | None, int, str]:
         """Run the tests in the clone: forked from a warm pytest when one is ready for
         this interpreter, else the test command in a new interpreter. Returns what
         ``supervise`` returns, the hash seed the tests ran with, and where their output
@@ -491,27 +532,49 @@ class Executor:
             env = dict(env, PYTHONHASHSEED=str(zygote.hash_seed))
             if self.isolation.user is not None:
                 output_path = os.path.join(self.isolation.out, "output.log")
+            self._follow(commit, attempt, self.isolation.outside(output_path))
             try:
                 pid = zygote.spawn(self.clone, pytest_args, env, output_path)
             except WarmPytestError as exc:
                 self._warm_failed(str(exc))  # nothing ran yet
             else:
+                self._start_next_spare()
+                group = self._host_pid(zygote, pid)
                 limit = setting.timeout + KILL_GRACE_S + END_MARGIN_S
                 try:
                     # supervise kills the job's group however wait() ends, this error included.
-                    status, killed = supervise(pid, lambda: zygote.wait(pid, limit), setting.timeout, self.stop)
+                    status, killed = supervise(group, lambda: zygote.wait(pid, limit), setting.timeout, self.stop)
                 except WarmPytestError as exc:
                     # The tests ran, in part: run again here, they would find what they left.
                     self._warm_failed(str(exc))
                     raise JobFault("warm pytest failed during the tests: %s" % exc) from None
                 self._warm_failures = 0
-                return status, killed, zygote.hash_seed, output_path
+                return status, killed, zygote.hash_seed, self.isolation.outside(output_path)
         hash_seed = int(env["PYTHONHASHSEED"]) if env.get("PYTHONHASHSEED", "").isdigit() else _new_hash_seed()
         env = dict(env, PYTHONHASHSEED=str(hash_seed))
         command = setting.test_command or [setting.python, "-m", "pytest", *pytest_args]
+        self._start_next_spare()
+        self._follow(commit, attempt, output_path)
         ended = run_step(command, cwd=self.clone, env=env, timeout=setting.timeout, stop=self.stop,
                          output_path=output_path, launch=self._launcher())
         return ended.status, ended.killed, hash_seed, output_path
+
+    @staticmethod
+    def _host_pid(zygote: WarmPytest, pid: int) -> int:
+        """The runner's pid of the child ``pid`` a zygote forked: the same, but for a
+        zygote in a sandbox's pid namespace (then found in its cgroup)."""
+        if zygote.slot is None:
+            return pid
+        host = zygote.cgroup.host_pid(pid) if zygote.cgroup is not None else None
+        if host is None:  # the tests may have begun: no fresh Python in their clone, an error
+            if zygote.cgroup is not None:
+                zygote.cgroup.kill()
+            raise JobFault("the tests the warm pytest forked (pid %d in its sandbox) are not in its cgroup" % pid)
+        return host
+
+    def _follow(self, commit: str, attempt: int, output_path: str) -> None:
+        if self.live is not None:
+            self.live.follow(commit, attempt, output_path)
 
     def _take_warm(self, setting: Setting) -> WarmPytest | None:
         """The warm pytest started ahead for this job's interpreter, ready and as it was
@@ -539,7 +602,13 @@ class Executor:
                 log.info("%s changed since the warm pytest started: this job starts a fresh Python", changed)
                 self._discard(zygote)
                 zygote = None
-        if self.isolation.separate:
+        if self.isolation.spare_apart:
+            # In the other slot, its own sandbox and pid namespace: out of this job's
+            # reach. (Its folders were the job's before this one, which has ended.)
+            # Started once this job's tests are forked (``_start_next_spare``): its
+            # imports would slow their start.
+            self._spare_for = (setting.python, setting.env) if self._job_user_idle else None
+        elif self.isolation.separate:
             self._spare_for = (setting.python, setting.env)  # between_jobs starts it
         else:
             self._start_spare(setting.python, setting.env)
@@ -548,14 +617,25 @@ class Executor:
             self.isolation.adopt(zygote.cgroup)  # the job's, killed and removed with it
         return zygote
 
-    def _start_spare(self, python: str, env: dict) -> None:
+    def _start_next_spare(self) -> None:
+        """With spares apart (``_take_warm``): start the next job's warm pytest, in the
+        other slot, now that this job's tests have started."""
+        if self.isolation.spare_apart and self._spare_for is not None and self._spare is None:
+            self._start_spare(*self._spare_for, slot=self.isolation.other_slot())
+            self._next_spare = self._spare
+            self._spare_for = None
+
+    def _start_spare(self, python: str, env: dict, slot: int | None = None) -> None:
         if not self._warm_enabled:
             return
         spare = WarmPytest(python, env, self.clone, _new_hash_seed())
         # A cgroup of its own: the job in progress's is killed when that job ends.
         spare.cgroup = self.isolation.new_cgroup()
         try:
-            spare.start(self.isolation.launch(self.clone, self.clone, cgroup=spare.cgroup))
+            if slot is not None:
+                self.isolation.empty_job_folders(slot)
+                spare.slot = slot
+            spare.start(self.isolation.launch(self.clone, self.clone, cgroup=spare.cgroup, slot=slot))
         except OSError as exc:
             self._discard(spare)
             self._warm_failed(str(exc))
@@ -614,7 +694,8 @@ class Executor:
         more = 0
         if self.subreaper:
             keep = {self._spare.process.pid} if self._spare is not None and self._spare.process else set()
-            more, more_stuck = kill_leftovers(keep)  # reaps, among others, what the cgroup's kill ended
+            with self._known.lock:  # no fetch ahead starts meanwhile, and those running are spared
+                more, more_stuck = kill_leftovers(keep | self._known.pids)  # reaps what the cgroup's kill ended
             stuck += more_stuck
         killed += max(in_cgroup, more)
         if killed:

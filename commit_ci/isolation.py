@@ -164,18 +164,17 @@ class Sandbox:
     #: What the job needs (interpreters, the environment cache) that lives in a folder
     #: it gets a private one of: bound back, read-only.
     needed: tuple[str, ...] = ()
-    #: A pid namespace of the job's own, and its own /proc. Needed when the job runs
-    #: as the runner's user, who could otherwise read /proc/<runner>/environ; not for
-    #: a job user, and then left out, so that a warm pytest's pids are the runner's.
-    own_pids: bool = True
 
-    def wrap(self, command: list[str], cwd: str, writable: list[str], read_only: list[str]) -> list[str]:
+    def wrap(self, command: list[str], cwd: str, writable: list[str], read_only: list[str],
+             moved: tuple[tuple[str, str], ...] = ()) -> list[str]:
         """``command`` run in the sandbox: the whole file system read-only, a private
-        /tmp, /dev and /proc, ``writable`` bound back writable and ``read_only``
+        /tmp, /dev, and a pid namespace with its own /proc (as the runner's user, a job
+        could otherwise read /proc/<runner>/environ; as a job user, it could reach the
+        warm pytest started for the next job), ``writable`` bound back writable, each
+        (source, target) of ``moved`` bound writable at its target, ``read_only``
         (inside those) bound read-only again, the hidden things covered over."""
-        argv = [self.bwrap, "--die-with-parent", "--unshare-ipc", "--ro-bind", "/", "/", "--dev", "/dev"]
-        if self.own_pids:
-            argv += ["--unshare-pid", "--proc", "/proc"]
+        argv = [self.bwrap, "--die-with-parent", "--unshare-ipc", "--ro-bind", "/", "/", "--dev", "/dev",
+                "--unshare-pid", "--proc", "/proc"]
         for folder in PRIVATE_FOLDERS:
             if os.path.isdir(folder):
                 argv += ["--tmpfs", folder]
@@ -184,6 +183,8 @@ class Sandbox:
                 argv += ["--ro-bind", path, path]
         for path in writable:
             argv += ["--bind", path, path]
+        for source, target in moved:
+            argv += ["--bind", source, target]
         for path in read_only:
             if os.path.exists(path):
                 argv += ["--ro-bind", path, path]
@@ -206,8 +207,7 @@ def find_sandbox(choice: str, user: JobUser | None, hidden_folders: tuple[str, .
     bwrap = shutil.which("bwrap")
     why = "bubblewrap (bwrap) is not installed" if bwrap is None else None
     if bwrap is not None:
-        sandbox = Sandbox(bwrap, hidden_folders, hidden_files, tuple(os.path.realpath(path) for path in needed),
-                          own_pids=user is None)
+        sandbox = Sandbox(bwrap, hidden_folders, hidden_files, tuple(os.path.realpath(path) for path in needed))
         trial = sandbox.wrap(["true"], "/", [], [])
         try:
             ended = subprocess.run(trial, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -479,6 +479,21 @@ class JobCgroup:
                 pass
         return len(members)
 
+    def host_pid(self, inner: int) -> int | None:
+        """The pid, as the runner sees it, of the process in this cgroup that is
+        ``inner`` in the pid namespace of its sandbox (``NSpid`` in /proc/PID/status)."""
+        for pid in self._members():
+            try:
+                with open("/proc/%d/status" % pid, encoding="ascii", errors="replace") as handle:
+                    for line in handle:
+                        if line.startswith("NSpid:"):
+                            if line.split()[-1] == str(inner):
+                                return pid
+                            break
+            except OSError:
+                continue
+        return None
+
     def _members(self) -> list[int]:
         pids: set[int] = set()
         for folder in self.folders:
@@ -598,10 +613,17 @@ class Isolation:
     """How this runner keeps its jobs apart (see the module docstring): built once at
     start; the executor, its only user, calls it around each job and step.
 
-    ``job_root`` holds the job's own folders, emptied before every job: ``home`` (its
-    HOME), ``tmp`` (its TMPDIR, when there is no sandbox to give it a private /tmp) and
-    ``out`` (where the tests write their JUnit XML). The runner reads nothing there but
-    through ``files.open_untrusted``.
+    ``job_root/job`` holds the job's own folders, emptied before every job: ``home``
+    (its HOME), ``tmp`` (its TMPDIR, when there is no sandbox to give it a private /tmp)
+    and ``out`` (where the tests write their JUnit XML). The runner reads nothing there
+    but through ``files.open_untrusted``.
+
+    With a job user, a sandbox and cgroup v2 (``spare_apart``), a job's folders are one
+    of two *slots* (``job_root/slot-0``, ``job_root/slot-1``), bound at ``job_root/job``
+    in its sandbox: the warm pytest for the next job starts while a job runs, in a
+    sandbox (and pid namespace) of its own with the other slot, out of the running
+    job's reach. The paths a job sees are the same in either slot; ``outside`` says
+    where the runner finds one.
     """
 
     def __init__(self, job_root: str, user: JobUser | None = None, sandbox: Sandbox | None = None,
@@ -611,12 +633,20 @@ class Isolation:
         self.sandbox = sandbox
         self.cgroups = cgroups
         self.extra_names = tuple(name for name in extra_names if name not in SECRET_VARIABLES)
-        self.home = os.path.join(job_root, "home")
-        self.tmp = os.path.join(job_root, "tmp")
-        self.out = os.path.join(job_root, "out")
+        #: The job's folders as its steps see them (``outside``: as the runner does).
+        self.folder = os.path.join(job_root, "job")
+        self.home = os.path.join(self.folder, "home")
+        self.tmp = os.path.join(self.folder, "tmp")
+        self.out = os.path.join(self.folder, "out")
+        #: The slot of the job in progress, or of the next one (see the class docstring).
+        self.slot = 0
         #: The cgroups of the job in progress (a warm pytest brings its own).
         self._cgroups: list[JobCgroup] = []
         _make_private_folder(job_root, 0o755)
+        _make_private_folder(self.folder, 0o755)  # with slots, only where they are bound
+        if self.spare_apart:
+            for slot in (0, 1):
+                _make_private_folder(self._slot_folder(slot), 0o755)
 
     @property
     def separate(self) -> bool:
@@ -629,11 +659,32 @@ class Isolation:
         """Whether a warm pytest may be started ahead of a job: where jobs run as the
         runner's own user without a sandbox (nothing of the runner's to keep from
         them), or as a job user whose processes the runner can freeze (cgroup v2)
-        while it works in the job's folders and checks the next commit out. (The
-        executor starts one for a job user only between jobs: see ``Executor``.)"""
+        while it works in the job's folders and checks the next commit out. (For a job
+        user, the executor starts one apart from the running job, or between jobs:
+        ``spare_apart``.)"""
         if not self.separate:
             return True
         return self.user is not None and self.cgroups is not None and self.cgroups.v2 is not None
+
+    @property
+    def spare_apart(self) -> bool:
+        """Whether the warm pytest for the next job may start while a job runs: in a
+        sandbox of its own (a pid namespace the job cannot see into, folders of the
+        other slot), as a job user, frozen (cgroup v2) while the runner checks out.
+        Otherwise a job user's starts between jobs, when nothing of the job user's runs."""
+        return self.user is not None and self.sandbox is not None and self.warm_allowed
+
+    def _slot_folder(self, slot: int | None) -> str:
+        """Where the runner finds the folders of ``slot`` (the current one for None)."""
+        if not self.spare_apart:
+            return self.folder
+        return os.path.join(self.job_root, "slot-%d" % (self.slot if slot is None else slot))
+
+    def outside(self, path: str) -> str:
+        """Where the runner finds ``path`` of the job's folders (as the job sees it)."""
+        if self.spare_apart and path.startswith(self.folder + os.sep):
+            return self._slot_folder(None) + path[len(self.folder):]
+        return path
 
     def describe(self) -> str:
         parts = ["as %s" % (self.user.name if self.user else "this runner's user"),
@@ -663,23 +714,31 @@ class Isolation:
 
     # --- a job
 
-    def begin_job(self) -> None:
-        """Empty the job's folders (nothing of the job before is running: ``end_job``)
-        and give it a cgroup."""
+    def begin_job(self, slot: int | None = None) -> None:
+        """Empty the job's folders (in ``slot``, the warm pytest's it will use, when
+        given; nothing of a job before that used them is running: ``end_job``) and
+        give it a cgroup."""
+        if slot is not None:
+            self.slot = slot
         self.empty_job_folders()
         if self.cgroups is not None:
             self._cgroups.append(self.cgroups.new_job())
 
-    def empty_job_folders(self) -> None:
-        """Empty the job's home, temporary and output folders (while nothing of the job
-        user's runs): what the job before left there is gone."""
-        for entry in os.listdir(self.job_root):
-            path = os.path.join(self.job_root, entry)
+    def other_slot(self) -> int:
+        return 1 - self.slot
+
+    def empty_job_folders(self, slot: int | None = None) -> None:
+        """Empty the job's home, temporary and output folders (of ``slot``, the current
+        one for None), while nothing of a job that used them runs: what it left is gone."""
+        top = self._slot_folder(slot)
+        for entry in os.listdir(top):
+            path = os.path.join(top, entry)
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)  # never follows a link the job left (it works on descriptors)
             else:
                 os.unlink(path)
-        for folder in (self.home, self.tmp, self.out):
+        for name in ("home", "tmp", "out"):
+            folder = os.path.join(top, name)
             os.mkdir(folder, 0o700)
             if self.user is not None:
                 os.chown(folder, self.user.uid, self.user.gid)
@@ -689,15 +748,19 @@ class Isolation:
         self._cgroups.append(cgroup)
 
     def launch(self, cwd: str, clone: str, writable: tuple[str, ...] = (),
-               cgroup: JobCgroup | None = None) -> Launch:
+               cgroup: JobCgroup | None = None, slot: int | None = None) -> Launch:
         """How to start a step of the job in ``cwd``: in the job's cgroup (or
         ``cgroup``: a warm pytest's), as the job user, in the sandbox with ``clone``'s
-        work tree, the job's folders and ``writable`` writable (the clone's .git
-        read-only). ``started()`` it once started, ``ended()`` once it has ended."""
+        work tree, the job's folders (those of ``slot``, the current one for None) and
+        ``writable`` writable (the clone's .git read-only). ``started()`` it once
+        started, ``ended()`` once it has ended."""
         launch = Launch(user=self.user)
         if self.sandbox is not None:
-            launch.wrap = self.sandbox.wrap([], cwd, [clone, self.job_root, *writable],
-                                            [os.path.join(clone, ".git")])
+            if self.spare_apart:
+                mounted, moved = [clone, *writable], ((self._slot_folder(slot), self.folder),)
+            else:
+                mounted, moved = [clone, self.job_root, *writable], ()
+            launch.wrap = self.sandbox.wrap([], cwd, mounted, [os.path.join(clone, ".git")], moved)
         cgroup = cgroup or (self._cgroups[0] if self._cgroups else None)
         if cgroup is not None:
             launch.cgroup_files = cgroup.join_files()
@@ -762,7 +825,7 @@ class Isolation:
         chown_tree(clone, self.user.uid, self.user.gid, keep=".git")
         # git refuses a repository another user owns unless told it is safe, in
         # configuration the repository cannot set: the job's global one.
-        with open(os.path.join(self.home, ".gitconfig"), "x", encoding="utf-8") as handle:
+        with open(os.path.join(self.outside(self.home), ".gitconfig"), "x", encoding="utf-8") as handle:
             handle.write("[safe]\n\tdirectory = %s\n" % clone)
             os.fchown(handle.fileno(), self.user.uid, self.user.gid)
 

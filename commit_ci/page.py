@@ -239,8 +239,11 @@ _template = jinja2.Environment(
 
 
 def render_page(rows: list[Row], durations: dict[str, float | None], generated: str,
-                branches: list[BranchRow] = (), flakiest: tuple[int, list[FlakyTest]] = (0, [])) -> str:
-    """The whole page. Every value is escaped by the template: none is trusted."""
+                branches: list[BranchRow] = (), flakiest: tuple[int, list[FlakyTest]] = (0, []),
+                live: bool = False) -> str:
+    """The whole page. Every value is escaped by the template: none is trusted. ``live``:
+    the page as the dispatcher's HTTP server serves it (web.py), with a section for the
+    running jobs and the script that keeps it up to date; without it, the static file."""
     counts = {verdict: sum(1 for row in rows if row.status == verdict) for verdict in VERDICT_NAMES}
     # The newest failure's tests are shown unfolded: it is the one people come to look at.
     newest_failure = next((row.commit for row in rows if row.files.failures), None)
@@ -255,6 +258,7 @@ def render_page(rows: list[Row], durations: dict[str, float | None], generated: 
         branches=branches,
         flaky_runs=flakiest[0],
         flakiest=flakiest[1],
+        live=live,
     )
 
 
@@ -279,6 +283,12 @@ class ResultsPage:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: The page as HTTP serves it (render_page's ``live``), from the last build.
+        self._live_page: bytes | None = None
+
+    def live_page(self) -> bytes | None:
+        """The last page built for HTTP (web.py), or None before the first build."""
+        return self._live_page
 
     def notify(self) -> None:
         """A final result was recorded. Never blocks: it only sets an event, so the
@@ -363,7 +373,9 @@ class ResultsPage:
         self._files = {key: files for key, files in self._files.items() if key[0] in shown}
         generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         branches = [branch_row(state) for state in self.store.branch_states(BRANCHES_SHOWN)]
-        page = render_page(rows, durations, generated, branches, self._flakiest())
+        flakiest = self._flakiest()
+        page = render_page(rows, durations, generated, branches, flakiest)
+        self._live_page = render_page(rows, durations, generated, branches, flakiest, live=True).encode("utf-8")
         # Not fsync'ed: the page is rebuilt from the store at every start-up.
         atomic_write(self.path, page.encode("utf-8"), durable=False)
         log.debug("results page written: %d results in %.0f ms", len(rows), (time.monotonic() - started) * 1000)

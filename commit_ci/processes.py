@@ -12,6 +12,7 @@ same watch for a process started some other way (a job forked by the warm pytest
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -39,6 +40,8 @@ STOPPED = "stopped"
 
 #: Never set: the stop event of a step that nothing stops early.
 _NEVER = threading.Event()
+#: The lock of a step no one else needs to know of.
+_NO_LOCK = contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -60,34 +63,54 @@ class StepEnd:
         return lines[-1].strip() if lines else "no output"
 
 
+class KnownChildren:
+    """The children a runner starts beside the job's steps (a fetch ahead, on another
+    thread), which its sweep for what a job left running (leftovers.py) must spare:
+    a child is registered under ``lock`` as it is started, and the sweep holds it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pids: set[int] = set()
+
+
 def run_step(command: list[str] | str, *, timeout: float, cwd: str | None = None, env: dict | None = None,
              stop: threading.Event | None = None, output_path: str | None = None, append: bool = False,
-             capture_stdout: bool = False, launch: Launch | None = None) -> StepEnd:
-    """Run ``command`` (a string runs in the shell) in a new session, stdin /dev/null,
-    until it ends, ``timeout`` seconds pass, or ``stop`` is set; see ``supervise``.
+             capture_stdout: bool = False, launch: Launch | None = None,
+             known: KnownChildren | None = None, stdin_data: bytes | None = None) -> StepEnd:
+    """Run ``command`` (a string runs in the shell) in a new session, stdin /dev/null
+    (or ``stdin_data``, from a temporary file: never a pipe it could block on), until
+    it ends, ``timeout`` seconds pass, or ``stop`` is set; see ``supervise``.
 
     Its output (stdout and stderr together, unless ``capture_stdout`` keeps stdout
     apart) goes to ``output_path`` (after what it holds, with ``append``), or to a
     temporary file. A job's step is started as its ``launch`` says (isolation.py:
-    its cgroup, its user, its sandbox), which is closed once it has started. OSError
-    if it cannot start.
+    its cgroup, its user, its sandbox), which is closed once it has started. With
+    ``known``, the step is one of those children while it runs. OSError if it cannot
+    start.
     """
-    with tempfile.TemporaryFile() as scratch, tempfile.TemporaryFile() as stdout_file:
+    with tempfile.TemporaryFile() as scratch, tempfile.TemporaryFile() as stdout_file, \
+            tempfile.TemporaryFile() as stdin_file:
+        if stdin_data is not None:
+            stdin_file.write(stdin_data)
+            stdin_file.seek(0)
         with open(output_path, "a+b" if append else "w+b") if output_path else scratch as output:
             if launch is not None:
                 command = launch.command(command)
             try:
-                process = subprocess.Popen(
-                    command,
-                    cwd=cwd,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=stdout_file if capture_stdout else output,
-                    stderr=output,
-                    shell=isinstance(command, str),
-                    start_new_session=True,
-                    **(launch.popen_options() if launch is not None else {}),
-                )
+                with known.lock if known is not None else _NO_LOCK:
+                    process = subprocess.Popen(
+                        command,
+                        cwd=cwd,
+                        env=env,
+                        stdin=subprocess.DEVNULL if stdin_data is None else stdin_file,
+                        stdout=stdout_file if capture_stdout else output,
+                        stderr=output,
+                        shell=isinstance(command, str),
+                        start_new_session=True,
+                        **(launch.popen_options() if launch is not None else {}),
+                    )
+                    if known is not None:
+                        known.pids.add(process.pid)
             except BaseException as exc:
                 if launch is not None:
                     launch.started()
@@ -97,7 +120,12 @@ def run_step(command: list[str] | str, *, timeout: float, cwd: str | None = None
                 raise
             if launch is not None:
                 launch.started()
-            status, killed = supervise(process.pid, process.wait, timeout, stop or _NEVER)
+            try:
+                status, killed = supervise(process.pid, process.wait, timeout, stop or _NEVER)
+            finally:
+                if known is not None:
+                    with known.lock:
+                        known.pids.discard(process.pid)
             if launch is not None:
                 launch.ended()
             tail = _read_tail(output, OUTPUT_TAIL_BYTES)

@@ -54,6 +54,9 @@ MAX_JSON_BYTES = 16 * 1024 * 1024
 #: durations of the test files a result carries (at most 5000 lines of seconds and a path).
 MAX_PLAN_BYTES = 96 * 1024
 MAX_DURATIONS_BYTES = 5000 * 524
+#: A chunk of a running job's live output (``live-log``, live_log.py), and of an
+#: answer to ``tail``; a larger one is refused whole.
+MAX_LIVE_CHUNK_BYTES = 64 * 1024
 #: A declared section larger than this is refused outright: reading and
 #: discarding it would tie up a thread for too long.
 MAX_SECTION_ON_WIRE_BYTES = 256 * 1024 * 1024
@@ -196,6 +199,8 @@ FAILING_SECTION = Section("failing", MAX_TEST_IDS_BYTES, truncate=False)
 #: A shard's plan (``runtest``) and a result's test file durations (sharding.py): dropped whole when longer.
 PLAN_SECTION = Section("plan", MAX_PLAN_BYTES, truncate=False)
 DURATIONS_SECTION = Section("durations", MAX_DURATIONS_BYTES, truncate=False)
+#: Bytes of a running job's output (live_log.py).
+CHUNK_SECTION = Section("chunk", MAX_LIVE_CHUNK_BYTES, truncate=False)
 
 #: What a peer may send to a server (dispatcher or runner), and, for the dispatcher,
 #: which keys may send it (docs/security.md has the same table).
@@ -215,6 +220,9 @@ REQUESTS: dict[str, Verb] = {
         # The one verb that takes a commit id prefix: people type ids to look them up.
         Verb("lookup", positional=(("commit", parse_commit_prefix),), roles=(OPERATOR,)),
         Verb("flaky", options=(("limit", parse_count), ("window", parse_count)), roles=(OPERATOR,)),
+        # a commit's live output while it runs (then its final log), from a byte offset (ci-ctl log)
+        Verb("tail", positional=(("commit", parse_commit_prefix),), options=(("offset", parse_count),),
+             roles=(OPERATOR,)),
         Verb(
             "register",
             positional=(("host", parse_host), ("port", parse_port)),
@@ -239,6 +247,9 @@ REQUESTS: dict[str, Verb] = {
             sections=(LOG_SECTION, JUNIT_SECTION, FAILING_SECTION, DURATIONS_SECTION),
             roles=(RUNNER,),
         ),
+        # a running job's output, a chunk at a time, while it runs (live_log.py)
+        Verb("live-log", positional=(("commit", parse_commit), ("attempt", parse_attempt), ("offset", parse_count)),
+             sections=(CHUNK_SECTION,), roles=(RUNNER,)),
         # the dispatcher's keys file (ci-ctl key ...); key-add answers with the new key, hidden
         Verb("key-add", positional=(("name", parse_name), ("role", parse_role)), roles=(OPERATOR,)),
         Verb("key-revoke", positional=(("name", parse_name),), roles=(OPERATOR,)),
@@ -252,6 +263,7 @@ REQUESTS: dict[str, Verb] = {
         Verb("runtest", positional=(("commit", parse_commit), ("attempt", parse_attempt)),
              options=(("shard", parse_shard), ("shards", parse_shard)), sections=(TESTS_SECTION, PLAN_SECTION)),
         Verb("stop", positional=(("commit", parse_commit), ("attempt", parse_attempt))),
+        Verb("fetch", positional=(("commit", parse_commit),)),
     )
 }
 
@@ -283,8 +295,9 @@ REPLIES: dict[str, Verb] = {
                 ("recorded", parse_count),
                 ("run", parse_count),
                 ("stopped", parse_count),
+                ("offset", parse_count),
             ),
-            sections=(JSON_SECTION,),
+            sections=(JSON_SECTION, CHUNK_SECTION),
         ),
         Verb("BUSY"),
         Verb("ERR", positional=(("reason", parse_text),), rest_of_line=True),

@@ -63,6 +63,7 @@ from commit_ci.isolation import (
     parse_size,
 )
 from commit_ci.leftovers import become_subreaper
+from commit_ci.live_log import LiveSender
 from commit_ci.outbox import Outbox
 from commit_ci.processes import KILL_GRACE_S
 from commit_ci.protocol import Message, error, reply
@@ -130,9 +131,11 @@ class TestRunner:
         self.stop_event = threading.Event()
         #: Stops the job in progress: set on shutdown, or when the dispatcher cancels it.
         self.job_stop = threading.Event()
+        #: Sends the output of the tests in progress to the dispatcher while they run.
+        self.live = LiveSender(dispatcher, self.security, self.stop_event)
         self.executor = Executor(self.clone, repo.git_dir, self.state_dir, test_command, timeout, checkout_timeout,
                                  self.job_stop, warm_pytest=warm_pytest, subreaper=subreaper,
-                                 interpreters=interpreters, cache=cache, isolation=isolation)
+                                 interpreters=interpreters, cache=cache, isolation=isolation, live=self.live)
         self.outbox = Outbox(os.path.join(self.state_dir, "pending"))
         self.server = ProtocolServer((host, port), self.handle, log, self.security)
         bound_port = self.server.address[1]
@@ -157,6 +160,9 @@ class TestRunner:
         #: Of ``_job`` and ``_next``, those that run one shard of the tests (sharding.py).
         self._shards: dict[tuple[str, int], ShardSpec] = {}
         self._threads: list[threading.Thread] = []
+        #: The commit the dispatcher last said is queued, to fetch ahead (``_fetch_loop``).
+        self._fetch_cond = threading.Condition()
+        self._fetch_wanted: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -214,6 +220,11 @@ class TestRunner:
                      ": a rerun of %d failing test(s)" % len(tests) if tests is not None else
                      ": shard %d of %d" % (shard.shard, shard.shards) if shard is not None else "")
             return reply("OK")
+        if message.verb == "fetch":
+            with self._fetch_cond:
+                self._fetch_wanted = message.fields["commit"]
+                self._fetch_cond.notify_all()
+            return reply("OK")
         if message.verb == "stop":
             job = (message.fields["commit"], message.fields["attempt"])
             with self._cond:
@@ -265,9 +276,11 @@ class TestRunner:
 
     def start(self) -> None:
         self._threads.append(serve_in_thread(self.server, "server"))
-        worker = threading.Thread(target=self._work_loop, name="worker", daemon=True)
-        worker.start()
-        self._threads.append(worker)
+        for name, target in (("worker", self._work_loop), ("fetch-ahead", self._fetch_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.live.start()
         self.link.start()
 
     def shutdown(self) -> None:
@@ -277,6 +290,8 @@ class TestRunner:
         with self._cond:
             self.job_stop.set()  # under the lock: the worker clears it only before it starts a job
             self._cond.notify_all()
+        with self._fetch_cond:
+            self._fetch_cond.notify_all()
         for thread in self._threads:
             if thread.name == "worker":
                 thread.join(timeout=KILL_GRACE_S + RESULTS_TIMEOUT_S)
@@ -327,6 +342,21 @@ class TestRunner:
             # Accepted but never started: hand it back so it runs elsewhere now.
             self.link.deliver(Result(job[0], ReportedStatus.ABORTED.value, attempt=job[1], reason=SHUTTING_DOWN))
         self.executor.close()
+
+    def _fetch_loop(self) -> None:
+        """Fetch each commit the dispatcher says is queued (of several said meanwhile,
+        the last), beside the job in progress."""
+        while True:
+            with self._fetch_cond:
+                while self._fetch_wanted is None and not self.stop_event.is_set():
+                    self._fetch_cond.wait()
+                if self.stop_event.is_set():
+                    return
+                commit, self._fetch_wanted = self._fetch_wanted, None
+            try:
+                self.executor.fetch_ahead(commit, self.stop_event)
+            except Exception:  # noqa: BLE001 - the checkout fetches what this did not
+                log.exception("commit %s: fetch ahead failed", commit)
 
     def _run(self, commit: str, attempt: int, tests: tuple[str, ...] | None, shard: ShardSpec | None = None) -> Result:
         try:

@@ -56,14 +56,15 @@ import os
 import sqlite3
 import threading
 import urllib.parse
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from commit_ci import culprit
+from commit_ci import culprit, notices
 from commit_ci.states import ADOPTABLE, BRANCH_PENDING, BRANCH_STATE_OF_VERDICT, TRANSITIONS, JobState, Outcome
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 #: The table of runs, which version 3 added (in SCHEMA too, for new files).
 RUNS_TABLE = """CREATE TABLE IF NOT EXISTS runs (
     commit_id   TEXT NOT NULL,
@@ -109,6 +110,31 @@ DURATIONS_TABLE = """CREATE TABLE IF NOT EXISTS test_durations (
     seconds     REAL NOT NULL,          -- how long its tests took in the newest run that ran it
     updated     REAL NOT NULL           -- when that was: the oldest go first past MAX_DURATION_FILES
 )"""
+#: The notifications outbox and each branch's last noticed state, which version 8 added
+#: (in SCHEMA too, for new files): see "Notifications" below and notify.py.
+NOTIFICATIONS_TABLE = """CREATE TABLE IF NOT EXISTS notifications (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT, -- the order a channel sends its rows in
+    delivery    TEXT NOT NULL UNIQUE,   -- sent with every try: receivers drop a repeat by it
+    channel     TEXT NOT NULL,          -- notify.Channel.name: "command", "mail", "webhook <hash>", "status"
+    subject     TEXT NOT NULL,          -- what it tells, once per channel: "branch <n> <name>", "status <sha> <run> <state>"
+    document    TEXT NOT NULL,          -- the JSON document (notify.py completes it when sending)
+    created_at  REAL NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     REAL NOT NULL,          -- not tried again before (exponential backoff)
+    last_error  TEXT,
+    done_at     REAL,                   -- NULL while it is to be sent
+    outcome     TEXT,                   -- delivered, superseded (a newer commit status), dropped (channel gone)
+    UNIQUE (channel, subject)
+)"""
+BRANCH_NOTICES_TABLE = """CREATE TABLE IF NOT EXISTS branch_notices (
+    branch    TEXT PRIMARY KEY,
+    state     TEXT NOT NULL,            -- the branch's state when it last changed (states.BRANCH_STATE_OF_VERDICT)
+    commit_id TEXT,                     -- the commit whose verdict made it so
+    changes   INTEGER NOT NULL,         -- how many times it changed: numbers each change's subject
+    judged    TEXT                      -- the newest commit whose verdict was noticed (_judged_after)
+) WITHOUT ROWID"""
+NOTIFICATIONS_INDEX = ("CREATE INDEX IF NOT EXISTS notifications_pending ON notifications (channel, id)"
+                       " WHERE done_at IS NULL")
 #: What turns a file of an older schema version into the next one, by the version it makes.
 MIGRATIONS = {
     2: ("ALTER TABLE jobs ADD COLUMN requires TEXT", "ALTER TABLE runners ADD COLUMN offers TEXT"),
@@ -134,6 +160,9 @@ MIGRATIONS = {
     7: ("ALTER TABLE jobs ADD COLUMN shards INTEGER",
         "ALTER TABLE attempts ADD COLUMN shard INTEGER",
         SHARDS_TABLE, DURATIONS_TABLE),
+    # Only new tables: a branch with no row in branch_notices has its first change noticed
+    # as one from pending (see _notice_branches).
+    8: (NOTIFICATIONS_TABLE, BRANCH_NOTICES_TABLE, NOTIFICATIONS_INDEX),
 }
 #: Test files whose durations are kept (sharding.py); past it, the least recently run go.
 MAX_DURATION_FILES = 20_000
@@ -148,6 +177,11 @@ UNNAMED_BRANCH = ""
 #: this reports the oldest commit read as its ``since``. It bounds the cost of a state
 #: (a few milliseconds) however long a branch's history is.
 BRANCH_WALK_ROWS = 10_000
+#: The last error of a notification is kept cut to this length.
+NOTIFICATION_ERROR_CHARS = 500
+#: Notifications done (delivered, superseded, dropped) are kept for a look at the latest
+#: ones (sqlite3 on the queue's file); older ones are deleted as new ones are delivered.
+NOTIFICATIONS_KEPT = 10_000
 
 #: A checkpoint is started after this many write transactions (SQLite's automatic
 #: one comes after 1,000 WAL pages; a dispatch writes about 10: the job, its branch,
@@ -263,7 +297,9 @@ CREATE INDEX IF NOT EXISTS test_durations_by_time ON test_durations (updated);
 CREATE INDEX IF NOT EXISTS flaky_tests_by_time ON flaky_tests (finished_at);
 -- The newest runs, which the rate of a flaky test is over (flakiest), read by time.
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs (finished_at);
-"""
+-- Notifications to send, kept until sent (an outbox), and each branch's last noticed
+-- state. The partial index holds the rows still to send alone: a few.
+""" + NOTIFICATIONS_TABLE + ";\n" + BRANCH_NOTICES_TABLE + ";\n" + NOTIFICATIONS_INDEX + ";\n"
 
 
 @dataclass(frozen=True)
@@ -363,6 +399,20 @@ class Run:
     summary: str | None
 
 
+@dataclass(frozen=True)
+class Notification:
+    """A notification still to send (the ``notifications`` table)."""
+
+    id: int
+    delivery: str  # its delivery id, the same on every try
+    channel: str
+    subject: str
+    document: dict
+    attempts: int  # tries so far
+    next_at: float
+    last_error: str | None
+
+
 class InvalidTransition(Exception):
     pass
 
@@ -387,6 +437,10 @@ class JobStore:
         #: Writes since the last checkpoint, and the checkpointer's thread (None for a
         #: read-only store, which never writes); see _checkpoint_loop.
         self._commits_since_checkpoint = 0
+        #: The notification channels (notify.Channel.name) that get each change of a
+        #: branch's state, and those that get each commit's status: see notify_to.
+        self._branch_channels: tuple[str, ...] = ()
+        self._status_channels: tuple[str, ...] = ()
         self._checkpoint_wanted = threading.Event()
         self._closing = threading.Event()
         self._checkpointer: threading.Thread | None = None
@@ -631,6 +685,18 @@ class JobStore:
             if isinstance(summary, dict):
                 summaries.append(summary)
         return summaries
+
+    def run_durations(self, bounds: tuple[float, ...]) -> tuple[list[int], int, float, int]:
+        """For /metrics (metrics.py): of the runs whose verdict was written, how many had a
+        test duration (``duration_s``) at most each of ``bounds``, how many had one, the sum
+        of those durations, and how many runs there are in all. One pass over the runs
+        table: its cost grows with the history, a few ms per 10,000 runs, once per scrape."""
+        below = ", ".join("TOTAL(d <= ?)" for _ in bounds)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*), COUNT(d), TOTAL(d)%s FROM (SELECT json_extract(summary, '$.duration_s') AS d "
+                "FROM runs WHERE summary IS NOT NULL)" % (", " + below if bounds else ""), bounds).fetchone()
+        return [int(value) for value in tuple(row)[3:]], int(row[1]), float(row[2]), int(row[0])
 
     def abbreviated_queued(self) -> list[str]:
         """Queued jobs whose commit id is not a full id (40 or 64 digits): dispatched
@@ -899,6 +965,11 @@ class JobStore:
                 "UPDATE jobs SET current_attempt = ?, runner = ?, started_at = ? WHERE commit_id = ?",
                 (attempt_id, runner, now, commit),
             )
+            if self._status_channels:
+                run = db.execute("SELECT run FROM jobs WHERE commit_id = ?", (commit,)).fetchone()[0]
+                # Once per run: a second attempt (or round) finds the row there already.
+                self._add_notifications(db, self._status_channels, notices.status_subject(commit, run, notices.PENDING),
+                                        notices.status_document(commit, run, notices.PENDING, None), now)
             return attempt_id
 
     def adopt(self, commit: str, attempt_id: int, runner: str) -> bool:
@@ -1088,13 +1159,17 @@ class JobStore:
         summary: str | None,
         now: float,
         flaky: Iterable[tuple[str, list[str]]] = (),
+        failing: Iterable[str] | None = None,
     ) -> None:
         """Settle a job for good. The attempt that settled it ends with ``outcome`` and
         becomes the job's own (a late verdict from an earlier attempt is that
         attempt's, on its runner); any other attempt still out is marked superseded.
         ``summary`` is None only for a job that gets no result at all (one retired on
         start-up). ``flaky``: the run's flaky tests, with how each ended in each
-        round, kept for good; the run's rounds, now in its result files, are dropped."""
+        round, kept for good; the run's rounds, now in its result files, are dropped.
+        The same transaction notices what the verdict changes (_notice): a branch's
+        state, the commit's status, with a notification per channel that wants it;
+        ``failing``: the tests that failed, which a notification names."""
         assert state.final
         with self.transaction() as db:
             self._move(db, commit, state)
@@ -1128,6 +1203,8 @@ class JobStore:
                            [(test, json.dumps(outcomes), now, commit) for test, outcomes in flaky])
             db.execute("DELETE FROM rounds WHERE commit_id = ?", (commit,))
             db.execute("DELETE FROM shards WHERE commit_id = ?", (commit,))
+            if summary is not None:
+                self._notice(db, commit, state, summary, failing, now)
 
     def rerun(self, commit: str, now: float) -> int:
         """Queue a job that has a verdict again, as its next run (its verdict stays the
@@ -1183,6 +1260,145 @@ class JobStore:
         with self._lock:
             rows = self._db.execute("SELECT name, host, port, offers FROM runners ORDER BY registered_at").fetchall()
         return [(row["name"], row["host"], row["port"], frozenset((row["offers"] or "").split())) for row in rows]
+
+    # --- notifications (notify.py sends them) -------------------------------------------
+
+    def notify_to(self, branch_channels: Iterable[str], status_channels: Iterable[str]) -> None:
+        """The channels that get a notification for each change of a branch's state
+        (notices.is_news), and those that get each commit's status (pending when its
+        run is first assigned, then its verdict). Set before the first verdict."""
+        with self._lock:
+            self._branch_channels = tuple(branch_channels)
+            self._status_channels = tuple(status_channels)
+
+    def next_notification(self, channel: str) -> Notification | None:
+        """The oldest notification ``channel`` has still to send: a channel sends its
+        notifications in order, so a receiver never sees a change before the one
+        before it. Read through the partial index of the rows still to send."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM notifications WHERE channel = ? AND done_at IS NULL ORDER BY id LIMIT 1",
+                                   (channel,)).fetchone()
+        if row is None:
+            return None
+        return Notification(row["id"], row["delivery"], row["channel"], row["subject"], json.loads(row["document"]),
+                            row["attempts"], row["next_at"], row["last_error"])
+
+    def notification_delivered(self, notification_id: int, now: float) -> None:
+        """Mark a notification delivered, and forget those done before the newest
+        NOTIFICATIONS_KEPT: a range of the primary key, where only the few rows still
+        to send stay below it, so the table stays as long as that however long the history."""
+        with self.transaction() as db:
+            db.execute("UPDATE notifications SET done_at = ?, outcome = 'delivered', attempts = attempts + 1"
+                       " WHERE id = ? AND done_at IS NULL", (now, notification_id))
+            db.execute("DELETE FROM notifications WHERE id <= (SELECT MAX(id) FROM notifications) - ?"
+                       " AND done_at IS NOT NULL", (NOTIFICATIONS_KEPT,))
+
+    def notification_failed(self, notification_id: int, error: str, next_at: float) -> int:
+        """A try failed: kept, with the error, to be tried again at ``next_at``; returns
+        how many tries it has had."""
+        with self.transaction() as db:
+            db.execute("UPDATE notifications SET attempts = attempts + 1, last_error = ?, next_at = ?"
+                       " WHERE id = ? AND done_at IS NULL", (error[:NOTIFICATION_ERROR_CHARS], next_at, notification_id))
+            row = db.execute("SELECT attempts FROM notifications WHERE id = ?", (notification_id,)).fetchone()
+        return row[0] if row else 0
+
+    def drop_notifications(self, keep: Iterable[str], now: float) -> dict[str, int]:
+        """Give up the notifications still to send of every channel not in ``keep`` (one
+        configured before a restart, not any more): by channel, how many."""
+        keep = sorted(set(keep))
+        with self.transaction() as db:
+            rows = db.execute("SELECT channel, COUNT(*) FROM notifications WHERE done_at IS NULL"
+                              " AND channel NOT IN (%s) GROUP BY channel" % ",".join("?" * len(keep)), keep).fetchall()
+            db.execute("UPDATE notifications SET done_at = ?, outcome = 'dropped' WHERE done_at IS NULL"
+                       " AND channel NOT IN (%s)" % ",".join("?" * len(keep)), (now, *keep))
+        return {row[0]: row[1] for row in rows}
+
+    def notifications_pending(self) -> int:
+        """Notifications still to send, over every channel: a count of the partial
+        index's rows, which holds those alone (cheap enough for every /metrics scrape)."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM notifications WHERE done_at IS NULL").fetchone()[0]
+
+    def _notice(self, db: sqlite3.Connection, commit: str, state: JobState, summary: str, failing: Iterable[str] | None,
+                now: float) -> None:
+        """Inside finish's transaction: note the change the verdict of ``commit`` makes to
+        the state of each named branch it came on, and add a notification per channel
+        for it if it is news (notices.is_news); and its status, for the status channels."""
+        facts = _facts(summary)
+        failing = notices.failing_tests(facts, failing)
+        if self._status_channels:
+            run = facts.get("run") or 1
+            # A pending status not sent yet says nothing the verdict does not: superseded.
+            for channel in self._status_channels:
+                db.execute("UPDATE notifications SET done_at = ?, outcome = 'superseded' WHERE channel = ?"
+                           " AND done_at IS NULL AND subject = ?",
+                           (now, channel, notices.status_subject(commit, run, notices.PENDING)))
+            self._add_notifications(db, self._status_channels, notices.status_subject(commit, run, state.value),
+                                    notices.status_document(commit, run, state.value, facts), now)
+        new = BRANCH_STATE_OF_VERDICT.get(state)
+        if new is None:
+            return  # error, cancelled: nothing said of a branch (the walk of branch_states passes over it)
+        rows = db.execute("SELECT branch, seq, ahead FROM branch_commits WHERE commit_id = ? AND branch != ?"
+                          " ORDER BY seq", (commit, UNNAMED_BRANCH)).fetchall()
+        for branch, seq, ahead in rows:
+            known = db.execute("SELECT * FROM branch_notices WHERE branch = ?", (branch,)).fetchone()
+            if not ahead and self._judged_after(db, branch, seq, commit, known["judged"] if known else None):
+                continue  # an older commit (a bisection's): the newer verdict makes the state
+            old = known["state"] if known else BRANCH_PENDING
+            if new == old:
+                db.execute("UPDATE branch_notices SET judged = ? WHERE branch = ?", (commit, branch))
+                continue
+            changes = (known["changes"] if known else 0) + 1
+            db.execute("INSERT OR REPLACE INTO branch_notices (branch, state, commit_id, changes, judged)"
+                       " VALUES (?, ?, ?, ?, ?)", (branch, new, commit, changes, commit))
+            if self._branch_channels and notices.is_news(old, new):
+                self._add_notifications(db, self._branch_channels, notices.branch_subject(branch, changes),
+                                        notices.branch_document(branch, old, new, commit, facts, failing), now)
+
+    @staticmethod
+    def _judged_after(db: sqlite3.Connection, branch: str, seq: int, commit: str, newest: str | None) -> bool:
+        """Whether a commit newer than ``commit`` (at ``seq`` on ``branch``, in its place)
+        has a verdict that says something of the branch (states.BRANCH_STATE_OF_VERDICT):
+        the branch's state is then that commit's. Newer: after it on the branch, or
+        recorded ahead of its round (report: a tip, newer than every commit of its round
+        whatever their order of arrival). A commit whose rerun is queued or running keeps
+        its verdict until the rerun has one: a rerun is no change and back.
+
+        Three looks, the first that answers wins, each a lookup or two: the branch's
+        tip (judged: the newest); ``newest``, the newest commit whose verdict was
+        noticed before (branch_notices.judged), by where it is now (a tip's row moves
+        when its round is reported); and only for a branch with neither (its first
+        verdict, or a file from before notifications), the commits after ``seq``, read
+        up to the first judged one (at most BRANCH_WALK_ROWS, about 0.3 us each)."""
+        judged = [state.value for state in BRANCH_STATE_OF_VERDICT]
+        verdict = ("CASE WHEN j.state IN ('queued', 'running') AND j.summary IS NOT NULL"
+                   " THEN json_extract(j.summary, '$.status') ELSE j.state END")
+        tip = db.execute("SELECT %s FROM branches t JOIN jobs j ON j.commit_id = t.tip WHERE t.name = ? AND t.tip != ?"
+                         % verdict, (branch, commit)).fetchone()
+        if tip is not None and tip[0] in judged:
+            return True
+        if newest is not None:
+            where = db.execute("SELECT seq, ahead FROM branch_commits WHERE branch = ? AND commit_id = ?",
+                               (branch, newest)).fetchone()
+            if where is not None:
+                return newest != commit and (bool(where["ahead"]) or where["seq"] > seq)
+        row = db.execute(
+            "SELECT 1 FROM (SELECT %s AS verdict FROM branch_commits b JOIN jobs j ON j.commit_id = b.commit_id"
+            " WHERE b.branch = ? AND b.seq > ? ORDER BY b.seq DESC LIMIT ?)"
+            " WHERE verdict IN (%s) LIMIT 1" % (verdict, ",".join("?" * len(judged))),
+            (branch, seq, BRANCH_WALK_ROWS, *judged)
+        ).fetchone()
+        return row is not None
+
+    @staticmethod
+    def _add_notifications(db: sqlite3.Connection, channels: Iterable[str], subject: str, document: dict,
+                           now: float) -> None:
+        """One row per channel for ``subject``, unless the channel has it already; each
+        with a delivery id of its own, kept for every try."""
+        text = json.dumps(document)
+        db.executemany("INSERT OR IGNORE INTO notifications (delivery, channel, subject, document, created_at, next_at)"
+                       " VALUES (?, ?, ?, ?, ?, ?)",
+                       [(uuid.uuid4().hex, channel, subject, text, now, now) for channel in channels])
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -1241,6 +1457,15 @@ class JobStore:
             "UPDATE attempts SET ended_at = ?, outcome = ? WHERE id = ? AND outcome IS NULL",
             (now, outcome.value, attempt_id),
         )
+
+
+def _facts(summary: str | None) -> dict:
+    """A summary as a dict (empty when it is none or not a JSON object)."""
+    try:
+        facts = json.loads(summary) if summary else {}
+    except ValueError:
+        return {}
+    return facts if isinstance(facts, dict) else {}
 
 
 def _job(row: sqlite3.Row) -> Job:

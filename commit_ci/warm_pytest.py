@@ -98,19 +98,29 @@ def _process_start_ns() -> int:
         return time.time_ns()
 
 
-#: A file written after this may have been imported in its earlier state (the imports
-#: come before the snapshot of what they came from): it counts as changed. A second of
-#: slack covers /proc's clock ticks and /proc/stat's whole seconds.
+#: A file changed after this may have been imported in its earlier state (the imports
+#: come before the snapshot of what they came from): it counts as changed. The runner
+#: says when it started the zygote (``zygote_main``), to within the 20 ms by which the
+#: kernel's file times may lag; else a second of slack covers /proc's clock ticks and
+#: /proc/stat's whole seconds.
 _NOT_BEFORE_NS = _process_start_ns() - 10**9
+#: The lag of file times (the kernel's coarse clock) behind ``time.time_ns()``.
+_FILE_TIME_LAG_NS = 20 * 10**6
 
 
 def _snapshot(paths) -> list[list]:
-    """Each path with its stat key; a file or folder written since this process started
-    gets a key that matches no real one, so that it counts as changed at once."""
+    """Each path with its stat key; a file or folder changed since this process started
+    gets a key that matches no real one, so that it counts as changed at once. Changed:
+    its inode's change time is later (which, unlike the modification time, no one can
+    set back: an edit in place, or an install that keeps a package's file times)."""
     snapshot = []
     for path in sorted(set(paths)):
         key = _stat_key(path) or [None] * 3
-        if key[1] is not None and key[1] >= _NOT_BEFORE_NS:
+        try:
+            changed = os.stat(path).st_ctime_ns >= _NOT_BEFORE_NS
+        except OSError:
+            changed = False
+        if key[1] is not None and (changed or key[1] >= _NOT_BEFORE_NS):
             key[1] = -1
         snapshot.append([path, *key])
     return snapshot
@@ -267,7 +277,11 @@ def serve(requests, replies) -> int:
     while True:
         line = requests.readline(MAX_REQUEST_BYTES)
         if not line:
-            return 0
+            # At once: the runner waits for this exit before the job's result goes
+            # out, and an interpreter's shutdown (pytest's modules freed one by one)
+            # is tens of milliseconds of nothing anyone needs.
+            replies.flush()
+            os._exit(0)
         try:
             job = json.loads(line)
             if not (isinstance(job.get("args"), list) and isinstance(job.get("env"), dict)
@@ -318,6 +332,8 @@ class WarmPytest:
         self.stuck: list[int] = []
         #: The cgroup it runs in (isolation.JobCgroup), the executor's to remove.
         self.cgroup = None
+        #: The job folders' slot it was started with (isolation.Isolation), if any.
+        self.slot: int | None = None
 
     def start(self, launch: "Launch | None" = None) -> None:
         """Start the zygote (as ``launch`` says: in the cgroup of the job it will serve,
@@ -326,7 +342,7 @@ class WarmPytest:
         self.close()
         self._buffer = b""
         self.ready = False
-        command = [self.python, os.path.abspath(__file__)]
+        command = [self.python, os.path.abspath(__file__), str(time.time_ns())]
         try:
             self.process = subprocess.Popen(
                 launch.command(command) if launch is not None else command,
@@ -451,6 +467,9 @@ def _reap(process: subprocess.Popen) -> int:
 
 
 def zygote_main() -> int:
+    global _NOT_BEFORE_NS
+    if len(sys.argv) > 1 and sys.argv[1].isdigit():  # when the runner started this process
+        _NOT_BEFORE_NS = int(sys.argv[1]) - _FILE_TIME_LAG_NS
     # Run by path, Python put this file's folder first on the path: that would make
     # the package's modules importable by their bare names, for pytest's imports
     # here and for every job. A job gets the working directory there instead.

@@ -6,17 +6,19 @@ if the browser is missing; elsewhere it is skipped with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import struct
 import subprocess
+import time
 import zlib
 from pathlib import Path
 
 import pytest
 
-from conftest import FAILING_TEST, PASSING_TEST, STOP_TIMEOUT_S, page_rows, wait_until
+from conftest import FAILING_TEST, PASSING_TEST, STOP_TIMEOUT_S, module_argv, page_rows, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 #: A headless page load takes about a second; this only matters when it hangs.
@@ -256,3 +258,160 @@ def test_console_check_sees_errors(chromium, tmp_path):
     messages = console_messages(log)
     assert any("visible" in line for line in messages)
     assert any("undefinedFunction is not defined" in line for line in messages)
+
+
+# --- the live page over HTTP, driven over time -----------------------------------------------
+
+#: Longest wait for one DevTools answer; a page that hangs fails the test, not the session.
+DEVTOOLS_TIMEOUT_S = 30.0
+
+
+class DevTools:
+    """Headless Chromium driven over its DevTools protocol on a pipe
+    (``--remote-debugging-pipe``: it reads commands on fd 3 and writes answers and
+    events on fd 4, each a JSON document ended by a NUL byte), so a test can look at a
+    page again and again while it changes. The standard library is enough: no
+    WebSocket. The process is one of ``chromium``'s runs, stopped by pid with them.
+    Console messages, exceptions and log entries (a policy violation among them) are
+    collected in ``problems``."""
+
+    def __init__(self, chromium: Chromium):
+        index = len(chromium.runs) + 1
+        home = chromium.folder / ("chromium-%d" % index)
+        (home / "profile").mkdir(parents=True)
+        to_browser, self._commands = os.pipe()
+        self._answers, from_browser = os.pipe()
+
+        def onto_3_and_4():  # in the child, before exec: our pipe ends become fds 3 and 4
+            import fcntl
+
+            read_end = fcntl.fcntl(to_browser, fcntl.F_DUPFD, 10)
+            write_end = fcntl.fcntl(from_browser, fcntl.F_DUPFD, 10)
+            os.dup2(read_end, 3)
+            os.dup2(write_end, 4)
+
+        argv = [CHROMIUM, *CHROMIUM_FLAGS, "--user-data-dir=%s" % (home / "profile"), "--remote-debugging-pipe",
+                "about:blank"]
+        env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"),
+               "XDG_CACHE_HOME": str(home / "cache")}
+        with open(home / "stderr.txt", "wb") as stderr:
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, env=env,
+                                            start_new_session=True, pass_fds=(3, 4), preexec_fn=onto_3_and_4)
+        chromium.runs.append((self.process, home))
+        os.close(to_browser)
+        os.close(from_browser)
+        self._next_id = 0
+        self._buffer = b""
+        self._pending: list[dict] = []
+        self.problems: list[str] = []
+        self.session: str | None = None
+
+    def close(self) -> None:
+        for fd in (self._commands, self._answers):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _receive(self, deadline: float) -> dict:
+        import select
+
+        while b"\0" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no answer from chromium within %.0f s" % DEVTOOLS_TIMEOUT_S)
+            ready, _, _ = select.select([self._answers], [], [], left)
+            if ready:
+                data = os.read(self._answers, 1 << 20)
+                if not data:
+                    raise AssertionError("chromium closed its DevTools pipe")
+                self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\0")
+        return json.loads(line)
+
+    def call(self, method: str, session: bool = True, **params) -> dict:
+        """Send one command (to the attached page unless ``session`` is False); its result."""
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params}
+        if session and self.session is not None:
+            message["sessionId"] = self.session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + DEVTOOLS_TIMEOUT_S
+        while True:
+            answer = self._receive(deadline)
+            if answer.get("id") == self._next_id:
+                if "error" in answer:
+                    raise AssertionError("%s failed: %s" % (method, answer["error"]))
+                return answer.get("result", {})
+            self._event(answer)
+
+    def _event(self, event: dict) -> None:
+        method, params = event.get("method"), event.get("params", {})
+        if method == "Runtime.exceptionThrown":
+            self.problems.append("exception: %s" % params.get("exceptionDetails", {}).get("text"))
+        elif method == "Runtime.consoleAPICalled":
+            self.problems.append("console.%s: %s" % (params.get("type"), [arg.get("value") for arg in params.get("args", [])]))
+        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") in ("error", "warning"):
+            self.problems.append("log: %s (%s)" % (params["entry"].get("text"), params["entry"].get("url")))
+
+    def open(self, url: str) -> None:
+        """Open ``url`` in a new tab and attach to it."""
+        target = self.call("Target.createTarget", session=False, url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", session=False, targetId=target, flatten=True)["sessionId"]
+        self.call("Runtime.enable")
+        self.call("Log.enable")
+        self.call("Page.navigate", url=url)
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError("%s: %s" % (expression, result["exceptionDetails"].get("text")))
+        return result["result"].get("value")
+
+
+def test_the_live_page_shows_a_running_jobs_log_grow_then_its_verdict_without_reload(ci, upstream, chromium,
+                                                                                       tmp_path):
+    from test_http import ctl_json, start_with_http
+    from test_live_log import live_test
+
+    code, first, second = live_test(tmp_path)
+    port = start_with_http(ci)
+    ci.start_runner()
+    sha = upstream.commit({"test_live.py": code}, "a test that prints, waits, prints")
+    done = subprocess.run(module_argv("ctl", "--dispatcher-server", ci.address, "dispatch", sha),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    ci.runners[0].wait_for_log(r"commit %s attempt \d+: testing" % sha)
+
+    browser = DevTools(chromium)
+    try:
+        browser.open("http://127.0.0.1:%d/" % port)
+        wait_until(lambda: browser.evaluate("document.readyState") == "complete", 30, message="the page loaded")
+        browser.evaluate("window.keptSinceLoad = 'this page'")  # gone if the page is ever reloaded
+        live_log = ("(document.querySelector('#running-jobs .job[data-commit=\"%s\"] pre.live-log') || {})"
+                    ".textContent || ''" % sha)
+
+        seen = wait_until(lambda: (lambda text: text if "LIVE step one" in text else None)(browser.evaluate(live_log)),
+                          60, interval=0.2, message="the first line of the running job's log on the page")
+        assert "LIVE step two" not in seen
+        assert "<img src=x onerror=alert(1)><b>bold</b>" in seen, "the job's markup shown as text"
+        assert browser.evaluate("document.querySelectorAll('#running-jobs img, #running-jobs b').length") == 0
+        assert ctl_json(ci, "status")["running"] == 1
+        first.touch()
+        grown = wait_until(lambda: (lambda text: text if "LIVE step two" in text else None)(browser.evaluate(live_log)),
+                           30, interval=0.2, message="the log to grow on the page")
+        assert grown.startswith(seen), "appended to, not replaced"
+        assert ci.result(sha) is None, "seen while the job runs"
+        second.touch()
+
+        verdict = ("(document.querySelector('#running-jobs .job[data-commit=\"%s\"]') || {dataset: {}}).dataset.verdict"
+                   % sha)
+        assert wait_until(lambda: browser.evaluate(verdict), 60, interval=0.2, message="the verdict") == "passed"
+        row = "(document.getElementById('c-%s') || {dataset: {}}).dataset.verdict" % sha
+        assert wait_until(lambda: browser.evaluate(row), 30, interval=0.2, message="the results row") == "passed"
+        assert browser.evaluate("window.keptSinceLoad") == "this page", "no reload"
+        assert browser.evaluate("performance.getEntriesByType('navigation').length") == 1
+        assert browser.evaluate("document.body.dataset.live") == "ok"
+        assert browser.problems == [], "console messages, exceptions or policy violations"
+    finally:
+        browser.close()

@@ -288,3 +288,40 @@ def test_a_result_kept_for_an_abbreviated_id_by_an_older_runner_is_dropped(ci, u
     assert communicate(parse_address(ci.address), request("dispatch", commit=sha)).verb == "OK"
     assert ci.wait_result(sha)["status"] == "passed"
     assert ci.result_files() == ci.expected_files([sha])
+
+
+#: Passes once the clone it runs in has fetched a commit newer than its own (the
+#: runner fetches while it runs: the job can read the clone's .git, not write it).
+WAITS_FOR_A_NEWER_COMMIT_TEST = """import subprocess, time
+
+def git(*args):
+    return subprocess.run(["git", *args], capture_output=True, text=True, timeout=30).stdout.strip()
+
+def test_the_next_commit_is_fetched_while_this_one_runs():
+    head = git("rev-parse", "HEAD")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if git("rev-parse", "refs/remotes/origin/main") not in ("", head):
+            return
+        time.sleep(0.05)
+    raise AssertionError("no newer commit was fetched while this job ran")
+"""
+
+
+def test_a_queued_commit_is_fetched_while_the_runner_tests_another(ci, upstream):
+    ci.start_dispatcher()
+    runner = ci.start_runner()
+    ci.start_observer()
+    ci.wait_result(upstream.head())
+    waiting = upstream.commit({"test_wait.py": WAITS_FOR_A_NEWER_COMMIT_TEST}, "waits for a newer commit")
+    runner.wait_for_log(r"commit %s attempt \d+: testing" % waiting)
+    queued = upstream.commit({"test_wait.py": None, "test_more.py": PASSING_TEST}, "queued behind it")
+
+    assert ci.wait_result(waiting)["status"] == "passed", ci.report(waiting)
+    assert ci.wait_result(queued)["status"] == "passed", ci.report(queued)
+    log = runner.log()
+    fetched = re.search(r"commit %s: fetched ahead of its job" % queued, log)
+    accepted = re.search(r"commit %s attempt \d+ accepted" % queued, log)
+    assert fetched and accepted and fetched.start() < accepted.start(), log
+    checkout = re.search(r"commit %s attempt \d+: testing" % queued, log)
+    assert checkout and "fetch" not in log[accepted.start():checkout.start()]

@@ -270,7 +270,7 @@ def test_jobs_get_only_the_documented_variables(ci, upstream, tmp_path):
     assert seen["PASSED_ON"] == "yes" and seen["LC_TIME"] == "C" and seen["TZ"] == "UTC"
     assert seen["PATH"] == env["PATH"]
     assert seen["USER"] == seen["LOGNAME"] == "nobody"
-    assert re.fullmatch(r"/tmp/commit-ci-job-\d+-\w+/home", seen["HOME"])
+    assert re.fullmatch(r"/tmp/commit-ci-job-\d+-\w+/job/home", seen["HOME"])
     assert seen["CI_COMMIT"] == sha
 
 
@@ -290,12 +290,13 @@ def test_the_work_tree_is_the_jobs_and_git_is_not():
 
 
 def test_no_pytest_started_ahead_is_within_reach():
-    # One running as this user beside the job could be changed by it, and fork the next
-    # commit's tests. (This runner's: its warm_pytest.py, the one this test was forked
-    # from. Other installations on the machine with the same job user are the
+    # One running as this user beside the job, in its reach, could be changed by it, and
+    # fork the next commit's tests. (This runner's: its warm_pytest.py, the one this test
+    # was forked from. The one started for the next job runs in a pid namespace of its
+    # own. Other installations on the machine with the same job user are the
     # documented exception.)
     ancestors, pid = {}, os.getpid()
-    while pid > 1:
+    while pid > 0:  # up to the init of its sandbox's pid namespace, whose parent is 0
         ancestors[pid] = open("/proc/%d/cmdline" % pid, "rb").read().split(b"\\0")
         pid = int(open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[1])
     ours = {word for words in ancestors.values() for word in words if word.endswith(b"warm_pytest.py")}

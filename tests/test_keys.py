@@ -170,14 +170,15 @@ def test_a_new_secret_travels_hidden_with_the_askers_key():
 
 
 def test_every_dispatcher_verb_says_which_roles_may_send_it():
-    runner_verbs = {"ping", "runtest", "stop"}
+    runner_verbs = {"ping", "runtest", "stop", "fetch"}
     for name, verb in REQUESTS.items():
         assert bool(verb.roles) == (name not in runner_verbs), name
     runner, observer, operator = (Key(bytes(32), "k", role) for role in security.ROLES)
-    assert [verb for verb in REQUESTS if verb not in runner_verbs and may_send(runner, verb)] == ["register", "results"]
+    assert [verb for verb in REQUESTS if verb not in runner_verbs and may_send(runner, verb)] == [
+        "register", "results", "live-log"]
     assert [verb for verb in REQUESTS if verb not in runner_verbs and may_send(observer, verb)] == ["dispatch"]
     assert {verb for verb in REQUESTS if may_send(operator, verb)} == {
-        "status", "dispatch", "queue", "branches", "runners", "recent", "lookup", "flaky", "key-add", "key-revoke",
+        "status", "dispatch", "queue", "branches", "runners", "recent", "lookup", "flaky", "tail", "key-add", "key-revoke",
         "key-list",
         "rerun", "cancel"}
     assert all(may_send(Key(SHARED), verb) and may_send(None, verb) for verb in REQUESTS)

@@ -77,6 +77,7 @@ SAMPLE_VALUES: dict[str, object] = {
     "window": 100,
     "shard": 2,
     "shards": 4,
+    "offset": 65536,
 }
 ERR_REASON = "unknown commit or attempt: 100% sure = yes"
 SAMPLE_SECTIONS = {
@@ -87,6 +88,7 @@ SAMPLE_SECTIONS = {
     "failing": b"tests/test_a.py::TestX::test_y[a b]\n",
     "plan": b'{"tests/test_a.py":1,"tests/test_b.py":2}',
     "durations": b"1.250 tests/test_a.py\n0.010 tests/test_b.py\n",
+    "chunk": b"LIVE step one\n\x00\xff partial",
 }
 
 
@@ -530,7 +532,9 @@ def test_real_section_limits_are_the_documented_ones():
     sections = {section.name: section for section in REQUESTS["results"].sections}
     assert (sections["log"].keep, sections["log"].truncate) == (protocol.MAX_LOG_BYTES, True)
     assert (sections["junit"].keep, sections["junit"].truncate) == (protocol.MAX_JUNIT_BYTES, False)
-    assert REPLIES["OK"].sections == (Section("json", protocol.MAX_JSON_BYTES, False),)
+    assert REPLIES["OK"].sections == (Section("json", protocol.MAX_JSON_BYTES, False),
+                                      Section("chunk", protocol.MAX_LIVE_CHUNK_BYTES, False))
+    assert REQUESTS["live-log"].sections == (Section("chunk", protocol.MAX_LIVE_CHUNK_BYTES, False),)
 
 
 def test_close_in_the_middle_of_a_line_is_an_error(pair):

@@ -17,7 +17,7 @@ import pytest
 from commit_ci import processes, runner
 from commit_ci.client import communicate
 from commit_ci.protocol import request
-from commit_ci.warm_pytest import WarmPytest, WarmPytestError
+from commit_ci.warm_pytest import _FILE_TIME_LAG_NS, WarmPytest, WarmPytestError
 from commit_ci.wire import parse_address
 
 from conftest import JOBS_AS_RUNNER, PASSING_TEST, RUNNER_ENV, STRAY_CODE, gone, stray_pids, wait_until
@@ -231,9 +231,14 @@ def test_a_zygote_that_dies_mid_job_is_an_error_not_a_hang(warm, tmp_path):
 
 def written_a_while_ago(*paths) -> None:
     """What was written just before a zygote starts counts as changed for it (it may
-    have been imported before it was written): these were written well before."""
+    have been imported before it was written): these were written well before. Their
+    change time (which os.utime sets to now) must also be older than the zygote's
+    start, by more than the lag of file times the zygote allows for."""
     for path in paths:
         os.utime(path, (time.time() - 60, time.time() - 60))
+    changed = max(os.stat(path).st_ctime_ns for path in paths)
+    while time.time_ns() <= changed + 2 * _FILE_TIME_LAG_NS:
+        time.sleep(0.01)
 
 
 def test_the_zygote_knows_when_what_it_imported_has_changed(tmp_path, runner_signals):
