@@ -477,7 +477,15 @@ class JobStore:
                 )
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[target]:
-                    db.execute(statement)
+                    if not _column_there(db, statement):
+                        db.execute(statement)
+            if row and has_meta:
+                # A file whose version says it has them and that lacks columns of a
+                # migration (made while version 7 was a placeholder, before sharding
+                # was merged) gets them now; the tables come with SCHEMA below.
+                for statement in MIGRATIONS[7]:
+                    if statement.startswith("ALTER TABLE") and not _column_there(db, statement):
+                        db.execute(statement)
             if row:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
         # executescript commits on its own; the statements are idempotent.
@@ -1466,6 +1474,15 @@ def _facts(summary: str | None) -> dict:
     except ValueError:
         return {}
     return facts if isinstance(facts, dict) else {}
+
+
+def _column_there(db: sqlite3.Connection, statement: str) -> bool:
+    """Whether ``statement`` adds a column (``ALTER TABLE t ADD COLUMN c ...``) that its
+    table has already; False for any other statement."""
+    words = statement.split()
+    if words[:2] != ["ALTER", "TABLE"] or words[3:5] != ["ADD", "COLUMN"]:
+        return False
+    return any(column[1] == words[5] for column in db.execute("PRAGMA table_info(%s)" % words[2]))
 
 
 def _job(row: sqlite3.Row) -> Job:

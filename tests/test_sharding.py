@@ -374,3 +374,22 @@ def test_the_merge_sums_the_counts_and_the_failing_tests_of_the_failed_shards():
     assert merged.log.count(b"==== shard ") == 2 and b"one" in merged.log and b"two" in merged.log
     assert junit_ids(merged.junit) == ["a::t1", "a::t2"]
     assert [item["shard"] for item in merged.shards] == [1, 2] and "failing" not in merged.shards[0]
+
+
+def test_a_file_of_version_8_made_while_7_was_a_placeholder_gets_the_shard_columns(tmp_path):
+    import sqlite3
+
+    from commit_ci.store import JobStore
+
+    path = str(tmp_path / "queue.sqlite3")
+    JobStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.executescript("DROP TABLE shards; DROP TABLE test_durations;"
+                         " ALTER TABLE jobs DROP COLUMN shards; ALTER TABLE attempts DROP COLUMN shard;")
+    store = JobStore(path)
+    try:
+        store.enqueue("c" * 40, 1.0)
+        store.split("c" * 40, 2, b"{}")
+        assert store.job("c" * 40).shards == 2
+    finally:
+        store.close()
