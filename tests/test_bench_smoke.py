@@ -20,6 +20,7 @@ EXPECTED_ROWS = [
     ("detection", "push -> job queued, with the push trigger"),
     ("detection", "push hook start"),
     ("scaling", "R=1 runners"),
+    ("scaling", "per-job overhead outside the test command"),
     ("scaling", "R=2 runners"),
     ("scaling", "R=4 runners"),
     ("scaling", "R=8 runners"),
