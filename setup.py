@@ -24,7 +24,7 @@ setup(
     # name (dispatcher.py, test_runner.py, repo_observer.py and helpers.py are entry
     # points for a checkout, not installed).
     packages=["commit_ci"],
-    package_data={"commit_ci": ["templates/*.html", "templates/*.js"]},
+    package_data={"commit_ci": ["templates/*.html", "templates/*.js", "pytest_shard/*.py"]},
     # The git steps stay shell scripts that users can read and adapt; installed on
     # PATH, where commit_ci.git_scripts finds them.
     scripts=["update_repo.sh", "test_runner_script.sh", "run_or_fail.sh"],

@@ -31,7 +31,7 @@ from bench.common import Row, format_table, machine_summary  # noqa: E402
 
 #: In the order they run; each module has ``run(work: Path, quick: bool) -> list[Row]``.
 BENCHMARKS = ("latency", "detection", "scaling", "capacity", "history", "recovery", "environments", "tip_first",
-              "flaky", "culprit")
+              "flaky", "culprit", "sharding")
 
 
 def build_parser() -> argparse.ArgumentParser:

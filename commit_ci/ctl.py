@@ -225,6 +225,10 @@ def show_result(client: Client, as_json: bool, commit: str) -> None:
     print("  runner:   %s, %s attempt(s)" % (final.runner, final.attempts))
     if final.reason:
         print("  reason:   %s" % final.reason)
+    for entry in final.shards or ():
+        print("  shard %s:  %s on %s, %s passed, %s failed, %s s%s" % (
+            entry.get("shard"), entry.get("status"), entry.get("runner"), entry.get("passed"), entry.get("failed"),
+            entry.get("duration_s"), " (%s)" % entry["reason"] if entry.get("reason") else ""))
     for entry in final.reruns or ():
         tests = entry.get("tests")
         print("  rerun %s:  %s on %s, %s" % (entry.get("rerun"), entry.get("status"), entry.get("runner"),

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from commit_ci import flaky, junit, notify, result_files
+from commit_ci import flaky, junit, notify, result_files, sharding
 from commit_ci.client import communicate
 from commit_ci.daemon import add_logging_arguments, install_stop_signals, setup_logging
 from commit_ci.live_log import MAX_READ_BYTES, LiveLogs, read_file_from, whole_characters
@@ -56,7 +56,7 @@ from commit_ci.result_files import iso_time
 from commit_ci.security import RUNNER, Key, Security, add_security_arguments, security_from_arguments, wrap_secret
 from commit_ci.server import ProtocolServer, serve_in_thread
 from commit_ci.states import JobState, Outcome, ReportedStatus, RunnerState
-from commit_ci.store import QUEUE_ORDERS, Job, JobStore, Round
+from commit_ci.store import QUEUE_ORDERS, Job, JobStore, Round, Shard
 from commit_ci.wire import ProtocolError, format_address
 
 log = logging.getLogger("dispatcher")
@@ -100,6 +100,9 @@ class Assignment:
     acknowledged: bool = False  # the runner answered OK to runtest (or reported it busy)
     superseded: bool = False  # the job was settled by another attempt meanwhile
     tests: tuple[str, ...] | None = None  # a rerun of these failing tests alone (flaky.py)
+    shard: int | None = None  # one shard of its commit's tests alone (sharding.py): its number,
+    shards: int | None = None  # how many there are,
+    plan: bytes | None = None  # and the plan, test files to shards
 
 
 @dataclass(eq=False)
@@ -144,9 +147,12 @@ class Dispatcher:
         on_branch_change: Callable[[], None] | None = None,
         flaky_reruns: int = flaky.DEFAULT_RERUNS,
         coalesce: bool = False,
+        max_shards: int = sharding.DEFAULT_MAX_SHARDS,
         on_notification: Callable[[], None] | None = None,
     ):
         self.store = store
+        #: Most shards one commit's tests are split in when runners are idle (1: never; sharding.py).
+        self.max_shards = max_shards
         #: Called after a transaction that may have added notifications to the store's
         #: outbox (a verdict, an assignment: notify.py); must not block.
         self.on_notification = on_notification or (lambda: None)
@@ -716,20 +722,29 @@ class Dispatcher:
                 # Another verdict for it is being written: this one waits its turn (the
                 # runner keeps it and sends it again), so that the first one wins.
                 return error("busy: a result for %s is being recorded; send it again later" % result.commit)
-            if job.state.final or not ReportedStatus(result.status).verdict:
+            if attempt.shard is not None and not job.state.final:
+                if attempt.round == 0 and ReportedStatus(result.status).verdict:
+                    self._learn_durations(result)
+                merged = self._on_shard_result(job, attempt.shard, attempt.runner, result)
+                if isinstance(merged, Message):
+                    return merged
+                result = merged
+            elif job.state.final or not ReportedStatus(result.status).verdict:
                 # If recording fails (the results folder unwritable...), the handler's
                 # ERR makes the runner keep the result and send it again; the assignment
                 # stays meanwhile, so the job keeps its lease instead of hanging unowned.
                 answer = self._record_result(job, attempt.runner, result)
                 self._free_runner_of(result.attempt)
                 return answer
+            elif attempt.round == 0:
+                self._learn_durations(result)
             # A verdict: its files (the output may be megabytes, fsync'ed) are written
             # without the lock, which every request and the scheduler need meanwhile.
             # A failure may instead be a round whose failing tests run again (flaky.py),
             # kept in the store, also without the lock.
             step = self._step(job, result)
             state = JobState(step.status or result.status)
-            now = self._complete(result, JobState(result.status), attempt.runner)
+            now = self._complete(result, JobState(result.status), result.runner or attempt.runner)
             # Its result names its branch's first failing commit if that is known already.
             named = self.store.known_first_failing(result.commit) if state is JobState.FAILED else None
             self._settling.add(result.commit)
@@ -751,6 +766,53 @@ class Dispatcher:
             with self._cond:
                 self._settling.discard(result.commit)
         return reply("OK", recorded=1)
+
+    # --- shards (sharding.py) -------------------------------------------------------
+
+    def _learn_durations(self, result: Result) -> None:
+        """Keep the test file durations a run of the whole suite, or a shard, measured."""
+        if not result.durations:
+            return
+        try:
+            durations = sharding.decode_durations(result.durations)
+        except ValueError as exc:
+            log.warning("commit %s attempt %d: test durations not kept: %s", result.commit, result.attempt, exc)
+            return
+        self.store.learn_durations(durations, time.time())
+
+    def _on_shard_result(self, job: Job, shard: int, runner: str, result: Result) -> Result | Message:
+        """A runner's result for one shard of ``job`` (lock held): kept, or its shard
+        waits again; the answer to send, unless it was the last shard: then the merged
+        result of them all, which goes on as any run's result does."""
+        commit = job.commit
+        if not ReportedStatus(result.status).verdict:
+            outcome = _OUTCOMES[ReportedStatus(result.status)]
+            why = result.reason or ("infrastructure error on runner" if outcome is Outcome.ERROR else
+                                    "handed back by runner")
+            self._requeue_shard(commit, result.attempt, runner, why, outcome,
+                                result.requires if outcome is Outcome.DECLINED else None)
+            self._free_runner_of(result.attempt)
+            return reply("OK", recorded=1)
+        kept, superseded = self.store.keep_shard(result.attempt, sharding.entry(shard, result, runner), result.log,
+                                                 result.junit, time.time())
+        self._free_runner_of(result.attempt)
+        if superseded in self._assignments:
+            # Its runner stays busy (not given another job) until it says it is idle.
+            self._assignments[superseded].superseded = True
+        if not kept:
+            log.info("commit %s attempt %d (runner %s): stale %s result of shard %d ignored", commit, result.attempt,
+                     runner, result.status, shard)
+            return reply("OK", recorded=0)
+        shards = self.store.shards_of(commit, job.run)
+        left = sum(1 for other in shards if other.summary is None)
+        log.info("commit %s attempt %d (runner %s): shard %d of %d %s (%s passed, %s failed); %d shard(s) to go",
+                 commit, result.attempt, runner, shard, len(shards), result.status, result.passed, result.failed, left)
+        if left:
+            return reply("OK", recorded=1)
+        merged = sharding.merge(commit, [(other.summary, other.log, other.junit) for other in shards])
+        merged.attempt = result.attempt
+        merged.runner = ", ".join(dict.fromkeys(str(other.summary.get("runner")) for other in shards))
+        return merged
 
     # --- failing tests run again (flaky.py) --------------------------------------------
 
@@ -874,6 +936,9 @@ class Dispatcher:
         # Every new summary has both lists, empty when no failing test ran again.
         result.flaky_tests = [] if result.flaky_tests is None else result.flaky_tests
         result.reruns = [] if result.reruns is None else result.reruns
+        result.shards = [] if result.shards is None else result.shards
+        if result.shards and job.started_at is not None:
+            started = job.started_at  # its first shard's start
         result.queued_at, result.started_at, result.finished_at = iso_time(job.queued_at), iso_time(started), iso_time(now)
         return now
 
@@ -947,7 +1012,11 @@ class Dispatcher:
             assignment.runner.since = time.time()
         if assignment.commit in self._settling:
             return  # its verdict is being written: nothing to requeue
-        if not assignment.superseded:
+        if assignment.superseded:
+            return
+        if assignment.shard is not None:
+            self._requeue_shard(assignment.commit, assignment.attempt_id, assignment.runner.name, why, outcome)
+        else:
             self._requeue(assignment.commit, assignment.attempt_id, assignment.runner.name, why, outcome)
 
     def _requeue(self, commit: str, attempt_id: int, runner: str, why: str, outcome: Outcome) -> None:
@@ -964,6 +1033,28 @@ class Dispatcher:
             self._settle(Result(commit, JobState.ERROR.value, reason=reason), JobState.ERROR, runner)
         else:
             log.warning("commit %s attempt %d (runner %s): %s; back in the queue", commit, attempt_id, runner, why)
+        self._cond.notify_all()
+
+    def _requeue_shard(self, commit: str, attempt_id: int, runner: str, why: str, outcome: Outcome,
+                       requires: str | None = None) -> None:
+        """An attempt at one shard ended without a result: that shard alone waits for a
+        runner again (the others go on), or the job is an error after too many faults."""
+        if not self.store.requeue_shard(attempt_id, outcome, time.time(), requires):
+            log.info("commit %s attempt %d (runner %s): %s; not the shard's attempt any more", commit, attempt_id,
+                     runner, why)
+            return
+        if outcome.infra_failure or (outcome is Outcome.DECLINED and requires is None):
+            self._avoid.setdefault(commit, set()).add(runner)
+        _, failures = self.store.attempt_counts(commit)
+        if outcome.infra_failure and failures >= self.max_attempts:
+            log.error("commit %s attempt %d (runner %s): %s; %d infrastructure failures, giving up",
+                      commit, attempt_id, runner, why, failures)
+            self._settle(Result(commit, JobState.ERROR.value, reason="%s (after %d attempts)" % (why, failures)),
+                         JobState.ERROR, runner)
+        else:
+            shard = self.store.attempt(attempt_id).shard
+            log.warning("commit %s attempt %d (runner %s): shard %s: %s; that shard alone waits for a runner again",
+                        commit, attempt_id, runner, shard, why)
         self._cond.notify_all()
 
     def _drop(self, record: RunnerRecord, why: str) -> None:
@@ -1011,7 +1102,8 @@ class Dispatcher:
         if attempt is None or attempt.commit != commit:
             return
         if self.store.adopt(commit, attempt_id, record.name):
-            assignment = Assignment(commit, attempt_id, record, self._lease_deadline(), acknowledged=True)
+            assignment = Assignment(commit, attempt_id, record, self._lease_deadline(), acknowledged=True,
+                                    shard=attempt.shard)
             record.assignment = assignment
             record.since = time.time()
             self._assignments[attempt_id] = assignment
@@ -1051,35 +1143,102 @@ class Dispatcher:
 
     def _plan(self) -> list[Assignment]:
         """Pair queued jobs, in the queue's order (``self.order``: tips first, or oldest
-        first), with available runners that can run them (``requires``), idle longest first."""
+        first), with available runners that can run them (``requires``), idle longest
+        first. Shards waiting for a runner go first (their commit has begun); a job
+        that finds more runners idle than the jobs after it need is split in shards
+        (sharding.py), each to a runner of its own."""
         idle = sorted((r for r in self._runners.values() if r.available), key=lambda r: r.since)
         if not idle:
             return []
-        planned = []
-        offered = frozenset().union(*(runner.offers for runner in idle))
-        for job in self.store.queued_jobs(limit=len(idle) + 32, offered=offered, order=self.order):
-            commit = job.commit
-            able = [runner for runner in idle if runner.can_run(job)]
-            if not able:
-                continue
-            if job.round:  # failing tests run again: on another runner when one is free
-                able.sort(key=lambda runner: runner.name in self._ran.get(commit, ()))
-            avoid = self._avoid.get(commit, set())
-            choice = next((r for r in able if r.name not in avoid), None)
+        planned: list[Assignment] = []
+        plans: dict[str, Shard] = {}
+        for job, shard in self.store.waiting_shards(limit=len(idle) + 32):
+            choice = self._choose(job, idle)
             if choice is None:
-                # Every idle runner already failed this job. Use one anyway only if no
-                # runner could take it instead; otherwise leave it for the others.
-                if any(name not in avoid and runner.can_run(job) for name, runner in self._runners.items()):
-                    continue
-                choice = able[0]
-            idle.remove(choice)
-            attempt_id = self.store.assign(commit, choice.name, time.time())
-            assignment = Assignment(commit, attempt_id, choice, self._lease_deadline(), tests=job.retest)
-            choice.assignment = assignment
-            choice.since = time.time()
-            self._assignments[attempt_id] = assignment
-            planned.append(assignment)
+                continue
+            if job.commit not in plans:
+                plans[job.commit] = self.store.shards_of(job.commit, job.run)[0]
+            planned.append(self._give(job, choice, idle, shard, plans[job.commit].shards, plans[job.commit].plan))
+            if not idle:
+                return planned
+        offered = frozenset().union(*(runner.offers for runner in idle))
+        jobs = [job for job in self.store.queued_jobs(limit=len(idle) + 32, offered=offered, order=self.order)
+                if not (job.shards and job.round == 0)]  # split already: its shards were above
+        for index, job in enumerate(jobs):
+            if not idle:
+                break
+            choice = self._choose(job, idle)
+            if choice is None:
+                continue
+            split = self._split(job, idle, waiting_after=len(jobs) - index - 1)
+            if split is None:
+                planned.append(self._give(job, choice, idle))
+                continue
+            shards, plan = split
+            for shard in range(1, shards + 1):
+                # The first goes to the runner chosen above; one that finds none (runners
+                # that failed the commit before) waits, and goes out with the next plan.
+                choice = choice if shard == 1 else self._choose(job, idle)
+                if choice is None:
+                    break
+                planned.append(self._give(job, choice, idle, shard, shards, plan))
         return planned
+
+    def _choose(self, job: Job, idle: list[RunnerRecord]) -> RunnerRecord | None:
+        """The idle runner ``job`` goes to, or None: one that can run it, not one that
+        failed it before when another can take it instead, and, for a rerun of failing
+        tests, another than the one that ran them when one is free."""
+        commit = job.commit
+        able = [runner for runner in idle if runner.can_run(job)]
+        if not able:
+            return None
+        if job.round:  # failing tests run again: on another runner when one is free
+            able.sort(key=lambda runner: runner.name in self._ran.get(commit, ()))
+        avoid = self._avoid.get(commit, set())
+        choice = next((r for r in able if r.name not in avoid), None)
+        if choice is None:
+            # Every idle runner already failed this job. Use one anyway only if no
+            # runner could take it instead; otherwise leave it for the others.
+            if any(name not in avoid and runner.can_run(job) for name, runner in self._runners.items()):
+                return None
+            choice = able[0]
+        return choice
+
+    def _split(self, job: Job, idle: list[RunnerRecord], waiting_after: int) -> tuple[int, bytes] | None:
+        """Split ``job``'s first round in shards, when the idle runners that can run it
+        are more than the jobs after it need: (how many, the plan), recorded; None: not
+        split (sharding off, a rerun, or fewer than two known test files)."""
+        if self.max_shards < 2 or job.round != 0:
+            return None
+        able = sum(1 for runner in idle if runner.can_run(job))
+        if able - waiting_after < 2:
+            return None
+        durations = self.store.durations()
+        shards = sharding.shard_count(able, waiting_after, self.max_shards, len(durations))
+        if shards < 2:
+            return None
+        assigned, loads = sharding.plan(durations, shards)
+        plan = sharding.encode_plan(assigned)
+        self.store.split(job.commit, shards, plan)
+        log.info("commit %s: split in %d shards over idle runners, expected %s s (%d test files known)", job.commit,
+                 shards, " / ".join("%.1f" % load for load in loads), len(durations))
+        return shards, plan
+
+    def _give(self, job: Job, choice: RunnerRecord, idle: list[RunnerRecord], shard: int | None = None,
+              shards: int | None = None, plan: bytes | None = None) -> Assignment:
+        """Record ``job`` (or its shard ``shard``) as assigned to ``choice``, taken off ``idle``."""
+        idle.remove(choice)
+        commit = job.commit
+        if shard is None:
+            attempt_id = self.store.assign(commit, choice.name, time.time())
+        else:
+            attempt_id = self.store.assign_shard(commit, shard, choice.name, time.time())
+        assignment = Assignment(commit, attempt_id, choice, self._lease_deadline(),
+                                tests=job.retest if shard is None else None, shard=shard, shards=shards, plan=plan)
+        choice.assignment = assignment
+        choice.since = time.time()
+        self._assignments[attempt_id] = assignment
+        return assignment
 
     def _send_runtest(self, assignment: Assignment) -> None:
         record = assignment.runner
@@ -1090,7 +1249,8 @@ class Dispatcher:
             answer = communicate(
                 record.address,
                 request("runtest", commit=assignment.commit, attempt=assignment.attempt_id,
-                        tests=None if assignment.tests is None else flaky.encode_test_ids(assignment.tests)),
+                        tests=None if assignment.tests is None else flaky.encode_test_ids(assignment.tests),
+                        shard=assignment.shard, shards=assignment.shards, plan=assignment.plan),
                 timeout=RUNTEST_TIMEOUT_S,
                 total_timeout=RUNTEST_TIMEOUT_S * 2,
                 security=record.security,
@@ -1103,7 +1263,9 @@ class Dispatcher:
             if answer.verb == "OK":
                 assignment.acknowledged = True
                 assignment.lease_expires = self._lease_deadline()
-                log.info("commit %s attempt %d: running on runner %s", assignment.commit, assignment.attempt_id, record.name)
+                log.info("commit %s attempt %d: running on runner %s%s", assignment.commit, assignment.attempt_id,
+                         record.name, "" if assignment.shard is None else " (shard %d of %d)" % (
+                             assignment.shard, assignment.shards))
                 return
             if answer.verb == "BUSY":
                 # Busy with something we do not know of; not available until it says idle.
@@ -1243,6 +1405,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="for busy teams: test only each branch's tip (when a runner is free) and the commits "
                         "a bisection needs to find the first failing one; the others are 'skipped' (no result). "
                         "Default: every commit is tested")
+    parser.add_argument("--max-shards", type=int, default=sharding.DEFAULT_MAX_SHARDS, metavar="K",
+                        help="when more runners are idle than commits wait, split a commit's tests in up to K shards, "
+                        "one per idle runner, balanced by the durations of earlier runs (at most %d; 1: never split; "
+                        "a repository can say shard = false in .commit-ci.toml) (default: %%(default)s)"
+                        % sharding.MAX_SHARDS)
     parser.add_argument("--repo", metavar="PATH",
                         help="a clone of the watched repository for the dispatcher alone (not the observer's or "
                         "a runner's), used only to read commit subjects and authors for the results page "
@@ -1264,6 +1431,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, args.log_file)
     if args.max_attempts < 1 or args.heartbeat_interval <= 0:
         log.error("--max-attempts must be at least 1 and --heartbeat-interval positive")
+        return 2
+    if not 1 <= args.max_shards <= sharding.MAX_SHARDS:
+        log.error("--max-shards must be 1 to %d", sharding.MAX_SHARDS)
         return 2
     if not 0 <= args.flaky_reruns <= flaky.MAX_RERUNS:
         log.error("--flaky-reruns must be 0 to %d", flaky.MAX_RERUNS)
@@ -1298,7 +1468,8 @@ def main(argv: list[str] | None = None) -> int:
     notifier = notify.Notifier(store, channels, results_dir, args.results_url, metadata, args.notify_retry_cap)
     dispatcher = Dispatcher(store, results_dir, args.max_attempts, args.heartbeat_interval, security,
                             on_final_result=page.notify, order=args.order, on_branch_change=page.notify,
-                            flaky_reruns=args.flaky_reruns, coalesce=args.coalesce, on_notification=notifier.wake)
+                            flaky_reruns=args.flaky_reruns, coalesce=args.coalesce, max_shards=args.max_shards,
+                            on_notification=notifier.wake)
     try:
         # Recording a result, adding or revoking a key, write files (fsync'd): each gets a
         # thread of its own rather than hold up the event loop that answers everyone else.
@@ -1335,9 +1506,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("results page: %s (commit subjects from %s)", page.path, args.repo or "nowhere: no --repo")
     serve_in_thread(server, "server")
     log.info(
-        "listening on %s (results in %s, queue in %s, order %s%s; %s, %s)",
+        "listening on %s (results in %s, queue in %s, order %s%s, %s; %s, %s)",
         format_address(server.address), os.path.abspath(args.results_dir), db_path, args.order,
         ", coalesce: tips and bisections only" if args.coalesce else ", every commit",
+        "up to %d shards per commit" % args.max_shards if args.max_shards > 1 else "no sharding",
         _authentication(security), "TLS" if security.server_tls else "no TLS",
     )
     if http_server is not None:

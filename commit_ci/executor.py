@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from commit_ci import flaky, junit
+from commit_ci import flaky, junit, sharding
 from commit_ci.checkout import GitDirGuard, check_out, fetch_ahead
 from commit_ci.environments import Environment, EnvironmentCache, Interpreter, SetupFailure, note, plan
 from commit_ci.files import open_untrusted
@@ -48,7 +48,7 @@ from commit_ci.isolation import Isolation, Launch, new_job_root
 from commit_ci.leftovers import LEFTOVERS_TIMEOUT_S, kill_leftovers
 from commit_ci.live_log import LiveSender
 from commit_ci.processes import KILL_GRACE_S, STOPPED, TIMEOUT, KnownChildren, run_step, supervise
-from commit_ci.project_config import ConfigError, ProjectConfig, read_config
+from commit_ci.project_config import CONFIG_NAME, ConfigError, ProjectConfig, read_config
 from commit_ci.protocol import MAX_LOG_BYTES
 from commit_ci.result import Result
 from commit_ci.states import ReportedStatus
@@ -118,6 +118,17 @@ class Setting:
     test_command: str | None  # None: pytest with JUnit XML
     environment: Environment | None  # the commit's environment, or None: the runner's own interpreter
     notes: bytes  # what to show before the tests' output
+    unsplit: str | None = None  # why its tests cannot be split in shards (sharding.py), if they cannot
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard of a commit's tests to run alone (sharding.py): its number, how many
+    there are, and the plan (test files to shards, JSON), checked."""
+
+    shard: int
+    shards: int
+    plan: bytes
 
 
 class Executor:
@@ -205,14 +216,16 @@ class Executor:
 
     # --- a job -----------------------------------------------------------------------
 
-    def run(self, commit: str, attempt: int, tests: tuple[str, ...] | None = None) -> Result:
+    def run(self, commit: str, attempt: int, tests: tuple[str, ...] | None = None,
+            shard: ShardSpec | None = None) -> Result:
         """Check ``commit`` out, prepare its environment, test it and sweep up after it;
         the attempt's result. ``tests``: node ids of failing tests to run again, alone
-        (flaky.py); the whole test command runs when there is one."""
+        (flaky.py); the whole test command runs when there is one. ``shard``: run that
+        shard of the tests alone (sharding.py)."""
         self._freeze_spare()
         try:
             self.isolation.begin_job(self._spare.slot if self._spare is not None else None)
-            return self._run(commit, attempt, tests)
+            return self._run(commit, attempt, tests, shard)
         finally:
             if self._spare is not None and self.isolation.separate and self._spare is not self._next_spare:
                 # Not taken, and the job user's steps may have reached it: it serves no job.
@@ -244,7 +257,7 @@ class Executor:
                 return
             self._start_spare(*self._spare_for)
 
-    def _run(self, commit: str, attempt: int, tests: tuple[str, ...] | None) -> Result:
+    def _run(self, commit: str, attempt: int, tests: tuple[str, ...] | None, shard: ShardSpec | None = None) -> Result:
         started = time.monotonic()
         early = self._check_out(commit, attempt)
         if early is None:
@@ -262,12 +275,28 @@ class Executor:
         if tests is not None and setting.test_command:
             log.info("commit %s attempt %d: testing again, with its test command (it has no test ids)", commit, attempt)
             tests = None
+        if shard is not None and setting.unsplit:
+            # Every shard's runner reads the same config at the same commit: shard 1
+            # runs the whole suite, the others nothing, and together they run it once.
+            why = "%s: %s; shard 1 of %d runs the whole suite" % (sharding.UNSPLIT, setting.unsplit, shard.shards)
+            log.info("commit %s attempt %d: shard %d of %d: %s", commit, attempt, shard.shard, shard.shards, why)
+            if shard.shard != 1:
+                return Result(commit, ReportedStatus.PASSED.value, attempt=attempt, passed=0, failed=0, errors=0,
+                              skipped=0, duration_s=round(time.monotonic() - started, 3), reason=why,
+                              log=setting.notes + b"[runner: %s]\n" % why.encode("utf-8", "replace"))
+            shard = None
+        if shard is not None:
+            # The plugin comes from this installation (a folder that holds it alone), never from the commit.
+            path = env.get("PYTHONPATH")
+            env.update(CI_SHARD="%d/%d" % (shard.shard, shard.shards), CI_SHARD_PLAN=shard.plan.decode("ascii"),
+                       PYTHONPATH=sharding.PLUGIN_FOLDER + (os.pathsep + path if path else ""))
         log.info("commit %s attempt %d: testing%s", commit, attempt,
-                 "" if tests is None else " again: %d failing test(s) alone" % len(tests))
+                 " again: %d failing test(s) alone" % len(tests) if tests is not None else
+                 " shard %d of %d" % (shard.shard, shard.shards) if shard is not None else "")
         test_started = time.monotonic()
         try:
             status, killed, hash_seed, output_path = self._run_tests(commit, attempt, setting, junit_path, env,
-                                                                     output_path, tests)
+                                                                     output_path, tests, shard is not None)
         except JobFault as exc:
             log.error("commit %s attempt %d: %s", commit, attempt, exc)
             return Result(commit, ReportedStatus.ERROR.value, attempt=attempt, reason=str(exc),
@@ -280,6 +309,8 @@ class Executor:
         self._add_junit(result, self.isolation.outside(junit_path))
         self._judge(result, status, killed, setting)
         self._add_retry(result, setting, tests)
+        if tests is None:
+            self._add_durations(result, setting)
         log.info("commit %s attempt %d: %s in %.2f s%s (PYTHONHASHSEED=%d)", commit, attempt, result.status, duration,
                  " (%s)" % result.reason if result.reason else "", hash_seed)
         return result
@@ -322,6 +353,19 @@ class Executor:
                      result.attempt, flaky.MAX_TESTS)
         else:
             result.retry = Retry.COMMAND.value
+
+    def _add_durations(self, result: Result, setting: Setting) -> None:
+        """Seconds per test file, from the JUnit XML of a run of the whole suite or of a
+        shard, for the dispatcher to plan shards with (sharding.py)."""
+        if not result.junit or setting.test_command or result.status not in (ReportedStatus.PASSED,
+                                                                            ReportedStatus.FAILED):
+            return
+        try:
+            durations = sharding.file_durations(junit.parse(result.junit), self._is_test_file)
+        except junit.JUnitError:
+            return
+        if durations:
+            result.durations = sharding.encode_durations(durations)
 
     def _is_test_file(self, path: str) -> bool:
         """Whether the checkout has a ``.py`` file at ``path`` (relative, checked by flaky.node_id)."""
@@ -412,14 +456,16 @@ class Executor:
         env = dict(self._base_env, **config.env)
         timeout = config.timeout or self.timeout
         test_command = config.test or self.test_command
+        unsplit = ("a test command of its own" if test_command else
+                   "shard = false in %s" % CONFIG_NAME if not config.shard else None)
         if self.cache is None:  # no environments: the runner's own interpreter (the one it offers)
-            return Setting(sys.executable, env, timeout, test_command, None, b"")
+            return Setting(sys.executable, env, timeout, test_command, None, b"", unsplit)
         setup_log = os.path.join(self.work_dir, "setup.log")
         setup_env = self.isolation.setup_variables(env)
         try:
             recipe = plan(self.clone, config, interpreter, self.cache.installer)
             if recipe is None:
-                return Setting(sys.executable, env, timeout, test_command, None, b"")
+                return Setting(sys.executable, env, timeout, test_command, None, b"", unsplit)
             environment = self.cache.obtain(recipe, self.clone, setup_env, setup_log, self.stop, self._launcher)
             if not environment.built:
                 note(setup_log, "environment %s reused: Python %s, %s" % (
@@ -429,7 +475,8 @@ class Executor:
         except SetupFailure as exc:
             return self._setup_failed(commit, attempt, exc, setup_log)
         notes = read_log(setup_log, SETUP_LOG_SHOWN_BYTES).rstrip(b"\n") + b"\n[runner: tests]\n"
-        return Setting(environment.python, environment.variables(env), timeout, test_command, environment, notes)
+        return Setting(environment.python, environment.variables(env), timeout, test_command, environment, notes,
+                       unsplit)
 
     def _launcher(self, writable: tuple[str, ...] = ()) -> Launch:
         """How a step of the job starts (isolation.py), in the clone."""
@@ -458,16 +505,18 @@ class Executor:
     # --- the tests -------------------------------------------------------------------
 
     def _run_tests(self, commit: str, attempt: int, setting: Setting, junit_path: str, env: dict,
-                   output_path: str, tests: tuple[str, ...] | None = None) -> tuple[int, str | None, int, str]:
+                   output_path: str, tests: tuple[str, ...] | None = None,
+                   shard: bool = False) -> tuple[int, str | None, int, str]:
         """``_run_tests_once``, its output followed live meanwhile (live_log.py)."""
         try:
-            return self._run_tests_once(commit, attempt, setting, junit_path, env, output_path, tests)
+            return self._run_tests_once(commit, attempt, setting, junit_path, env, output_path, tests, shard)
         finally:
             if self.live is not None:
                 self.live.forget()
 
     def _run_tests_once(self, commit: str, attempt: int, setting: Setting, junit_path: str, env: dict,
-                        output_path: str, tests: tuple[str, ...] | None = None) -> tuple[int, str | None, int, str]:
+                        output_path: str, tests: tuple[str, ...] | None = None,
+                        shard: bool = False) -> tuple[int, str | None, int, str]:
         """Run the tests in the clone: forked from a warm pytest when one is ready for
         this interpreter, else the test command in a new interpreter. Returns what
         ``supervise`` returns, the hash seed the tests ran with, and where their output
@@ -475,6 +524,8 @@ class Executor:
         file in the job's own folder (read without following links)."""
         # Node ids are checked (flaky.is_test_id): none can be taken for an option.
         pytest_args = ["--junitxml", junit_path, *(tests or ())]
+        if shard:
+            pytest_args[:0] = ["-p", sharding.PLUGIN_MODULE]
         zygote = self._take_warm(setting) if not setting.test_command and self._warm_enabled else None
         if zygote is not None:
             log.info("commit %s attempt %d: forked from a warm pytest (%s)", commit, attempt, zygote.description)

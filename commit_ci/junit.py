@@ -157,3 +157,36 @@ def _failure_lines(problem: ElementTree.Element) -> tuple[str, ...]:
         if len(kept) == FAILURE_LINES:
             break
     return tuple(kept)
+
+
+#: Longest a test case's ``time`` may say it took and still count (a day): more is not a duration.
+MAX_CASE_SECONDS = 86400.0
+
+
+def case_times(root: ElementTree.Element) -> list[tuple[str, str, float]]:
+    """Every test case that says how long it took, as (classname, name, seconds); a
+    ``time`` that is not a plain non-negative number of at most MAX_CASE_SECONDS is left out."""
+    found = []
+    for case in root.iter("testcase"):
+        text = case.get("time") or ""
+        try:
+            seconds = float(text)
+        except ValueError:
+            continue
+        if 0.0 <= seconds <= MAX_CASE_SECONDS:  # also false for nan
+            found.append((case.get("classname") or "", case.get("name") or "", seconds))
+    return found
+
+
+def merge(files: list[bytes]) -> bytes:
+    """One JUnit XML file holding the test suites of each of ``files`` (each already
+    plain JUnit: junit.clean's output), in order, under a ``testsuites`` root;
+    JUnitError if one is not plain JUnit or the merge is larger than MAX_BYTES."""
+    merged = ElementTree.Element("testsuites")
+    for data in files:
+        root = parse(data)
+        merged.extend([root] if root.tag == "testsuite" else list(root))
+    data = ElementTree.tostring(merged, encoding="utf-8", xml_declaration=True)
+    if len(data) > MAX_BYTES:
+        raise JUnitError("the merged file is larger than %d bytes" % MAX_BYTES)
+    return data

@@ -103,6 +103,7 @@ def encode(result: Result) -> bytes:
     record["log"] = base64.b64encode(result.log).decode("ascii")
     record["junit"] = None if result.junit is None else base64.b64encode(result.junit).decode("ascii")
     record["failing"] = None if result.failing is None else list(result.failing)
+    record["durations"] = None if result.durations is None else result.durations.decode("ascii", "replace")
     return json.dumps(record).encode("utf-8")
 
 
@@ -127,5 +128,9 @@ def decode(data: bytes) -> Result:
     failing = record.get("failing")
     if failing is not None and not (isinstance(failing, list) and all(isinstance(test, str) for test in failing)):
         raise ValueError("failing tests not a list of ids")
+    durations = record.get("durations")
+    if durations is not None and not isinstance(durations, str):
+        raise ValueError("durations not text")
     return Result(**{name: record.get(name) for name in _PLAIN_FIELDS}, log=log_bytes, junit=junit,
-                  failing=None if failing is None else tuple(failing))
+                  failing=None if failing is None else tuple(failing),
+                  durations=None if durations is None else durations.encode("ascii", "replace"))

@@ -10,6 +10,7 @@ its dependencies where projects declare them). Every key is optional too:
     setup = ["python -m pip install -e vendor/tool"]   # run once, when the environment is built
     test = "python -m pytest -x tests"   # the test command (a shell command, in the clone)
     timeout = 900                        # seconds the tests may take
+    shard = false                        # never split the tests over idle runners (sharding.py; default true)
 
     [env]                                # variables for the setup commands and the tests
     DJANGO_SETTINGS_MODULE = "site.settings"
@@ -43,7 +44,8 @@ MAX_TIMEOUT_S = 24 * 3600.0
 _PYTHON_VERSION = re.compile(r"3\.\d{1,2}\Z")
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 #: Variables the runner sets for a job itself; a commit may not replace them.
-RESERVED_VARIABLES = frozenset({"PATH", "VIRTUAL_ENV", "PYTHONHOME", "CI_COMMIT", "CI_ATTEMPT", "CI_JUNIT_XML"})
+RESERVED_VARIABLES = frozenset({"PATH", "VIRTUAL_ENV", "PYTHONHOME", "CI_COMMIT", "CI_ATTEMPT", "CI_JUNIT_XML",
+                                "CI_SHARD", "CI_SHARD_PLAN"})
 
 
 class ConfigError(ValueError):
@@ -63,6 +65,7 @@ class ProjectConfig:
     timeout: float | None = None  # seconds the tests may take
     env: dict[str, str] = field(default_factory=dict)
     present: bool = False  # the file exists
+    shard: bool = True  # its tests may be split over idle runners (sharding.py)
 
     @property
     def wants_environment(self) -> bool:
@@ -91,7 +94,7 @@ def read_config(clone: str) -> ProjectConfig:
 
 def parse_config(document: dict, clone: str) -> ProjectConfig:
     """Check a parsed config (see the module docstring) against the clone it came from."""
-    known = {"python", "requirements", "dependency-files", "install", "setup", "test", "timeout", "env"}
+    known = {"python", "requirements", "dependency-files", "install", "setup", "test", "timeout", "env", "shard"}
     unknown = sorted(set(document) - known)
     if unknown:
         raise ConfigError("%s: unknown key %r (known: %s)" % (CONFIG_NAME, unknown[0][:40], ", ".join(sorted(known))))
@@ -101,6 +104,9 @@ def parse_config(document: dict, clone: str) -> ProjectConfig:
     install = document.get("install", True)
     if not isinstance(install, bool):
         raise ConfigError("%s: install must be true or false" % CONFIG_NAME)
+    shard = document.get("shard", True)
+    if not isinstance(shard, bool):
+        raise ConfigError("%s: shard must be true or false" % CONFIG_NAME)
     timeout = document.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not 0 < timeout <= MAX_TIMEOUT_S):
@@ -118,6 +124,7 @@ def parse_config(document: dict, clone: str) -> ProjectConfig:
         timeout=float(timeout) if timeout is not None else None,
         env=_variables(document.get("env", {})),
         present=True,
+        shard=shard,
     )
 
 

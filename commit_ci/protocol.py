@@ -49,6 +49,11 @@ MAX_LOG_BYTES = 8 * 1024 * 1024
 MAX_JUNIT_BYTES = 8 * 1024 * 1024
 #: JSON document in an ``OK`` reply (operator queries).
 MAX_JSON_BYTES = 16 * 1024 * 1024
+#: A sharded run's plan (sharding.py: test files to shards, JSON), which a runner
+#: hands its tests in one environment variable (Linux allows 128 KiB), and the
+#: durations of the test files a result carries (at most 5000 lines of seconds and a path).
+MAX_PLAN_BYTES = 96 * 1024
+MAX_DURATIONS_BYTES = 5000 * 524
 #: A chunk of a running job's live output (``live-log``, live_log.py), and of an
 #: answer to ``tail``; a larger one is refused whole.
 MAX_LIVE_CHUNK_BYTES = 64 * 1024
@@ -72,6 +77,14 @@ def parse_count(text: str) -> int:
     if not is_decimal(text):
         raise ProtocolError("invalid count (want a non-negative integer)")
     return int(text)
+
+
+def parse_shard(text: str) -> int:
+    """A shard number or count: 1 to 64 (sharding.MAX_SHARDS)."""
+    value = parse_count(text)
+    if not 1 <= value <= 64:
+        raise ProtocolError("invalid shard (want 1 to 64)")
+    return value
 
 
 def parse_attempt(text: str) -> int:
@@ -183,6 +196,9 @@ JSON_SECTION = Section("json", MAX_JSON_BYTES, truncate=False)
 #: A longer list is dropped whole (a cut list would rerun only some of them).
 TESTS_SECTION = Section("tests", MAX_TEST_IDS_BYTES, truncate=False)
 FAILING_SECTION = Section("failing", MAX_TEST_IDS_BYTES, truncate=False)
+#: A shard's plan (``runtest``) and a result's test file durations (sharding.py): dropped whole when longer.
+PLAN_SECTION = Section("plan", MAX_PLAN_BYTES, truncate=False)
+DURATIONS_SECTION = Section("durations", MAX_DURATIONS_BYTES, truncate=False)
 #: Bytes of a running job's output (live_log.py).
 CHUNK_SECTION = Section("chunk", MAX_LIVE_CHUNK_BYTES, truncate=False)
 
@@ -228,7 +244,7 @@ REQUESTS: dict[str, Verb] = {
                 ("requires", parse_requirement),
                 ("retry", parse_retry),
             ),
-            sections=(LOG_SECTION, JUNIT_SECTION, FAILING_SECTION),
+            sections=(LOG_SECTION, JUNIT_SECTION, FAILING_SECTION, DURATIONS_SECTION),
             roles=(RUNNER,),
         ),
         # a running job's output, a chunk at a time, while it runs (live_log.py)
@@ -243,8 +259,9 @@ REQUESTS: dict[str, Verb] = {
         Verb("cancel", positional=(("commit", parse_commit),), roles=(OPERATOR,)),
         # to a runner
         Verb("ping"),
+        # shard=I shards=K plan=...: run shard I of K alone (sharding.py)
         Verb("runtest", positional=(("commit", parse_commit), ("attempt", parse_attempt)),
-             sections=(TESTS_SECTION,)),
+             options=(("shard", parse_shard), ("shards", parse_shard)), sections=(TESTS_SECTION, PLAN_SECTION)),
         Verb("stop", positional=(("commit", parse_commit), ("attempt", parse_attempt))),
         Verb("fetch", positional=(("commit", parse_commit),)),
     )

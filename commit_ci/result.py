@@ -42,6 +42,7 @@ SUMMARY_FIELDS = (
     "flaky_tests",
     "reruns",
     "first_failing",
+    "shards",
 )
 #: The test counts, as JUnit XML gives them (junit.counts) and the protocol carries them.
 COUNT_FIELDS = ("passed", "failed", "errors", "skipped")
@@ -69,6 +70,7 @@ class Result:
     flaky_tests: list[str] | None = None  # tests that failed, then passed when run again (None: before flaky.py)
     reruns: list[dict] | None = None  # one entry per rerun of the failing tests (flaky.py), the first first
     first_failing: str | None = None  # of a failed commit: the first failing commit of its branch, once known (culprit.py)
+    shards: list[dict] | None = None  # of a sharded run: one entry per shard (sharding.py); [] when unsharded
     # Travel with the result, not in <sha>.json:
     attempt: int | None = None  # the attempt id the dispatcher gave out
     requires: str | None = None  # a declined job: what the commit asks for ("python3.12")
@@ -76,6 +78,7 @@ class Result:
     failing: tuple[str, ...] | None = None  # with retry "tests": node ids of the tests that failed
     log: bytes = b""  # the test output
     junit: bytes | None = None  # the JUnit XML; the dispatcher keeps only junit.clean's copy
+    durations: bytes | None = None  # seconds per test file, as the wire carries them (sharding.encode_durations)
 
     def summary(self) -> dict:
         """What ``<sha>.json`` holds: every summary field, in a stable order."""
@@ -95,7 +98,8 @@ class Result:
         return request("results", commit=self.commit, attempt=self.attempt, status=self.status,
                        **self.counts(), duration=self.duration_s, reason=self.reason, hash_seed=self.hash_seed,
                        requires=self.requires, retry=self.retry, log=self.log, junit=self.junit,
-                       failing=None if self.failing is None else encode_test_ids(self.failing))
+                       failing=None if self.failing is None else encode_test_ids(self.failing),
+                       durations=self.durations)
 
     @classmethod
     def from_message(cls, message: Message) -> "Result":
@@ -113,4 +117,5 @@ class Result:
                    reason=values.get("reason"), hash_seed=values.get("hash_seed"), requires=values.get("requires"),
                    retry=retry, failing=failing,
                    log=message.sections.get("log", b""),
-                   junit=message.sections.get("junit") or None)
+                   junit=message.sections.get("junit") or None,
+                   durations=message.sections.get("durations") if "durations" not in message.truncated else None)

@@ -16,6 +16,12 @@ failure -- and the report and the log then have a section per rerun, marked by a
 by that rerun's output; ``<sha>.json`` lists the reruns (``reruns``) and the tests
 found flaky (``flaky_tests``). The reruns' JUnit XML is read for their outcomes, not kept.
 
+A run split in shards over idle runners (sharding.py) has the same four files too,
+merged: ``<sha>.json`` has the summed counts and one entry per shard (``shards``), the
+report a line per shard, the report and ``<sha>.log`` the output of each shard in a
+section of its own, marked by a line ``==== shard I of K: runner ...``, and
+``<sha>.xml`` the test suites of every shard under one ``testsuites`` root.
+
 Each file is written atomically; ``<sha>.json`` is written last and is the mark that
 a commit's result is complete: on start-up the dispatcher trusts it over its own
 database (it may have died between writing the files and recording the job), when it
@@ -142,6 +148,14 @@ def render_report(result: Result, output: str) -> str:
                 "the whole test command" if tests is None else ", ".join(tests),
                 "; still failing: %s" % ", ".join(entry["failing"]) if entry.get("failing") else ""))
         lines.append("flaky:     %s" % (", ".join(result.flaky_tests) if result.flaky_tests else "-"))
+    if result.shards:
+        lines.append("shards:    %d (split over idle runners; a section per shard in the output below)"
+                     % len(result.shards))
+        for entry in result.shards:
+            lines.append("  shard %s: %s on runner %s (attempt %s), %s passed, %s failed, %s errors, %s skipped, %s s%s" % (
+                entry.get("shard"), entry.get("status"), entry.get("runner"), entry.get("attempt"), entry.get("passed"),
+                entry.get("failed"), entry.get("errors"), entry.get("skipped"), entry.get("duration_s"),
+                " (%s)" % entry["reason"] if entry.get("reason") else ""))
     if result.first_failing:
         lines.append("broken by: %s (the first failing commit of its branch)" % result.first_failing)
     lines += [

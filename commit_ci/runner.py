@@ -38,6 +38,7 @@ import threading
 
 import git
 
+from commit_ci import sharding
 from commit_ci.daemon import add_logging_arguments, install_stop_signals, setup_logging
 from commit_ci.dispatcher_link import RESULTS_TIMEOUT_S, DispatcherLink
 from commit_ci.environments import (
@@ -49,7 +50,7 @@ from commit_ci.environments import (
     default_cache_dir,
     find_interpreters,
 )
-from commit_ci.executor import SHUTTING_DOWN, Executor
+from commit_ci.executor import SHUTTING_DOWN, Executor, ShardSpec
 from commit_ci.flaky import MAX_TEST_IDS_BYTES, decode_test_ids
 from commit_ci.isolation import (
     DEFAULT_JOB_USER,
@@ -156,6 +157,8 @@ class TestRunner:
         self._cancelled: set[tuple[str, int]] = set()
         #: Of ``_job`` and ``_next``, those that rerun failing tests: the tests' node ids.
         self._tests: dict[tuple[str, int], tuple[str, ...]] = {}
+        #: Of ``_job`` and ``_next``, those that run one shard of the tests (sharding.py).
+        self._shards: dict[tuple[str, int], ShardSpec] = {}
         self._threads: list[threading.Thread] = []
         #: The commit the dispatcher last said is queued, to fetch ahead (``_fetch_loop``).
         self._fetch_cond = threading.Condition()
@@ -190,6 +193,7 @@ class TestRunner:
             commit, attempt = message.fields["commit"], message.fields["attempt"]
             try:
                 tests = self._tests_asked(message)
+                shard = self._shard_asked(message)
             except ValueError as exc:
                 log.warning("commit %s attempt %d offered by %s with tests to run that are not test ids: %s",
                             commit, attempt, peer, exc)
@@ -209,9 +213,12 @@ class TestRunner:
                     self._next = (commit, attempt)
                 if tests is not None:
                     self._tests[(commit, attempt)] = tests
+                if shard is not None:
+                    self._shards[(commit, attempt)] = shard
                 self._cond.notify_all()
             log.info("commit %s attempt %d accepted from %s%s", commit, attempt, peer,
-                     "" if tests is None else ": a rerun of %d failing test(s)" % len(tests))
+                     ": a rerun of %d failing test(s)" % len(tests) if tests is not None else
+                     ": shard %d of %d" % (shard.shard, shard.shards) if shard is not None else "")
             return reply("OK")
         if message.verb == "fetch":
             with self._fetch_cond:
@@ -234,6 +241,21 @@ class TestRunner:
             return reply("OK")
         log.warning("%s sent %s, which is for the dispatcher", peer, message.verb)
         return error("%s is not a runner request" % message.verb)
+
+    @staticmethod
+    def _shard_asked(message: Message) -> ShardSpec | None:
+        """The shard a ``runtest`` asks to run alone (sharding.py), or None for all the
+        tests; ValueError if its number, count or plan are not ones (the plan's paths
+        came from a commit's tests, and reach pytest's plugin here)."""
+        shard, shards = message.get("shard"), message.get("shards")
+        if shard is None and shards is None:
+            return None
+        if shard is None or shards is None or shard > shards or "tests" in message.sections:
+            raise ValueError("a shard needs shard=I and shards=K, 1 <= I <= K, and no tests")
+        if "plan" in message.truncated:
+            raise ValueError("the plan is longer than its limit")
+        plan = sharding.decode_plan(message.sections.get("plan") or b"{}", shards)
+        return ShardSpec(shard, shards, sharding.encode_plan(plan))
 
     @staticmethod
     def _tests_asked(message: Message) -> tuple[str, ...] | None:
@@ -288,18 +310,20 @@ class TestRunner:
                     job = self._job
                     self._job = self._next = None
                     self._tests.clear()
+                    self._shards.clear()
                     break
                 commit, attempt = self._job
                 cancelled = self._job in self._cancelled
                 self._cancelled.discard(self._job)
                 tests = self._tests.pop(self._job, None)
+                shard = self._shards.pop(self._job, None)
                 if not cancelled:
                     self.job_stop.clear()
                     self._started = self._job
             if cancelled:
                 result = Result(commit, ReportedStatus.ABORTED.value, attempt=attempt, reason=CANCELLED)
             else:
-                result = self._run(commit, attempt, tests)
+                result = self._run(commit, attempt, tests, shard)
             with self._cond:
                 if self._stopped == (commit, attempt) and result.status == ReportedStatus.ABORTED:
                     result.reason = CANCELLED
@@ -334,9 +358,9 @@ class TestRunner:
             except Exception:  # noqa: BLE001 - the checkout fetches what this did not
                 log.exception("commit %s: fetch ahead failed", commit)
 
-    def _run(self, commit: str, attempt: int, tests: tuple[str, ...] | None) -> Result:
+    def _run(self, commit: str, attempt: int, tests: tuple[str, ...] | None, shard: ShardSpec | None = None) -> Result:
         try:
-            return self.executor.run(commit, attempt, tests)
+            return self.executor.run(commit, attempt, tests, shard)
         except Exception as exc:  # noqa: BLE001 - a fault of this runner, not a verdict: retried elsewhere
             log.exception("commit %s attempt %d: the runner failed", commit, attempt)
             return Result(commit, ReportedStatus.ERROR.value, attempt=attempt,

@@ -92,6 +92,24 @@ FLAKY_TESTS_TABLE = """CREATE TABLE IF NOT EXISTS flaky_tests (
     finished_at REAL NOT NULL,          -- when its run got its verdict
     PRIMARY KEY (commit_id, run, test)
 )"""
+#: The tables of shards and test file durations, which version 7 added (in SCHEMA too, for new files).
+SHARDS_TABLE = """CREATE TABLE IF NOT EXISTS shards (
+    commit_id   TEXT NOT NULL,
+    run         INTEGER NOT NULL,
+    shard       INTEGER NOT NULL,       -- 1 to shards
+    shards      INTEGER NOT NULL,       -- how many the run's first round has
+    plan        TEXT NOT NULL,          -- test files to shards, JSON (sharding.plan): the same in every row of a run
+    attempt     INTEGER,                -- the attempt out on it; NULL: waiting for a runner, or done
+    summary     TEXT,                   -- its result (sharding.entry) as JSON once it has one; NULL: not yet
+    log         BLOB,                   -- its output and JUnit XML, until the run's round 0 is merged
+    junit       BLOB,
+    PRIMARY KEY (commit_id, run, shard)
+)"""
+DURATIONS_TABLE = """CREATE TABLE IF NOT EXISTS test_durations (
+    path        TEXT PRIMARY KEY,       -- a test file (sharding.is_test_path)
+    seconds     REAL NOT NULL,          -- how long its tests took in the newest run that ran it
+    updated     REAL NOT NULL           -- when that was: the oldest go first past MAX_DURATION_FILES
+)"""
 #: The notifications outbox and each branch's last noticed state, which version 8 added
 #: (in SCHEMA too, for new files): see "Notifications" below and notify.py.
 NOTIFICATIONS_TABLE = """CREATE TABLE IF NOT EXISTS notifications (
@@ -139,12 +157,15 @@ MIGRATIONS = {
     6: ("ALTER TABLE jobs ADD COLUMN bisect INTEGER",
         "ALTER TABLE jobs ADD COLUMN first_failing TEXT",
         "ALTER TABLE jobs ADD COLUMN first_failing_pending INTEGER"),
-    # Placeholder for the sharding branch's version 7 (merged separately): it replaces this line.
-    7: (),
+    7: ("ALTER TABLE jobs ADD COLUMN shards INTEGER",
+        "ALTER TABLE attempts ADD COLUMN shard INTEGER",
+        SHARDS_TABLE, DURATIONS_TABLE),
     # Only new tables: a branch with no row in branch_notices has its first change noticed
     # as one from pending (see _notice_branches).
     8: (NOTIFICATIONS_TABLE, BRANCH_NOTICES_TABLE, NOTIFICATIONS_INDEX),
 }
+#: Test files whose durations are kept (sharding.py); past it, the least recently run go.
+MAX_DURATION_FILES = 20_000
 
 #: The orders the queue can be taken in (the dispatcher's ``--order``): ``tip``, each
 #: branch's newest commit first, then the others newest first; ``fifo``, oldest first.
@@ -207,7 +228,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     retest          TEXT,               -- the round's tests to run again, JSON node ids; NULL: all of them
     bisect          INTEGER,            -- its rank in a bisection that needs its verdict (culprit.py); NULL: none
     first_failing   TEXT,               -- a failed commit's culprit, once known (culprit.py)
-    first_failing_pending INTEGER       -- 1: its result files do not name first_failing yet
+    first_failing_pending INTEGER,      -- 1: its result files do not name first_failing yet
+    shards          INTEGER             -- its run's first round is split in this many shards (sharding.py); NULL: not
 );
 -- Only queued and running jobs are ever looked up by state, so index only them:
 -- each index stays as small as the queue (or the runners), however long the
@@ -236,7 +258,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     ended_at    REAL,
     outcome     TEXT,                   -- NULL while out; see Outcome
     run         INTEGER NOT NULL DEFAULT 1, -- the job's run it belongs to
-    round       INTEGER NOT NULL DEFAULT 0  -- and the run's round
+    round       INTEGER NOT NULL DEFAULT 0, -- and the run's round
+    shard       INTEGER                 -- and the shard of that round it runs (sharding.py); NULL: all of it
 );
 CREATE INDEX IF NOT EXISTS attempts_by_commit ON attempts (commit_id);
 -- Every branch each commit came on, in the order the branch got them (seq): its
@@ -269,7 +292,8 @@ CREATE TABLE IF NOT EXISTS runners (
     offers        TEXT                -- what it can run, space-separated ("python3.11 python3.12")
 );
 -- How each run of a commit ended, earlier ones included (their files are kept too).
-""" + RUNS_TABLE + ";\n" + ROUNDS_TABLE + ";\n" + FLAKY_TESTS_TABLE + """;
+""" + RUNS_TABLE + ";\n" + ROUNDS_TABLE + ";\n" + FLAKY_TESTS_TABLE + ";\n" + SHARDS_TABLE + ";\n" + DURATIONS_TABLE + """;
+CREATE INDEX IF NOT EXISTS test_durations_by_time ON test_durations (updated);
 CREATE INDEX IF NOT EXISTS flaky_tests_by_time ON flaky_tests (finished_at);
 -- The newest runs, which the rate of a flaky test is over (flakiest), read by time.
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs (finished_at);
@@ -295,6 +319,7 @@ class Job:
     retest: tuple[str, ...] | None = None  # the round's tests (None: the whole test command)
     bisect: int | None = None  # its rank in a bisection (culprit.py)
     first_failing: str | None = None  # a failed commit's culprit, once known
+    shards: int | None = None  # its run's round 0 is split in this many shards (sharding.py)
 
 
 @dataclass(frozen=True)
@@ -334,6 +359,23 @@ class Attempt:
     outcome: Outcome | None
     run: int = 1
     round: int = 0
+    shard: int | None = None  # the shard of the round it runs (sharding.py)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard of a run in progress (sharding.py): its plan, its attempt out (None:
+    none) and, once it has one, its result (``summary``: sharding.entry, output, XML)."""
+
+    commit: str
+    run: int
+    shard: int
+    shards: int
+    plan: bytes
+    attempt: int | None
+    summary: dict | None
+    log: bytes
+    junit: bytes | None
 
 
 @dataclass(frozen=True)
@@ -435,7 +477,15 @@ class JobStore:
                 )
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[target]:
-                    db.execute(statement)
+                    if not _column_there(db, statement):
+                        db.execute(statement)
+            if row and has_meta:
+                # A file whose version says it has them and that lacks columns of a
+                # migration (made while version 7 was a placeholder, before sharding
+                # was merged) gets them now; the tables come with SCHEMA below.
+                for statement in MIGRATIONS[7]:
+                    if statement.startswith("ALTER TABLE") and not _column_there(db, statement):
+                        db.execute(statement)
             if row:
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
         # executescript commits on its own; the statements are idempotent.
@@ -936,6 +986,9 @@ class JobStore:
         since, put it back to running on that attempt instead of running it twice."""
         with self.transaction() as db:
             row = db.execute("SELECT state, current_attempt FROM jobs WHERE commit_id = ?", (commit,)).fetchone()
+            shard = db.execute("SELECT shard FROM attempts WHERE id = ?", (attempt_id,)).fetchone()
+            if row is not None and shard is not None and shard["shard"] is not None:
+                return self._adopt_shard(db, commit, attempt_id, runner, JobState(row["state"]))
             if row is None or row["state"] != JobState.QUEUED.value or row["current_attempt"] != attempt_id:
                 return False
             outcome = db.execute("SELECT outcome FROM attempts WHERE id = ?", (attempt_id,)).fetchone()["outcome"]
@@ -947,6 +1000,127 @@ class JobStore:
             db.execute("UPDATE jobs SET runner = ? WHERE commit_id = ?", (runner, commit))
             db.execute("UPDATE attempts SET ended_at = NULL, outcome = NULL WHERE id = ?", (attempt_id,))
             return True
+
+    def _adopt_shard(self, db: sqlite3.Connection, commit: str, attempt_id: int, runner: str, state: JobState) -> bool:
+        """adopt, for an attempt at a shard: its shard must be waiting, without a result."""
+        attempt = db.execute("SELECT a.outcome, s.shard FROM attempts a JOIN shards s ON s.commit_id = a.commit_id"
+                             " AND s.run = a.run AND s.shard = a.shard JOIN jobs j ON j.commit_id = a.commit_id"
+                             " AND j.run = a.run AND j.round = a.round"
+                             " WHERE a.id = ? AND s.attempt IS NULL AND s.summary IS NULL", (attempt_id,)).fetchone()
+        if attempt is None or attempt["outcome"] not in ADOPTABLE or state not in (JobState.QUEUED, JobState.RUNNING):
+            return False
+        if state is JobState.QUEUED:
+            self._move(db, commit, JobState.RUNNING)
+        db.execute("UPDATE shards SET attempt = ? WHERE commit_id = ? AND shard = ? AND summary IS NULL",
+                   (attempt_id, commit, attempt["shard"]))
+        db.execute("UPDATE jobs SET runner = ? WHERE commit_id = ?", (runner, commit))
+        db.execute("UPDATE attempts SET ended_at = NULL, outcome = NULL WHERE id = ?", (attempt_id,))
+        return True
+
+    # --- shards (sharding.py) ---------------------------------------------------------
+
+    def durations(self) -> dict[str, float]:
+        """Seconds per test file, as the newest run of each took (at most MAX_DURATION_FILES)."""
+        with self._lock:
+            rows = self._db.execute("SELECT path, seconds FROM test_durations").fetchall()
+        return {row["path"]: row["seconds"] for row in rows}
+
+    def learn_durations(self, durations: dict[str, float], now: float) -> None:
+        """Keep the durations a run measured (checked by sharding.decode_durations),
+        dropping the least recently run files past MAX_DURATION_FILES."""
+        if not durations:
+            return
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO test_durations (path, seconds, updated) VALUES (?, ?, ?)",
+                           [(path, seconds, now) for path, seconds in durations.items()])
+            db.execute("DELETE FROM test_durations WHERE path IN (SELECT path FROM test_durations"
+                       " ORDER BY updated DESC LIMIT -1 OFFSET ?)", (MAX_DURATION_FILES,))
+
+    def split(self, commit: str, shards: int, plan: bytes) -> None:
+        """Split the queued first round of ``commit``'s run in ``shards`` shards, each
+        waiting for a runner, with ``plan`` (sharding.encode_plan)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT state, run, round, shards FROM jobs WHERE commit_id = ?", (commit,)).fetchone()
+            if row is None or row["state"] != JobState.QUEUED.value or row["round"] != 0 or row["shards"]:
+                raise InvalidTransition("job %s cannot be split now" % commit)
+            db.executemany("INSERT OR REPLACE INTO shards (commit_id, run, shard, shards, plan) VALUES (?, ?, ?, ?, ?)",
+                           [(commit, row["run"], shard, shards, plan.decode("ascii")) for shard in range(1, shards + 1)])
+            db.execute("UPDATE jobs SET shards = ? WHERE commit_id = ?", (shards, commit))
+
+    def waiting_shards(self, limit: int) -> list[tuple[Job, int]]:
+        """Up to ``limit`` shards waiting for a runner, each with its job: the oldest job first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT j.*, s.shard AS waiting FROM shards s JOIN jobs j ON j.commit_id = s.commit_id AND j.run = s.run"
+                " WHERE s.attempt IS NULL AND s.summary IS NULL AND j.round = 0 AND j.state IN ('queued', 'running')"
+                " ORDER BY j.seq, s.shard LIMIT ?", (limit,)).fetchall()
+        return [(_job(row), row["waiting"]) for row in rows]
+
+    def assign_shard(self, commit: str, shard: int, runner: str, now: float) -> int:
+        """Give a waiting shard of ``commit``'s run to ``runner`` (its job running, if it
+        was queued); returns the new attempt id."""
+        with self.transaction() as db:
+            if db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["state"] == "queued":
+                self._move(db, commit, JobState.RUNNING)
+                db.execute("UPDATE jobs SET started_at = ? WHERE commit_id = ?", (now, commit))
+            attempt_id = db.execute(
+                "INSERT INTO attempts (commit_id, runner, assigned_at, run, round, shard)"
+                " SELECT ?, ?, ?, run, round, ? FROM jobs WHERE commit_id = ?", (commit, runner, now, shard, commit)
+            ).lastrowid
+            updated = db.execute("UPDATE shards SET attempt = ? WHERE commit_id = ? AND shard = ? AND attempt IS NULL"
+                                 " AND summary IS NULL AND run = (SELECT run FROM jobs WHERE commit_id = ?)",
+                                 (attempt_id, commit, shard, commit)).rowcount
+            if not updated:
+                raise InvalidTransition("shard %d of job %s is not waiting" % (shard, commit))
+            db.execute("UPDATE jobs SET current_attempt = ?, runner = ? WHERE commit_id = ?", (attempt_id, runner, commit))
+            return attempt_id
+
+    def shards_of(self, commit: str, run: int) -> list[Shard]:
+        """The shards of ``commit``'s run ``run`` (in progress), the first first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM shards WHERE commit_id = ? AND run = ? ORDER BY shard",
+                                    (commit, run)).fetchall()
+        return [_shard(row) for row in rows]
+
+    def requeue_shard(self, attempt_id: int, outcome: Outcome, now: float, requires: str | None = None) -> bool:
+        """End an attempt at a shard without a result: the shard waits for a runner
+        again (the job goes back to the queue when no other shard of it is out).
+        False if the attempt was not the shard's own."""
+        with self.transaction() as db:
+            self._end_attempt(db, attempt_id, outcome, now)
+            waiting = db.execute("UPDATE shards SET attempt = NULL WHERE attempt = ? AND summary IS NULL",
+                                 (attempt_id,)).rowcount
+            commit = db.execute("SELECT commit_id FROM attempts WHERE id = ?", (attempt_id,)).fetchone()[0]
+            if waiting and requires is not None:
+                db.execute("UPDATE jobs SET requires = ? WHERE commit_id = ?", (requires, commit))
+            out = db.execute("SELECT 1 FROM shards s JOIN jobs j ON j.commit_id = s.commit_id AND j.run = s.run"
+                             " WHERE s.commit_id = ? AND s.attempt IS NOT NULL", (commit,)).fetchone()
+            state = db.execute("SELECT state FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["state"]
+            if waiting and out is None and state == JobState.RUNNING.value:
+                self._move(db, commit, JobState.QUEUED)  # nothing of it out: queued, as ci-ctl queue shows it
+            return bool(waiting)
+
+    def keep_shard(self, attempt_id: int, summary: dict, log: bytes, junit: bytes | None,
+                   now: float) -> tuple[bool, int | None]:
+        """Keep the verdict of an attempt at a shard of the run in progress, unless that
+        shard has one already: (kept, the attempt out on the same shard that it
+        supersedes, if any). A late verdict of an attempt the shard was taken back
+        from counts, as a job's does: the shard's test files ran at the same commit."""
+        with self.transaction() as db:
+            row = db.execute("SELECT s.attempt FROM attempts a JOIN shards s ON s.commit_id = a.commit_id"
+                             " AND s.run = a.run AND s.shard = a.shard WHERE a.id = ? AND s.summary IS NULL",
+                             (attempt_id,)).fetchone()
+            if row is None:
+                self._end_attempt(db, attempt_id, Outcome.SUPERSEDED, now)
+                return False, None
+            db.execute("UPDATE shards SET summary = ?, log = ?, junit = ?, attempt = NULL"
+                       " WHERE (commit_id, run, shard) = (SELECT commit_id, run, shard FROM attempts WHERE id = ?)",
+                       (json.dumps(summary), log, junit, attempt_id))
+            self._end_attempt(db, attempt_id, Outcome(summary["status"]), now)
+            other = row["attempt"] if row["attempt"] != attempt_id else None
+            if other is not None:
+                self._end_attempt(db, other, Outcome.SUPERSEDED, now)
+            return True, other
 
     def requeue(self, commit: str, attempt_id: int, outcome: Outcome, now: float, requires: str | None = None) -> None:
         """End a running attempt without a verdict and put its job back in the queue;
@@ -1036,6 +1210,7 @@ class JobStore:
                            " SELECT commit_id, run, ?, ?, ? FROM jobs WHERE commit_id = ?",
                            [(test, json.dumps(outcomes), now, commit) for test, outcomes in flaky])
             db.execute("DELETE FROM rounds WHERE commit_id = ?", (commit,))
+            db.execute("DELETE FROM shards WHERE commit_id = ?", (commit,))
             if summary is not None:
                 self._notice(db, commit, state, summary, failing, now)
 
@@ -1045,7 +1220,7 @@ class JobStore:
         with self.transaction() as db:
             self._move(db, commit, JobState.QUEUED)
             db.execute("UPDATE jobs SET run = run + 1, queued_at = ?, requires = NULL, round = 0, retest = NULL,"
-                       " bisect = NULL"
+                       " bisect = NULL, shards = NULL"
                        " WHERE commit_id = ?", (now, commit))
             return db.execute("SELECT run FROM jobs WHERE commit_id = ?", (commit,)).fetchone()["run"]
 
@@ -1062,6 +1237,7 @@ class JobStore:
             db.execute("INSERT OR REPLACE INTO runs (commit_id, run, status, finished_at, summary) VALUES (?, ?, ?, ?, NULL)",
                        (commit, row["run"], JobState.CANCELLED.value, now))
             db.execute("DELETE FROM rounds WHERE commit_id = ?", (commit,))
+            db.execute("DELETE FROM shards WHERE commit_id = ?", (commit,))
             return verdict
 
     def recover(self, now: float) -> int:
@@ -1072,6 +1248,7 @@ class JobStore:
                 (now, Outcome.INTERRUPTED.value),
             )
             requeued = db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+            db.execute("UPDATE shards SET attempt = NULL WHERE summary IS NULL")
             self._counted(JobState.RUNNING, JobState.QUEUED, requeued)
             return requeued
 
@@ -1299,6 +1476,15 @@ def _facts(summary: str | None) -> dict:
     return facts if isinstance(facts, dict) else {}
 
 
+def _column_there(db: sqlite3.Connection, statement: str) -> bool:
+    """Whether ``statement`` adds a column (``ALTER TABLE t ADD COLUMN c ...``) that its
+    table has already; False for any other statement."""
+    words = statement.split()
+    if words[:2] != ["ALTER", "TABLE"] or words[3:5] != ["ADD", "COLUMN"]:
+        return False
+    return any(column[1] == words[5] for column in db.execute("PRAGMA table_info(%s)" % words[2]))
+
+
 def _job(row: sqlite3.Row) -> Job:
     return Job(
         commit=row["commit_id"],
@@ -1316,6 +1502,7 @@ def _job(row: sqlite3.Row) -> Job:
         retest=None if row["retest"] is None else tuple(json.loads(row["retest"])),
         bisect=row["bisect"],
         first_failing=row["first_failing"],
+        shards=row["shards"],
     )
 
 
@@ -1329,4 +1516,11 @@ def _attempt(row: sqlite3.Row) -> Attempt:
         outcome=Outcome(row["outcome"]) if row["outcome"] else None,
         run=row["run"],
         round=row["round"],
+        shard=row["shard"],
     )
+
+
+def _shard(row: sqlite3.Row) -> Shard:
+    return Shard(row["commit_id"], row["run"], row["shard"], row["shards"], row["plan"].encode("ascii"),
+                 row["attempt"], None if row["summary"] is None else json.loads(row["summary"]),
+                 row["log"] or b"", row["junit"])

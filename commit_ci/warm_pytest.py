@@ -209,6 +209,10 @@ def _become_job(job: dict, channels: tuple[int, int]) -> None:
         sys.argv = [os.path.join(os.path.dirname(pytest.__file__), "__main__.py"), *job["args"]]
         # What ``python -m`` puts first on the path: the working directory.
         sys.path.insert(0, os.getcwd())
+        # Then what a fresh one puts next: the job's $PYTHONPATH folders that the
+        # zygote's own start did not put there (a shard's plugin folder, sharding.py).
+        added = [folder for folder in job["env"].get("PYTHONPATH", "").split(os.pathsep) if folder]
+        sys.path[1:1] = [folder for folder in dict.fromkeys(added) if folder not in sys.path]
         # What pytest/__main__.py calls (pytest 9.1 made the public name deprecated).
         console_main = getattr(_pytest.config, "_console_main", None) or pytest.console_main
         code = console_main()

@@ -46,6 +46,8 @@ EXPECTED_ROWS = [
     ("flaky", "deterministic failure"),
     ("culprit", "32 commits pushed at once, 2 runners, commit 13 breaks a test for good"),
     ("culprit", "the same with --coalesce"),
+    ("sharding", "8 files of one 0.1 s test, 2 idle runners, push -> result, durations learned"),
+    ("sharding", "the commit before, nothing learned yet"),
 ]
 #: "-": a figure reported without a target (recovery times).
 VERDICTS = {"met", "missed", "not available", "-"}

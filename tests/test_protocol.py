@@ -75,6 +75,8 @@ SAMPLE_VALUES: dict[str, object] = {
     "tip": "b" * 40,
     "retry": "tests",
     "window": 100,
+    "shard": 2,
+    "shards": 4,
     "offset": 65536,
 }
 ERR_REASON = "unknown commit or attempt: 100% sure = yes"
@@ -84,6 +86,8 @@ SAMPLE_SECTIONS = {
     "json": b'{"queued": ["abc"], "note": "\\u20ac"}',
     "tests": b"tests/test_a.py::TestX::test_y[a b]\ntest_b.py::test_z\n",
     "failing": b"tests/test_a.py::TestX::test_y[a b]\n",
+    "plan": b'{"tests/test_a.py":1,"tests/test_b.py":2}',
+    "durations": b"1.250 tests/test_a.py\n0.010 tests/test_b.py\n",
     "chunk": b"LIVE step one\n\x00\xff partial",
 }
 
