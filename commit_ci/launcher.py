@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("repository", metavar="REPOSITORY", help="path or URL of the git repository to test")
     parser.add_argument("--runners", type=int, default=2, help="number of test runners (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8888, help="dispatcher port on 127.0.0.1 (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8889,
+                        help="port on 127.0.0.1 of the live results page, /api and /metrics (default: %(default)s; "
+                        "0: none)")
     parser.add_argument("--work-dir", help="clones, logs and the shared secret (default: a folder for "
                         "REPOSITORY under $XDG_CACHE_HOME/ci-local, else ~/.cache/ci-local)")
     parser.add_argument("--results-dir", default="test_results", help="result files (default: %(default)s)")
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "dispatcher",
         module_argv("dispatcher", "--host", "127.0.0.1", "--port", str(args.port),
                     "--results-dir", os.path.abspath(args.results_dir), "--repo", os.path.join(work_dir, "dispatcher"),
-                    *secret_option),
+                    *(["--http-port", str(args.http_port)] if args.http_port else []), *secret_option),
         os.path.join(logs, "dispatcher.log"),
     )
     runner_options = []
@@ -342,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
              source, args.runners, os.path.abspath(args.results_dir), logs)
     log.info("to ask it yourself: ci-ctl --dispatcher-server %s --secret-file %s status",
              dispatcher_address, os.path.join(work_dir, "secret"))
+    if args.http_port:
+        log.info("live results page: http://127.0.0.1:%d/", args.http_port)
     status = 0
     try:
         dispatcher.start()

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sysconfig
+import urllib.request
 
 import pytest
 
@@ -18,9 +19,10 @@ from conftest import PASSING_TEST, descendants, free_port, module_argv, wait_unt
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "terminal closed"])
 def test_launcher_runs_everything_and_stops_cleanly(processes, upstream, tmp_path, stop_signal):
     results = tmp_path / "results"
+    http_port = free_port()
     launcher = processes.start(
         "ci-local",
-        module_argv("launcher", "--port", str(free_port()), "--runners", "2",
+        module_argv("launcher", "--port", str(free_port()), "--http-port", str(http_port), "--runners", "2",
                     "--work-dir", str(tmp_path / "work"), "--results-dir", str(results), "--interval", "0.2",
                     str(upstream.path)),
         env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
@@ -41,6 +43,14 @@ def test_launcher_runs_everything_and_stops_cleanly(processes, upstream, tmp_pat
     output = launcher.log()
     assert re.search(r"running  %s on runner-[12] \(attempt \d+\)" % second[:12], output)
     assert " INFO " not in output
+    # The live page, where the launcher says it is.
+    assert "live results page: http://127.0.0.1:%d/" % http_port in output
+
+    def page() -> str:
+        with urllib.request.urlopen("http://127.0.0.1:%d/" % http_port, timeout=10) as answer:
+            return answer.read().decode("utf-8")
+
+    wait_until(lambda: second[:12] in page(), timeout=30, message="the second commit on the page")
 
     launcher.popen.send_signal(stop_signal)
     assert launcher.popen.wait(timeout=60) == 0
@@ -88,7 +98,7 @@ def test_launcher_refuses_a_work_dir_cloned_from_elsewhere(upstream, tmp_path):
     subprocess.run(["git", "init", "--quiet", str(other)], check=True)
     subprocess.run(["git", "clone", "--quiet", str(other), str(work / "observer")], check=True, capture_output=True)
     done = subprocess.run(
-        module_argv("launcher", "--port", str(free_port()), "--work-dir", str(work),
+        module_argv("launcher", "--port", str(free_port()), "--http-port", "0", "--work-dir", str(work),
                     "--results-dir", str(tmp_path / "results"), str(upstream.path)),
         capture_output=True, text=True, timeout=60,
     )
@@ -99,7 +109,7 @@ def test_launcher_refuses_a_work_dir_cloned_from_elsewhere(upstream, tmp_path):
 def test_launcher_stops_and_says_so_when_its_observer_dies(processes, upstream, tmp_path):
     launcher = processes.start(
         "ci-local",
-        module_argv("launcher", "--port", str(free_port()), "--runners", "1",
+        module_argv("launcher", "--port", str(free_port()), "--http-port", "0", "--runners", "1",
                     "--work-dir", str(tmp_path / "work"), "--results-dir", str(tmp_path / "results"), str(upstream.path)),
         env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
     )
@@ -120,7 +130,7 @@ def test_launcher_asks_for_a_branch_when_the_repository_has_none_checked_out(pro
     # Through the fixture: if it did start its daemons, they are stopped with it.
     launcher = processes.start(
         "ci-local",
-        module_argv("launcher", "--port", str(free_port()), "--work-dir", str(tmp_path / "work"),
+        module_argv("launcher", "--port", str(free_port()), "--http-port", "0", "--work-dir", str(tmp_path / "work"),
                     "--results-dir", str(tmp_path / "results"), str(upstream.path)),
     )
     assert launcher.popen.wait(timeout=60) == 2
