@@ -604,6 +604,12 @@ class Launch:
             select.select([pidfd], [], [], SANDBOX_EXIT_TIMEOUT_S)  # readable once it has exited
         finally:
             os.close(pidfd)
+        try:
+            # Ended after bwrap, it came back to the runner (a subreaper): reaped here,
+            # or the sweep for the job's leftovers would count it (bwrap SIGKILLs it).
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass  # bwrap reaped it, or this process is not a subreaper
 
 
 # --- one runner's isolation ----------------------------------------------------------------

@@ -334,6 +334,8 @@ class WarmPytest:
         self.cgroup = None
         #: The job folders' slot it was started with (isolation.Isolation), if any.
         self.slot: int | None = None
+        #: How it was started (its sandbox's init is waited for when it is closed).
+        self._launch: "Launch | None" = None
 
     def start(self, launch: "Launch | None" = None) -> None:
         """Start the zygote (as ``launch`` says: in the cgroup of the job it will serve,
@@ -342,6 +344,7 @@ class WarmPytest:
         self.close()
         self._buffer = b""
         self.ready = False
+        self._launch = launch
         command = [self.python, os.path.abspath(__file__), str(time.time_ns())]
         try:
             self.process = subprocess.Popen(
@@ -428,6 +431,11 @@ class WarmPytest:
             pass
         _reap(process)
         process.stdout.close()
+        launch, self._launch = self._launch, None
+        if launch is not None:
+            # The init of its sandbox's pid namespace outlives bwrap by a moment: gone
+            # before anything that would take it for a job's leftover (and its pipe closed).
+            launch.ended()
 
     def _read(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout

@@ -495,3 +495,20 @@ def test_a_frozen_cgroup_makes_no_progress_until_thawed(tmp_path):
         process.wait()
         cgroup.close()
         cgroups.close()
+
+
+def test_a_warm_pytest_closed_unused_is_no_leftover_of_the_job(ci, upstream):
+    # A commit with variables of its own cannot use the warm pytest started for the
+    # runner's: it is closed, with the init of its sandbox, before the job's leftovers
+    # are looked for (none), and the job starts a fresh Python.
+    ci.start_dispatcher()
+    runner = ci.start_runner()
+    ci.start_observer()
+    assert ci.wait_result(upstream.head())["status"] == "passed"
+    own = upstream.commit({".commit-ci.toml": '[env]\nMODE = "ci"\n'}, "variables of its own")
+    assert ci.wait_result(own)["status"] == "passed", ci.report(own)
+    again = upstream.commit({"test_more.py": "def test_more():\n    pass\n"}, "and another")
+    assert ci.wait_result(again)["status"] == "passed", ci.report(again)
+    log = runner.log()
+    assert not re.search(r"killed \d+ process", log), log
+    assert re.search(r"commit %s attempt \d+: forked from a warm pytest" % again, log), log
