@@ -58,7 +58,14 @@ def seed_for(throws: list[bool], first_attempt: int = 1) -> int:
 
 
 def settled_lines(ci, sha: str) -> list[str]:
-    return re.findall(r"commit %s: (?:passed|failed|flaky|error|cancelled) \(attempt" % sha, ci.dispatcher.log())
+    """The dispatcher's lines saying the commit's verdict, once there is one: the line
+    comes after the result files, so it may be a moment behind ``wait_result``."""
+
+    def lines() -> list[str]:
+        return re.findall(r"commit %s: (?:passed|failed|flaky|error|cancelled) \(attempt" % sha, ci.dispatcher.log())
+
+    wait_until(lines, 10, message="the dispatcher's line with the verdict of %s" % sha[:12])
+    return lines()
 
 
 def test_a_test_that_fails_then_passes_is_flaky_and_only_it_ran_again_on_the_other_runner(ci, upstream):
