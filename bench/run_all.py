@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shutil
 import sys
 import tempfile
@@ -39,15 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that every benchmark runs, not speed")
     parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",
                         help="run only this benchmark (repeatable): %s" % ", ".join(BENCHMARKS))
-    parser.add_argument("--work-dir", help="scratch folder (default: a new temporary folder, removed afterwards)")
+    parser.add_argument("--work-dir", help="scratch folder (default: a new folder in ~/.cache/ci-bench, removed "
+                        "afterwards; not in /tmp, which the runners' sandboxed jobs do not share)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, repositories)")
     return parser
+
+
+def _scratch_folder() -> str:
+    """A new folder under ~/.cache/ci-bench (as the launcher's are under ~/.cache):
+    not in /tmp, which a sandboxed job sees a private one of (isolation.py), so that
+    the files a benchmark shares with its jobs (the recovery benchmark's flag) are
+    theirs to see. The temporary folder where the home folder cannot be written."""
+    base = os.path.join(os.path.expanduser("~"), ".cache", "ci-bench")
+    try:
+        os.makedirs(base, exist_ok=True)
+        return tempfile.mkdtemp(prefix="run-", dir=base)
+    except OSError:
+        return tempfile.mkdtemp(prefix="ci-bench-")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = [name for name in BENCHMARKS if not args.only or name in args.only]
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="ci-bench-")).resolve()
+    work = Path(args.work_dir or _scratch_folder()).resolve()
     work.mkdir(parents=True, exist_ok=True)
     # A root runner's jobs run as another user, who must reach the clones in it
     # (mkdtemp's folders are private): let others through, not list it.

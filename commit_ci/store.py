@@ -1050,8 +1050,10 @@ class JobStore:
     def waiting_shards(self, limit: int) -> list[tuple[Job, int]]:
         """Up to ``limit`` shards waiting for a runner, each with its job: the oldest job first."""
         with self._lock:
+            # CROSS JOIN: the few shards of the runs in progress first (SQLite's planner
+            # would otherwise walk every job in seq order to spare the sort).
             rows = self._db.execute(
-                "SELECT j.*, s.shard AS waiting FROM shards s JOIN jobs j ON j.commit_id = s.commit_id AND j.run = s.run"
+                "SELECT j.*, s.shard AS waiting FROM shards s CROSS JOIN jobs j ON j.commit_id = s.commit_id AND j.run = s.run"
                 " WHERE s.attempt IS NULL AND s.summary IS NULL AND j.round = 0 AND j.state IN ('queued', 'running')"
                 " ORDER BY j.seq, s.shard LIMIT ?", (limit,)).fetchall()
         return [(_job(row), row["waiting"]) for row in rows]
