@@ -386,17 +386,21 @@ class Dispatcher:
             summaries = self.store.recent_summaries(limit)
         return _json_reply({"results": summaries})
 
-    def _on_lookup(self, message: Message, peer: str) -> Message:
-        # People look commits up by the short ids they see (ci-ctl status prints 12
-        # digits): the job is the one whose full id starts with what they typed.
-        prefix = message.fields["commit"]
+    def _job_by_prefix(self, prefix: str) -> Job | Message:
+        """The job whose commit's full id starts with ``prefix``: people look commits up
+        by the short ids they see (ci-ctl status prints 12 digits). Else the error reply."""
         with self._cond:
             jobs = self.store.jobs_starting_with(prefix)
         if not jobs:
             return error("unknown commit %s" % prefix)
         if len(jobs) > 1:
             return error("ambiguous commit prefix %s: more than one commit starts with it; give more digits" % prefix)
-        job = jobs[0]
+        return jobs[0]
+
+    def _on_lookup(self, message: Message, peer: str) -> Message:
+        job = self._job_by_prefix(message.fields["commit"])
+        if isinstance(job, Message):
+            return job
         commit = job.commit
         with self._cond:
             runs = self.store.runs(commit)
@@ -427,14 +431,10 @@ class Dispatcher:
     def _on_tail(self, message: Message, peer: str) -> Message:
         # A commit's output from a byte offset: its live log while it is queued or
         # running (a runner that died leaves what it sent), its final log once judged.
-        prefix, offset = message.fields["commit"], message.get("offset", 0)
-        with self._cond:
-            jobs = self.store.jobs_starting_with(prefix)
-        if not jobs:
-            return error("unknown commit %s" % prefix)
-        if len(jobs) > 1:
-            return error("ambiguous commit prefix %s: more than one commit starts with it; give more digits" % prefix)
-        job = jobs[0]
+        offset = message.get("offset", 0)
+        job = self._job_by_prefix(message.fields["commit"])
+        if isinstance(job, Message):
+            return job
         commit = job.commit
         if job.state.final:
             source, found = "final", read_file_from(result_files.result_path(self.results_dir, commit, ".log"),
