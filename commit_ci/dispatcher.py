@@ -458,8 +458,9 @@ class Dispatcher:
         data = message.sections.get("chunk", b"")
         with self._cond:
             assignment = self._assignments.get(attempt_id)
-            if assignment is None or assignment.commit != commit or assignment.superseded:
-                # Not the commit's current attempt (settled, lost, or never given): ignored.
+            if assignment is None or assignment.commit != commit or assignment.superseded or commit in self._settling:
+                # Not the commit's current attempt (settled, lost, or never given), or its
+                # verdict is being written: ignored.
                 log.debug("commit %s attempt %d: live output from %s ignored: not a current attempt", commit,
                           attempt_id, _who(message, peer))
                 return reply("OK", recorded=0)
@@ -758,6 +759,9 @@ class Dispatcher:
             if job.round > 0:
                 result = self._with_reruns(job, result, step, state)
             result.first_failing = named
+            # Gone before the verdict's files appear (no chunk is written while the
+            # commit settles): once its <sha>.json is there, it has no live log.
+            self.live.discard(result.commit)
             result_files.write_result(self.results_dir, result)
             with self._cond:
                 self._record_settled(result, state, now)
@@ -920,6 +924,7 @@ class Dispatcher:
         lock: for results without output; a runner's verdict is written outside it,
         see _on_results)."""
         now = self._complete(result, state, runner)
+        self.live.discard(result.commit)  # before the files, as in _on_results
         result_files.write_result(self.results_dir, result)
         self._record_settled(result, state, now)
 
@@ -949,7 +954,6 @@ class Dispatcher:
         self.store.finish(commit, result.attempt, state, Outcome(state.value), result.reason,
                           json.dumps(summary), now, flaky=flaky.records(summary), failing=result.failing)
         self.on_final_result()
-        self.live.discard(commit)
         self.on_notification()
         self._avoid.pop(commit, None)
         self._ran.pop(commit, None)
