@@ -187,6 +187,20 @@ def start_runner(daemons: Daemons, name: str, clone: Path, dispatcher: tuple[str
     )
 
 
+def start_observer(daemons: Daemons, observer_clone: Path, dispatcher: tuple[str, int], interval: float) -> Daemon:
+    """A real observer polling its clone's origin every ``interval`` seconds."""
+    return daemons.start(
+        "observer",
+        [sys.executable, str(ROOT / "repo_observer.py"), "--dispatcher-server", "%s:%d" % dispatcher,
+         "--interval", str(interval), str(observer_clone)],
+    )
+
+
+def first_tip(observer: Daemon) -> str:
+    """The tip an observer's first round reported (it tests from there on)."""
+    return observer.wait_for_log(r"first run on origin/main: starting from its tip ([0-9a-f]{40})").group(1)
+
+
 def status(address: tuple[str, int]) -> dict:
     """The dispatcher's ``status`` reply as a dict of counts."""
     from commit_ci.client import communicate

@@ -17,18 +17,18 @@ test that takes ``TEST_SECONDS``. Twice, on a fresh installation each:
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 from bench.common import (
-    ROOT,
     Daemons,
     Row,
     clone,
     commit,
+    first_tip,
     git,
     start_dispatcher,
+    start_observer,
     start_runner,
     verdict,
     wait_runners_ready,
@@ -71,12 +71,8 @@ def one(work: Path, seconds: float, *options: str) -> tuple[int, float, dict[str
         for index in range(RUNNERS):
             start_runner(daemons, "runner-%d" % (index + 1), clone(upstream, work / ("runner-%d" % index)), address)
         wait_runners_ready(address, RUNNERS)
-        observer = daemons.start(
-            "observer",
-            [sys.executable, str(ROOT / "repo_observer.py"), "--dispatcher-server", "%s:%d" % address,
-             "--interval", str(INTERVAL_S), str(clone(upstream, work / "observer-clone"))],
-        )
-        first = observer.wait_for_log(r"first run on origin/main: starting from its tip ([0-9a-f]{40})").group(1)
+        observer = start_observer(daemons, clone(upstream, work / "observer-clone"), address, INTERVAL_S)
+        first = first_tip(observer)
         wait_until(lambda: read(results, first), RESULT_TIMEOUT_S, POLL_S, "result of the first commit")
         shas = [commit(developer, suite(index, seconds), "burst %d" % index) for index in range(BURST)]
         git(developer, "push", "--quiet", "origin", "main")

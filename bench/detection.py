@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 from bench.common import (
-    ROOT,
     BenchError,
     Daemons,
     Row,
@@ -34,6 +33,7 @@ from bench.common import (
     git,
     median,
     start_dispatcher,
+    start_observer,
     verdict,
     wait_until,
 )
@@ -91,11 +91,7 @@ def detect_with_observer(work: Path, samples: int) -> Row:
     observer_clone = clone(upstream, work / "observer-clone")
     with Daemons(work) as daemons:
         dispatcher, address, _ = start_dispatcher(daemons, work)
-        observer = daemons.start(
-            "observer",
-            [sys.executable, str(ROOT / "repo_observer.py"), "--dispatcher-server", "%s:%d" % address,
-             "--interval", str(INTERVAL_S), str(observer_clone)],
-        )
+        observer = start_observer(daemons, observer_clone, address, INTERVAL_S)
         observer.wait_for_log(r"watching origin/main")
         # Its first round reports the current tip; start once that job is queued.
         wait_until(lambda: "queued" in dispatcher.log(), 30, 0.02, "the observer's first round")

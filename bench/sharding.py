@@ -14,21 +14,21 @@ is 0.35 times by hand, with the result counting every test passed.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 from bench.common import (
-    ROOT,
     BenchError,
     Daemons,
     Row,
     clone,
     commit,
+    first_tip,
     git,
     result_exists,
     run_by_hand,
     start_dispatcher,
+    start_observer,
     start_runner,
     verdict,
     wait_runners_ready,
@@ -68,12 +68,8 @@ def run(work: Path, quick: bool) -> list[Row]:
         for index in range(runners):
             start_runner(daemons, "runner-%d" % (index + 1), clone(upstream, work / ("runner-%d" % index)), address)
         wait_runners_ready(address, runners)
-        observer = daemons.start(
-            "observer",
-            [sys.executable, str(ROOT / "repo_observer.py"), "--dispatcher-server", "%s:%d" % address,
-             "--interval", str(INTERVAL_S), str(clone(upstream, work / "observer-clone"))],
-        )
-        tip = observer.wait_for_log(r"first run on origin/main: starting from its tip ([0-9a-f]{40})").group(1)
+        observer = start_observer(daemons, clone(upstream, work / "observer-clone"), address, INTERVAL_S)
+        tip = first_tip(observer)
         wait_until(lambda: result_exists(results, tip), RESULT_TIMEOUT_S, POLL_S, "result of %s" % tip[:12])
         git(developer, "rm", "--quiet", "test_base.py")
         first_sha = commit(developer, suite(files, seconds, 1), "the suite: teaches the durations")

@@ -20,20 +20,20 @@ lone commit, to show what the order changes.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from bench.common import (
-    ROOT,
     Daemons,
     Row,
     clone,
     commit,
+    first_tip,
     git,
     median,
     result_exists,
     start_dispatcher,
+    start_observer,
     start_runner,
     verdict,
     wait_runners_ready,
@@ -65,13 +65,8 @@ class System:
             start_runner(daemons, "%s-runner-%d" % (order, index + 1), clone(upstream, work / ("runner-%d" % index)),
                          self.address)
         wait_runners_ready(self.address, RUNNERS)
-        observer = daemons.start(
-            "observer",
-            [sys.executable, str(ROOT / "repo_observer.py"), "--dispatcher-server", "%s:%d" % self.address,
-             "--interval", str(INTERVAL_S), str(clone(upstream, work / "observer-clone"))],
-        )
-        tip = observer.wait_for_log(r"first run on origin/main: starting from its tip ([0-9a-f]{40})").group(1)
-        self.wait(tip)
+        observer = start_observer(daemons, clone(upstream, work / "observer-clone"), self.address, INTERVAL_S)
+        self.wait(first_tip(observer))
 
     def wait(self, sha: str, timeout: float = RESULT_TIMEOUT_S) -> None:
         wait_until(lambda: result_exists(self.results, sha), timeout, POLL_S, "result of %s" % sha[:12])
