@@ -208,16 +208,20 @@ def find_sandbox(choice: str, user: JobUser | None, hidden_folders: tuple[str, .
     why = "bubblewrap (bwrap) is not installed" if bwrap is None else None
     if bwrap is not None:
         sandbox = Sandbox(bwrap, hidden_folders, hidden_files, tuple(os.path.realpath(path) for path in needed))
-        trial = sandbox.wrap(["true"], "/", [], [])
+        # Started as a job's steps are: the sandbox's init, which outlives bwrap, is
+        # waited for, not left to the first job's sweep to count as its leftover.
+        trial = Launch(wrap=sandbox.wrap([], "/", [], []), user=user)
         try:
-            ended = subprocess.run(trial, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, timeout=SANDBOX_TRIAL_TIMEOUT_S,
-                                   preexec_fn=user.become if user else None)
+            ended = subprocess.run(trial.command(["true"]), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, timeout=SANDBOX_TRIAL_TIMEOUT_S, **trial.popen_options())
             if ended.returncode == 0:
                 return sandbox
             why = "bwrap does not work here: %s" % ended.stderr.decode("utf-8", "replace").strip()[-300:]
-        except (OSError, subprocess.TimeoutExpired) as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             why = "bwrap does not work here: %s" % exc
+        finally:
+            trial.started()
+            trial.ended()
     if choice == "on":
         raise IsolationError("--sandbox on: %s" % why)
     log.info("no sandbox for jobs: %s", why)

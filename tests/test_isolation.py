@@ -512,3 +512,27 @@ def test_a_warm_pytest_closed_unused_is_no_leftover_of_the_job(ci, upstream):
     log = runner.log()
     assert not re.search(r"killed \d+ process", log), log
     assert re.search(r"commit %s attempt \d+: forked from a warm pytest" % again, log), log
+
+
+#: Runs in a process of its own (a subreaper cannot stop being one): finds the
+#: sandbox as a runner does at start, then prints the children it is left with.
+SANDBOX_TRIAL_PROBE = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from commit_ci.isolation import find_sandbox
+from commit_ci.leftovers import _children, become_subreaper
+assert become_subreaper()
+assert find_sandbox("on", None, (), ()) is not None
+print(json.dumps(sorted(_children())))
+'''
+
+
+@pytest.mark.skipif(not shutil.which("bwrap"), reason="bubblewrap is not installed")
+def test_trying_the_sandbox_at_start_leaves_no_process_for_the_first_job_to_count():
+    # The trial's sandbox init outlives bwrap and comes back to the runner, a
+    # subreaper: left there, the first job's sweep counted it as a process its
+    # checkout left running.
+    done = subprocess.run([sys.executable, "-c", SANDBOX_TRIAL_PROBE, str(ROOT)], capture_output=True, text=True,
+                          timeout=60, start_new_session=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
