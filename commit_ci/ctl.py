@@ -2,18 +2,18 @@
 
 Subcommands talk to a running dispatcher over the protocol (docs/protocol.md):
 ``status`` (is it up, queue, what each runner does, each branch's state, last
-verdicts), ``queue``,
-``runners``, ``log [-f] SHA`` (a commit's output: live while it runs, followed until
-its verdict with ``-f``), ``results SHA`` (a commit's verdict and where its report is; the start
-of its id will do, if no other commit starts the same way, and its earlier runs),
-``dispatch SHA`` (test a commit now; its full id only, as the dispatcher takes no
-other), ``flaky`` (the tests most often flaky over recent runs), ``rerun SHA`` (run a judged commit again), ``cancel SHA`` (stop a queued or
-running one) and ``key
-add|revoke|list`` (the dispatcher's keys: one per runner, observer or operator; with
-``--keys-file`` the file itself is changed, to make the first operator key). Output
-is for people by default; ``--json`` prints the dispatcher's JSON answers for
-scripts. Exit status: 0 on success, 1 when the dispatcher is unreachable or refuses,
-2 for wrong usage.
+verdicts), ``queue``, ``runners``, ``log [-f] SHA`` (a commit's output: live while it
+runs, followed until its verdict with ``-f``), ``results SHA`` (a commit's verdict and
+where its report is; the start of its id will do, if no other commit starts the same
+way, and its earlier runs), ``dispatch SHA`` (test a commit now; its full id only, as
+the dispatcher takes no other), ``flaky`` (the tests most often flaky over recent
+runs), ``notifications`` (those waiting to be sent, and why their last try failed),
+``rerun SHA`` (run a judged commit again), ``cancel SHA`` (stop a queued or running
+one) and ``key add|revoke|list`` (the dispatcher's keys: one per runner, observer or
+operator; with ``--keys-file`` the file itself is changed, to make the first operator
+key). Output is for people by default; ``--json`` prints the dispatcher's JSON answers
+for scripts. Exit status: 0 on success, 1 when the dispatcher is unreachable or
+refuses, 2 for wrong usage.
 """
 
 from __future__ import annotations
@@ -101,12 +101,25 @@ def short(commit: str | None) -> str:
     return (commit or "-")[:12]
 
 
+def _seconds_since(iso: str, now: datetime.datetime | None) -> float:
+    """Seconds from an ISO time from the dispatcher to ``now`` (negative: it is ahead)."""
+    moment = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    return ((now or datetime.datetime.now(datetime.timezone.utc)) - moment).total_seconds()
+
+
+def later(iso: str | None, now: datetime.datetime | None = None) -> str:
+    """'in 12 s' style distance to an ISO time from the dispatcher; 'now' once it is past."""
+    if not iso:
+        return "-"
+    seconds = -_seconds_since(iso, now)
+    return "in %d s" % seconds if seconds >= 1 else "now"
+
+
 def age(iso: str | None, now: datetime.datetime | None = None) -> str:
     """'12 s ago' style age of an ISO time from the dispatcher."""
     if not iso:
         return "-"
-    moment = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    seconds = ((now or datetime.datetime.now(datetime.timezone.utc)) - moment).total_seconds()
+    seconds = _seconds_since(iso, now)
     if seconds < 90:
         return "%d s ago" % max(0, seconds)
     if seconds < 90 * 60:
@@ -260,6 +273,30 @@ def show_flaky(client: Client, as_json: bool, limit: int, window: int) -> None:
             " ".join(test["outcomes"]), age(test["finished_at"])))
     if not document["tests"]:
         print("  (none was flaky)")
+
+
+def show_notifications(client: Client, as_json: bool, limit: int) -> None:
+    document = client.ask_json("notifications", limit=limit)
+    if as_json:
+        print(json.dumps(document, indent=2))
+        return
+    pending = document["pending"]
+    print("%d notification%s waiting to be sent" % (pending, "" if pending == 1 else "s"))
+    for entry in document["notifications"]:
+        if entry["event"] == "branch":
+            what = "branch %s %s -> %s" % (entry["branch"], entry["old_state"], entry["new_state"])
+        else:
+            what = "status %s" % entry["status"]
+        tries = "%d tr%s" % (entry["tries"], "y" if entry["tries"] == 1 else "ies")
+        if entry["state"] == "waiting":
+            when = "next try %s" % later(entry["next_try_at"])
+        else:
+            when = age(entry["done_at"])
+        error = ", last error: %s" % entry["last_error"] if entry["last_error"] else ""
+        print("  %-10s %-24s %s (commit %s)  %s, %s%s" % (entry["state"], entry["channel"], what,
+                                                        short(entry["commit"]), tries, when, error))
+    if not document["notifications"]:
+        print("  (none yet)")
 
 
 def show_log(client: Client, commit: str, follow: bool, interval: float = FOLLOW_INTERVAL_S) -> None:
@@ -454,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     flaky.add_argument("--limit", type=int, default=20, help="tests to list (default: %(default)s)")
     flaky.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                        help="the rate is over this many newest runs that ran tests (default: %(default)s)")
+    notifications = commands.add_parser("notifications", help="the notifications waiting to be sent (with their "
+                                        "tries and last error), then the newest sent")
+    notifications.add_argument("--limit", type=int, default=20, help="notifications to list (default: %(default)s)")
     log = commands.add_parser("log", help="a commit's output: live while it runs, its final log once judged")
     log.add_argument("commit", metavar="SHA", type=commit_prefix_argument,
                      help="the commit id, or its first 7 or more hex digits if no other commit starts with them")
@@ -480,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--keys-file", metavar="FILE",
                              help="change (or read) this keys file directly instead of asking the dispatcher: on "
                              "its machine, to make the first operator key; the dispatcher reads it within a second")
-    for command in (status, queue, runners, results, dispatch, flaky, rerun, cancel, key_add, key_revoke, key_list):
+    for command in (status, queue, runners, results, dispatch, flaky, notifications, rerun, cancel, key_add, key_revoke,
+                    key_list):
         # After the command too (`ci-ctl status --json`); SUPPRESS keeps the one given before it.
         command.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                              help="print JSON for scripts instead of text")
@@ -509,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             do_dispatch(client, args.json, args.commit)
         elif args.command == "flaky":
             show_flaky(client, args.json, max(1, args.limit), max(1, args.window))
+        elif args.command == "notifications":
+            show_notifications(client, args.json, max(1, args.limit))
         elif args.command == "log":
             show_log(client, args.commit, args.follow)
         elif args.command == "rerun":

@@ -291,6 +291,7 @@ class Dispatcher:
             "recent": self._on_recent,
             "lookup": self._on_lookup,
             "flaky": self._on_flaky,
+            "notifications": self._on_notifications,
             "tail": self._on_tail,
             "live-log": self._on_live_log,
             "rerun": self._on_rerun,
@@ -427,6 +428,27 @@ class Dispatcher:
             test["rate"] = round(test["flaky"] / runs, 4) if runs else 0.0
             test["finished_at"] = iso_time(test["finished_at"])
         return _json_reply({"window": window, "runs": runs, "tests": tests})
+
+    def _on_notifications(self, message: Message, peer: str) -> Message:
+        limit = min(message.get("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT)
+        # The store's own lock: a few rows through the partial index and the primary key.
+        pending, rows = self.store.notification_list(limit)
+        listed = []
+        for row in rows:
+            document = row["document"]
+            entry = {"delivery": row["delivery"], "channel": row["channel"], "event": document.get("event"),
+                     "commit": (document.get("commit") or {}).get("id"),
+                     "state": row["outcome"] or "waiting", "created_at": iso_time(row["created_at"]),
+                     "tries": row["attempts"], "last_error": row["last_error"],
+                     "next_try_at": None if row["done_at"] is not None else iso_time(row["next_at"]),
+                     "done_at": iso_time(row["done_at"])}
+            if document.get("event") == "branch":
+                entry.update(branch=document.get("branch"), old_state=document.get("old_state"),
+                             new_state=document.get("new_state"))
+            else:
+                entry.update(status=document.get("state"))
+            listed.append(entry)
+        return _json_reply({"pending": pending, "notifications": listed})
 
     def _on_tail(self, message: Message, peer: str) -> Message:
         # A commit's output from a byte offset: its live log while it is queued or

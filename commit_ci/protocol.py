@@ -220,6 +220,8 @@ REQUESTS: dict[str, Verb] = {
         # The one verb that takes a commit id prefix: people type ids to look them up.
         Verb("lookup", positional=(("commit", parse_commit_prefix),), roles=(OPERATOR,)),
         Verb("flaky", options=(("limit", parse_count), ("window", parse_count)), roles=(OPERATOR,)),
+        # the notifications outbox: what waits to be sent (and why it failed), what went
+        Verb("notifications", options=(("limit", parse_count),), roles=(OPERATOR,)),
         # a commit's live output while it runs (then its final log), from a byte offset (ci-ctl log)
         Verb("tail", positional=(("commit", parse_commit_prefix),), options=(("offset", parse_count),),
              roles=(OPERATOR,)),

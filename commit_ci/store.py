@@ -1329,6 +1329,21 @@ class JobStore:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM notifications WHERE done_at IS NULL").fetchone()[0]
 
+    def notification_list(self, limit: int) -> tuple[int, list[dict]]:
+        """What the outbox holds, for an operator: how many notifications are still to
+        send, and up to ``limit`` rows, those still to send first (oldest first: the
+        order they go in), then those done (the newest first). Each a dict of the
+        table's columns, ``document`` parsed. The first read goes through the partial
+        index of the rows still to send, the second down the primary key."""
+        pending = self.notifications_pending()
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM notifications WHERE done_at IS NULL ORDER BY id LIMIT ?",
+                                    (limit,)).fetchall()
+            if len(rows) < limit:
+                rows += self._db.execute("SELECT * FROM notifications WHERE done_at IS NOT NULL ORDER BY id DESC"
+                                         " LIMIT ?", (limit - len(rows),)).fetchall()
+        return pending, [dict(row, document=json.loads(row["document"])) for row in rows]
+
     def _notice(self, db: sqlite3.Connection, commit: str, state: JobState, summary: str, failing: Iterable[str] | None,
                 now: float) -> None:
         """Inside finish's transaction: note the change the verdict of ``commit`` makes to

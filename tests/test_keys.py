@@ -178,9 +178,8 @@ def test_every_dispatcher_verb_says_which_roles_may_send_it():
         "register", "results", "live-log"]
     assert [verb for verb in REQUESTS if verb not in runner_verbs and may_send(observer, verb)] == ["dispatch"]
     assert {verb for verb in REQUESTS if may_send(operator, verb)} == {
-        "status", "dispatch", "queue", "branches", "runners", "recent", "lookup", "flaky", "tail", "key-add", "key-revoke",
-        "key-list",
-        "rerun", "cancel"}
+        "status", "dispatch", "queue", "branches", "runners", "recent", "lookup", "flaky", "notifications", "tail",
+        "key-add", "key-revoke", "key-list", "rerun", "cancel"}
     assert all(may_send(Key(SHARED), verb) and may_send(None, verb) for verb in REQUESTS)
 
 

@@ -9,12 +9,14 @@ import hashlib
 import hmac
 import http.server
 import json
+import re
 import threading
 from email import message_from_bytes
 from email.policy import default as default_policy
 
 import pytest
-from test_http import metrics, start_with_http
+from test_ctl import ctl
+from test_http import ctl_json, get, metrics, start_with_http
 from test_security import certificates  # noqa: F401 - a fixture
 
 from conftest import FAILING_TEST, JOBS_AS_RUNNER, LOOPBACK, PASSING_TEST, free_port, git, wait_until
@@ -191,6 +193,19 @@ def test_a_dispatcher_killed_between_the_verdict_and_the_delivery_sends_it_once_
     ci.dispatcher.wait_for_log(r"notification \w+ \(commit %s: branch main green -> red\) to webhook .*: try 1 failed: "
                                r"HTTP 503" % failing)
     assert metrics(port)[("ci_notifications_pending", ())] == 1
+    # The operator sees what waits, and why: ci-ctl, not the unauthenticated HTTP port.
+    outbox = ctl_json(ci, "notifications")
+    assert outbox["pending"] == 1
+    waiting = outbox["notifications"][0]
+    assert (waiting["state"], waiting["event"], waiting["branch"], waiting["old_state"], waiting["new_state"],
+            waiting["commit"]) == ("waiting", "branch", "main", "green", "red", failing)
+    assert waiting["channel"].startswith("webhook ") and waiting["tries"] >= 1 and waiting["next_try_at"]
+    assert waiting["last_error"].startswith("HTTP 503") and waiting["done_at"] is None
+    listed = ctl(ci.address, "notifications").stdout
+    assert listed.startswith("1 notification waiting to be sent\n"), listed
+    assert re.search(r"waiting +webhook \w+ +branch main green -> red \(commit %s\) +\d+ tr(y|ies), next try "
+                     r"(in \d+ s|now), last error: HTTP 503" % failing[:12], listed), listed
+    assert get(port, "/api/notifications")[0] == 404
     ci.dispatcher.kill()
     receiver.accept = True
     offset = len(ci.dispatcher.log())
@@ -199,6 +214,10 @@ def test_a_dispatcher_killed_between_the_verdict_and_the_delivery_sends_it_once_
     port = int(ci.dispatcher.wait_for_log(r"HTTP on http://127\.0\.0\.1:(\d+)/", after=offset).group(1))
     wait_until(lambda: metrics(port)[("ci_notifications_pending", ())] == 0, WAIT_S,
                message="no notification pending once delivered")
+    outbox = ctl_json(ci, "notifications")
+    assert outbox["pending"] == 0
+    assert [(entry["state"], entry["delivery"], entry["next_try_at"] is None, entry["done_at"] is not None)
+            for entry in outbox["notifications"]] == [("delivered", waiting["delivery"], True, True)]
 
     fixed = upstream.commit({"test_fails.py": None}, "fixes main")
     assert ci.wait_result(fixed)["status"] == "passed"

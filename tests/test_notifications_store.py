@@ -110,6 +110,28 @@ def test_a_channel_sends_in_order_and_keeps_tries_and_errors(store):
     assert store.next_notification("webhook abc") is None
 
 
+def test_the_list_for_operators_shows_those_to_send_oldest_first_then_those_done_newest_first(store):
+    judge(store, COMMITS[0], JobState.FAILED)
+    judge(store, COMMITS[1], JobState.PASSED)
+    judge(store, COMMITS[2], JobState.FAILED)
+    command = [row["id"] for row in rows(store, "command")]
+    store.notification_delivered(command[0], 5.0)
+    store.notification_delivered(command[1], 6.0)
+    store.notification_failed(command[2], "exit 1", 100.0)
+    pending, listed = store.notification_list(1000)
+    waiting = [row for row in rows(store) if row["done_at"] is None]
+    assert pending == len(waiting) == store.notifications_pending()
+    done = sorted((row["id"] for row in rows(store) if row["done_at"] is not None), reverse=True)
+    assert command[0] in done and command[1] in done
+    assert [row["id"] for row in listed] == [row["id"] for row in waiting] + done
+    failed = next(row for row in listed if row["id"] == command[2])
+    assert (failed["attempts"], failed["last_error"], failed["next_at"], failed["document"]["new_state"]) == \
+        (1, "exit 1", 100.0, "red")
+    assert {row["id"]: row["outcome"] for row in listed}[command[1]] == "delivered"
+    pending, listed = store.notification_list(2)
+    assert [row["id"] for row in listed] == [row["id"] for row in waiting[:2]], "those to send come first"
+
+
 def test_a_commit_status_is_pending_once_per_run_then_its_verdict(store):
     store.report(COMMITS[0], 1.0, "main")
     store.assign(COMMITS[0], "r1", 2.0)
