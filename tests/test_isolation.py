@@ -3,9 +3,9 @@ for the key everywhere a job could, and use whatever they find to forge a verdic
 
 The runners here run as root, as in CI: their jobs run as nobody, in a bubblewrap
 sandbox where it works, each in a cgroup of its own. One case runs the runner itself
-as nobody, where only the sandbox stands between the job and the key. A control case
-runs the same probe with the key in reach, to show that it would find the key and
-that a forged ``results passed`` would then be recorded.
+as an unprivileged user of its own, where only the sandbox stands between the job and
+the key. A control case runs the same probe with the key in reach, to show that it
+would find the key and that a forged ``results passed`` would then be recorded.
 """
 
 from __future__ import annotations
@@ -174,17 +174,23 @@ def test_a_hostile_commit_finds_no_key_and_forges_nothing(ci, upstream, tmp_path
     assert victimized["attempts"] == 1
 
 
+#: The account the runner that is not root runs as. Not nobody, the job user of the
+#: root runners: their jobs could read its environment, key and all, from /proc,
+#: without a sandbox (the probe of another test running meanwhile found it there).
+NON_ROOT_RUNNER_USER = "daemon"
+
+
 def test_a_runner_that_is_not_root_hides_its_key_in_the_sandbox(ci, upstream, tmp_path):
-    """Run as nobody, the runner's jobs run as nobody too: only the sandbox keeps them
-    from its key file, its state folder and its /proc."""
+    """Run as an unprivileged user, the runner's jobs run as that user too: only the
+    sandbox keeps them from its key file, its state folder and its /proc."""
     if not shutil.which("bwrap"):
         pytest.skip("needs bubblewrap") if not os.environ.get("CI") else pytest.fail("bubblewrap missing in CI")
-    nobody = pwd.getpwnam("nobody")
+    user = pwd.getpwnam(NON_ROOT_RUNNER_USER)
     dispatcher_key = tmp_path / "dispatcher-key"
     key = make_key(dispatcher_key)
     runner_key = tmp_path / "runner-key"
     runner_key.write_text(key + "\n")
-    os.chown(runner_key, nobody.pw_uid, nobody.pw_gid)
+    os.chown(runner_key, user.pw_uid, user.pw_gid)
     runner_key.chmod(0o600)
     env = {**RUNNER_ENV, "CI_SECRET": key}
     ci.dispatcher = ci.processes.start("dispatcher", ci._dispatcher_argv(0, ("--secret-file", str(dispatcher_key))),
@@ -195,9 +201,9 @@ def test_a_runner_that_is_not_root_hides_its_key_in_the_sandbox(ci, upstream, tm
                                            clone_parents(ci))
     for index in (1, 2):
         clone = upstream.clone(ci.folder / ("runner%d-clone" % index))
-        subprocess.run(["chown", "-R", "nobody:", str(clone)], check=True)
+        subprocess.run(["chown", "-R", "%s:" % NON_ROOT_RUNNER_USER, str(clone)], check=True)
         runner = ci.processes.start("runner%d" % index, [
-            "setpriv", "--reuid=%d" % nobody.pw_uid, "--regid=%d" % nobody.pw_gid, "--clear-groups",
+            "setpriv", "--reuid=%d" % user.pw_uid, "--regid=%d" % user.pw_gid, "--clear-groups",
             sys.executable, str(ROOT / "test_runner.py"), "--host", "127.0.0.1", "--dispatcher-server", ci.address,
             "--secret-file", str(runner_key), "--sandbox", "on", "--no-environments", str(clone)],
             env={**env, "HOME": str(tmp_path)})
