@@ -1,6 +1,6 @@
 """A minimal fake runner for the history benchmark: it passes every job at once.
 
-    python bench/fake_runner.py HOST:PORT NAME
+    python bench/fake_runner.py HOST:PORT NAME [--no-shards]
 
 It speaks the runner's side of the protocol and nothing else: listens on a free
 loopback port (a commit_ci.server.ProtocolServer), registers with the dispatcher at
@@ -8,6 +8,8 @@ HOST:PORT under NAME, answers ``ping`` (idle, or busy with the job in hand),
 accepts every ``runtest`` with ``OK`` and, from a worker thread, sends the
 dispatcher ``results <commit> <attempt> passed`` over one persistent connection
 straight away. No git, no tests: what is left is the dispatcher's own cost per job.
+With ``--no-shards`` it answers a shard's ``runtest`` as a runner from before
+sharding does (``ERR unknown option 'shard' for runtest``), and logs it.
 
 It stops on SIGTERM or SIGINT, and by itself after MAX_LIFETIME_S.
 """
@@ -36,9 +38,10 @@ OUTPUT = b"fake runner: 1 passed\n"
 
 
 class FakeRunner:
-    def __init__(self, dispatcher: tuple[str, int], name: str):
+    def __init__(self, dispatcher: tuple[str, int], name: str, shards: bool = True):
         self.dispatcher = dispatcher
         self.name = name
+        self.shards = shards
         self.stop = threading.Event()
         self._cond = threading.Condition()
         self._jobs: collections.deque[tuple[str, int]] = collections.deque()
@@ -52,6 +55,10 @@ class FakeRunner:
                 return reply("OK", state="idle")
             return reply("OK", state="busy", commit=job[0], attempt=job[1])
         if message.verb == "runtest":
+            if "shard" in message.fields and not self.shards:
+                log.info("commit %s attempt %d: shard refused (a runner from before sharding)",
+                         message.fields["commit"], message.fields["attempt"])
+                return error("unknown option 'shard' for runtest")
             with self._cond:
                 self._jobs.append((message.fields["commit"], message.fields["attempt"]))
                 self._cond.notify_all()
@@ -93,9 +100,12 @@ class FakeRunner:
 
 
 def main(argv: list[str]) -> int:
-    address, name = argv
+    if len(argv) not in (2, 3) or argv[2:] not in ([], ["--no-shards"]):
+        print("usage: fake_runner.py HOST:PORT NAME [--no-shards]", file=sys.stderr)
+        return 2
+    address, name = argv[:2]
     setup_logging()
-    runner = FakeRunner(parse_address(address), name)
+    runner = FakeRunner(parse_address(address), name, shards=argv[2:] != ["--no-shards"])
     install_stop_signals(runner.stop, log)
     serve_in_thread(runner.server, "server")
     worker = threading.Thread(target=runner.work, name="worker", daemon=True)

@@ -162,7 +162,10 @@ def runner_lines(runners: list[dict]) -> list[str]:
     lines = []
     for runner in runners:
         doing = "%s with %s" % (runner["state"], short(runner["commit"])) if runner["commit"] else runner["state"]
-        lines.append("  %-20s %-28s since %s  (%s)" % (runner["name"], doing, age(runner["since"]), runner["address"]))
+        # A runner of a version before sharding gets whole commits alone.
+        whole = ", whole commits only" if runner.get("shards") is False else ""
+        lines.append("  %-20s %-28s since %s  (%s%s)" % (runner["name"], doing, age(runner["since"]), runner["address"],
+                                                        whole))
     return lines
 
 

@@ -123,9 +123,13 @@ class RunnerRecord:
     missed_pings: int = 0
     #: What it can run that a job may require: "python3.12" for each interpreter it has.
     offers: frozenset[str] = frozenset()
+    #: False once it answered a shard with "unknown option" (a runner of a version
+    #: before sharding): whole commits only, until it registers again.
+    runs_shards: bool = True
 
-    def can_run(self, job: Job) -> bool:
-        return job.requires is None or job.requires in self.offers
+    def can_run(self, job: Job, shard: bool = False) -> bool:
+        """Whether it can run ``job`` (with ``shard``: a shard of it)."""
+        return (job.requires is None or job.requires in self.offers) and (self.runs_shards or not shard)
 
     @property
     def available(self) -> bool:
@@ -379,7 +383,8 @@ class Dispatcher:
         else:
             state, commit, attempt = RunnerState.IDLE, None, None
         return {"name": record.name, "address": format_address(record.address), "state": state.value,
-                "commit": commit, "attempt": attempt, "since": iso_time(record.since), "offers": sorted(record.offers)}
+                "commit": commit, "attempt": attempt, "since": iso_time(record.since), "offers": sorted(record.offers),
+                "shards": record.runs_shards}
 
     def _on_recent(self, message: Message, peer: str) -> Message:
         limit = min(message.get("limit", DEFAULT_LIST_LIMIT), MAX_LIST_LIMIT)
@@ -1179,7 +1184,7 @@ class Dispatcher:
         planned: list[Assignment] = []
         plans: dict[str, Shard] = {}
         for job, shard in self.store.waiting_shards(limit=len(idle) + 32):
-            choice = self._choose(job, idle)
+            choice = self._choose(job, idle, shard=True)
             if choice is None:
                 continue
             if job.commit not in plans:
@@ -1202,20 +1207,23 @@ class Dispatcher:
                 continue
             shards, plan = split
             for shard in range(1, shards + 1):
-                # The first goes to the runner chosen above; one that finds none (runners
-                # that failed the commit before) waits, and goes out with the next plan.
-                choice = choice if shard == 1 else self._choose(job, idle)
+                # The first goes to the runner chosen above if it runs shards; one that
+                # finds none (runners that failed the commit before, or that do not run
+                # shards) waits, and goes out with the next plan.
+                if shard > 1 or not choice.runs_shards:
+                    choice = self._choose(job, idle, shard=True)
                 if choice is None:
                     break
                 planned.append(self._give(job, choice, idle, shard, shards, plan))
         return planned
 
-    def _choose(self, job: Job, idle: list[RunnerRecord]) -> RunnerRecord | None:
-        """The idle runner ``job`` goes to, or None: one that can run it, not one that
-        failed it before when another can take it instead, and, for a rerun of failing
-        tests, another than the one that ran them when one is free."""
+    def _choose(self, job: Job, idle: list[RunnerRecord], shard: bool = False) -> RunnerRecord | None:
+        """The idle runner ``job`` (with ``shard``: a shard of it) goes to, or None: one
+        that can run it, not one that failed it before when another can take it
+        instead, and, for a rerun of failing tests, another than the one that ran them
+        when one is free."""
         commit = job.commit
-        able = [runner for runner in idle if runner.can_run(job)]
+        able = [runner for runner in idle if runner.can_run(job, shard)]
         if not able:
             return None
         if job.round:  # failing tests run again: on another runner when one is free
@@ -1225,7 +1233,7 @@ class Dispatcher:
         if choice is None:
             # Every idle runner already failed this job. Use one anyway only if no
             # runner could take it instead; otherwise leave it for the others.
-            if any(name not in avoid and runner.can_run(job) for name, runner in self._runners.items()):
+            if any(name not in avoid and runner.can_run(job, shard) for name, runner in self._runners.items()):
                 return None
             choice = able[0]
         return choice
@@ -1236,7 +1244,7 @@ class Dispatcher:
         split (sharding off, a rerun, or fewer than two known test files)."""
         if self.max_shards < 2 or job.round != 0:
             return None
-        able = sum(1 for runner in idle if runner.can_run(job))
+        able = sum(1 for runner in idle if runner.can_run(job, shard=True))
         if able - waiting_after < 2:
             return None
         durations = self.store.durations()
@@ -1298,8 +1306,13 @@ class Dispatcher:
                 record.reported = (None, None)
                 self._lose(assignment, "runner %s is busy" % record.name, Outcome.REFUSED)
             else:
+                reason = str(answer.get("reason"))
+                if assignment.shard is not None and reason.startswith("unknown option") and record.runs_shards:
+                    record.runs_shards = False
+                    log.warning("runner %s does not run shards (%s: a version before sharding?): it gets whole "
+                                "commits alone until it registers again", record.name, reason)
                 record.verified = False  # a ping must succeed before it gets another job
-                self._lose(assignment, "runner %s refused: %s" % (record.name, answer.get("reason")), Outcome.REFUSED)
+                self._lose(assignment, "runner %s refused: %s" % (record.name, reason), Outcome.REFUSED)
                 self._pool.submit(self._verify, record)
 
     # --- fetch ahead -----------------------------------------------------------------

@@ -177,6 +177,38 @@ def test_a_failing_test_in_one_shard_fails_the_commit_and_only_it_runs_again(ci,
     assert (rerun["passed"], rerun["failed"]) == (0, 1)
 
 
+def test_a_runner_from_before_sharding_refuses_one_shard_then_gets_whole_commits_alone(ci, upstream, tmp_path):
+    # The dispatcher upgraded first, a runner not yet: it answers a shard as its parser
+    # did, "unknown option". The shard goes to a runner that runs shards, once that
+    # one is free, and the old runner is not offered a shard again (before, it was,
+    # at every plan, for as long as the other was busy).
+    ci.start_dispatcher("--heartbeat-interval", "0.3")
+    ci.start_runner("--name", "new")
+    flag = tmp_path / "release"
+    waiting = {"tests/test_w%d.py" % index: "FILE = %d\n" % index + WAITS_TEST % str(flag) for index in range(4)}
+    teach(ci, upstream, {path: "FILE = 0\n" + WAITS_TEST % "/" for path in waiting})
+    old = ci.processes.start("old-runner", [sys.executable, str(ROOT / "bench" / "fake_runner.py"), ci.address, "old",
+                                            "--no-shards"])
+    ci.dispatcher.wait_for_log(r"runner old answers at .*: ready")
+    sha = upstream.commit(waiting, "every test waits for the flag")
+    dispatch(ci, sha)
+    old.wait_for_log(r"commit %s attempt \d+: shard refused" % sha)
+    refused = ci.dispatcher.wait_for_log(r"runner old does not run shards \(unknown option 'shard' for runtest: ")
+    # Pinged again since it refused, so available: the next plan used to offer it the
+    # shard again at once.
+    ci.dispatcher.wait_for_log(r"runner old answers at .*: ready", after=refused.end())
+    runners = json.loads(ctl(ci.address, "--json", "runners").stdout)["runners"]
+    assert {runner["name"]: runner["shards"] for runner in runners} == {"new": True, "old": False}
+    assert "whole commits only" in ctl(ci.address, "runners").stdout
+    flag.write_text("go")
+    result = ci.wait_result(sha, timeout=90)
+
+    assert result["status"] == "passed", result
+    assert result["passed"] == 5 and len(result["shards"]) == 2
+    assert {entry["runner"] for entry in result["shards"]} == {"new"}
+    assert len(re.findall(r"shard refused", old.log())) == 1, old.log()
+
+
 def test_a_repository_that_turns_sharding_off_runs_unsplit(ci, upstream):
     ci.start_dispatcher()
     for index in range(3):
