@@ -232,6 +232,8 @@ class Executor:
                 self._discard(self._spare)
                 self._spare = None
             self._next_spare = None
+            if self.live is not None:
+                self.live.forget()  # a job that ended in its setup too
             # Before the result goes out: the dispatcher may send the next commit at once.
             self._kill_leftovers(commit, attempt, "job")
             stuck = self.isolation.end_job()
@@ -461,6 +463,9 @@ class Executor:
         if self.cache is None:  # no environments: the runner's own interpreter (the one it offers)
             return Setting(sys.executable, env, timeout, test_command, None, b"", unsplit)
         setup_log = os.path.join(self.work_dir, "setup.log")
+        # Followed live from the start: a build of minutes shows as it goes.
+        open(setup_log, "wb").close()
+        self._follow(commit, attempt, setup_log)
         setup_env = self.isolation.setup_variables(env)
         try:
             recipe = plan(self.clone, config, interpreter, self.cache.installer)
@@ -507,21 +512,12 @@ class Executor:
     def _run_tests(self, commit: str, attempt: int, setting: Setting, junit_path: str, env: dict,
                    output_path: str, tests: tuple[str, ...] | None = None,
                    shard: bool = False) -> tuple[int, str | None, int, str]:
-        """``_run_tests_once``, its output followed live meanwhile (live_log.py)."""
-        try:
-            return self._run_tests_once(commit, attempt, setting, junit_path, env, output_path, tests, shard)
-        finally:
-            if self.live is not None:
-                self.live.forget()
-
-    def _run_tests_once(self, commit: str, attempt: int, setting: Setting, junit_path: str, env: dict,
-                        output_path: str, tests: tuple[str, ...] | None = None,
-                        shard: bool = False) -> tuple[int, str | None, int, str]:
-        """Run the tests in the clone: forked from a warm pytest when one is ready for
-        this interpreter, else the test command in a new interpreter. Returns what
-        ``supervise`` returns, the hash seed the tests ran with, and where their output
-        is: ``output_path``, or, when a warm pytest run as the job user wrote it, a
-        file in the job's own folder (read without following links)."""
+        """Run the tests in the clone, their output followed live (live_log.py): forked
+        from a warm pytest when one is ready for this interpreter, else the test command
+        in a new interpreter. Returns what ``supervise`` returns, the hash seed the
+        tests ran with, and where their output is: ``output_path``, or, when a warm
+        pytest run as the job user wrote it, a file in the job's own folder (read
+        without following links)."""
         # Node ids are checked (flaky.is_test_id): none can be taken for an option.
         pytest_args = ["--junitxml", junit_path, *(tests or ())]
         if shard:

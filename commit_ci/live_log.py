@@ -2,14 +2,17 @@
 
 Two halves of one job, each used by one daemon:
 
-* ``LiveSender`` (runner): a thread of its own that follows the file the tests of the
-  job in progress write their output to, and sends what is new to the dispatcher in
-  chunks of at most ``MAX_LIVE_CHUNK_BYTES`` (``live-log <commit> <attempt> <offset>``,
-  docs/protocol.md), about every ``SEND_INTERVAL_S``. It never slows the job nor delays
-  its result: it only reads the file, on its own thread; a chunk that cannot be sent is
-  tried again at the next turn, and when it falls more than ``MAX_BEHIND_BYTES`` behind
-  it jumps to the latest output (the dispatcher marks the gap). When the job ends the
-  sender simply stops following it: the whole output comes with the verdict.
+* ``LiveSender`` (runner): a thread of its own that follows the file the job in
+  progress writes its output to -- its setup steps' (building or reusing its
+  environment, installing the project), then its tests' -- and sends what is new to
+  the dispatcher in chunks of at most ``MAX_LIVE_CHUNK_BYTES`` (``live-log <commit>
+  <attempt> <offset>``, docs/protocol.md), about every ``SEND_INTERVAL_S``. The
+  offsets are those of one stream per attempt: the tests' output follows the setup's.
+  It never slows the job nor delays its result: it only reads the files, on its own
+  thread; a chunk that cannot be sent is tried again at the next turn, and when it
+  falls more than ``MAX_BEHIND_BYTES`` behind it jumps to the latest output (the
+  dispatcher marks the gap). When the job ends the sender simply stops following it:
+  the whole output comes with the verdict.
 * ``LiveLogs`` (dispatcher): the live log of each running commit, an append-only file
   ``live/<sha>.log`` in the results folder. A chunk is written once, at its offset:
   one sent again (the runner did not get the answer) adds nothing, a gap gets a marker
@@ -189,7 +192,9 @@ class LiveSender:
         self._thread.start()
 
     def follow(self, commit: str, attempt: int, path: str) -> None:
-        """The tests of (commit, attempt) write their output to ``path`` from now on."""
+        """The job (commit, attempt) writes its output to ``path`` from now on: a path
+        of the same attempt after another continues the attempt's live log (what was
+        left of the one before is sent first)."""
         with self._lock:
             self._job = (commit, attempt, path)
 
@@ -203,14 +208,20 @@ class LiveSender:
             return self._job
 
     def _loop(self) -> None:
-        handle, followed, offset, sent = None, None, 0, 0
+        # offset: in the file followed; base: where that file starts in the attempt's stream.
+        handle, followed, base, offset, sent = None, None, 0, 0, 0
         try:
             while not self.stop.wait(self.interval):
                 job = self._current()
                 if job != followed:
+                    same_attempt = job is not None and followed is not None and job[:2] == followed[:2]
                     if handle is not None:
+                        if same_attempt and sent < MAX_LIVE_LOG_BYTES:
+                            offset, sent = self._send_new(followed, handle, base, offset, sent)
                         handle.close()
-                    handle, followed, offset, sent = None, job, 0, 0
+                    base = base + offset if same_attempt else 0
+                    sent = sent if same_attempt else 0
+                    handle, followed, offset = None, job, 0
                 if job is None or sent >= MAX_LIVE_LOG_BYTES:
                     continue
                 if handle is None:
@@ -218,14 +229,15 @@ class LiveSender:
                         handle = open_untrusted(job[2])
                     except OSError:
                         continue  # not there yet
-                offset, sent = self._send_new(job, handle, offset, sent)
+                offset, sent = self._send_new(job, handle, base, offset, sent)
         finally:
             if handle is not None:
                 handle.close()
 
-    def _send_new(self, job: tuple[str, int, str], handle, offset: int, sent: int) -> tuple[int, int]:
-        """Send what the output has past ``offset`` (one chunk per turn, several when
-        there is more); returns the new offset and bytes sent."""
+    def _send_new(self, job: tuple[str, int, str], handle, base: int, offset: int, sent: int) -> tuple[int, int]:
+        """Send what the file has past ``offset`` (one chunk per turn, several when
+        there is more), at ``base`` + its offset in the attempt's stream; returns the
+        new offset in the file and the bytes sent."""
         commit, attempt, _ = job
         for _ in range(8):
             try:
@@ -242,7 +254,7 @@ class LiveSender:
                 return offset, sent
             try:
                 answer = communicate(self.dispatcher, request("live-log", commit=commit, attempt=attempt,
-                                                              offset=offset, chunk=data),
+                                                              offset=base + offset, chunk=data),
                                      timeout=SEND_TIMEOUT_S, connect_timeout=SEND_TIMEOUT_S,
                                      total_timeout=SEND_TIMEOUT_S * 2, security=self.security)
             except (OSError, ProtocolError) as exc:
@@ -253,7 +265,7 @@ class LiveSender:
                 return offset, sent
             sent += len(data)
             wanted = answer.get("offset")
-            offset = wanted if isinstance(wanted, int) else offset + len(data)
+            offset = max(0, wanted - base) if isinstance(wanted, int) else offset + len(data)
             if sent >= MAX_LIVE_LOG_BYTES or self._current() != job:
                 return offset, sent
         return offset, sent

@@ -185,6 +185,28 @@ def test_the_sender_sends_new_output_in_order_and_jumps_ahead_when_behind(tmp_pa
         stop.set()
 
 
+def test_the_sender_goes_on_from_the_setup_output_to_the_tests_output_in_one_stream(tmp_path, fake_dispatcher):
+    address, chunks, _ = fake_dispatcher
+    stop = threading.Event()
+    sender = LiveSender(address, Security(), stop, interval=0.05)
+    sender.start()
+    setup, output = tmp_path / "setup.log", tmp_path / "output.log"
+    try:
+        sender.follow(SHA, 3, str(setup))
+        setup.write_bytes(b"building\n")
+        wait_until(lambda: chunks == [(0, b"building\n")], 10, message="the setup's output")
+        with open(setup, "ab") as handle:
+            handle.write(b"built\n")  # just before the tests start: still sent, before theirs
+        output.write_bytes(b"tests\n")
+        sender.follow(SHA, 3, str(output))
+        wait_until(lambda: chunks[-1:] == [(15, b"tests\n")], 10, message="the tests' output, after the setup's")
+        assert b"".join(data for _, data in chunks) == b"building\nbuilt\ntests\n"
+        sender.follow(SHA, 4, str(setup))  # another attempt: a stream of its own
+        wait_until(lambda: chunks[-1:] == [(0, b"building\nbuilt\n")], 10, message="the next attempt's output")
+    finally:
+        stop.set()
+
+
 def test_the_sender_never_holds_up_the_job(tmp_path, fake_dispatcher):
     address, chunks, hold = fake_dispatcher
     hold.clear()  # the dispatcher takes the chunk and does not answer
@@ -233,6 +255,31 @@ def test_ctl_log_follows_a_running_job_until_its_verdict(ci, upstream, processes
     wait_until(lambda: done.popen.poll() is not None, 30, message="ci-ctl log to exit")
     assert done.popen.returncode == 0 and "LIVE step two" in done.log() and "2 passed" in done.log()
     assert not (ci.results_dir / "live").exists()
+
+
+def test_the_output_of_a_commits_environment_setup_is_live_before_its_tests_start(ci, upstream, tmp_path):
+    flag = tmp_path / "setup-may-end"
+    ci.start_dispatcher()
+    ci.start_runner("--env-cache", str(tmp_path / "envs"))
+    sha = upstream.commit({
+        ".commit-ci.toml": 'setup = ["python setup_step.py"]\n',
+        "setup_step.py": "import os, time\nprint('SETUP STEP RUNNING', flush=True)\n"
+                         "deadline = time.monotonic() + 120\n"
+                         "while not os.path.exists(%r) and time.monotonic() < deadline:\n"
+                         "    time.sleep(0.05)\n" % str(flag),
+    }, "a setup step that takes its time")
+    dispatch(ci, sha)
+
+    def shown() -> str:
+        return subprocess.run(module_argv("ctl", "--dispatcher-server", ci.address, "log", sha), capture_output=True,
+                              text=True, timeout=60).stdout
+
+    live = wait_until(lambda: "SETUP STEP RUNNING" in shown() and shown(), 120, message="the setup's output, live")
+    assert "[runner: building environment" in live
+    flag.touch()
+    result = ci.wait_result(sha, timeout=120)
+    assert result["status"] == "passed", ci.report(sha)
+    assert "SETUP STEP RUNNING" in (ci.results_dir / (sha + ".log")).read_text()
 
 
 def test_a_runner_that_dies_leaves_what_it_sent_and_the_next_attempt_starts_afresh(ci, upstream, tmp_path):
