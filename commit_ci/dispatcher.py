@@ -500,7 +500,8 @@ class Dispatcher:
             # Small appends to a file (no fsync): held under the lock, so that a verdict
             # recorded meanwhile (which removes the file) cannot be followed by a write.
             try:
-                end = self.live.append(commit, attempt_id, offset, data)
+                end = self.live.append(commit, attempt_id, offset, data,
+                                       None if assignment.shard is None else (assignment.shard, assignment.shards))
             except OSError as exc:
                 log.error("commit %s attempt %d: live output not written: %s", commit, attempt_id, exc)
                 return error("internal error")

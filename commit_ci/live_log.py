@@ -18,9 +18,12 @@ Two halves of one job, each used by one daemon:
   one sent again (the runner did not get the answer) adds nothing, a gap gets a marker
   line, a chunk of an attempt that is not the commit's current one is refused by the
   dispatcher before it gets here, and a new attempt of the commit starts the file
-  afresh. What an attempt whose runner died had sent stays until the next attempt
-  sends output or the verdict is written; the verdict removes the file (the commit's
-  ``<sha>.log`` has all of it). At most ``MAX_LIVE_LOG_BYTES`` per attempt are kept.
+  afresh. The shards of a commit (sharding.py) run at once: their chunks go in one
+  file as they come, each after a line naming its shard when the one written last
+  was another, each shard's stream with offsets of its own. What an attempt whose
+  runner died had sent stays until the next attempt sends output or the verdict is
+  written; the verdict removes the file (the commit's ``<sha>.log`` has all of it).
+  At most ``MAX_LIVE_LOG_BYTES`` per commit are kept.
 
 Which offset a commit's file has reached is kept in memory: after a restart of the
 dispatcher, a chunk that does not start at 0 is appended after a marker line, so a
@@ -64,10 +67,15 @@ def live_path(results_dir: str, commit: str) -> str:
 
 @dataclass
 class _Followed:
-    attempt: int
-    offset: int  # the next byte of the attempt's output the file wants
+    """What a commit's live log holds: the stream of one attempt (a whole run), or those
+    of its shards' attempts, each chunk after a line naming its shard when the shard
+    written last was another."""
+
+    sharded: bool
+    offsets: dict[int, int]  # by attempt: the next byte of its stream the file wants
     size: int  # bytes in the file
     capped: bool = False
+    last: int | None = None  # the attempt written last
 
 
 class LiveLogs:
@@ -81,34 +89,44 @@ class LiveLogs:
         self._lock = threading.Lock()
         self._followed: dict[str, _Followed] = {}
 
-    def append(self, commit: str, attempt: int, offset: int, data: bytes) -> int:
+    def append(self, commit: str, attempt: int, offset: int, data: bytes,
+               shard: tuple[int, int] | None = None) -> int:
         """Write the chunk of ``attempt``'s output that starts at byte ``offset``; returns
         the offset the next chunk should start at. The caller has checked that ``attempt``
-        is the commit's current one."""
+        is one the commit has out: its only one, or, with ``shard`` (I, K), that of its
+        shard I of K, which runs beside the others."""
         path = live_path(self.results_dir, commit)
         with self._lock:
             followed = self._followed.get(commit)
             notes = b""
-            if followed is None or followed.attempt != attempt:
-                # A new attempt starts afresh; after a restart of the dispatcher, the file
-                # may hold this attempt's start already: kept, with a marker.
+            mode = "ab"
+            if followed is None or followed.sharded != (shard is not None) or (
+                    shard is None and attempt not in followed.offsets):
+                # A new attempt (or the first shard's) starts afresh; after a restart of
+                # the dispatcher, the file may hold this attempt's start already: kept,
+                # with a marker.
                 fresh = followed is not None or offset == 0 or not os.path.exists(path)
                 if not fresh:
                     notes = b"\n[... live log resumed at byte %d of the output (the dispatcher restarted) ...]\n" % offset
-                followed = _Followed(attempt, offset, 0 if fresh else os.path.getsize(path))
+                followed = _Followed(shard is not None, {attempt: offset}, 0 if fresh else os.path.getsize(path))
                 self._followed[commit] = followed
                 mode = "wb" if fresh else "ab"
-            else:
-                mode = "ab"
+            elif attempt not in followed.offsets:
+                followed.offsets[attempt] = offset  # another shard's stream
+            wanted = followed.offsets[attempt]
             end = offset + len(data)
-            if end <= followed.offset and mode == "ab":
-                return followed.offset  # sent again: written already
-            if offset > followed.offset:
-                notes += b"\n[... %d bytes of output not sent live ...]\n" % (offset - followed.offset)
-            elif offset < followed.offset:
-                data = data[followed.offset - offset:]
+            if end <= wanted and mode == "ab":
+                return wanted  # sent again: written already
+            if offset > wanted:
+                notes += b"\n[... %d bytes of output not sent live ...]\n" % (offset - wanted)
+            elif offset < wanted:
+                data = data[wanted - offset:]
+            if shard is not None and followed.last != attempt:
+                notes = b"%s[shard %d of %d, attempt %d]\n" % (b"\n" if followed.size else b"", shard[0], shard[1],
+                                                            attempt) + notes
+            followed.last = attempt
             if followed.capped:
-                followed.offset = end
+                followed.offsets[attempt] = end
                 return end
             room = self.limit - followed.size
             if len(notes) + len(data) > room:
@@ -121,7 +139,7 @@ class LiveLogs:
             with open(path, mode) as handle:
                 handle.write(notes + data)
             followed.size += len(notes) + len(data)
-            followed.offset = end
+            followed.offsets[attempt] = end
             return end
 
     def discard(self, commit: str) -> None:

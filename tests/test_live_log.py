@@ -79,6 +79,25 @@ def test_a_chunk_is_written_once_at_its_offset_and_gaps_are_marked(tmp_path):
     assert not (tmp_path / "live").exists(), "the folder goes with the last live log"
 
 
+def test_the_shards_of_a_commit_share_its_live_log_each_with_its_own_stream(tmp_path):
+    logs = LiveLogs(str(tmp_path))
+    path = live_path(str(tmp_path), SHA)
+    assert logs.append(SHA, 7, 0, b"whole run\n") == 10
+    # The commit is split: its shards' chunks come as they come, none starts it afresh.
+    assert logs.append(SHA, 11, 0, b"one: a\n", shard=(1, 2)) == 7
+    assert logs.append(SHA, 12, 0, b"two: a\n", shard=(2, 2)) == 7
+    assert logs.append(SHA, 12, 7, b"two: b\n", shard=(2, 2)) == 14
+    assert logs.append(SHA, 11, 0, b"one: a\n", shard=(1, 2)) == 7, "sent again: nothing added"
+    assert logs.append(SHA, 11, 7, b"one: b\n", shard=(1, 2)) == 14
+    assert logs.append(SHA, 13, 0, b"one again\n", shard=(1, 2)) == 10, "a shard run again joins the others"
+    assert open(path, "rb").read() == (b"[shard 1 of 2, attempt 11]\none: a\n\n[shard 2 of 2, attempt 12]\ntwo: a\n"
+                                       b"two: b\n\n[shard 1 of 2, attempt 11]\none: b\n"
+                                       b"\n[shard 1 of 2, attempt 13]\none again\n")
+    # Its failing tests run again, unsplit: a new attempt of a whole run, afresh.
+    assert logs.append(SHA, 14, 0, b"rerun\n") == 6
+    assert open(path, "rb").read() == b"rerun\n"
+
+
 def test_a_live_log_is_capped(tmp_path):
     logs = LiveLogs(str(tmp_path), limit=100)
     for index in range(10):
@@ -129,6 +148,27 @@ def test_the_dispatcher_takes_chunks_of_current_attempts_from_their_runners_alon
     assert tail.sections["chunk"] == b"two\n" and json.loads(tail.sections["json"])["source"] == "final"
     too_long = request("live-log", commit=SHA, attempt=attempt, offset=0, chunk=b"x" * (MAX_LIVE_CHUNK_BYTES + 1))
     assert handler.handle(too_long, "box-1").get("recorded") == 0, "settled: ignored"
+    store.close()
+
+
+def test_the_dispatcher_writes_each_shards_chunks_under_its_name(tmp_path):
+    store = JobStore(str(tmp_path / "queue.sqlite3"))
+    results = tmp_path / "results"
+    results.mkdir()
+    handler = dispatcher.Dispatcher(store, str(results))
+    store.enqueue(SHA, 1.0)
+    store.split(SHA, 2, b"{}")
+    for shard, runner in ((1, "box-1"), (2, "box-2")):
+        attempt = store.assign_shard(SHA, shard, runner, 2.0)
+        record = dispatcher.RunnerRecord(runner, ("127.0.0.1", 9), since=0.0)
+        handler._assignments[attempt] = record.assignment = dispatcher.Assignment(
+            SHA, attempt, record, time.monotonic() + 60, shard=shard, shards=2, plan=b"{}")
+        answer = handler.handle(request("live-log", commit=SHA, attempt=attempt, offset=0,
+                                        chunk=b"shard %d here\n" % shard), runner)
+        assert (answer.verb, answer.get("recorded")) == ("OK", 1)
+    text = open(live_path(str(results), SHA), "rb").read()
+    assert re.fullmatch(rb"\[shard 1 of 2, attempt \d+\]\nshard 1 here\n\n\[shard 2 of 2, attempt \d+\]\nshard 2 here\n",
+                        text), text
     store.close()
 
 

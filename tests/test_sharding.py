@@ -20,7 +20,7 @@ from test_ctl import ctl
 
 from commit_ci import sharding
 
-from conftest import FAILING_TEST, ROOT, RUNNER_ENV, git
+from conftest import FAILING_TEST, ROOT, RUNNER_ENV, git, wait_until
 
 #: A test file of one test that takes ``%r`` seconds; ``%d`` makes each file differ.
 SLEEPING_TEST = "import time\n\nFILE = %d\n\n\ndef test_sleeps():\n    time.sleep(%r)\n"
@@ -149,6 +149,13 @@ def test_a_sharded_commit_cancelled_stops_every_shard_and_the_runners_go_on(ci, 
     dispatch(ci, sha)
     for runner in runners:
         runner.wait_for_log(r"commit %s attempt \d+ accepted from .*: shard \d of 3" % sha)
+    # Their output live, in one log, each shard's under its name: pytest's header thrice.
+    def live_log_has_every_shard() -> bool:
+        shown = ctl(ci.address, "log", sha).stdout
+        return (all(re.search(r"^\[shard %d of 3, attempt \d+\]$" % shard, shown, re.M) for shard in (1, 2, 3))
+                and shown.count("test session starts") == 3)
+
+    wait_until(live_log_has_every_shard, 60, message="every shard's output in the live log")
     assert ctl(ci.address, "cancel", sha).returncode == 0
     assert ci.wait_result(sha)["status"] == "cancelled"
     for runner in runners:
