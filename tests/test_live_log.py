@@ -115,12 +115,21 @@ def test_whole_characters_never_cuts_a_character():
         assert text[:cut].startswith(kept) and cut - len(kept) < 4
 
 
-def test_the_dispatcher_takes_chunks_of_current_attempts_from_their_runners_alone(tmp_path):
+@pytest.fixture
+def queued(tmp_path):
+    """A dispatcher (no server: its handler alone) with the commit SHA queued: the
+    store, the handler and its results folder."""
     store = JobStore(str(tmp_path / "queue.sqlite3"))
     results = tmp_path / "results"
     results.mkdir()
     handler = dispatcher.Dispatcher(store, str(results))
     store.enqueue(SHA, 1.0)
+    yield store, handler, results
+    store.close()
+
+
+def test_the_dispatcher_takes_chunks_of_current_attempts_from_their_runners_alone(queued):
+    store, handler, results = queued
     attempt = store.assign(SHA, "box-1", 2.0)
     record = dispatcher.RunnerRecord("box-1", ("127.0.0.1", 9), since=0.0)
     handler._assignments[attempt] = record.assignment = dispatcher.Assignment(SHA, attempt, record, time.monotonic() + 60)
@@ -148,15 +157,10 @@ def test_the_dispatcher_takes_chunks_of_current_attempts_from_their_runners_alon
     assert tail.sections["chunk"] == b"two\n" and json.loads(tail.sections["json"])["source"] == "final"
     too_long = request("live-log", commit=SHA, attempt=attempt, offset=0, chunk=b"x" * (MAX_LIVE_CHUNK_BYTES + 1))
     assert handler.handle(too_long, "box-1").get("recorded") == 0, "settled: ignored"
-    store.close()
 
 
-def test_the_dispatcher_writes_each_shards_chunks_under_its_name(tmp_path):
-    store = JobStore(str(tmp_path / "queue.sqlite3"))
-    results = tmp_path / "results"
-    results.mkdir()
-    handler = dispatcher.Dispatcher(store, str(results))
-    store.enqueue(SHA, 1.0)
+def test_the_dispatcher_writes_each_shards_chunks_under_its_name(queued):
+    store, handler, results = queued
     store.split(SHA, 2, b"{}")
     for shard, runner in ((1, "box-1"), (2, "box-2")):
         attempt = store.assign_shard(SHA, shard, runner, 2.0)
@@ -169,7 +173,6 @@ def test_the_dispatcher_writes_each_shards_chunks_under_its_name(tmp_path):
     text = open(live_path(str(results), SHA), "rb").read()
     assert re.fullmatch(rb"\[shard 1 of 2, attempt \d+\]\nshard 1 here\n\n\[shard 2 of 2, attempt \d+\]\nshard 2 here\n",
                         text), text
-    store.close()
 
 
 # --- the runner's sender ---------------------------------------------------------------------
