@@ -200,7 +200,13 @@ def show_queue(client: Client, as_json: bool, limit: int) -> None:
         return
     print("running (%d):" % len(queue["running"]))
     for job in queue["running"]:
-        print("  %s  attempt %s on %s, started %s" % (short(job["commit"]), job["attempt"], job["runner"], age(job["started_at"])))
+        if job.get("shards"):
+            print("  %s  in shards, started %s:" % (short(job["commit"]), age(job["started_at"])))
+            for out in job["shards"]:
+                print("    shard %s of %s: attempt %s on %s" % (out["shard"], out["shards"], out["attempt"], out["runner"]))
+        else:
+            print("  %s  attempt %s on %s, started %s" % (short(job["commit"]), job["attempt"], job["runner"],
+                                                        age(job["started_at"])))
     shown = len(queue["queued"])
     order = "in the order they run: each branch's newest first, then the others newest first" \
         if queue.get("order") == "tip" else "oldest first"

@@ -336,6 +336,13 @@ class Dispatcher:
             queued = self.store.queued_jobs(limit, order=self.order)
             running = self.store.running()
             total = self.store.count(JobState.QUEUED)
+            # A sharded commit runs on several runners at once: each shard out, and where.
+            shards_out: dict[str, list[dict]] = {}
+            for assignment in self._assignments.values():
+                if assignment.shard is not None:
+                    shards_out.setdefault(assignment.commit, []).append(
+                        {"shard": assignment.shard, "shards": assignment.shards, "attempt": assignment.attempt_id,
+                         "runner": assignment.runner.name})
         return _json_reply({
             "order": self.order,
             "queued_total": total,
@@ -343,7 +350,8 @@ class Dispatcher:
                        for job in queued],
             "running": [
                 {"commit": job.commit, "attempt": job.current_attempt, "runner": job.runner,
-                 "started_at": iso_time(job.started_at)}
+                 "started_at": iso_time(job.started_at),
+                 "shards": sorted(shards_out.get(job.commit, ()), key=lambda out: out["shard"])}
                 for job in running
             ],
         })

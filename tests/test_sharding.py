@@ -156,6 +156,13 @@ def test_a_sharded_commit_cancelled_stops_every_shard_and_the_runners_go_on(ci, 
                 and shown.count("test session starts") == 3)
 
     wait_until(live_log_has_every_shard, 60, message="every shard's output in the live log")
+    # The queue shows where each shard runs.
+    running = json.loads(ctl(ci.address, "--json", "queue").stdout)["running"]
+    assert [(job["commit"], [(out["shard"], out["shards"]) for out in job["shards"]]) for job in running] == [
+        (sha, [(1, 3), (2, 3), (3, 3)])]
+    assert {out["runner"] for out in running[0]["shards"]} == {"r0", "r1", "r2"}
+    shown = ctl(ci.address, "queue").stdout
+    assert re.search(r"^  %s  in shards, started .*:\n    shard 1 of 3: attempt \d+ on r\d$" % sha[:12], shown, re.M), shown
     assert ctl(ci.address, "cancel", sha).returncode == 0
     assert ci.wait_result(sha)["status"] == "cancelled"
     for runner in runners:

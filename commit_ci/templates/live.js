@@ -46,7 +46,9 @@
     sha.textContent = job.commit.slice(0, 10);
     const where = document.createElement("span");
     where.className = "author";
-    where.textContent = " on " + job.runner + ", attempt " + job.attempt;
+    where.textContent = job.shards && job.shards.length
+      ? " in " + job.shards[0].shards + " shards" // each on a runner of its own
+      : " on " + job.runner + ", attempt " + job.attempt;
     head.append(badge, " ", sha, where);
     const log = document.createElement("pre");
     log.className = "live-log";
