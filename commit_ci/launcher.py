@@ -173,11 +173,14 @@ class LiveView:
                 self._seen_queued.add(job["commit"])
                 lines.append("queued   %s" % ctl.short(job["commit"]))
         for job in queue["running"]:
-            key = (job["commit"], job["attempt"])
-            if key not in self._seen_running:
-                self._seen_running.add(key)
-                self._seen_started.add(job["commit"])
-                lines.append("running  %s on %s (attempt %s)" % (ctl.short(job["commit"]), job["runner"], job["attempt"]))
+            for out in job.get("shards") or [job]:  # a sharded commit: each shard where it runs
+                key = (job["commit"], out["attempt"])
+                if key not in self._seen_running:
+                    self._seen_running.add(key)
+                    self._seen_started.add(job["commit"])
+                    shard = " shard %s of %s" % (out["shard"], out["shards"]) if "shard" in out else ""
+                    lines.append("running  %s%s on %s (attempt %s)" % (ctl.short(job["commit"]), shard, out["runner"],
+                                                                       out["attempt"]))
         if self._seen_results is None:
             # Results from before this session (a restart on the same work dir) are not news.
             self._seen_results = {summary["commit"] for summary in recent}

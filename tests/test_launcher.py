@@ -92,6 +92,23 @@ def test_line_view_shows_the_start_of_a_job_that_ran_between_two_looks(ci, upstr
     assert capsys.readouterr().out == "", "results from before a view started are not news"
 
 
+def test_line_view_shows_each_shard_of_a_sharded_commit_where_it_runs(capsys):
+    from commit_ci import ctl, launcher
+    from commit_ci.security import Security
+
+    view = launcher.LiveView(ctl.Client(("127.0.0.1", 9), Security()), interactive=False)
+    sha = "ab" * 20
+    shards = [{"shard": 1, "shards": 2, "attempt": 11, "runner": "runner-1"},
+              {"shard": 2, "shards": 2, "attempt": 12, "runner": "runner-2"}]
+    running = {"commit": sha, "attempt": 12, "runner": "runner-2", "started_at": None, "shards": shards}
+    assert view._changes({"queued": [], "running": [running]}, []) == [
+        "running  %s shard 1 of 2 on runner-1 (attempt 11)" % sha[:12],
+        "running  %s shard 2 of 2 on runner-2 (attempt 12)" % sha[:12]]
+    again = dict(running, attempt=13, runner="runner-1", shards=[dict(shards[1], attempt=13, runner="runner-1")])
+    assert view._changes({"queued": [], "running": [again]}, []) == [
+        "running  %s shard 2 of 2 on runner-1 (attempt 13)" % sha[:12]], "a shard run again is news, once"
+
+
 def test_launcher_refuses_a_work_dir_cloned_from_elsewhere(upstream, tmp_path):
     work = tmp_path / "work"
     other = tmp_path / "other"
