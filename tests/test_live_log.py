@@ -200,75 +200,68 @@ def fake_dispatcher():
     server.server_close()
 
 
-def test_the_sender_sends_new_output_in_order_and_jumps_ahead_when_behind(tmp_path, fake_dispatcher):
-    address, chunks, _ = fake_dispatcher
-    stop = threading.Event()
-    sender = LiveSender(address, Security(), stop, interval=0.05)
-    sender.start()
-    output = tmp_path / "output.log"
-    try:
-        sender.follow(SHA, 3, str(output))
-        output.write_bytes(b"first\n")
-        wait_until(lambda: chunks == [(0, b"first\n")], 10, message="the first chunk")
-        with open(output, "ab") as handle:
-            handle.write(b"second\n")
-        wait_until(lambda: chunks[-1:] == [(6, b"second\n")], 10, message="the next chunk, at its offset")
-        with open(output, "ab") as handle:  # far more than it may be behind: it jumps to the latest
-            handle.write(b"x" * (3 * MAX_BEHIND_BYTES) + b"latest\n")
-        wait_until(lambda: chunks[-1][1].endswith(b"latest\n"), 10, message="the latest output")
-        sent = sum(len(data) for _, data in chunks)
-        assert sent < MAX_BEHIND_BYTES, "what it was behind was skipped"
-        sender.forget()
-        count = len(chunks)
-        with open(output, "ab") as handle:
-            handle.write(b"after the tests\n")
-        time.sleep(0.3)  # several turns of the sender: nothing should come (nothing to wait for)
-        assert len(chunks) == count, "not followed once the tests are over"
-    finally:
-        stop.set()
-
-
-def test_the_sender_goes_on_from_the_setup_output_to_the_tests_output_in_one_stream(tmp_path, fake_dispatcher):
-    address, chunks, _ = fake_dispatcher
-    stop = threading.Event()
-    sender = LiveSender(address, Security(), stop, interval=0.05)
-    sender.start()
-    setup, output = tmp_path / "setup.log", tmp_path / "output.log"
-    try:
-        sender.follow(SHA, 3, str(setup))
-        setup.write_bytes(b"building\n")
-        wait_until(lambda: chunks == [(0, b"building\n")], 10, message="the setup's output")
-        with open(setup, "ab") as handle:
-            handle.write(b"built\n")  # just before the tests start: still sent, before theirs
-        output.write_bytes(b"tests\n")
-        sender.follow(SHA, 3, str(output))
-        wait_until(lambda: chunks[-1:] == [(15, b"tests\n")], 10, message="the tests' output, after the setup's")
-        assert b"".join(data for _, data in chunks) == b"building\nbuilt\ntests\n"
-        sender.follow(SHA, 4, str(setup))  # another attempt: a stream of its own
-        wait_until(lambda: chunks[-1:] == [(0, b"building\nbuilt\n")], 10, message="the next attempt's output")
-    finally:
-        stop.set()
-
-
-def test_the_sender_never_holds_up_the_job(tmp_path, fake_dispatcher):
+@pytest.fixture
+def live_sender(fake_dispatcher):
+    """A LiveSender to the fake dispatcher, looking every 0.05 s: (it, the chunks the
+    dispatcher got, the dispatcher's hold)."""
     address, chunks, hold = fake_dispatcher
-    hold.clear()  # the dispatcher takes the chunk and does not answer
     stop = threading.Event()
-    sender = LiveSender(address, Security(), stop, interval=0.05)
-    sender.start()
+    started = LiveSender(address, Security(), stop, interval=0.05)
+    started.start()
+    yield started, chunks, hold
+    stop.set()
+
+
+def test_the_sender_sends_new_output_in_order_and_jumps_ahead_when_behind(tmp_path, live_sender):
+    sender, chunks, _ = live_sender
+    output = tmp_path / "output.log"
+    sender.follow(SHA, 3, str(output))
+    output.write_bytes(b"first\n")
+    wait_until(lambda: chunks == [(0, b"first\n")], 10, message="the first chunk")
+    with open(output, "ab") as handle:
+        handle.write(b"second\n")
+    wait_until(lambda: chunks[-1:] == [(6, b"second\n")], 10, message="the next chunk, at its offset")
+    with open(output, "ab") as handle:  # far more than it may be behind: it jumps to the latest
+        handle.write(b"x" * (3 * MAX_BEHIND_BYTES) + b"latest\n")
+    wait_until(lambda: chunks[-1][1].endswith(b"latest\n"), 10, message="the latest output")
+    sent = sum(len(data) for _, data in chunks)
+    assert sent < MAX_BEHIND_BYTES, "what it was behind was skipped"
+    sender.forget()
+    count = len(chunks)
+    with open(output, "ab") as handle:
+        handle.write(b"after the tests\n")
+    time.sleep(0.3)  # several turns of the sender: nothing should come (nothing to wait for)
+    assert len(chunks) == count, "not followed once the tests are over"
+
+
+def test_the_sender_goes_on_from_the_setup_output_to_the_tests_output_in_one_stream(tmp_path, live_sender):
+    sender, chunks, _ = live_sender
+    setup, output = tmp_path / "setup.log", tmp_path / "output.log"
+    sender.follow(SHA, 3, str(setup))
+    setup.write_bytes(b"building\n")
+    wait_until(lambda: chunks == [(0, b"building\n")], 10, message="the setup's output")
+    with open(setup, "ab") as handle:
+        handle.write(b"built\n")  # just before the tests start: still sent, before theirs
+    output.write_bytes(b"tests\n")
+    sender.follow(SHA, 3, str(output))
+    wait_until(lambda: chunks[-1:] == [(15, b"tests\n")], 10, message="the tests' output, after the setup's")
+    assert b"".join(data for _, data in chunks) == b"building\nbuilt\ntests\n"
+    sender.follow(SHA, 4, str(setup))  # another attempt: a stream of its own
+    wait_until(lambda: chunks[-1:] == [(0, b"building\nbuilt\n")], 10, message="the next attempt's output")
+
+
+def test_the_sender_never_holds_up_the_job(tmp_path, live_sender):
+    sender, _, hold = live_sender
+    hold.clear()  # the dispatcher takes the chunk and does not answer
     output = tmp_path / "output.log"
     output.write_bytes(b"output\n")
-    try:
-        sender.follow(SHA, 3, str(output))
-        time.sleep(0.3)  # the sender is now waiting for an answer
-        started = time.monotonic()
-        sender.forget()
-        sender.follow(SHA, 4, str(output))
-        sender.forget()
-        assert time.monotonic() - started < 0.1, "follow and forget never wait for the network"
-    finally:
-        stop.set()
-        hold.set()
+    sender.follow(SHA, 3, str(output))
+    time.sleep(0.3)  # the sender is now waiting for an answer
+    started = time.monotonic()
+    sender.forget()
+    sender.follow(SHA, 4, str(output))
+    sender.forget()
+    assert time.monotonic() - started < 0.1, "follow and forget never wait for the network"
 
 
 # --- end to end ----------------------------------------------------------------------------

@@ -58,6 +58,21 @@ def junit_ids(data: bytes) -> list[str]:
     return ["%s::%s" % (case.get("classname"), case.get("name")) for case in root.iter("testcase")]
 
 
+def three_shards_waiting(ci, upstream, flag: Path, *dispatcher_options: str) -> tuple[list, dict[str, str], str]:
+    """A dispatcher and runners r0, r1, r2, the durations of 6 test files taught, then a
+    commit of those files whose every test waits for ``flag``, running in 3 shards:
+    (the runners, the files, the commit)."""
+    ci.start_dispatcher(*dispatcher_options)
+    runners = [ci.start_runner("--name", "r%d" % index) for index in range(3)]
+    waiting = {"tests/test_w%d.py" % index: "FILE = %d\n" % index + WAITS_TEST % str(flag) for index in range(6)}
+    teach(ci, upstream, {path: "FILE = 0\n" + WAITS_TEST % "/" for path in waiting})
+    sha = upstream.commit(waiting, "every test waits for the flag")
+    dispatch(ci, sha)
+    for runner in runners:
+        runner.wait_for_log(r"commit %s attempt \d+ accepted from .*: shard \d of 3" % sha)
+    return runners, waiting, sha
+
+
 def test_a_commit_is_split_over_idle_runners_and_merged_into_one_result(ci, upstream):
     ci.start_dispatcher()
     for index in range(3):
@@ -91,15 +106,8 @@ def test_a_commit_is_split_over_idle_runners_and_merged_into_one_result(ci, upst
 
 
 def test_a_shard_whose_runner_is_killed_runs_again_alone_and_the_commit_has_one_result(ci, upstream, tmp_path):
-    ci.start_dispatcher("--heartbeat-interval", "0.3")
-    runners = [ci.start_runner("--name", "r%d" % index) for index in range(3)]
     flag = tmp_path / "release"
-    waiting = {"tests/test_w%d.py" % index: "FILE = %d\n" % index + WAITS_TEST % str(flag) for index in range(6)}
-    teach(ci, upstream, {path: "FILE = 0\n" + WAITS_TEST % "/" for path in waiting})
-    sha = upstream.commit(waiting, "every test waits for the flag")
-    dispatch(ci, sha)
-    for runner in runners:
-        runner.wait_for_log(r"commit %s attempt \d+ accepted from .*: shard \d of 3" % sha)
+    runners, _, sha = three_shards_waiting(ci, upstream, flag, "--heartbeat-interval", "0.3")
     victim = runners[0]
     victim.kill()  # SIGKILL, its job's processes with it
     log_size = len(ci.dispatcher.log())
@@ -119,15 +127,8 @@ def test_a_shard_whose_runner_is_killed_runs_again_alone_and_the_commit_has_one_
 
 
 def test_a_dispatcher_killed_mid_shards_comes_back_to_one_result(ci, upstream, tmp_path):
-    ci.start_dispatcher("--heartbeat-interval", "0.3")
-    runners = [ci.start_runner("--name", "r%d" % index) for index in range(3)]
     flag = tmp_path / "release"
-    waiting = {"tests/test_w%d.py" % index: "FILE = %d\n" % index + WAITS_TEST % str(flag) for index in range(6)}
-    teach(ci, upstream, {path: "FILE = 0\n" + WAITS_TEST % "/" for path in waiting})
-    sha = upstream.commit(waiting, "every test waits for the flag")
-    dispatch(ci, sha)
-    for runner in runners:
-        runner.wait_for_log(r"commit %s attempt \d+ accepted from .*: shard \d of 3" % sha)
+    _, _, sha = three_shards_waiting(ci, upstream, flag, "--heartbeat-interval", "0.3")
     ci.dispatcher.kill()
     ci.restart_dispatcher()
     flag.write_text("go")
@@ -140,15 +141,7 @@ def test_a_dispatcher_killed_mid_shards_comes_back_to_one_result(ci, upstream, t
 
 
 def test_a_sharded_commit_cancelled_stops_every_shard_and_the_runners_go_on(ci, upstream, tmp_path):
-    ci.start_dispatcher()
-    runners = [ci.start_runner("--name", "r%d" % index) for index in range(3)]
-    flag = tmp_path / "never"
-    waiting = {"tests/test_w%d.py" % index: "FILE = %d\n" % index + WAITS_TEST % str(flag) for index in range(6)}
-    teach(ci, upstream, {path: "FILE = 0\n" + WAITS_TEST % "/" for path in waiting})
-    sha = upstream.commit(waiting, "every test waits for ever")
-    dispatch(ci, sha)
-    for runner in runners:
-        runner.wait_for_log(r"commit %s attempt \d+ accepted from .*: shard \d of 3" % sha)
+    runners, waiting, sha = three_shards_waiting(ci, upstream, tmp_path / "never")
     # Their output live, in one log, each shard's under its name: pytest's header thrice.
     def live_log_has_every_shard() -> bool:
         shown = ctl(ci.address, "log", sha).stdout
