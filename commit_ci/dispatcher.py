@@ -1142,8 +1142,10 @@ class Dispatcher:
         if attempt is None or attempt.commit != commit:
             return
         if self.store.adopt(commit, attempt_id, record.name):
+            # A shard's: how many its commit has (its live log and the queue name it "I of K").
+            job = self.store.job(commit) if attempt.shard is not None else None
             assignment = Assignment(commit, attempt_id, record, self._lease_deadline(), acknowledged=True,
-                                    shard=attempt.shard)
+                                    shard=attempt.shard, shards=job.shards if job is not None else None)
             record.assignment = assignment
             record.since = time.time()
             self._assignments[attempt_id] = assignment

@@ -43,17 +43,20 @@ def test_dispatcher_killed_with_a_queue_of_twenty_finishes_all_after_restart(ci,
     assert ci.result_files() == ci.expected_files(results)
 
 
-def test_dispatcher_killed_mid_job_runner_result_is_adopted(ci, upstream):
+def test_dispatcher_killed_mid_job_runner_result_is_adopted(ci, upstream, tmp_path):
     """Killed while a job runs: after the restart the runner's job is adopted, not run twice."""
     ci.start_dispatcher()
     runner = ci.start_runner()
     ci.start_observer()
     ci.wait_result(upstream.head())
-    slow = upstream.commit({"test_slow.py": SLOW_PASSING_TEST % 3}, "slow")
+    flag = tmp_path / "release"  # the job runs until the dispatcher is back, however long that takes
+    slow = upstream.commit({"test_slow.py": WAITS_FOR_FLAG_TEST % str(flag)}, "slow")
     runner.wait_for_log(r"commit %s attempt \d+: testing" % slow)
     idle = ci.start_runner()  # free at the restart: it must not get the job
     ci.dispatcher.kill()
     ci.restart_dispatcher()
+    ci.dispatcher.wait_for_log(r"commit %s attempt \d+: runner \S+ is still running it; adopted" % slow)
+    flag.touch()
 
     result = ci.wait_result(slow, timeout=60)
     assert result["status"] == "passed"

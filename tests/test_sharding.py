@@ -131,13 +131,21 @@ def test_a_dispatcher_killed_mid_shards_comes_back_to_one_result(ci, upstream, t
     _, _, sha = three_shards_waiting(ci, upstream, flag, "--heartbeat-interval", "0.3")
     ci.dispatcher.kill()
     ci.restart_dispatcher()
+    wait_until(lambda: len(re.findall(r"commit %s attempt \d+: runner r\d is still running it; adopted" % sha,
+                                      ci.dispatcher.log())) == 3, 30, message="the three shards adopted")
+    # Adopted, each shard is known for what it is (the queue and the live log name it).
+    running = json.loads(ctl(ci.address, "--json", "queue").stdout)["running"]
+    assert [(out["shard"], out["shards"]) for out in running[0]["shards"]] == [(1, 3), (2, 3), (3, 3)], running
     flag.write_text("go")
     result = ci.wait_result(sha, timeout=90)
 
     assert result["status"] == "passed", result
     assert result["passed"] == 7 and len(result["shards"]) == 3
     assert all(entry["passed"] >= 2 for entry in result["shards"]), result["shards"]
-    assert len(re.findall(r"commit %s: passed \(attempt" % sha, ci.dispatcher.log())) == 1
+    ci.dispatcher.wait_for_log(r"commit %s: passed \(attempt" % sha)  # written just after the result files
+    log = ci.dispatcher.log()
+    assert len(re.findall(r"commit %s: passed \(attempt" % sha, log)) == 1
+    assert "Traceback" not in log, log
 
 
 def test_a_sharded_commit_cancelled_stops_every_shard_and_the_runners_go_on(ci, upstream, tmp_path):
