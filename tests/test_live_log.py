@@ -267,14 +267,22 @@ def test_the_sender_never_holds_up_the_job(tmp_path, live_sender):
 # --- end to end ----------------------------------------------------------------------------
 
 
-def test_ctl_log_follows_a_running_job_until_its_verdict(ci, upstream, processes, tmp_path):
+def follow_a_live_test(ci, upstream, processes, tmp_path, prefix: int = 40):
+    """A dispatcher and a runner testing LIVE_TEST, and ``ci-ctl log -f`` following it
+    by the first ``prefix`` digits of its commit: (the commit, ci-ctl's process, the
+    test's first flag, its second)."""
     code, first, second = live_test(tmp_path)
     ci.start_dispatcher()
     ci.start_runner()
     sha = upstream.commit({"test_live.py": code}, "a test that prints, waits, prints")
     dispatch(ci, sha)
     follower = processes.start("ci-ctl-log", module_argv("ctl", "--dispatcher-server", ci.address, "log", "-f",
-                                                         sha[:12]))
+                                                         sha[:prefix]))
+    return sha, follower, first, second
+
+
+def test_ctl_log_follows_a_running_job_until_its_verdict(ci, upstream, processes, tmp_path):
+    sha, follower, first, second = follow_a_live_test(ci, upstream, processes, tmp_path, prefix=12)
 
     follower.wait_for_log(r"LIVE step one, seed \d+", timeout=60)
     assert "LIVE step two" not in follower.log()
@@ -349,12 +357,7 @@ def test_a_runner_that_dies_leaves_what_it_sent_and_the_next_attempt_starts_afre
 
 
 def test_ctl_log_follow_ends_at_any_verdict_even_one_without_output(ci, upstream, processes, tmp_path):
-    code, first, second = live_test(tmp_path)
-    ci.start_dispatcher()
-    ci.start_runner()
-    sha = upstream.commit({"test_live.py": code}, "a test that prints, waits, prints")
-    dispatch(ci, sha)
-    follower = processes.start("ci-ctl-log", module_argv("ctl", "--dispatcher-server", ci.address, "log", "-f", sha))
+    sha, follower, _, _ = follow_a_live_test(ci, upstream, processes, tmp_path)
     follower.wait_for_log(r"LIVE step one", timeout=60)
     cancel = subprocess.run(module_argv("ctl", "--dispatcher-server", ci.address, "cancel", sha),
                             capture_output=True, text=True, timeout=60)
