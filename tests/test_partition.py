@@ -19,8 +19,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, CISystem, make_keys, wait_until
-from test_end_to_end import SLOW_PASSING_TEST
+from conftest import ROOT, WAITS_FOR_FLAG_TEST, CISystem, make_keys, wait_until
 
 SUBNET = "10.231.%d" % (os.getpid() % 200 + 20)
 DISPATCHER_IP = SUBNET + ".1"
@@ -119,10 +118,14 @@ def test_runner_cut_off_mid_job_is_replaced_and_its_late_result_ignored(network,
         "--interval", "0.2", str(observer_clone)]), env=key_env(key_files["observer"]))
     ci.wait_result(upstream.head())
 
-    slow = upstream.commit({"test_slow.py": SLOW_PASSING_TEST % 3}, "slow test")
+    # The job waits for this flag: r1 is cut off while it runs, however long r2 takes to start.
+    flag = ci.folder / "release"
+    slow = upstream.commit({"test_slow.py": WAITS_FOR_FLAG_TEST % str(flag)}, "slow test")
     cut_off.wait_for_log(r"commit %s attempt \d+: testing" % slow)
-    start_runner("r2")
+    replacement = start_runner("r2")
     network.cut("r1")
+    replacement.wait_for_log(r"commit %s attempt \d+: testing" % slow, timeout=60)
+    flag.touch()
 
     result = ci.wait_result(slow, timeout=60)
     assert result["status"] == "passed"
